@@ -1,0 +1,195 @@
+"""The ``llama-sae`` command line: one thin command per stage, plus ``demo``.
+
+Every command parses its options and calls a library function; nothing runs at import.
+Problems with the user's input are printed as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from llama_sae.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory (Meta or Hugging Face "
+                                                                   "format); default: the shipped tinyworld model")]
+DtypeOpt = Annotated[str | None, typer.Option(help="bfloat16, float16 or float32; default: the checkpoint's")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="tokens to generate per prompt")]
+TempOpt = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")]
+TopPOpt = Annotated[float, typer.Option(help="nucleus sampling: keep the smallest set of tokens with this mass")]
+SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (repeatable output)")]
+
+
+def _model_path(model: str | None) -> str:
+    if model is not None:
+        return model
+    from llama_sae.tinyworld import model_path
+
+    return str(model_path())
+
+
+def _load(model: str | None, dtype: str | None, device: str):
+    from llama_sae.llama import load_model, load_tokenizer
+
+    path = _model_path(model)
+    return load_model(path, dtype=dtype, device=device), load_tokenizer(path)
+
+
+def model_table(args, fmt: str, path: str):
+    """A rich table of a checkpoint's shape and parameter count."""
+    import torch
+    from rich.table import Table
+
+    from llama_sae.llama.model import Transformer
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(args).parameters())
+    table = Table(title=f"{path} ({'Hugging Face' if fmt == 'hf' else 'Meta'} format)", show_header=False)
+    rows = {"parameters": f"{n_params:,}", "layers": args.n_layers, "d_model": args.dim,
+            "heads (q / kv)": f"{args.n_heads} / {args.n_kv_heads}", "head_dim": args.head_dim,
+            "ffn width": args.hidden_dim, "vocab": args.vocab_size, "tied embeddings": args.tie_embeddings,
+            "rope theta": args.rope_theta,
+            "rope scaling": "none" if args.rope_scaling is None else f"llama3, factor {args.rope_scaling.factor:g}",
+            "context": args.max_seq_len,
+            "hook points": f"resid_pre|attn_in|attn_out|mlp_in|mlp_out|resid_post . 0..{args.n_layers - 1}"}
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+@app.command()
+def info(model: ModelOpt = None) -> None:
+    """Show a checkpoint's format, shape and parameter count (reads no weights)."""
+    from llama_sae.llama.checkpoint import read_args
+
+    path = _model_path(model)
+    fmt, args = read_args(path)
+    console.print(model_table(args, fmt, path))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str] | None, typer.Argument(help="prompt(s); several are generated as one batch")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="read prompts from a file, one per line")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: MaxTokensOpt = 48,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    stream: Annotated[bool, typer.Option(help="print tokens as they come (one prompt only)")] = True,
+) -> None:
+    """Complete text prompts with the model."""
+    from llama_sae.llama import generate as run_generate
+
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        if not prompts_file.exists():
+            raise UserError(f"prompts file {prompts_file} does not exist: pass a text file, one prompt per line")
+        prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
+    net, tok = _load(model, dtype, device)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if stream and len(prompts) == 1:
+        console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
+        for chunk in run_generate(net, tok, prompts, stream=True, **kw):
+            console.print(chunk.text, end="", markup=False, highlight=False)
+        console.print()
+        return
+    for p, c in zip(prompts, run_generate(net, tok, prompts, **kw)):
+        console.print(p, end="", style="bold", markup=False, highlight=False)
+        console.print(c.text, markup=False, highlight=False)
+
+
+@app.command()
+def chat(
+    message: Annotated[str | None, typer.Option("--message", help="one-shot: answer this and exit")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: MaxTokensOpt = 128,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Chat with the model in the Llama 3 chat format (interactive, or one-shot with --message)."""
+    from llama_sae.llama import generate as run_generate
+
+    net, tok = _load(model, dtype, device)
+    history = [{"role": "system", "content": system}] if system else []
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    def reply(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        answer = ""
+        for chunk in run_generate(net, tok, history, chat=True, stream=True, **kw):
+            answer += chunk.text
+            console.print(chunk.text, end="", markup=False, highlight=False)
+        console.print()
+        history.append({"role": "assistant", "content": answer})
+
+    if message is not None:
+        reply(message)
+        return
+    console.print("[dim]chat: type a message, an empty line or Ctrl-D to quit[/dim]")
+    while True:
+        try:
+            text = console.input("[bold]you> [/bold]")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not text.strip():
+            break
+        console.print("[bold]model> [/bold]", end="")
+        reply(text)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Meta checkpoint directory (params.json, consolidated.*.pth)")],
+    out: Annotated[Path, typer.Argument(help="output directory for the Hugging Face checkpoint")],
+    rope_factor: Annotated[float | None, typer.Option(help="'llama3' RoPE factor; default inferred "
+                                                           "(32 for 3.2 1B/3B, else 8)")] = None,
+) -> None:
+    """Convert a Meta checkpoint to Hugging Face format (config.json, model.safetensors, tokenizer.json)."""
+    from llama_sae.llama.checkpoint import convert_meta_to_hf
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty: choose a new directory")
+    convert_meta_to_hf(src, out, rope_factor=rope_factor)
+    console.print(f"wrote Hugging Face checkpoint to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="run directory for the demo's files")] = Path("runs/demo"),
+) -> None:
+    """Run every stage end to end on the shipped tiny model and corpus."""
+    from llama_sae.demo import run_demo
+
+    run_demo(out, console)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except UserError as e:
+        err_console.print(f"error: {e}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Read and write Llama 3.x checkpoints: Meta format and Hugging Face format.
+
+Meta: ``params.json``, ``consolidated.NN.pth`` (model-parallel slices, concatenated here),
+``tokenizer.model``. Hugging Face: ``config.json``, ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``, ``tokenizer.json``. Both are detected automatically and loaded with
+memory maps in the checkpoint's dtype: the model is built on the meta device and the mapped tensors
+are assigned to it, so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llama_sae.errors import UserError
+from llama_sae.fileio import atomic_write, atomic_write_json, atomic_writer
+from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Hugging Face key -> our (Meta) key; {} is the layer index.
+_HF_TO_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+_META_TO_HF = {v: k for k, v in _HF_TO_META.items()}
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _rename(key: str, table: dict[str, str]) -> str | None:
+    m = _LAYER.search(key)
+    if m is None:
+        return table.get(key)
+    new = table.get(key[: m.start()] + ".{}." + key[m.end():])
+    return None if new is None else new.format(m.group(1))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map "bf16"/"bfloat16"/torch.bfloat16 (and fp16, fp32) to a torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES.values():
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = str(dtype).removeprefix("torch.")
+    name = aliases.get(name, name)
+    if name not in SUPPORTED_DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported: use one of bfloat16, float16, float32")
+    return SUPPORTED_DTYPES[name]
+
+
+# --------------------------------------------------------------------------- format detection
+def detect_format(path: Path) -> str:
+    """Return "hf" or "meta" for a checkpoint directory, or raise a UserError naming what is missing."""
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: pass a Llama 3 checkpoint directory "
+                        "(Hugging Face: config.json + *.safetensors; Meta: params.json + consolidated.*.pth)")
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is a file: pass the directory that holds it")
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"
+    raise UserError(f"{path} holds neither config.json (Hugging Face) nor params.json (Meta): "
+                    "pass a Llama 3 checkpoint directory")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
+
+
+# --------------------------------------------------------------------------- configs
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs from a Hugging Face ``config.json`` (transformers 4 or 5 spelling)."""
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"config.json has model_type={cfg.get('model_type')!r}, not 'llama': "
+                        "only Llama 3.x text checkpoints are supported")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UserError("config.json sets attention_bias or mlp_bias: Llama 3 has no biases; "
+                        "this checkpoint is not a Llama 3.x model")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 500000.0))
+    scaling = None
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                              high_freq_factor=rope["high_freq_factor"],
+                              original_max_position_embeddings=rope["original_max_position_embeddings"])
+    elif rope_type != "default":
+        raise UserError(f"config.json uses RoPE type {rope_type!r}: only 'llama3' and 'default' are supported")
+    return ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg["rms_norm_eps"],
+        rope_theta=theta, rope_scaling=scaling, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        max_seq_len=cfg.get("max_position_embeddings", 8192),
+    )
+
+
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """A Hugging Face ``config.json`` dict that transformers' LlamaForCausalLM loads."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim, "intermediate_size": args.hidden_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "rope_scaling": None,
+    }
+    if args.rope_scaling is not None:
+        cfg["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling.model_dump()}
+    return cfg
+
+
+def infer_rope_factor(params: dict) -> float:
+    """Meta's params.json only says ``use_scaled_rope``: 3.2 1B/3B use factor 32, 3.1/3.3 use 8."""
+    small = (params["dim"], params["n_layers"]) in {(2048, 16), (3072, 28)}
+    return 32.0 if small else 8.0
+
+
+def args_from_meta_params(params: dict, *, rope_factor: float | None = None) -> ModelArgs:
+    """ModelArgs from Meta's ``params.json``; the RoPE factor is inferred unless given."""
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "rope_scaling_factor"}
+    unknown = set(params) - known
+    if unknown:
+        raise UserError(f"params.json has keys this loader does not know ({', '.join(sorted(unknown))}): "
+                        "it is not a Llama 3.x text checkpoint")
+    scaling = None
+    if params.get("use_scaled_rope"):
+        factor = rope_factor or params.get("rope_scaling_factor") or infer_rope_factor(params)
+        scaling = RopeScaling(factor=factor)
+        params.setdefault("max_seq_len", 131072)  # the 3.1+ context that scaled RoPE is for
+    fields = {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                                     "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
+              if k in params}
+    return ModelArgs(rope_scaling=scaling, **fields)
+
+
+# --------------------------------------------------------------------------- q/k layout
+def meta_to_hf_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Permute q/k rows from Meta's interleaved rotary pairs to HF's rotate-half layout."""
+    out_dim, dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
+
+
+def hf_to_meta_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Inverse of :func:`meta_to_hf_qk`."""
+    out_dim, dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_dim, dim)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _hf_shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(_read_json(index)["weight_map"].values()))
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{path}: shard(s) {', '.join(missing)} listed in the index are missing: "
+                        "download the whole checkpoint again")
+    if not files:
+        raise UserError(f"{path} has config.json but no *.safetensors weights: download the weights "
+                        "(PyTorch .bin checkpoints are not supported; convert them to safetensors)")
+    return files
+
+
+def _load_safetensors(files: list[Path]) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))  # memory-mapped; pages are read on first use
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}): re-download it") from None
+    return state
+
+
+def hf_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
+    """Our-named state dict from a Hugging Face checkpoint directory (no q/k permutation needed)."""
+    state = {}
+    for key, tensor in _load_safetensors(_hf_shard_files(path)).items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        new = _rename(key, _HF_TO_META)
+        if new is None:
+            raise UserError(f"{path}: unexpected tensor {key!r}: this is not a Llama 3.x text checkpoint")
+        state[new] = tensor
+    return state
+
+
+def meta_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
+    """Our-named state dict from Meta ``consolidated.NN.pth`` shards, slices concatenated."""
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise UserError(f"{path} has params.json but no consolidated.*.pth: download the weights")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise UserError(f"{f} could not be read as a PyTorch checkpoint ({type(e).__name__}): "
+                            "re-download it") from None
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    state = {}
+    for key in shards[0]:
+        if key == "rope.freqs":
+            continue
+        if key not in expected:
+            raise UserError(f"{files[0]}: unexpected tensor {key!r}: this is not a Llama 3.x text checkpoint")
+        state[key] = _merge_slices([s[key] for s in shards], expected[key], key)
+    for key in ("wq", "wk"):
+        heads = args.n_heads if key == "wq" else args.n_kv_heads
+        for i in range(args.n_layers):
+            name = f"layers.{i}.attention.{key}.weight"
+            if name in state:
+                state[name] = meta_to_hf_qk(state[name], heads)
+    return state
+
+
+def _merge_slices(slices: list[Tensor], shape: torch.Size, key: str) -> Tensor:
+    """Concatenate model-parallel slices along the one dimension where they are split."""
+    if len(slices) == 1 or slices[0].shape == shape:
+        return slices[0]
+    for dim in range(len(shape)):
+        if slices[0].shape[dim] * len(slices) == shape[dim]:
+            return torch.cat(slices, dim=dim)
+    raise UserError(f"tensor {key!r}: {len(slices)} shards of shape {tuple(slices[0].shape)} do not "
+                    f"make the shape {tuple(shape)} that params.json implies: the shards belong to another model")
+
+
+# --------------------------------------------------------------------------- loading
+def read_args(path: str | os.PathLike, *, rope_factor: float | None = None) -> tuple[str, ModelArgs]:
+    """The format ("hf" or "meta") and ModelArgs of a checkpoint directory, without reading weights."""
+    path = Path(path)
+    fmt = detect_format(path)
+    try:
+        if fmt == "hf":
+            return fmt, args_from_hf_config(_read_json(path / "config.json"))
+        return fmt, args_from_meta_params(_read_json(path / "params.json"), rope_factor=rope_factor)
+    except (KeyError, ValueError) as e:
+        name = "config.json" if fmt == "hf" else "params.json"
+        raise UserError(f"{path / name} is not a valid Llama 3 config ({e}): check the file") from None
+
+
+def load_model(path: str | os.PathLike, *, dtype=None, device="cpu", rope_factor: float | None = None
+               ) -> Transformer:
+    """Load a Llama 3.x checkpoint (Meta or Hugging Face format, detected automatically).
+
+    Args:
+        path: checkpoint directory.
+        dtype: None keeps the checkpoint's dtype; else bfloat16, float16 or float32.
+        device: where the model runs.
+        rope_factor: Meta checkpoints only: the "llama3" RoPE factor (inferred from the shape if None).
+
+    Returns:
+        The model in eval mode.
+    """
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    fmt, args = read_args(path, rope_factor=rope_factor)
+    state = hf_state_dict(path, args) if fmt == "hf" else meta_state_dict(path, args)
+    if fmt == "meta" and "output.weight" not in state:
+        args.tie_embeddings = True  # Meta's 3.2 1B/3B files have no output.weight
+    with torch.device("meta"):
+        model = Transformer(args)
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+    else:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    _check_state(state, model, path)
+    ckpt_dtype = state["tok_embeddings.weight"].dtype
+    if ckpt_dtype not in SUPPORTED_DTYPES.values():
+        raise UserError(f"{path} stores {ckpt_dtype}: pass --dtype bfloat16, float16 or float32")
+    target = dtype or ckpt_dtype
+    if target != ckpt_dtype or torch.device(device).type != "cpu":
+        state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=False)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = model.inv_freq.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _check_state(state: dict[str, Tensor], model: Transformer, path: Path) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "output.weight"
+                or not model.args.tie_embeddings}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"{path}: {len(missing)} tensor(s) missing, first {missing[0]!r}: "
+                        "the checkpoint is incomplete or does not match its config")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise UserError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
+                            f"implies {tuple(shape)}: the weights do not fit the config")
+
+
+# --------------------------------------------------------------------------- writing
+def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
+            ) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) in ``out``."""
+    from safetensors.torch import save
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "output.weight" and args.tie_embeddings:
+            continue
+        tensors[_rename(key, _META_TO_HF)] = value.contiguous()
+    config = hf_config_from_args(args, model.dtype)
+    atomic_write(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", config)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), out)
+    return out
+
+
+def save_meta(model: Transformer, out: str | os.PathLike, *, shards: int = 1) -> Path:
+    """Write ``model`` as a Meta checkpoint (params.json + ``shards`` model-parallel .pth slices)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    state = dict(model.state_dict())
+    if a.tie_embeddings:
+        del state["output.weight"]  # Meta's 3.2 1B/3B files tie it too: absent means tied
+    for i in range(a.n_layers):
+        for key, heads in (("wq", a.n_heads), ("wk", a.n_kv_heads)):
+            name = f"layers.{i}.attention.{key}.weight"
+            state[name] = hf_to_meta_qk(state[name], heads)
+    row_parallel = ("attention.wo.weight", "feed_forward.w2.weight")
+    column_parallel = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                       "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight",
+                       "tok_embeddings.weight")
+    for rank in range(shards):
+        part = {}
+        for key, value in state.items():
+            dim = 1 if key.endswith(row_parallel) else 0 if key.endswith(column_parallel) else None
+            part[key] = value if dim is None else value.chunk(shards, dim=dim)[rank].clone()
+        with atomic_writer(out / f"consolidated.{rank:02d}.pth") as f:
+            torch.save(part, f)
+    multiple_of, multiplier = _meta_ffn_rule(a)
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+              "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.rope_scaling is not None}
+    if a.rope_scaling is not None:
+        params["rope_scaling_factor"] = a.rope_scaling.factor
+    atomic_write_json(out / "params.json", params)
+    return out
+
+
+def _meta_ffn_rule(a: ModelArgs) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) that make Meta's FFN rule give ``a.hidden_dim``.
+
+    HF configs state the width directly; Meta's params.json can only derive it. Rounding up to a
+    multiple of the width itself gives the width whenever the unrounded value is not above it.
+    """
+    if ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier) == a.hidden_dim:
+        return a.multiple_of, a.ffn_dim_multiplier
+    base = int(2 * 4 * a.dim / 3)
+    multiplier = None if base <= a.hidden_dim else a.hidden_dim / base * (1 - 1e-9)
+    return a.hidden_dim, multiplier
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "generation_config.json"):
+        if (src / name).exists():
+            atomic_write(out / name, (src / name).read_bytes())
+
+
+def convert_meta_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, rope_factor: float | None = None
+                       ) -> Path:
+    """Convert a Meta checkpoint directory to a Hugging Face one that transformers loads."""
+    model = load_model(src, rope_factor=rope_factor)
+    out = save_hf(model, out, tokenizer_dir=src)
+    src = Path(src)
+    if (src / "tokenizer.model").exists() and not (out / "tokenizer.json").exists():
+        from llama_sae.llama.tokenizer import write_hf_tokenizer_json
+
+        write_hf_tokenizer_json(src / "tokenizer.model", out)
+    return out

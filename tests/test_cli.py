@@ -1,0 +1,61 @@
+"""The command line: help lists the stages, errors are one line, convert writes what transformers loads."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import torch
+from test_tokenizer import meta_tokenizer_model_path
+from typer.testing import CliRunner
+
+from llama_sae.cli import app
+from llama_sae.llama import load_model
+from llama_sae.llama.checkpoint import save_meta
+
+runner = CliRunner()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama_sae.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_every_stage():
+    out = runner.invoke(app, ["--help"]).output
+    for stage in ("info", "generate", "chat", "convert", "demo"):
+        assert stage in out
+
+
+def test_info_shows_shape(hf_checkpoints):
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    result = runner.invoke(app, ["info", "--model", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Hugging Face" in result.output and "2 / 2" not in result.output and "4 / 2" in result.output
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path):
+    proc = _cli("info", "--model", str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_convert_meta_to_hf_loads_in_transformers(hf_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref, path = hf_checkpoints["mha-untied-f8"]
+    meta = save_meta(load_model(path), tmp_path / "meta", shards=2)
+    shutil.copy(meta_tokenizer_model_path(), meta / "tokenizer.model")
+    result = runner.invoke(app, ["convert", str(meta), str(tmp_path / "hf"), "--rope-factor", "8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (again(tokens).logits - ref(tokens).logits).abs().max() <= 1e-5
+    # converting again into a non-empty directory is refused, and nothing is overwritten
+    proc = _cli("convert", str(meta), str(tmp_path / "hf"))
+    assert proc.returncode == 2 and "not empty" in proc.stderr

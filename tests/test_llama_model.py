@@ -1,0 +1,227 @@
+"""Our Llama against transformers' LlamaForCausalLM on the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_SHAPES, VOCAB, build_hf_llama
+
+from llama_sae.errors import UserError
+from llama_sae.llama import load_model, preset
+from llama_sae.llama.checkpoint import (
+    hf_to_meta_qk,
+    meta_to_hf_qk,
+    save_hf,
+    save_meta,
+)
+from llama_sae.llama.model import PRESETS, Transformer, ffn_hidden_dim, rope_inv_freq
+
+SHAPES = list(TINY_SHAPES)
+
+
+def _tokens(batch=2, length=37, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_logits_match_transformers(hf_checkpoints, shape):
+    ref, path = hf_checkpoints[shape]
+    ours = load_model(path)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = ref(tokens).logits
+    got = ours(tokens)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero logits
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_bf16_error_no_worse_than_transformers(hf_checkpoints):
+    ref32, path = hf_checkpoints["gqa-tied-f32"]
+    tokens = _tokens(batch=4, length=64)
+    with torch.no_grad():
+        truth = ref32(tokens).logits
+        ref16 = build_hf_llama("gqa-tied-f32", dtype=torch.bfloat16)
+        theirs = ref16(tokens).logits.float()
+    ours = load_model(path, dtype="bfloat16")
+    assert ours.dtype == torch.bfloat16
+    mine = ours(tokens).float()
+    their_err = (theirs - truth).abs().mean().item()
+    our_err = (mine - truth).abs().mean().item()
+    assert our_err <= 1.25 * their_err
+    # A random model has many near-ties that any rounding flips: require agreement >= 0.99 where
+    # the fp32 top-1 leads by more than 0.1 (about 4x the bf16 error), and no worse than transformers'.
+    top2 = truth.topk(2, dim=-1).values
+    confident = (top2[..., 0] - top2[..., 1]) > 0.1
+    assert confident.float().mean() > 0.5
+    agree = mine.argmax(-1) == truth.argmax(-1)
+    assert agree[confident].float().mean().item() >= 0.99
+    assert agree.float().mean() >= (theirs.argmax(-1) == truth.argmax(-1)).float().mean() - 0.01
+
+
+def test_hook_points_equal_hidden_states(hf_checkpoints):
+    ref, path = hf_checkpoints["gqa-tied-f32"]
+    ours = load_model(path)
+    tokens = _tokens()
+    n = ours.args.n_layers
+    with torch.no_grad():
+        hs = ref(tokens, output_hidden_states=True).hidden_states
+    names = [f"resid_pre.{i}" for i in range(n)] + [f"resid_post.{i}" for i in range(n)]
+    got = ours.capture(tokens, names)
+    for i in range(n):
+        torch.testing.assert_close(got[f"resid_pre.{i}"], hs[i], atol=1e-5, rtol=0)
+    for i in range(n - 1):
+        torch.testing.assert_close(got[f"resid_post.{i}"], hs[i + 1], atol=1e-5, rtol=0)
+    # transformers' last hidden state has the final norm applied; ours does not
+    torch.testing.assert_close(ours.norm(got[f"resid_post.{n - 1}"]), hs[n], atol=1e-5, rtol=0)
+
+
+def test_inner_hook_points_match_transformers_modules(hf_checkpoints):
+    ref, path = hf_checkpoints["gqa-untied-mult"]
+    ours = load_model(path)
+    tokens = _tokens()
+    seen = {}
+    layer = ref.model.layers[1]
+
+    def keep(kind, pick=lambda o: o):
+        def hook(module, inputs, output):
+            seen[kind] = pick(output)  # returns None: the module's output is left as it is
+        return hook
+
+    handles = [
+        layer.input_layernorm.register_forward_hook(keep("attn_in")),
+        layer.self_attn.register_forward_hook(keep("attn_out", lambda o: o[0])),
+        layer.post_attention_layernorm.register_forward_hook(keep("mlp_in")),
+        layer.mlp.register_forward_hook(keep("mlp_out")),
+    ]
+    with torch.no_grad():
+        ref(tokens)
+    for h in handles:
+        h.remove()
+    got = ours.capture(tokens, [f"{k}.1" for k in seen])
+    for kind, value in seen.items():
+        torch.testing.assert_close(got[f"{kind}.1"], value, atol=1e-5, rtol=0, msg=kind)
+
+
+def test_capture_stops_after_last_needed_layer(hf_checkpoints):
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    ours = load_model(path)
+    calls = []
+    for layer in ours.layers:
+        layer.register_forward_pre_hook(lambda m, a: calls.append(m.layer_id))
+    ours.capture(_tokens(), ["attn_in.0"])
+    assert calls == [0]
+
+
+def test_edit_replaces_hook_point(hf_checkpoints):
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    ours = load_model(path)
+    tokens = _tokens()
+    clean = ours(tokens)
+    with ours.hooked({"resid_post.1": lambda x: x}):
+        same = ours(tokens)
+    with ours.hooked({"resid_post.1": torch.zeros_like}):
+        zeroed = ours(tokens)
+        seen = ours.capture(tokens, ["resid_post.1"])
+    assert torch.equal(clean, same)
+    assert not torch.allclose(clean, zeroed)
+    assert seen["resid_post.1"].abs().max() == 0  # captures see the edited value
+    assert torch.equal(ours(tokens), clean)  # the edit is gone after the block
+
+
+def test_meta_checkpoint_two_shards_loads_to_same_logits(hf_checkpoints, tmp_path):
+    for shape in ("gqa-tied-f32", "mha-untied-f8"):
+        ref, path = hf_checkpoints[shape]
+        ours = load_model(path)
+        meta_dir = save_meta(ours, tmp_path / shape, shards=2)
+        assert sorted(p.name for p in meta_dir.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+        params = json.loads((meta_dir / "params.json").read_text())
+        params.pop("rope_scaling_factor")  # Meta's own params.json does not carry it
+        params["use_scaled_rope"] = True
+        (meta_dir / "params.json").write_text(json.dumps(params))
+        factor = TINY_SHAPES[shape]["factor"]
+        again = load_model(meta_dir, rope_factor=factor)
+        tokens = _tokens()
+        assert (again(tokens) - ours(tokens)).abs().max() <= 1e-5
+
+
+def test_meta_permutation_is_interleaved_pairs():
+    n_heads, head_dim, dim = 2, 8, 5
+    w = torch.randn(n_heads * head_dim, dim, dtype=torch.float64)
+    assert torch.equal(hf_to_meta_qk(meta_to_hf_qk(w, n_heads), n_heads), w)
+    # a Meta row pair (2j, 2j+1) of a head becomes rows (j, j + head_dim/2) in rotate-half layout
+    hf = meta_to_hf_qk(w, n_heads)
+    assert torch.equal(hf[1], w[2]) and torch.equal(hf[head_dim // 2 + 1], w[3])
+
+
+def test_save_hf_roundtrip_loads_in_transformers(hf_checkpoints, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ref, path = hf_checkpoints["mha-untied-f8"]
+    ours = load_model(path)
+    out = save_hf(ours, tmp_path / "hf")
+    again = LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        assert (again(tokens).logits - ref(tokens).logits).abs().max() <= 1e-5
+
+
+def test_presets_have_published_parameter_counts():
+    counts = {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248}
+    for name, count in counts.items():
+        with torch.device("meta"):
+            model = Transformer(preset(name))
+        assert sum(p.numel() for p in model.parameters()) == count
+    assert set(PRESETS) >= {"llama-3.1-70b", "llama-3.3-70b"}
+    assert ffn_hidden_dim(4096, 1024, 1.3) == 14336
+
+
+def test_llama3_rope_scaling_against_float64_formula():
+    args = preset("llama-3.2-1b")
+    got = rope_inv_freq(args).double()
+    hd = args.head_dim
+    base = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    expected = []
+    for f in base.tolist():
+        w = 2 * torch.pi / f
+        if w < 8192 / 4:
+            expected.append(f)
+        elif w > 8192 / 1:
+            expected.append(f / 32)
+        else:
+            s = (8192 / w - 1) / (4 - 1)
+            expected.append((1 - s) * f / 32 + s * f)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_bad_inputs_give_one_line_errors(hf_checkpoints, tmp_path):
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(UserError, match="dtype 'int8' is not supported"):
+        load_model(path, dtype="int8")
+    # a config that does not fit the weights
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(UserError, match="do not fit the config"):
+        load_model(bad)
+    # a truncated weights file
+    (bad / "config.json").write_text((path / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(UserError, match="re-download"):
+        load_model(bad)
+    model = load_model(path)
+    with pytest.raises(UserError, match="layer 7 is out of range"):
+        model.capture(_tokens(), ["resid_post.7"])
+    with pytest.raises(UserError, match="unknown hook point"):
+        model.capture(_tokens(), ["resid.1"])
+    for err in (UserError("x"),):
+        assert "\n" not in str(err)
