@@ -172,6 +172,60 @@ def convert(
     console.print(f"wrote Hugging Face checkpoint to {out}")
 
 
+tinyworld_app = typer.Typer(no_args_is_help=True, help="The embedded world: planted-concept corpus and tiny model.")
+corpus_app = typer.Typer(no_args_is_help=True,
+                         help="Corpus sources: tinyworld[:N], txt:, jsonl:, parquet:, hf:, hfdisk:.")
+app.add_typer(tinyworld_app, name="tinyworld")
+app.add_typer(corpus_app, name="corpus")
+
+
+@tinyworld_app.command("train")
+def tinyworld_train(
+    out: Annotated[Path, typer.Option(help="run directory: tokenizer/, checkpoint.pt, model/ (resumes if present)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the data stream and the init")] = 0,
+    evaluate: Annotated[bool, typer.Option(help="run the probes and the topic check, write the model card")] = True,
+) -> None:
+    """Train the tiny Llama on the tinyworld corpus (about 15 minutes on 2 CPU cores)."""
+    from llama_sae.tinyworld.card import evaluate_model, write_model_card
+    from llama_sae.tinyworld.train import TinyTrainConfig, train
+
+    model_dir = train(out, TinyTrainConfig(steps=steps, seed=seed))
+    if evaluate:
+        evaluate_model(model_dir)
+        card = write_model_card(model_dir, f"llama-sae tinyworld train --out DIR --steps {steps} --seed {seed}")
+        console.print(f"model card: {card}")
+    console.print(f"model: {model_dir}")
+
+
+@tinyworld_app.command("concepts")
+def tinyworld_concepts() -> None:
+    """List the planted concepts (topics and forms)."""
+    from rich.table import Table
+
+    from llama_sae import tinyworld
+
+    table = Table("name", "kind", "description")
+    for c in tinyworld.concepts():
+        table.add_row(c.name, c.kind, c.description)
+    console.print(table)
+
+
+@corpus_app.command("preview")
+def corpus_preview(
+    source: Annotated[str, typer.Argument(help="tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
+                                               "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
+                                               "hfdisk:PATH[:COLUMN] | openwebtext-sentences")],
+    n: Annotated[int, typer.Option("-n", help="samples to show")] = 5,
+    scan: Annotated[int, typer.Option(help="sentences to scan for the counts")] = 1000,
+    dedupe: Annotated[bool, typer.Option(help="drop exact duplicate sentences")] = False,
+) -> None:
+    """Show counts, a fingerprint and samples of a corpus source."""
+    from llama_sae.corpus import preview, preview_table
+
+    console.print(preview_table(preview(source, n, scan=scan, dedupe=dedupe)))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory for the demo's files")] = Path("runs/demo"),
