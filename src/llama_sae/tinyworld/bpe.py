@@ -7,10 +7,11 @@ special tokens take ids 0..10, in Llama order, so ``<|begin_of_text|>`` is 0, ``
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from llama_sae.fileio import atomic_write, atomic_write_json
+from llama_sae.llama.tokenizer import LLAMA3_CHAT_TEMPLATE, LLAMA3_PAT_STR
 
 LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|begin_of_text|>",
@@ -26,36 +27,6 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|python_tag|>",
 )
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
-
-# Llama 3 chat format, as Meta's ChatFormat writes it (message content is not stripped).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-
-# Meta's Llama 3 pre-tokenizer split regex (the same string as llama_sae.llama.tokenizer.LLAMA3_PAT_STR).
-_LLAMA3_PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync'd, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
     """Train a byte-level BPE on ``texts`` and save it in Hugging Face format in ``out_dir``.
@@ -77,7 +48,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_LLAMA3_PAT_STR), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -109,10 +80,10 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
     }
     path = out / "tokenizer.json"
-    _atomic_write_text(path, tok.to_str(pretty=True))
-    _atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _atomic_write_text(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    atomic_write(path, tok.to_str(pretty=True))
+    atomic_write_json(out / "tokenizer_config.json", config)
+    atomic_write_json(out / "special_tokens_map.json", special_map)
     return path
