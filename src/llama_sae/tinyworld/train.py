@@ -44,7 +44,7 @@ class TinyTrainConfig(BaseModel):
     weight_decay: float = 0.1
     rows_per_chunk: int = Field(256, description="rows generated at once (a multiple of batch_rows)")
     eval_rows: int = 128
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     bf16: bool = Field(True, description="bf16 autocast (fp32 master weights): much faster on AMX CPUs")
     tokenizer_sentences: int = 60_000
 
@@ -164,8 +164,13 @@ def _load_checkpoint(path: Path, model, opt, cfg: TinyTrainConfig) -> tuple[int,
 
 
 # --------------------------------------------------------------------------- the run
-def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool = True) -> Path:
-    """Train (or resume) the tiny model in ``out``; writes the HF checkpoint to ``out/model``."""
+def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool = True, log_every: int = 0
+          ) -> Path:
+    """Train (or resume) the tiny model in ``out``; writes the HF checkpoint to ``out/model``.
+
+    ``progress`` shows a progress bar; ``log_every`` > 0 also prints a plain line every so many steps
+    (for logs that are not a terminal).
+    """
     from llama_sae import tinyworld
     from llama_sae.llama.checkpoint import save_hf
     from llama_sae.llama.tokenizer import load_tokenizer
@@ -206,6 +211,9 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
         history.append([step, round(loss.item(), 4)])
         rate = tokens_per_step * len(history) / max(1e-9, time.perf_counter() - t0)
         bar.update(step, loss.item(), rate)
+        if log_every and step % log_every == 0:
+            eta = (cfg.steps - step) * tokens_per_step / rate
+            print(f"step {step}/{cfg.steps} loss {loss.item():.4f} {rate:,.0f} tok/s eta {eta / 60:.1f} min", flush=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, model, opt, step, cfg, history)
     bar.close()
