@@ -59,7 +59,7 @@ def test_shipped_model_card_reports_probes_and_topics(shipped):
     evaluation = json.loads((path / "evaluation.json").read_text())
     assert evaluation["topic_continuations"]["on_topic"] >= 0.8
     probes = evaluation["probes"]
-    mid = json.loads((path / "config.json").read_text())["num_hidden_layers"] // 2 + 1
+    mid = json.loads((path / "config.json").read_text())["num_hidden_layers"] // 2  # L{mid}: after half the blocks
     best = [max(a, b) for a, b in zip(probes["readouts"][f"L{mid} mean"], probes["readouts"][f"L{mid} last"])]
     assert sum(a >= 0.95 for a in best) / len(best) >= 0.9
 
@@ -123,3 +123,16 @@ def test_training_killed_and_restarted_ends_with_the_same_weights(tmp_path):
 
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auroc_columns_equals_per_column_auroc():
+    from llama_sae.tinyworld.recovery import auroc_columns
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 4, (80, 6), generator=g).float()  # ties everywhere
+    scores[:, 0] = 0.0  # a latent that never fires: AUROC 0.5
+    labels = torch.rand(80, generator=g) < 0.3
+    got = auroc_columns(scores, labels)
+    expected = torch.tensor([auroc(scores[:, j], labels) for j in range(6)], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert got[0] == 0.5

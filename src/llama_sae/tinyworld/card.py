@@ -41,7 +41,7 @@ def write_model_card(model_dir: str | Path, command: str) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     n_layers = config["num_hidden_layers"]
     summary = probe_summary(probes)
-    mid = n_layers // 2
+    mid = n_layers // 2  # L{mid} = resid_post.{mid - 1}: after half of the blocks
     lines = [
         "# tinyworld Llama",
         "",
@@ -62,9 +62,11 @@ def write_model_card(model_dir: str | Path, command: str) -> Path:
         "",
         f"Logistic-regression probes trained on {probes['n_train']:,} train sentences, AUROC on "
         f"{probes['n_test']:,} held-out sentences. L0 is the embedding layer; L{{i}} is the output of block i-1",
-        f"(hook point resid_post.{{i-1}}). The middle layer is L{mid + 1} (resid_post.{mid}).",
+        f"(hook point resid_post.{{i-1}}). The middle layer is L{mid} (resid_post.{mid - 1}, after {mid} of "
+        f"{n_layers} blocks).",
         "",
-        "Fraction of concepts with AUROC ≥ 0.95:",
+        "Fraction of concepts with AUROC ≥ 0.95 (a mean-pooled probe separates word-list topics even on the "
+        "embeddings, so compare the layers with L0 and with the bag-of-words baseline):",
         "",
         "| readout | " + " | ".join(summary) + " |",
         "|---|" + "---:|" * len(summary),
@@ -74,7 +76,7 @@ def write_model_card(model_dir: str | Path, command: str) -> Path:
         "bag-of-words baseline):",
         "",
     ]
-    keys = ["L0 mean", "L0 last", f"L{mid + 1} mean", f"L{mid + 1} last", "bag of words"]
+    keys = ["L0 mean", "L0 last", f"L{mid} mean", f"L{mid} last", "bag of words"]
     lines.append("| concept | " + " | ".join(keys) + " |")
     lines.append("|---|" + "---:|" * len(keys))
     for c, name in enumerate(probes["concepts"]):

@@ -213,7 +213,8 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
         bar.update(step, loss.item(), rate)
         if log_every and step % log_every == 0:
             eta = (cfg.steps - step) * tokens_per_step / rate
-            print(f"step {step}/{cfg.steps} loss {loss.item():.4f} {rate:,.0f} tok/s eta {eta / 60:.1f} min", flush=True)
+            print(f"step {step}/{cfg.steps} loss {loss.item():.4f} {rate:,.0f} tok/s eta {eta / 60:.1f} min",
+                  flush=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, model, opt, step, cfg, history)
     bar.close()
