@@ -32,7 +32,7 @@ def build_hf_llama(shape: str, seed: int = 0, dtype=torch.float32):
     spec = dict(TINY_SHAPES[shape])
     factor = spec.pop("factor")
     cfg = LlamaConfig(
-        vocab_size=VOCAB, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+        vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
         rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         initializer_range=0.15, bos_token_id=1, eos_token_id=2, **spec,

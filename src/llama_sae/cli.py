@@ -227,6 +227,138 @@ def corpus_preview(
 
 
 @app.command()
+def capture(
+    corpus: Annotated[str, typer.Option(help="SOURCE: tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
+                                             "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | hfdisk:PATH")],
+    hook: Annotated[list[str], typer.Option(help="hook point KIND.LAYER (repeatable), e.g. resid_post.12")],
+    tokens: Annotated[str, typer.Option(help="tokens to capture, BOS excluded (e.g. 2M, 700_000_000)")],
+    out: Annotated[Path, typer.Option(help="store directory (resumes if it holds an unfinished capture)")],
+    model: ModelOpt = None,
+    context: Annotated[int, typer.Option(help="tokens per packed row")] = 256,
+    batch_tokens: Annotated[int, typer.Option(help="tokens per forward pass")] = 8192,
+    dtype: DtypeOpt = None,
+    store_dtype: Annotated[str, typer.Option(help="activation dtype on disk")] = "bfloat16",
+    outlier_factor: Annotated[float | None, typer.Option(help="drop tokens whose norm is above this x the "
+                                                              "batch median (attention sinks); off by default")] = None,
+    val_percent: Annotated[int, typer.Option(help="percent of sentences in the validation split")] = 5,
+    device: DeviceOpt = "cpu",
+    repair: Annotated[bool, typer.Option(help="finished store: recompute shards that fail verification")] = False,
+) -> None:
+    """Capture hook-point activations over a corpus into a sharded store (resumable; torchrun for several ranks)."""
+    from rich.table import Table
+
+    from llama_sae.capture import capture as run_capture
+    from llama_sae.capture import capture_config, parse_count
+
+    cfg = capture_config(model=_model_path(model), corpus=corpus, hooks=hook, tokens=parse_count(tokens),
+                         out=str(out), context=context, batch_tokens=batch_tokens, dtype=dtype,
+                         store_dtype=store_dtype, outlier_factor=outlier_factor, val_percent=val_percent,
+                         device=device, repair=repair)
+    summary = run_capture(cfg, console=console)
+    table = Table(show_header=False, title="capture")
+    for key, value in summary.rows_table():
+        table.add_row(key, value)
+    console.print(table)
+
+
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check activation stores.")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("info")
+def store_info(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+    """Show a store's model, hook points, rows, shards and statistics."""
+    from llama_sae.store import store_info_table
+
+    console.print(store_info_table(path))
+
+
+@store_app.command("verify")
+def store_verify(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+    """Re-hash every shard against the manifest's checksums; exit status 1 names the bad shards."""
+    from llama_sae.store import verify_store
+
+    report = verify_store(path)
+    if report.ok:
+        console.print(f"ok: {report.shards} shards, {report.bytes:,} bytes match their checksums")
+        return
+    for problem in report.problems:
+        err_console.print(f"bad: {problem}", style="red", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="activation store directory")],
+    out: Annotated[Path, typer.Option(help="output directory: the SAE (SAELens v6 layout), checkpoint, metrics")],
+    preset: Annotated[str | None, typer.Option(help="named preset, e.g. 'seed' (the seed project's settings)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of training options")] = None,
+    d_sae: Annotated[str | None, typer.Option(help="latents, or a comma list for a sweep (e.g. 4096,8192)")] = None,
+    k: Annotated[str | None, typer.Option(help="active latents per token, or a comma list for a sweep")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="tokens per optimizer step (all ranks)")] = None,
+    tokens: Annotated[int | None, typer.Option(help="training tokens (default: epochs x the split)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the split when --tokens is not set")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    bf16: Annotated[bool | None, typer.Option(help="bf16 encoder GEMM with fp32 master weights")] = None,
+    hook: Annotated[str | None, typer.Option(help="hook point of a multi-hook store")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle")] = None,
+) -> None:
+    """Train TopK SAE(s) on an activation store (resumes from out/checkpoint.pt; torchrun for several ranks)."""
+    from llama_sae.sae.train import load_config, parse_int_list
+    from llama_sae.sae.train import train as run_train
+
+    cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
+                      tokens=tokens, epochs=epochs, lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb,
+                      seed=seed)
+    for path in run_train(store, out, cfg):
+        console.print(f"SAE: {path}")
+
+
+@app.command()
+def evaluate(
+    sae: Annotated[Path, typer.Option(help="SAE directory (SAELens v6 layout)")],
+    store: Annotated[Path | None, typer.Option(help="activation store: metrics on its val split")] = None,
+    corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL)")] = None,
+    model: ModelOpt = None,
+    n_texts: Annotated[int, typer.Option(help="texts of the corpus for the model metrics")] = 200,
+    out: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+) -> None:
+    """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, CE loss recovered and KL in the model."""
+    from itertools import islice
+
+    from rich.table import Table
+
+    from llama_sae.fileio import atomic_write_json
+    from llama_sae.sae import load
+    from llama_sae.sae.evaluate import activation_metrics, model_metrics, summary_rows, token_batches
+
+    net = load(sae)
+    if store is None and corpus is None:
+        raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
+    report: dict = {}
+    if store is not None:
+        from llama_sae.store import ActivationStore
+
+        src = ActivationStore(store)
+        report.update(activation_metrics(net, src.loader(4096, shuffle=False, split="val", epochs=1,
+                                                         hook=net.cfg.hook_name)))
+    if corpus is not None:
+        from llama_sae.corpus import iter_sentences
+
+        llama, tok = _load(model, None, "cpu")
+        texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
+        report.update(model_metrics(llama, net, token_batches(tok, texts)))
+    table = Table("metric", "value", title=f"evaluation of {sae}")
+    for key, value in summary_rows(report):
+        table.add_row(key, value)
+    console.print(table)
+    if out is not None:
+        atomic_write_json(out, report)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory for the demo's files")] = Path("runs/demo"),
 ) -> None:

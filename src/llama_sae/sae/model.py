@@ -1,0 +1,358 @@
+"""TopK sparse autoencoder with sparse kernels, plus the plain dense reference it is tested against.
+
+References: Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (OpenAI: TopK, aux-k, init),
+EleutherAI sparsify (fused encoder, sparse decoder), SAELens v6 (file format, layer_norm normalization).
+
+Shape key: N tokens, d = d_in (the Llama width), n = d_sae (latents), k selected latents per token,
+k_aux dead latents used by the aux-k loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+LN_EPS = 1e-5  # SAELens's layer_norm eps; the seed used 1e-6. Matching SAELens keeps the format exact.
+PRE_BUFFER_BYTES = 256 << 20  # the encoder works on row blocks whose pre-activations fit in this
+
+
+class SAEConfig(BaseModel):
+    """What an SAE needs at inference: shape, k, normalization and where it reads the model.
+
+    Field names follow SAELens v6's cfg.json, so saving and loading need no renaming table.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    d_in: int = Field(gt=0, description="width of the activations (the Llama d_model for residual hooks)")
+    d_sae: int = Field(gt=0, description="number of latents")
+    k: int = Field(gt=0, description="latents kept per token (TopK)")
+    normalize_activations: Literal["none", "layer_norm"] = Field(
+        "layer_norm", description="per-token input normalization, undone on output (SAELens semantics)")
+    hook_name: str | None = Field(None, description="hook point the activations come from, e.g. resid_post.8")
+    model_name: str | None = Field(None, description="model the activations come from")
+    context_size: int | None = Field(None, description="tokens per sequence at capture time")
+    prepend_bos: bool = Field(True, description="whether captured sequences started with BOS")
+
+    @model_validator(mode="after")
+    def _k_below_width(self) -> SAEConfig:
+        if self.k >= self.d_sae:
+            raise ValueError(f"k={self.k} must be smaller than d_sae={self.d_sae}: lower k or add latents")
+        return self
+
+
+class TrainOutput(NamedTuple):
+    """One training forward pass, all in the normalized space the SAE sees."""
+
+    xc: torch.Tensor  # [N, d] input minus b_dec (what the encoder multiplies)
+    recon: torch.Tensor  # [N, d] reconstruction x̂, b_dec included
+    top_acts: torch.Tensor  # [N, k] ReLU'd values of the selected latents
+    top_indices: torch.Tensor  # [N, k]
+    aux_acts: torch.Tensor  # [N, k_aux] ReLU'd values of the dead latents chosen for aux-k (k_aux may be 0)
+    aux_indices: torch.Tensor  # [N, k_aux]
+    auxk_recon: torch.Tensor | None  # [N, d] aux-k reconstruction from dead latents, no b_dec; None if none dead
+
+
+# --------------------------------------------------------------------------- normalization
+def normalize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """SAELens's per-token layer_norm: x̃ = (x - mean) / (std + eps), std with Bessel's correction.
+
+    Args: x [N, d] any float dtype. Returns (x̃ [N, d] float32, mean [N, 1] or None, std [N, 1] or None).
+    """
+    x = x.float()  # upcast island: statistics in float32
+    if mode == "none":
+        return x, None, None
+    std, mu = torch.std_mean(x, -1, keepdim=True)  # [N, 1] each; std unbiased, as torch.std and SAELens
+    return (x - mu).div_(std + LN_EPS), mu, std
+
+
+def denormalize(y: torch.Tensor, mu: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """Undo :func:`normalize` on a reconstruction [N, d] (SAELens: y * std + mean, no eps)."""
+    return y if mu is None else y * std + mu
+
+
+# --------------------------------------------------------------------------- sparse kernels
+def select_topk(pre: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU(TopK(pre)) along the last dim: (values [M, k], indices [M, k]), unsorted; exact, and faster
+    than one topk over wide rows.
+
+    The n latents form n / group blocks of ``group`` strided latents {j, j + n/group, ...}. A latent in the
+    top k lies in one of the k blocks with the largest maxima (otherwise k other blocks would each hold a
+    larger value), so one cheap max pass and a topk over the block maxima leave k * group candidates.
+    """
+    M, n = pre.shape
+    if n % group or 4 * k * group > n:
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        return vals.relu_(), idx
+    m = n // group
+    grouped = pre.view(M, group, m)  # latent t·m + j sits at [:, t, j]
+    blocks = grouped.amax(1).topk(k, dim=-1, sorted=False).indices  # [M, k]
+    cand = grouped.gather(2, blocks[:, None, :].expand(M, group, k))  # [M, group, k]
+    vals, pos = cand.view(M, group * k).topk(k, dim=-1, sorted=False)  # pos = t·k + slot
+    return vals.relu_(), blocks.gather(1, pos % k) + (pos // k) * m
+
+
+@torch.no_grad()
+def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                  dead: torch.Tensor | None = None, k_aux: int = 0, compute_dtype: torch.dtype | None = None):
+    """The dense encoder GEMM fused with the top-k selections, one row block at a time.
+
+    b_enc rides in the GEMM as an extra input column of ones (K = d + 1), which saves a pass over the
+    [rows, n] pre-activations. Only one [rows, n] block exists at any time, in ``compute_dtype`` (default:
+    W_enc's; bfloat16 runs the GEMM on AMX with float32 accumulation). A lower compute dtype only chooses
+    the latents: their values are recomputed in W_enc's dtype (N·(k + k_aux)·d multiply-adds).
+
+    Args: xc [N, d] input minus b_dec; W_enc [n, d]; b_enc [n]; dead [n_dead] indices of dead latents.
+    Returns: top_acts [N, k], top_indices [N, k], aux_acts [N, k_aux], aux_indices [N, k_aux].
+    """
+    (N, d), n = xc.shape, W_enc.shape[0]
+    compute_dtype = compute_dtype or W_enc.dtype
+    W = torch.empty(n, d + 1, dtype=compute_dtype, device=xc.device)  # [n, d + 1] = [W_enc | b_enc]
+    W[:, :d], W[:, d] = W_enc, b_enc
+    xq = torch.empty(N, d + 1, dtype=compute_dtype, device=xc.device)  # [N, d + 1] = [xc | 1]
+    xq[:, :d], xq[:, d] = xc, 1
+    k_aux = 0 if dead is None else min(k_aux, dead.numel())
+    rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
+    buf = torch.empty(rows, n, dtype=compute_dtype, device=xc.device)  # [rows, n], reused
+    parts = []
+    for s in range(0, N, rows):
+        pre = torch.mm(xq[s:s + rows], W.t(), out=buf[:min(rows, N - s)])  # [rows, n]
+        vals, idx = select_topk(pre, k)
+        aux_vals, aux_idx = select_topk(pre.index_select(1, dead), k_aux) if k_aux else (vals[:, :0], idx[:, :0])
+        parts.append((vals, idx, aux_vals, dead[aux_idx] if k_aux else aux_idx))  # [rows, k], [rows, k_aux]
+    vals, idx, aux_vals, aux_idx = parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)]
+    if compute_dtype != W_enc.dtype:  # low precision chose the latents; their values are recomputed exactly
+        vals, aux_vals = exact_acts(xc, W_enc, b_enc, idx), exact_acts(xc, W_enc, b_enc, aux_idx)
+    return vals, idx, aux_vals, aux_idx
+
+
+def exact_acts(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """ReLU(W_enc[idx] · xc + b_enc[idx]) in W_enc's dtype: [N, m] for idx [N, m] (N·m·d multiply-adds)."""
+    return (gather_dot(idx, W_enc, xc.to(W_enc.dtype)) + b_enc[idx]).relu_()
+
+
+class LatentRows:
+    """The (latent, token) pairs of index matrices, sorted by latent once: the CSR [n, T] pattern of every
+    product that scatters per-token rows into the rows of the selected latents.
+
+    ``blocks`` are index matrices [N_i, m_i] over consecutive token ranges (block i's tokens follow block
+    i-1's), so main and aux-k selections share one pattern. A product costs Σ N_i·m_i·d multiply-adds (not
+    the N·n·d of a dense one). The sort key latent·T + token is unique, so the order, and every sum taken
+    in it, is the same on every run.
+    """
+
+    def __init__(self, blocks: list[torch.Tensor], n: int):
+        # Index bookkeeping in numpy, on the host: ~10^5 integers are sorted and searched single-threaded
+        # faster than by torch's parallel kernels (and a GPU waits ~1 MB of copies for it, once per step).
+        flat = np.concatenate([b.reshape(-1).cpu().numpy() for b in blocks])  # [nnz] latent of each pair
+        tokens = np.concatenate([np.repeat(np.arange(b.shape[0]), b.shape[1]) for b in blocks])  # [nnz] token ids
+        tokens += np.repeat(np.cumsum([0] + [b.shape[0] for b in blocks[:-1]]), [b.numel() for b in blocks])
+        T = sum(b.shape[0] for b in blocks)
+        if flat.size >= 2**31 or T * n >= 2**62:
+            raise ValueError(f"{flat.size} selections over {T} tokens exceed int32 CSR indices: use smaller batches")
+        key = flat * T + tokens
+        order = np.argsort(key)  # unique keys: one order only
+        key = key[order]
+        device = blocks[0].device
+        self.order = torch.from_numpy(order).to(device)  # [nnz]
+        self.tokens = torch.from_numpy((key % T).astype(np.int32)).to(device)  # [nnz] CSR columns, latent-major
+        self.crow = torch.from_numpy(np.searchsorted(key, np.arange(n + 1) * T).astype(np.int32)).to(device)
+        self.shape = (n, T)
+
+    def scatter(self, coefs: list[torch.Tensor], src: torch.Tensor) -> torch.Tensor:
+        """out[i] = Σ over pairs (i, t) of coef[t, j] * src[t]: coefs like ``blocks``, src [T, d] -> [n, d]."""
+        coef = coefs[0].reshape(-1) if len(coefs) == 1 else torch.cat([c.reshape(-1) for c in coefs])
+        coef = coef[self.order].to(src.dtype)  # [nnz], latent-major
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
+            warnings.simplefilter("ignore")
+            G = torch.sparse_csr_tensor(self.crow, self.tokens, coef, self.shape)  # [n, T]
+        return torch.addmm(src.new_empty(self.shape[0], src.shape[1]), G, src, beta=0)  # [n, d], no zero fill
+
+
+def scatter_rows(indices: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
+    """out[indices[b, j]] += coef[b, j] * src[b] for indices [N, m], coef [N, m], src [N, d]: out [n, d]."""
+    return LatentRows([indices], n).scatter([coef], src)
+
+
+def gather_dot(indices: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = table[indices[b, j]] · vec[b], without materializing table[indices] ([N, m, d]).
+
+    Args: indices [N, m], table [n, d], vec [N, d]. Returns [N, m]. Uses embedding_bag's own
+    per-sample-weight backward kernel, which is exactly this product.
+    """
+    N, m = indices.shape
+    if m == 0:
+        return vec.new_zeros(N, 0)
+    offsets, bag_of = _bags(N, m, vec.device)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        vec.contiguous(), table, indices.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum
+    return out.view(N, m)
+
+
+@functools.lru_cache(maxsize=8)
+def _bags(N: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """embedding_bag's offsets [N] and bag of each index [N*m] for N bags of m (the same every step)."""
+    return torch.arange(0, N * m, m, device=device), torch.arange(N, device=device).repeat_interleave(m)
+
+
+# --------------------------------------------------------------------------- the SAE
+class SAE(nn.Module):
+    """TopK sparse autoencoder.
+
+    With x̃ the (optionally layer-normalized) input x ∈ R^d:
+
+        z = W_enc (x̃ - b_dec) + b_enc          W_enc [d_sae, d_in], b_enc [d_sae]   (pre-activations)
+        h = ReLU(TopK_k(z))                     k non-zeros per token
+        x̂ = W_decᵀ h + b_dec                   W_dec [d_sae, d_in]: row i is latent i's unit-norm direction
+        output = x̂ · std(x) + mean(x)           (layer_norm only; SAELens semantics)
+
+    b_dec is the OpenAI paper's b_pre. Both matrices are stored latent-major ([d_sae, d_in]) so the sparse
+    kernels gather and scatter whole rows; SAELens's file stores W_enc transposed, and formats.py converts.
+    """
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.d_sae, cfg.d_in
+        self.W_enc = nn.Parameter(torch.zeros(n, d, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device))
+        self.W_dec = nn.Parameter(torch.zeros(n, d, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+
+    # ----------------------------------------------------------------- init and constraints
+    @torch.no_grad()
+    def init_(self, x_norm: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """OpenAI init: W_enc orthogonal, W_dec = W_encᵀ with unit-norm latents, b_dec = mean input, b_enc = 0.
+
+        Args: x_norm [N, d] a sample of inputs in the space the SAE sees (after :func:`normalize`).
+        """
+        W = torch.empty(self.cfg.d_sae, self.cfg.d_in)
+        nn.init.orthogonal_(W, generator=generator)  # [n, d]: orthonormal columns
+        self.W_enc.copy_(W)
+        self.W_dec.copy_(W)
+        self.normalize_decoder_()
+        self.b_enc.zero_()
+        self.b_dec.copy_(x_norm.float().mean(0))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale each latent's decoder vector (a row of W_dec) to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove from each latent's decoder gradient its component along that latent's (unit) direction."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[:, None], self.W_dec, value=-1)  # g -= (g·w) w
+
+    # ----------------------------------------------------------------- training
+    @torch.no_grad()
+    def forward_train(self, x_norm: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0,
+                      compute_dtype: torch.dtype | None = None) -> TrainOutput:
+        """Sparse forward pass for training, in normalized space; :meth:`backward_train_` takes it from here.
+
+        Args: x_norm [N, d] in the weights' dtype; dead [n_dead] indices of dead latents (or None); k_aux the
+        most dead latents used per token for aux-k (fewer if fewer are dead); compute_dtype the encoder GEMM's
+        dtype (default: the weights'; bfloat16 keeps float32 master weights and gradients).
+        """
+        xc = x_norm - self.b_dec  # [N, d], before any bf16 cast (b_dec can dwarf the signal)
+        vals, idx, aux_vals, aux_idx = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, dead, k_aux,
+                                                     compute_dtype)
+        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum").add_(self.b_dec)  # [N, d]
+        auxk = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum") if aux_idx.shape[1] \
+            else None  # [N, d]
+        return TrainOutput(xc, recon, vals, idx, aux_vals, aux_idx, auxk)
+
+    @torch.no_grad()
+    def backward_train_(self, out: TrainOutput, g_recon: torch.Tensor, g_auxk: torch.Tensor | None = None) -> None:
+        """Set every parameter's .grad from the loss gradients w.r.t. recon [N, d] and auxk_recon [N, d].
+
+        Touches only the k + k_aux selected latents per token: with g_h the gradient of a selected latent
+        (the decoder row's dot product with g_recon, zero where ReLU clipped), W_dec and W_enc get sparse
+        [n, N] @ [N, d] products, b_enc an index_add, and b_dec Σ g_recon - W_encᵀ (b_enc's gradient).
+        """
+        W_enc, W_dec, n = self.W_enc, self.W_dec, self.cfg.d_sae
+        g_pre = gather_dot(out.top_indices, W_dec, g_recon).mul_(out.top_acts > 0)  # [N, k], ReLU gate
+        if g_auxk is None or out.auxk_recon is None:
+            blocks, acts, g_pres, g_out, xc = [out.top_indices], [out.top_acts], [g_pre], g_recon, out.xc
+        else:  # aux-k selections are a second block of tokens: one sort, one product per matrix
+            g_aux = gather_dot(out.aux_indices, W_dec, g_auxk).mul_(out.aux_acts > 0)  # [N, k_aux]
+            blocks, acts, g_pres = [out.top_indices, out.aux_indices], [out.top_acts, out.aux_acts], [g_pre, g_aux]
+            g_out, xc = torch.cat([g_recon, g_auxk]), torch.cat([out.xc, out.xc])  # [2N, d]
+        rows = LatentRows(blocks, n)
+        g_b_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device)  # [n]
+        for b, g in zip(blocks, g_pres):
+            g_b_enc.index_add_(0, b.reshape(-1), g.reshape(-1))
+        self.W_dec.grad = rows.scatter(acts, g_out)  # [n, d]
+        self.W_enc.grad = rows.scatter(g_pres, xc)  # [n, d]
+        self.b_enc.grad = g_b_enc
+        self.b_dec.grad = g_recon.sum(0) - g_b_enc @ W_enc  # [d]: x - b_dec enters every latent alike
+
+    def forward_train_dense(self, x_norm: torch.Tensor, dead: torch.Tensor | None = None,
+                            k_aux: int = 0) -> TrainOutput:
+        """The same maths as :meth:`forward_train` with dense autograd ops: the reference for tests."""
+        xc = x_norm - self.b_dec
+        pre = xc @ self.W_enc.T + self.b_enc  # [N, n]
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # plain topk: the reference for select_topk too
+        vals = vals.relu()
+        h = torch.zeros_like(pre).scatter(1, idx, vals)  # [N, n]
+        recon = h @ self.W_dec + self.b_dec  # [N, d]
+        k_aux = 0 if dead is None else min(k_aux, dead.numel())
+        if not k_aux:
+            return TrainOutput(xc, recon, vals, idx, vals[:, :0], idx[:, :0], None)
+        is_dead = torch.zeros(pre.shape[1], dtype=torch.bool, device=pre.device)
+        is_dead[dead] = True
+        a_vals, a_idx = pre.masked_fill(~is_dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        a_vals = a_vals.relu()
+        h_aux = torch.zeros_like(pre).scatter(1, a_idx, a_vals)  # [N, n]
+        return TrainOutput(xc, recon, vals, idx, a_vals, a_idx, h_aux @ self.W_dec)
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k active latents of each token: (values [N, k] float32, indices [N, k]). x [N, d_in]."""
+        x_norm, _, _ = normalize(x.reshape(-1, self.cfg.d_in), self.cfg.normalize_activations)
+        vals, idx, _, _ = encode_select(x_norm - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        return vals, idx
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents [N, d_sae] (zero outside each token's top k) for inputs x [N, d_in]."""
+        vals, idx = self.encode_topk(x)
+        return torch.zeros(vals.shape[0], self.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction [N, d_in] from dense latents [N, d_sae].
+
+        With layer_norm, pass the input ``x`` [N, d_in] the latents came from: its per-token mean and std
+        undo the normalization (SAELens keeps them from the last encode). Without it, the output stays in
+        the normalized space.
+        """
+        y = latents.float() @ self.W_dec + self.b_dec  # [N, d_in]
+        if x is None:
+            return y
+        _, mu, std = normalize(x.reshape(-1, self.cfg.d_in), self.cfg.normalize_activations)
+        return denormalize(y, mu, std)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of x [..., d_in] (same shape, float32), through the k active latents only."""
+        flat = x.reshape(-1, self.cfg.d_in)
+        x_norm, mu, std = normalize(flat, self.cfg.normalize_activations)
+        vals, idx, _, _ = encode_select(x_norm - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        y = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec  # [N, d_in]
+        return denormalize(y, mu, std).view(x.shape)
+
+    def save(self, path, **metadata) -> None:
+        """Write this SAE to directory ``path`` in the SAELens v6 layout (see formats.save)."""
+        from llama_sae.sae.formats import save
+
+        save(self, path, **metadata)

@@ -1,0 +1,97 @@
+"""Put SAEs inside a Llama: the model runs on their reconstructions, with an exact error term.
+
+    with spliced(model, sae):                       # logits equal the plain model's, bit for bit
+        logits = model(tokens)
+    with spliced(model, sae, edit=lambda h: h * 0):  # edit the latents between encode and decode
+        logits = model(tokens)
+    with spliced(model, sae, error_term=False):     # the model runs on the reconstruction alone
+        logits = model(tokens)
+
+With the error term, the hook point carries ``x + (x̂_edited − x̂)``: mathematically x̂_edited + (x − x̂),
+the reconstruction of the edited latents plus the error of the unedited input. Written this way an
+unchanged splice adds exactly zero, so it reproduces the model's output exactly, not just closely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama_sae.errors import UserError
+from llama_sae.llama.model import Transformer, parse_hook_name
+from llama_sae.sae.model import SAE, denormalize, encode_select, normalize
+
+LatentEdit = Callable[[Tensor], Tensor]
+
+
+def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None) -> tuple[Tensor, Tensor | None]:
+    """The SAE's reconstruction of x [..., d_in], and (with ``edit``) of its edited latents.
+
+    ``edit`` receives the dense latents [..., d_sae] (zero outside each token's top k) and returns
+    the latents to decode. Returns (x̂ [..., d_in], x̂_edited [..., d_in] or None), float32.
+    """
+    shape = x.shape
+    flat = x.reshape(-1, sae.cfg.d_in)
+    x_norm, mu, std = normalize(flat, sae.cfg.normalize_activations)
+    vals, idx, _, _ = encode_select(x_norm - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k)
+    clean = denormalize(F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec, mu, std)
+    if edit is None:
+        return clean.view(shape), None
+    dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=flat.device).scatter_(1, idx, vals)
+    edited = edit(dense.view(*shape[:-1], sae.cfg.d_sae)).reshape(-1, sae.cfg.d_sae)  # [N, d_sae]
+    out = denormalize(edited.float() @ sae.W_dec + sae.b_dec, mu, std)
+    return clean.view(shape), out.view(shape)
+
+
+def splice_fn(sae: SAE, *, error_term: bool = True, edit: LatentEdit | None = None) -> Callable[[Tensor], Tensor]:
+    """The replacement function for the SAE's hook point (see the module docstring)."""
+
+    @torch.no_grad()
+    def replace(x: Tensor) -> Tensor:
+        clean, edited = reconstruct(sae, x, edit)
+        if not error_term:
+            return (clean if edited is None else edited).to(x.dtype)
+        if edited is None:
+            return x
+        return x + (edited - clean).to(x.dtype)
+
+    return replace
+
+
+def check_fits(model: Transformer, sae: SAE) -> str:
+    """The SAE's hook point, after checking the model has it and its width matches d_in."""
+    hook = sae.cfg.hook_name
+    if hook is None:
+        raise UserError("the SAE does not say which hook point it reads (cfg hook_name is empty): "
+                        "set metadata.hook_name in its cfg.json, e.g. resid_post.3")
+    parse_hook_name(hook, model.args.n_layers)
+    if sae.cfg.d_in != model.args.dim:
+        raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
+                        f"{model.args.dim} wide: the SAE belongs to another model")
+    return hook
+
+
+@contextmanager
+def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
+            edit: LatentEdit | dict[str, LatentEdit] | None = None) -> Iterator[Transformer]:
+    """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
+
+    Args:
+        error_term: add back x − x̂ of the unedited input (the default: an unedited splice is exact).
+        edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
+            dict {hook name: function} when several SAEs are spliced.
+    """
+    saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
+    fns = {}
+    for sae in saes:
+        hook = check_fits(model, sae)
+        if hook in fns:
+            raise UserError(f"two SAEs read {hook}: splice one SAE per hook point")
+        sae_edit = edit.get(hook) if isinstance(edit, dict) else edit
+        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit)
+    with model.hooked(fns):
+        yield model

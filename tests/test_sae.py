@@ -1,0 +1,266 @@
+"""The TopK SAE: sparse kernels against a float64 dense reference (forward, every gradient, aux-k), the decoder
+constraints, the inference API, and the SAELens v6 files (golden bytes, round trip, SAELens itself if present)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from llama_sae.errors import UserError
+from llama_sae.sae import SAE, SAEConfig, load
+from llama_sae.sae.formats import load_sparsity, save
+from llama_sae.sae.model import LN_EPS, gather_dot, normalize, scatter_rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: small kernels, and no OpenMP stalls when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_sae(d=24, n=96, k=5, norm="layer_norm", seed=0, dtype=torch.float64) -> tuple[SAE, torch.Tensor]:
+    """A randomly initialized SAE (non-zero b_enc, non-unit encoder) and a batch [40, d] in its input space."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, d, generator=g, dtype=dtype) * 3 + torch.randn(d, generator=g, dtype=dtype)
+    sae = SAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize_activations=norm)).to(dtype)
+    sae.init_(normalize(x, norm)[0].to(dtype), generator=g)
+    with torch.no_grad():
+        sae.W_enc.mul_(4)
+        sae.b_enc.copy_(0.3 * torch.randn(n, generator=g, dtype=dtype))
+    return sae, x
+
+
+def grads_of(sae: SAE, x_norm: torch.Tensor, dead, k_aux: int, dense: bool):
+    """Outputs, and the gradients of a loss that uses every output (recon and aux-k) in a non-trivial way:
+    by autograd through the dense reference, or by the sparse path's own backward."""
+    w = torch.linspace(0.5, 1.5, x_norm.shape[1], dtype=x_norm.dtype)
+    sae.zero_grad(set_to_none=True)
+    if dense:
+        out = sae.forward_train_dense(x_norm, dead, k_aux)
+        loss = ((out.recon - x_norm).pow(2) * w).sum()
+        if out.auxk_recon is not None:
+            loss = loss + 0.7 * (out.auxk_recon - (x_norm - out.recon).detach()).pow(2).sum()
+        loss.backward()
+    else:
+        out = sae.forward_train(x_norm, dead, k_aux)
+        g_auxk = None if out.auxk_recon is None else 1.4 * (out.auxk_recon - (x_norm - out.recon))
+        sae.backward_train_(out, 2 * w * (out.recon - x_norm), g_auxk)
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("dead", [None, [0, 3, 7, 11, 50, 95], list(range(0, 96, 2))])
+def test_sparse_path_equals_dense_reference_in_float64(dead):
+    sae, x = make_sae()
+    x_norm = normalize(x, "layer_norm")[0].double()
+    dead = None if dead is None else torch.tensor(dead)
+    fast, g_fast = grads_of(sae, x_norm, dead, 4, dense=False)
+    ref, g_ref = grads_of(sae, x_norm, dead, 4, dense=True)
+    assert torch.equal(fast.top_indices.sort(1).values, ref.top_indices.sort(1).values)
+    torch.testing.assert_close(fast.recon, ref.recon.detach(), rtol=1e-12, atol=1e-12)
+    if dead is None:
+        assert fast.auxk_recon is None and ref.auxk_recon is None
+    else:
+        torch.testing.assert_close(fast.auxk_recon, ref.auxk_recon.detach(), rtol=1e-12, atol=1e-12)
+    for name in g_ref:  # all four parameters, aux-k included (it reaches the encoder too, as in OpenAI's code)
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_float32_sparse_path_is_close_to_float64_reference():
+    sae64, x = make_sae()
+    x_norm = normalize(x, "layer_norm")[0]
+    dead = torch.tensor([1, 2, 3, 40])
+    ref, g_ref = grads_of(sae64, x_norm.double(), dead, 3, dense=True)
+    sae32 = SAE(sae64.cfg)
+    sae32.load_state_dict({k: v.float() for k, v in sae64.state_dict().items()})
+    fast, g_fast = grads_of(sae32, x_norm, dead, 3, dense=False)
+    torch.testing.assert_close(fast.recon.double(), ref.recon.detach(), rtol=1e-5, atol=1e-5)
+    for name in g_ref:  # float32 accumulation over 40 tokens: relative 1e-4 of the gradient's scale
+        scale = g_ref[name].abs().max().item()
+        torch.testing.assert_close(g_fast[name].double(), g_ref[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_bf16_encoder_selects_nearly_the_same_latents():
+    sae, x = make_sae(d=64, n=512, k=16, dtype=torch.float32)
+    x_norm = normalize(x, "layer_norm")[0]
+    exact = sae.forward_train(x_norm)
+    fast = sae.forward_train(x_norm, compute_dtype=torch.bfloat16)
+    same = (exact.top_indices.sort(1).values == fast.top_indices.sort(1).values).float().mean()
+    assert same > 0.9  # only near-ties at the k-th value may swap ...
+    assert fast.top_acts.sum() > (1 - 1e-3) * exact.top_acts.sum()  # ... so the chosen sum is nearly the best
+    pre = (x_norm - sae.b_dec) @ sae.W_enc.T + sae.b_enc  # float32 reference pre-activations
+    torch.testing.assert_close(fast.top_acts, pre.gather(1, fast.top_indices).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_aux_k_uses_only_dead_latents_and_at_most_as_many_as_are_dead():
+    sae, x = make_sae()
+    x_norm = normalize(x, "layer_norm")[0].double()
+    dead = torch.tensor([5, 17, 60])
+    out = sae.forward_train(x_norm, dead, k_aux=10)  # no "at least k_aux dead" gate: 3 dead -> 3 per token
+    assert out.auxk_recon is not None
+    _, idx, _, aux_idx = _select(sae, x_norm, dead, 10)
+    assert aux_idx.shape == (40, 3) and set(aux_idx.flatten().tolist()) <= {5, 17, 60}
+    # decoded without b_dec: zero aux activations give a zero reconstruction
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)
+    assert sae.forward_train(x_norm, dead, 10).auxk_recon.abs().max() == 0
+
+
+def _select(sae, x_norm, dead, k_aux):
+    from llama_sae.sae.model import encode_select
+
+    return encode_select(x_norm - sae.b_dec, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k, dead, k_aux)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(4096, 32), (4096, 64), (1000, 7), (256, 32)])
+def test_select_topk_is_exactly_topk(n, k, dtype):
+    from llama_sae.sae.model import select_topk
+
+    pre = torch.randn(300, n, generator=torch.Generator().manual_seed(n + k)).to(dtype)
+    pre[:5] = -pre[:5].abs()  # rows with nothing positive: ReLU zeros
+    vals, idx = select_topk(pre, k)
+    want = pre.topk(k, dim=-1).values.relu()
+    assert torch.equal(vals.sort(1, descending=True).values, want)
+    assert torch.equal(pre.gather(1, idx).relu(), vals)
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # k distinct latents per row
+
+
+def test_row_blocks_select_what_one_block_selects(monkeypatch):
+    from llama_sae.sae import model
+
+    sae, x = make_sae(dtype=torch.float32)
+    x_norm = normalize(x, "layer_norm")[0]
+    dead = torch.tensor([2, 9, 31, 77])
+    whole = sae.forward_train(x_norm, dead, 3)
+    monkeypatch.setattr(model, "PRE_BUFFER_BYTES", 96 * 4 * 7)  # 7 rows of pre-activations at a time
+    blocks = sae.forward_train(x_norm, dead, 3)
+    for a, b in zip(whole, blocks):
+        assert torch.equal(a, b)
+
+
+def test_kernels_against_dense_products():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 30, (50, 4), generator=g)
+    coef = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    src = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    dense = torch.zeros(50, 30, dtype=torch.float64).scatter_add_(1, idx, coef)  # [N, n]
+    torch.testing.assert_close(scatter_rows(idx, coef, src, 30), dense.T @ src)
+    table = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(gather_dot(idx, table, src), (table[idx] * src[:, None]).sum(-1))
+
+
+def test_decoder_stays_unit_norm_and_its_gradient_is_projected():
+    from llama_sae.sae.train import TrainConfig, World, make_runs, train_step
+
+    cfg = TrainConfig(d_sae=96, k=5, batch_size=40, lr=1e-2, tokens=400)
+    _, x = make_sae(dtype=torch.float32)
+    runs = make_runs(cfg, 24, {}, torch.device("cpu"))
+    sae = runs[0].sae
+    sae.init_(normalize(x, "layer_norm")[0])
+    out = sae.forward_train(normalize(x, "layer_norm")[0])
+    sae.backward_train_(out, out.recon.clone())
+    sae.project_decoder_grad_()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)  # [n]: component along each latent's direction
+    assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.abs().max()
+    before = sae.W_dec.detach().clone()
+    train_step(runs, x, cfg, World(), 0, 10, 40)
+    assert not torch.equal(before, sae.W_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(96), rtol=0, atol=1e-6)
+
+
+def test_layer_norm_is_saelens_formula():
+    x = torch.randn(6, 10) * 5 + 2
+    want = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, unbiased=True) + LN_EPS)
+    got, mu, std = normalize(x, "layer_norm")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got * std + mu, x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer_norm"])
+def test_inference_api(norm):
+    sae, x = make_sae(norm=norm, dtype=torch.float32)
+    vals, idx = sae.encode_topk(x)
+    dense = sae.encode(x)
+    assert dense.shape == (40, 96) and vals.shape == idx.shape == (40, 5)
+    assert ((dense != 0).sum(1) <= 5).all() and (vals >= 0).all()
+    torch.testing.assert_close(dense.gather(1, idx), vals)
+    recon = sae(x)
+    torch.testing.assert_close(sae.decode(dense, x), recon, rtol=1e-5, atol=1e-5)
+    # the reference: the equations of the class docstring, written out densely
+    x_norm, mu, std = normalize(x, norm)
+    pre = (x_norm - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    top = pre.topk(5, dim=1)
+    h = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    want = h @ sae.W_dec + sae.b_dec
+    want = want if mu is None else want * std + mu
+    torch.testing.assert_close(recon, want.detach(), rtol=1e-5, atol=1e-5)
+    assert sae(x.view(4, 10, 24)).shape == (4, 10, 24)
+
+
+def _golden_sae() -> SAE:
+    sae = SAE(SAEConfig(d_in=3, d_sae=4, k=2, hook_name="resid_post.1", model_name="tiny", context_size=64))
+    with torch.no_grad():
+        for i, p in enumerate(sae.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).view_as(p) / 8 + i)
+    return sae
+
+
+def test_format_golden_bytes(tmp_path):
+    save(_golden_sae(), tmp_path, sparsity=torch.tensor([-1.0, -2.0, -3.0, -10.0]), trained_tokens=1000)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg == {"architecture": "topk", "d_in": 3, "d_sae": 4, "k": 2, "dtype": "float32", "device": "cpu",
+                   "apply_b_dec_to_input": True, "normalize_activations": "layer_norm", "reshape_activations": "none",
+                   "rescale_acts_by_decoder_norm": False,
+                   "metadata": {"model_name": "tiny", "hook_name": "resid_post.1", "context_size": 64,
+                                "prepend_bos": True, "trained_tokens": 1000}}
+    weights = (tmp_path / "sae_weights.safetensors").read_bytes()
+    header_len = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8:8 + header_len])
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == {
+        "W_enc": ("F32", [3, 4]), "b_enc": ("F32", [4]), "W_dec": ("F32", [4, 3]), "b_dec": ("F32", [3])}
+    start, stop = header["W_enc"]["data_offsets"]  # SAELens layout: W_enc is [d_in, d_sae], our W_enc transposed
+    want = (torch.arange(12, dtype=torch.float32).view(4, 3) / 8).T.contiguous()
+    assert weights[8 + header_len + start:8 + header_len + stop] == want.numpy().tobytes()
+    assert hashlib.sha256(weights).hexdigest()[:16] == "ab5e5202b21ed62b"  # any change to the bytes is loud
+
+
+def test_save_load_round_trip(tmp_path):
+    sae, x = make_sae(dtype=torch.float32)
+    sae.save(tmp_path / "sae")
+    back = load(tmp_path / "sae")
+    assert back.cfg == sae.cfg
+    for (name, a), b in zip(sae.named_parameters(), back.parameters()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
+    assert load_sparsity(tmp_path / "sae") is None
+
+
+def test_load_rejects_what_it_cannot_run(tmp_path):
+    save(_golden_sae(), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
+    with pytest.raises(UserError, match="only 'topk' SAEs load"):
+        load(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_in": 5}))
+    with pytest.raises(UserError, match=r"W_enc should be \(5, 4\)"):
+        load(tmp_path)
+    with pytest.raises(UserError, match="holds no cfg.json"):
+        load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="k=4 must be smaller than d_sae=4"):
+        SAEConfig(d_in=3, d_sae=4, k=4)
+
+
+def test_saelens_loads_our_files_and_agrees(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (see ../shared/peerbench)")
+    sae, x = make_sae(dtype=torch.float32)
+    sae.save(tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    feats = theirs.encode(x)
+    torch.testing.assert_close(feats, sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(feats), sae(x), rtol=1e-5, atol=1e-4)

@@ -1,0 +1,112 @@
+"""Splicing SAEs into the model: exact with the error term, reconstruction-only without, edits in between."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB
+
+from llama_sae.errors import UserError
+from llama_sae.llama import load_model
+from llama_sae.llama.generate import generate_tokens
+from llama_sae.sae.model import SAE, SAEConfig
+from llama_sae.splice import spliced
+
+
+def _sae(model, hook, d_sae=96, k=8, norm="layer_norm", seed=0):
+    cfg = SAEConfig(d_in=model.args.dim, d_sae=d_sae, k=k, normalize_activations=norm, hook_name=hook)
+    sae = SAE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    sae.init_(torch.randn(256, cfg.d_in, generator=g), generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=g)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoints):
+    return load_model(hf_checkpoints["gqa-tied-f32"][1])
+
+
+def _tokens(seed=2):
+    return torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "none"])
+def test_unedited_splice_reproduces_logits_exactly(model, norm):
+    tokens = _tokens()
+    clean = model(tokens)
+    with spliced(model, _sae(model, "resid_post.1", norm=norm)):
+        assert torch.equal(model(tokens), clean)
+    assert torch.equal(model(tokens), clean)  # and nothing stays behind
+
+
+def test_reconstruction_only_runs_on_x_hat(model):
+    sae = _sae(model, "resid_post.1")
+    tokens = _tokens()
+    with spliced(model, sae, error_term=False):
+        got = model(tokens)
+        seen = model.capture(tokens, ["resid_post.1"])["resid_post.1"]
+    x = model.capture(tokens, ["resid_post.1"])["resid_post.1"]
+    torch.testing.assert_close(seen, sae(x), atol=1e-6, rtol=0)
+    assert not torch.allclose(got, model(tokens), atol=1e-3)
+
+
+def test_edit_sees_latents_and_changes_output(model):
+    sae = _sae(model, "resid_post.0")
+    tokens = _tokens()
+    seen = {}
+
+    def edit(h):
+        seen["h"] = h.clone()
+        return h
+
+    with spliced(model, sae, edit=edit):
+        same = model(tokens)
+    assert seen["h"].shape == (3, 21, sae.cfg.d_sae)
+    assert ((seen["h"] > 0).sum(-1) <= sae.cfg.k).all()
+    torch.testing.assert_close(same, model(tokens), atol=1e-5, rtol=0)  # identity edit: only rounding
+    latent = int(seen["h"].flatten(0, 1).sum(0).argmax())
+
+    def boost(h):
+        h = h.clone()
+        h[..., latent] += 5.0
+        return h
+
+    with spliced(model, sae, edit=boost):
+        boosted = model(tokens)
+        x_edit = model.capture(tokens, ["resid_post.0"])["resid_post.0"]
+    x = model.capture(tokens, ["resid_post.0"])["resid_post.0"]
+    # with layer_norm the decoder direction is scaled back by each token's std
+    std = x.std(-1, keepdim=True)
+    torch.testing.assert_close(x_edit - x, 5.0 * sae.W_dec[latent] * std, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(boosted, model(tokens), atol=1e-3)
+
+
+def test_several_saes_and_cached_generation(model):
+    saes = [_sae(model, "resid_post.0"), _sae(model, "attn_in.2", seed=1)]
+    prompts = [_tokens()[0, :7].tolist(), _tokens()[1, :11].tolist()]
+
+    def run(use_cache):
+        rows = [[] for _ in prompts]
+        for tok, running in generate_tokens(model, prompts, max_new_tokens=12, stop_ids=set(), use_cache=use_cache):
+            for i in running.nonzero().flatten().tolist():
+                rows[i].append(int(tok[i]))
+        return rows
+
+    with spliced(model, saes, error_term=False):
+        cached, uncached = run(True), run(False)
+    assert cached == uncached
+    assert cached != run(True)  # the reconstruction-only model writes something else
+
+
+def test_splice_bad_inputs(model):
+    with pytest.raises(UserError, match="64 wide"):
+        with spliced(model, SAE(SAEConfig(d_in=32, d_sae=64, k=4, hook_name="resid_post.0"))):
+            pass
+    with pytest.raises(UserError, match="out of range"):
+        with spliced(model, _sae(model, "resid_post.9")):
+            pass
+    with pytest.raises(UserError, match="hook_name is empty"):
+        with spliced(model, _sae(model, None)):
+            pass
