@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,25 @@ def test_convert_meta_to_hf_loads_in_transformers(hf_checkpoints, tmp_path):
     # converting again into a non-empty directory is refused, and nothing is overwritten
     proc = _cli("convert", str(meta), str(tmp_path / "hf"))
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_pipeline_capture_store_train_evaluate(tmp_path):
+    """The CLI stages chain on the shipped tiny model: capture -> store info/verify -> train -> evaluate."""
+    store, sae = tmp_path / "store", tmp_path / "sae"
+    steps = [
+        ["capture", "--corpus", "tinyworld:800", "--hook", "resid_post.2", "--tokens", "6000", "--out", str(store),
+         "--no-progress"],
+        ["store", "info", str(store)],
+        ["store", "verify", str(store)],
+        ["train", "--store", str(store), "--out", str(sae), "--d-sae", "256", "--k", "8", "--batch-size", "512",
+         "--tokens", "8192"],
+        ["evaluate", "--sae", str(sae), "--store", str(store), "--corpus", "tinyworld:20:heldout", "--out",
+         str(tmp_path / "report.json")],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert "ok:" in runner.invoke(app, ["store", "verify", str(store)]).output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0 < report["fvu"] < 1 and report["l0"] <= 8 and report["ce_zero_ablated"] > report["ce_clean"]
+    assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()

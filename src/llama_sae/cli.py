@@ -232,19 +232,23 @@ def capture(
                                              "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | hfdisk:PATH")],
     hook: Annotated[list[str], typer.Option(help="hook point KIND.LAYER (repeatable), e.g. resid_post.12")],
     tokens: Annotated[str, typer.Option(help="tokens to capture, BOS excluded (e.g. 2M, 700_000_000)")],
-    out: Annotated[Path, typer.Option(help="store directory (resumes if it holds an unfinished capture)")],
+    out: Annotated[Path, typer.Option(help="store directory; re-run the same command to resume")],
     model: ModelOpt = None,
-    context: Annotated[int, typer.Option(help="tokens per packed row")] = 256,
+    context: Annotated[int, typer.Option(help="tokens per packed row; longer sentences are truncated")] = 256,
     batch_tokens: Annotated[int, typer.Option(help="tokens per forward pass")] = 8192,
     dtype: DtypeOpt = None,
-    store_dtype: Annotated[str, typer.Option(help="activation dtype on disk")] = "bfloat16",
+    store_dtype: Annotated[str, typer.Option(help="activation dtype on disk: bfloat16, float16, float32")] = "bfloat16",
+    shard_rows: Annotated[int | None, typer.Option(help="rows per shard; default: about 64 MiB per shard")] = None,
     outlier_factor: Annotated[float | None, typer.Option(help="drop tokens whose norm is above this x the "
                                                               "batch median (attention sinks); off by default")] = None,
     val_percent: Annotated[int, typer.Option(help="percent of sentences in the validation split")] = 5,
     device: DeviceOpt = "cpu",
+    progress: Annotated[bool, typer.Option(help="progress bar with tokens/s and ETA (rank 0)")] = True,
     repair: Annotated[bool, typer.Option(help="finished store: recompute shards that fail verification")] = False,
 ) -> None:
     """Capture hook-point activations over a corpus into a sharded store (resumable; torchrun for several ranks)."""
+    import os
+
     from rich.table import Table
 
     from llama_sae.capture import capture as run_capture
@@ -252,9 +256,11 @@ def capture(
 
     cfg = capture_config(model=_model_path(model), corpus=corpus, hooks=hook, tokens=parse_count(tokens),
                          out=str(out), context=context, batch_tokens=batch_tokens, dtype=dtype,
-                         store_dtype=store_dtype, outlier_factor=outlier_factor, val_percent=val_percent,
-                         device=device, repair=repair)
+                         store_dtype=store_dtype, shard_rows=shard_rows, outlier_factor=outlier_factor,
+                         val_percent=val_percent, device=device, progress=progress, repair=repair)
     summary = run_capture(cfg, console=console)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for the whole store
     table = Table(show_header=False, title="capture")
     for key, value in summary.rows_table():
         table.add_row(key, value)
@@ -267,7 +273,7 @@ app.add_typer(store_app, name="store")
 
 @store_app.command("info")
 def store_info(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
-    """Show a store's model, hook points, rows, shards and statistics."""
+    """Show a store's model, hook points, rows, bytes per token, split and statistics (finished or not)."""
     from llama_sae.store import store_info_table
 
     console.print(store_info_table(path))
@@ -275,10 +281,18 @@ def store_info(path: Annotated[Path, typer.Argument(help="store directory")]) ->
 
 @store_app.command("verify")
 def store_verify(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
-    """Re-hash every shard against the manifest's checksums; exit status 1 names the bad shards."""
+    """Re-hash every shard against the manifest's sha256; exit status 1 names the bad shards and the fix."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     from llama_sae.store import verify_store
 
-    report = verify_store(path)
+    with Progress(TextColumn("verify"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("verify", total=None)
+        report = verify_store(path, on_shard=lambda n, total: bar.update(task, advance=n, total=total))
+    for name in report.leftovers:
+        err_console.print(f"note: {name} is not part of the store (left by a crash); the next capture run removes it",
+                          style="yellow", markup=False, highlight=False)
     if report.ok:
         console.print(f"ok: {report.shards} shards, {report.bytes:,} bytes match their checksums")
         return
@@ -342,7 +356,7 @@ def evaluate(
         from llama_sae.store import ActivationStore
 
         src = ActivationStore(store)
-        report.update(activation_metrics(net, src.loader(4096, shuffle=False, split="val", epochs=1,
+        report.update(activation_metrics(net, src.loader(4096, shuffle=False, split="val", epochs=1, drop_last=False,
                                                          hook=net.cfg.hook_name)))
     if corpus is not None:
         from llama_sae.corpus import iter_sentences

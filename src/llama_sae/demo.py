@@ -108,7 +108,7 @@ def _evaluate(console: Console, model, tokenizer, sae, store: Path) -> dict:
     from llama_sae.store import ActivationStore
 
     console.rule("[bold]8. the SAE spliced into the model: what does the model lose?")
-    acts = ActivationStore(store).loader(4096, shuffle=False, split="val", epochs=1)
+    acts = ActivationStore(store).loader(4096, shuffle=False, split="val", epochs=1, drop_last=False)
     report = activation_metrics(sae, acts)
     texts = [d.text for d in tinyworld.documents(200, seed=5, split="heldout")]
     report.update(model_metrics(model, sae, token_batches(tokenizer, texts)))

@@ -58,24 +58,21 @@ def probe_scores(probe: tuple, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sentence_features(model: Transformer, tokenizer, texts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
     """{"L{i} mean" / "L{i} last": [N, d]} for the embeddings (L0 = resid_pre.0) and every block output."""
+    from llama_sae.sae.evaluate import token_batches
+
     n = model.args.n_layers
     names = ["resid_pre.0"] + [f"resid_post.{i}" for i in range(n)]
     feats: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(texts), batch):
-        ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch]]
-        T = max(len(i) for i in ids)
-        tokens = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(ids), T, dtype=torch.bool)
-        for r, row in enumerate(ids):
-            tokens[r, :len(row)] = torch.tensor(row)
-            valid[r, 1:len(row)] = True  # skip BOS
-        last = torch.tensor([len(r) - 1 for r in ids])
+    for tokens, mask in token_batches(tokenizer, texts, batch_size=batch, max_tokens=model.args.max_seq_len):
+        valid = mask.clone()
+        valid[:, 0] = False  # BOS is not part of the sentence
+        last = mask.sum(1) - 1  # [B]
         acts = model.capture(tokens, names)  # right padding: causal attention never sees it
         for layer, name in enumerate(names):
             a = acts[name].float()  # [B, T, d]
             mean = (a * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
             feats.setdefault(f"L{layer} mean", []).append(mean)
-            feats.setdefault(f"L{layer} last", []).append(a[torch.arange(len(ids)), last])
+            feats.setdefault(f"L{layer} last", []).append(a[torch.arange(len(tokens)), last])
     return {k: torch.cat(v) for k, v in feats.items()}
 
 

@@ -18,23 +18,20 @@ from llama_sae.tinyworld.probe import auroc
 def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int = 64
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sentence max over tokens of (SAE latents [N, d_sae], model neurons [N, d_in]) at the SAE's hook."""
+    from llama_sae.sae.evaluate import token_batches
+
     hook = sae.cfg.hook_name
     lat_rows, neu_rows = [], []
-    for start in range(0, len(texts), batch):
-        ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch]]
-        T = max(len(i) for i in ids)
-        tokens = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(ids), T, dtype=torch.bool)
-        for r, row in enumerate(ids):
-            tokens[r, :len(row)] = torch.tensor(row)
-            valid[r, 1:len(row)] = True  # BOS is never a feature of the sentence
+    for tokens, mask in token_batches(tokenizer, texts, batch_size=batch, max_tokens=model.args.max_seq_len):
+        valid = mask.clone()
+        valid[:, 0] = False  # BOS is never a feature of the sentence
         x = model.capture(tokens, [hook])[hook].float()  # [B, T, d]
         flat = x[valid]  # [M, d]
         vals, idx = sae.encode_topk(flat)
         dense = torch.zeros(flat.shape[0], sae.cfg.d_sae).scatter_(1, idx, vals)  # [M, n]
         owner = valid.nonzero()[:, 0]  # sentence of each token row
-        lat = torch.zeros(len(ids), sae.cfg.d_sae).index_reduce_(0, owner, dense, "amax", include_self=True)
-        neu = torch.full((len(ids), x.shape[-1]), float("-inf")).index_reduce_(0, owner, flat, "amax")
+        lat = torch.zeros(len(tokens), sae.cfg.d_sae).index_reduce_(0, owner, dense, "amax", include_self=True)
+        neu = torch.full((len(tokens), x.shape[-1]), float("-inf")).index_reduce_(0, owner, flat, "amax")
         lat_rows.append(lat)
         neu_rows.append(neu)
     return torch.cat(lat_rows), torch.cat(neu_rows)
