@@ -16,9 +16,12 @@ What is measured, all in one process and with the repeats of the two implementat
 
 Why: the project's own model is what the SAE pipeline runs for hours; it should be no slower than
 the reference, and capture should only pay for the layers it needs. The goal is ours/transformers
->= 1.0 in tokens/s. Correctness is re-checked on the timed path: the timed logits against
-transformers' (fp32: within 1e-4; bf16: top-1 agreement), the generated tokens (fp32: identical),
-and the captured activation against transformers' hidden state.
+>= 1.0 in tokens/s, reported as the ratio of medians and the ratio of minima (the least disturbed
+run of each: on a shared machine this is the more stable of the two). Correctness is re-checked on
+the timed path: the timed logits against transformers' (fp32: within 1e-4; bf16: top-1 agreement
+>= 0.99), the generated tokens (fp32: identical; bf16: agreement reported), and the captured
+activation against transformers' hidden state. Both models come from the same safetensors file,
+transformers' through ``from_pretrained(dtype=...)``.
 
     python benchmarks/bench_llama_forward.py --dtype fp32
     python benchmarks/bench_llama_forward.py --dtype bf16
