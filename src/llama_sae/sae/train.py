@@ -538,7 +538,8 @@ def plot_metrics(out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name in dict.fromkeys(r["sae"] for r in records):
             rs = [r for r in records if r["sae"] == name]
-            ax.plot([r["tokens"] for r in rs], [r[key] for r in rs], label=name or None)
+            marker = "o" if len(rs) < 20 else None  # a short run has too few points for a line
+            ax.plot([r["tokens"] for r in rs], [r[key] for r in rs], label=name or None, marker=marker)
         ax.set_xlabel("training tokens")
         ax.set_ylabel(key)
         if key in ("loss", "fvu", "aux_loss") and all(r[key] > 0 for r in records):
