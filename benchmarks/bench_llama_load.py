@@ -84,8 +84,9 @@ def child(args) -> None:
             tiny.to(DTYPES[args.warm_dtype])(tokens % 512)
         del tiny
     if args.warm_meta:
-        # Build a tiny model on the meta device, as load_model does: on the first call in a process this
-        # imports torch._dynamo (via nn.init.normal_ on meta tensors), a one-time cost this variant excludes.
+        # Build a tiny model on the meta device, as load_model does, so that any one-time cost of the first
+        # load in a process is in the baseline. (nn.Embedding's normal_ init on meta tensors once imported
+        # torch._dynamo this way: +2 s and ~70 MB. With that fixed, this row should equal plain "hf bf16".)
         with torch.device("meta"):
             Transformer(ModelArgs(dim=128, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=512, hidden_dim=256))
     try:  # reset VmHWM to the current RSS (Linux >= 4.0), an independent check of ru_maxrss
