@@ -34,7 +34,8 @@ class LlamaSAEStep:
         self.forced = torch.randperm(a.n_latents, generator=g)[:int(round(a.dead_frac * a.n_latents))]
         self.total, self.i = total, 0
         self.meta = {"package": "llama-sae (this repo)",
-                     "classes": "llama_sae.sae.train.train_step: SAE.forward_train (TopKEncoder, SparseDecoder)",
+                     "classes": "llama_sae.sae.train.train_step: SAE.forward_train + SAE.backward_train_ "
+                                "(sparse selection and CSR weight gradients)",
                      "optimizer": f"torch.optim.AdamW fused, lr={self.runs[0].lr:.3g}, warm-up + cosine",
                      "loss": f"fvu + {a.auxk_alpha:.4g}*auxk (OpenAI aux-k), layer_norm inputs"
                              + (", bf16 encoder GEMM" if self.cfg.bf16 else "")}

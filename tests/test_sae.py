@@ -54,13 +54,15 @@ def grads_of(sae: SAE, x_norm: torch.Tensor, dead, k_aux: int, dense: bool):
     return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("dead", [None, [0, 3, 7, 11, 50, 95], list(range(0, 96, 2))])
-def test_sparse_path_equals_dense_reference_in_float64(dead):
+@pytest.mark.parametrize("dead, k_aux", [(None, 4), ([0, 3, 7, 11, 50, 95], 4), (list(range(0, 96, 2)), 4),
+                                         (list(range(0, 96, 2)), 2)])  # aux-k dense, dense, sparse (48 > 16 x 2)
+def test_sparse_path_equals_dense_reference_in_float64(dead, k_aux):
     sae, x = make_sae()
     x_norm = normalize(x, "layer_norm")[0].double()
     dead = None if dead is None else torch.tensor(dead)
-    fast, g_fast = grads_of(sae, x_norm, dead, 4, dense=False)
-    ref, g_ref = grads_of(sae, x_norm, dead, 4, dense=True)
+    fast, g_fast = grads_of(sae, x_norm, dead, k_aux, dense=False)
+    ref, g_ref = grads_of(sae, x_norm, dead, k_aux, dense=True)
+    assert (fast.aux_dense is None) == (dead is None or len(dead) > 16 * k_aux)
     assert torch.equal(fast.top_indices.sort(1).values, ref.top_indices.sort(1).values)
     torch.testing.assert_close(fast.recon, ref.recon.detach(), rtol=1e-12, atol=1e-12)
     if dead is None:

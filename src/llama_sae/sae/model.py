@@ -21,6 +21,7 @@ from torch import nn
 
 LN_EPS = 1e-5  # SAELens's layer_norm eps; the seed used 1e-6. Matching SAELens keeps the format exact.
 PRE_BUFFER_BYTES = 256 << 20  # the encoder works on row blocks whose pre-activations fit in this
+AUX_DENSE_RATIO = 16  # aux-k runs dense over the dead latents when n_dead <= this x k_aux (>= 1/16 selected)
 
 
 class SAEConfig(BaseModel):
@@ -57,6 +58,8 @@ class TrainOutput(NamedTuple):
     aux_acts: torch.Tensor  # [N, k_aux] ReLU'd values of the dead latents chosen for aux-k (k_aux may be 0)
     aux_indices: torch.Tensor  # [N, k_aux]
     auxk_recon: torch.Tensor | None  # [N, d] aux-k reconstruction from dead latents, no b_dec; None if none dead
+    dead: torch.Tensor | None = None  # [n_dead] the dead latents
+    aux_dense: torch.Tensor | None = None  # [N, n_dead] aux-k activations over the dead latents (dense path)
 
 
 # --------------------------------------------------------------------------- normalization
@@ -68,8 +71,10 @@ def normalize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | 
     x = x.float()  # upcast island: statistics in float32
     if mode == "none":
         return x, None, None
-    std, mu = torch.std_mean(x, -1, keepdim=True)  # [N, 1] each; std unbiased, as torch.std and SAELens
-    return (x - mu).div_(std + LN_EPS), mu, std
+    mu = x.mean(-1, keepdim=True)  # [N, 1]
+    xc = x - mu
+    std = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).div_((x.shape[-1] - 1) ** 0.5)  # [N, 1], unbiased
+    return xc.div_(std + LN_EPS), mu, std  # (torch.std_mean gives the same, ~8x slower on CPU)
 
 
 def denormalize(y: torch.Tensor, mu: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
@@ -98,9 +103,25 @@ def select_topk(pre: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tenso
     return vals.relu_(), blocks.gather(1, pos % k) + (pos // k) * m
 
 
+def scratch_buffer(scratch: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor, kept in ``scratch`` (if given) for the next call of the same shape.
+
+    Reusing large buffers step after step spares the allocator's fresh pages (glibc maps every block
+    over 32 MiB anew, and the kernel zero-fills each page on first touch).
+    """
+    t = None if scratch is None else scratch.get(name)
+    if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if scratch is not None:
+            scratch[name] = t
+    return t
+
+
 @torch.no_grad()
 def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                  dead: torch.Tensor | None = None, k_aux: int = 0, compute_dtype: torch.dtype | None = None):
+                  dead: torch.Tensor | None = None, k_aux: int = 0, compute_dtype: torch.dtype | None = None,
+                  scratch: dict | None = None):
     """The dense encoder GEMM fused with the top-k selections, one row block at a time.
 
     b_enc rides in the GEMM as an extra input column of ones (K = d + 1), which saves a pass over the
@@ -108,18 +129,19 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     W_enc's; bfloat16 runs the GEMM on AMX with float32 accumulation). A lower compute dtype only chooses
     the latents: their values are recomputed in W_enc's dtype (N·(k + k_aux)·d multiply-adds).
 
-    Args: xc [N, d] input minus b_dec; W_enc [n, d]; b_enc [n]; dead [n_dead] indices of dead latents.
+    Args: xc [N, d] input minus b_dec; W_enc [n, d]; b_enc [n]; dead [n_dead] indices of dead latents;
+    scratch a dict that keeps the large buffers for the next call (see :func:`scratch_buffer`).
     Returns: top_acts [N, k], top_indices [N, k], aux_acts [N, k_aux], aux_indices [N, k_aux].
     """
-    (N, d), n = xc.shape, W_enc.shape[0]
+    (N, d), n, device = xc.shape, W_enc.shape[0], xc.device
     compute_dtype = compute_dtype or W_enc.dtype
-    W = torch.empty(n, d + 1, dtype=compute_dtype, device=xc.device)  # [n, d + 1] = [W_enc | b_enc]
+    W = scratch_buffer(scratch, "W", (n, d + 1), compute_dtype, device)  # [n, d + 1] = [W_enc | b_enc]
     W[:, :d], W[:, d] = W_enc, b_enc
-    xq = torch.empty(N, d + 1, dtype=compute_dtype, device=xc.device)  # [N, d + 1] = [xc | 1]
+    xq = scratch_buffer(scratch, "xq", (N, d + 1), compute_dtype, device)  # [N, d + 1] = [xc | 1]
     xq[:, :d], xq[:, d] = xc, 1
     k_aux = 0 if dead is None else min(k_aux, dead.numel())
     rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
-    buf = torch.empty(rows, n, dtype=compute_dtype, device=xc.device)  # [rows, n], reused
+    buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
     parts = []
     for s in range(0, N, rows):
         pre = torch.mm(xq[s:s + rows], W.t(), out=buf[:min(rows, N - s)])  # [rows, n]
@@ -165,14 +187,18 @@ class LatentRows:
         self.crow = torch.from_numpy(np.searchsorted(key, np.arange(n + 1) * T).astype(np.int32)).to(device)
         self.shape = (n, T)
 
-    def scatter(self, coefs: list[torch.Tensor], src: torch.Tensor) -> torch.Tensor:
-        """out[i] = Σ over pairs (i, t) of coef[t, j] * src[t]: coefs like ``blocks``, src [T, d] -> [n, d]."""
+    def scatter(self, coefs: list[torch.Tensor], src: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out[i] = Σ over pairs (i, t) of coef[t, j] * src[t]: coefs like ``blocks``, src [T, d] -> [n, d]
+        (written into ``out`` if given: its old values are ignored)."""
         coef = coefs[0].reshape(-1) if len(coefs) == 1 else torch.cat([c.reshape(-1) for c in coefs])
         coef = coef[self.order].to(src.dtype)  # [nnz], latent-major
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
             warnings.simplefilter("ignore")
             G = torch.sparse_csr_tensor(self.crow, self.tokens, coef, self.shape)  # [n, T]
-        return torch.addmm(src.new_empty(self.shape[0], src.shape[1]), G, src, beta=0)  # [n, d], no zero fill
+        shape = (self.shape[0], src.shape[1])
+        if out is None or out.shape != shape or out.dtype != src.dtype or out.device != src.device:
+            out = src.new_empty(shape)  # [n, d]
+        return torch.addmm(out, G, src, beta=0, out=out)  # beta=0: no zero fill, old values ignored
 
 
 def scatter_rows(indices: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
@@ -193,6 +219,12 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vec: torch.Tensor) ->
     out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         vec.contiguous(), table, indices.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum
     return out.view(N, m)
+
+
+def add_rows_(t: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """t[rows] += src for distinct ``rows`` [r] and src [r, d] (a row gather and a row scatter: on CPU far
+    faster than index_add_ along dim 0, which torch runs as an element-wise scatter_add)."""
+    t.index_copy_(0, rows, t.index_select(0, rows).add_(src))
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,6 +256,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, device=device))
         self.W_dec = nn.Parameter(torch.zeros(n, d, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        self.scratch: dict[str, torch.Tensor] = {}  # training's large per-step buffers, kept between steps
 
     # ----------------------------------------------------------------- init and constraints
     @torch.no_grad()
@@ -264,11 +297,19 @@ class SAE(nn.Module):
         """
         xc = x_norm - self.b_dec  # [N, d], before any bf16 cast (b_dec can dwarf the signal)
         vals, idx, aux_vals, aux_idx = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, dead, k_aux,
-                                                     compute_dtype)
+                                                     compute_dtype, self.scratch)
         recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum").add_(self.b_dec)  # [N, d]
-        auxk = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum") if aux_idx.shape[1] \
-            else None  # [N, d]
-        return TrainOutput(xc, recon, vals, idx, aux_vals, aux_idx, auxk)
+        auxk = aux_dense = None
+        if aux_idx.shape[1] and dead.numel() <= AUX_DENSE_RATIO * aux_idx.shape[1]:
+            # many of the dead latents are chosen: dense GEMMs over them beat row gathers
+            slot = torch.empty(self.cfg.d_sae, dtype=torch.long, device=dead.device)
+            slot[dead] = torch.arange(dead.numel(), device=dead.device)
+            aux_dense = torch.zeros(xc.shape[0], dead.numel(), dtype=xc.dtype, device=xc.device).scatter_(
+                1, slot[aux_idx], aux_vals)  # [N, n_dead]
+            auxk = aux_dense @ self.W_dec[dead]  # [N, d]
+        elif aux_idx.shape[1]:
+            auxk = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum")  # [N, d]
+        return TrainOutput(xc, recon, vals, idx, aux_vals, aux_idx, auxk, dead, aux_dense)
 
     @torch.no_grad()
     def backward_train_(self, out: TrainOutput, g_recon: torch.Tensor, g_auxk: torch.Tensor | None = None) -> None:
@@ -277,22 +318,29 @@ class SAE(nn.Module):
         Touches only the k + k_aux selected latents per token: with g_h the gradient of a selected latent
         (the decoder row's dot product with g_recon, zero where ReLU clipped), W_dec and W_enc get sparse
         [n, N] @ [N, d] products, b_enc an index_add, and b_dec Σ g_recon - W_encᵀ (b_enc's gradient).
+        Aux-k over a small dead set (``out.aux_dense``) uses dense [n_dead, N] @ [N, d] products instead.
         """
         W_enc, W_dec, n = self.W_enc, self.W_dec, self.cfg.d_sae
         g_pre = gather_dot(out.top_indices, W_dec, g_recon).mul_(out.top_acts > 0)  # [N, k], ReLU gate
-        if g_auxk is None or out.auxk_recon is None:
+        sparse_aux = g_auxk is not None and out.auxk_recon is not None and out.aux_dense is None
+        if not sparse_aux:
             blocks, acts, g_pres, g_out, xc = [out.top_indices], [out.top_acts], [g_pre], g_recon, out.xc
         else:  # aux-k selections are a second block of tokens: one sort, one product per matrix
             g_aux = gather_dot(out.aux_indices, W_dec, g_auxk).mul_(out.aux_acts > 0)  # [N, k_aux]
             blocks, acts, g_pres = [out.top_indices, out.aux_indices], [out.top_acts, out.aux_acts], [g_pre, g_aux]
             g_out, xc = torch.cat([g_recon, g_auxk]), torch.cat([out.xc, out.xc])  # [2N, d]
         rows = LatentRows(blocks, n)
+        # written into last step's gradient tensors: no fresh [n, d] pages every step
+        g_W_dec, g_W_enc = rows.scatter(acts, g_out, W_dec.grad), rows.scatter(g_pres, xc, W_enc.grad)  # [n, d]
         g_b_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device)  # [n]
         for b, g in zip(blocks, g_pres):
             g_b_enc.index_add_(0, b.reshape(-1), g.reshape(-1))
-        self.W_dec.grad = rows.scatter(acts, g_out)  # [n, d]
-        self.W_enc.grad = rows.scatter(g_pres, xc)  # [n, d]
-        self.b_enc.grad = g_b_enc
+        if g_auxk is not None and out.aux_dense is not None:  # dense aux-k over the dead latents
+            g_dense = (g_auxk @ W_dec[out.dead].T).mul_(out.aux_dense > 0)  # [N, n_dead], ReLU gate
+            add_rows_(g_W_dec, out.dead, out.aux_dense.T @ g_auxk)
+            add_rows_(g_W_enc, out.dead, g_dense.T @ out.xc)
+            g_b_enc.index_add_(0, out.dead, g_dense.sum(0))
+        self.W_enc.grad, self.b_enc.grad, self.W_dec.grad = g_W_enc, g_b_enc, g_W_dec
         self.b_dec.grad = g_recon.sum(0) - g_b_enc @ W_enc  # [d]: x - b_dec enters every latent alike
 
     def forward_train_dense(self, x_norm: torch.Tensor, dead: torch.Tensor | None = None,
