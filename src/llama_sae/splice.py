@@ -9,7 +9,10 @@
 
 With the error term, the hook point carries ``x + (x̂_edited − x̂)``: mathematically x̂_edited + (x − x̂),
 the reconstruction of the edited latents plus the error of the unedited input. Written this way an
-unchanged splice adds exactly zero, so it reproduces the model's output exactly, not just closely.
+unchanged splice adds exactly zero, so it reproduces the model's output exactly, not just closely; the
+difference is decoded from the changed latents only, so an edit that changes nothing is exact too.
+``pre_bias`` adds a bias to the encoder's pre-activation before TopK (the seed's steering), for the
+tokens it names.
 """
 
 from __future__ import annotations
@@ -26,38 +29,61 @@ from llama_sae.llama.model import Transformer, parse_hook_name
 from llama_sae.sae.model import SAE, denormalize, encode_select, normalize
 
 LatentEdit = Callable[[Tensor], Tensor]
+# A bias on the encoder pre-activation, before TopK (the seed's h_bias): given the hook input x [..., d_in],
+# (bias [d_sae], where [...] bool: the tokens that get it), or None for no bias on this forward pass.
+PreBias = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]
 
 
-def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None) -> tuple[Tensor, Tensor | None]:
-    """The SAE's reconstruction of x [..., d_in], and (with ``edit``) of its edited latents.
+def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: PreBias | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+    """The SAE's reconstruction of x [..., d_in], and what an edit changes in it.
 
     ``edit`` receives the dense latents [..., d_sae] (zero outside each token's top k) and returns
-    the latents to decode. Returns (x̂ [..., d_in], x̂_edited [..., d_in] or None), float32.
+    the latents to decode; ``pre_bias`` re-encodes the chosen tokens with a bias on the pre-activation
+    (TopK then picks among the biased values), and ``edit`` sees those latents. Returns (x̂ [..., d_in],
+    x̂_edited − x̂ [..., d_in] or None), float32. The difference is decoded from the changed latents
+    alone, so an edit that changes nothing gives exactly zero.
     """
     shape = x.shape
     flat = x.reshape(-1, sae.cfg.d_in)
     x_norm, mu, std = normalize(flat, sae.cfg.normalize_activations)
-    vals, idx, _, _ = encode_select(x_norm - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k)
+    xc = x_norm - sae.b_dec
+    vals, idx, _, _ = encode_select(xc, sae.W_enc, sae.b_enc, sae.cfg.k)
     clean = denormalize(F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec, mu, std)
-    if edit is None:
+    bias = None if pre_bias is None else pre_bias(x)
+    if bias is not None and not bias[1].any():
+        bias = None
+    if edit is None and bias is None:
         return clean.view(shape), None
-    dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=flat.device).scatter_(1, idx, vals)
-    edited = edit(dense.view(*shape[:-1], sae.cfg.d_sae)).reshape(-1, sae.cfg.d_sae)  # [N, d_sae]
-    out = denormalize(edited.float() @ sae.W_dec + sae.b_dec, mu, std)
-    return clean.view(shape), out.view(shape)
+    dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=flat.device).scatter_(1, idx, vals)  # [N, d_sae]
+    latents = dense.clone()  # an edit may work in place
+    if bias is not None:
+        b, where = bias
+        rows = where.reshape(-1).nonzero().flatten()  # the biased tokens
+        b_vals, b_idx, _, _ = encode_select(xc[rows], sae.W_enc, sae.b_enc + b, sae.cfg.k)
+        latents[rows] = torch.zeros(len(rows), sae.cfg.d_sae, device=flat.device).scatter_(1, b_idx, b_vals)
+    if edit is not None:
+        latents = edit(latents.view(*shape[:-1], sae.cfg.d_sae)).reshape(-1, sae.cfg.d_sae).float()
+    change = latents - dense  # [N, d_sae]
+    cols = change.any(0).nonzero().flatten()  # the latents some token changed
+    delta = change[:, cols] @ sae.W_dec[cols]  # [N, d_in], b_dec cancels
+    if std is not None:
+        delta = delta * std  # denormalize a difference: the mean cancels
+    return clean.view(shape), delta.view(shape)
 
 
-def splice_fn(sae: SAE, *, error_term: bool = True, edit: LatentEdit | None = None) -> Callable[[Tensor], Tensor]:
+def splice_fn(sae: SAE, *, error_term: bool = True, edit: LatentEdit | None = None,
+              pre_bias: PreBias | None = None) -> Callable[[Tensor], Tensor]:
     """The replacement function for the SAE's hook point (see the module docstring)."""
 
     @torch.no_grad()
     def replace(x: Tensor) -> Tensor:
-        clean, edited = reconstruct(sae, x, edit)
+        clean, delta = reconstruct(sae, x, edit, pre_bias)
         if not error_term:
-            return (clean if edited is None else edited).to(x.dtype)
-        if edited is None:
+            return (clean if delta is None else clean + delta).to(x.dtype)
+        if delta is None:
             return x
-        return x + (edited - clean).to(x.dtype)
+        return x + delta.to(x.dtype)
 
     return replace
 
@@ -77,13 +103,15 @@ def check_fits(model: Transformer, sae: SAE) -> str:
 
 @contextmanager
 def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-            edit: LatentEdit | dict[str, LatentEdit] | None = None) -> Iterator[Transformer]:
+            edit: LatentEdit | dict[str, LatentEdit] | None = None,
+            pre_bias: PreBias | dict[str, PreBias] | None = None) -> Iterator[Transformer]:
     """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
 
     Args:
         error_term: add back x − x̂ of the unedited input (the default: an unedited splice is exact).
         edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
             dict {hook name: function} when several SAEs are spliced.
+        pre_bias: a bias on the encoder pre-activation before TopK (see :data:`PreBias`), or such a dict.
     """
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     fns = {}
@@ -92,6 +120,7 @@ def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term:
         if hook in fns:
             raise UserError(f"two SAEs read {hook}: splice one SAE per hook point")
         sae_edit = edit.get(hook) if isinstance(edit, dict) else edit
-        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit)
+        sae_bias = pre_bias.get(hook) if isinstance(pre_bias, dict) else pre_bias
+        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit, pre_bias=sae_bias)
     with model.hooked(fns):
         yield model

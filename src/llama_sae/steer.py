@@ -1,0 +1,309 @@
+"""Steering: edit chosen SAE latents while the model runs. One spec serves the CLI, Python and the UI.
+
+A steer is ``[HOOK@]LATENT:KIND:STRENGTH[:POSITIONS]``:
+
+    123:clamp:8             latent 123 set to 8 units after TopK
+    77:add:-3               x + α·W_dec[77] with α = -3 units (the latent's value plus α, decoded)
+    5:bias:4:generated      +4 units on latent 5's encoder pre-activation, before TopK (the seed's h_bias),
+                            on the generated tokens only
+    resid_post.2@123:clamp:8   the SAE at resid_post.2 (needed only when several SAEs are loaded)
+
+A unit is the latent's typical maximum activation (``typical_max`` of the features artifact, or a
+quick estimate over a few hundred sentences), so "+5" is the same push for every latent. POSITIONS is
+``all`` (default), ``prompt`` (the prompt's tokens) or ``generated`` (the last prompt token and every
+generated token: the positions whose predictions are sampled). Every edit goes through the splice
+(:mod:`llama_sae.splice`), which keeps the error term of the unedited input: an edit that changes no
+latent leaves the model's output exactly as it was.
+
+    >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
+    >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
+    >>> record(steering, model_path, ["The"], outs, sampling)   # JSON: replay with llama-sae generate --replay
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llama_sae.errors import UserError
+
+KINDS = ("clamp", "add", "bias")
+POSITIONS = ("all", "prompt", "generated")
+ABSURD_STRENGTH = 50.0  # units: beyond this the edit dwarfs anything the latent does on real text
+SPEC_HELP = "LATENT:KIND:STRENGTH[:POSITIONS] with KIND clamp|add|bias and POSITIONS all|prompt|generated"
+_SPEC_RE = re.compile(r"^(?:(?P<hook>[a-z_]+\.\d+)@)?(?P<rest>.*)$")
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One edit of one latent. ``strength`` is in units of the latent's typical max activation."""
+
+    latent: int
+    kind: str
+    strength: float
+    positions: str = "all"
+    hook: str | None = None  # the SAE's hook point; None: the only SAE loaded
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (what :func:`parse_steer` reads back)."""
+        text = f"{self.latent}:{self.kind}:{self.strength:g}"
+        if self.positions != "all":
+            text += f":{self.positions}"
+        return text if self.hook is None else f"{self.hook}@{text}"
+
+
+def parse_steer(text: str) -> Steer:
+    """Parse one spec (see the module docstring); a malformed one is a UserError saying what to write."""
+    m = _SPEC_RE.match(text.strip())
+    fields = m["rest"].split(":")
+    if len(fields) not in (3, 4):
+        raise UserError(f"steering spec {text!r} has {len(fields)} field(s): write {SPEC_HELP}, e.g. 123:clamp:8")
+    latent, kind, strength = fields[:3]
+    positions = fields[3] if len(fields) == 4 else "all"
+    if not latent.strip().isdigit():
+        raise UserError(f"steering spec {text!r}: latent {latent!r} is not a non-negative integer (e.g. 123:add:4)")
+    if kind not in KINDS:
+        raise UserError(f"steering spec {text!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    try:
+        value = float(strength)
+    except ValueError:
+        raise UserError(f"steering spec {text!r}: strength {strength!r} is not a number (e.g. 8 or -2.5)") from None
+    if not math.isfinite(value):
+        raise UserError(f"steering spec {text!r}: strength must be a finite number")
+    if positions not in POSITIONS:
+        raise UserError(f"steering spec {text!r}: positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    return Steer(int(latent), kind, value, positions, m["hook"])
+
+
+def parse_steers(texts: Sequence[str] | str) -> list[Steer]:
+    """Parse several specs (a list, or one string of specs separated by commas or spaces)."""
+    if isinstance(texts, str):
+        texts = [t for t in re.split(r"[,\s]+", texts) if t]
+    return [parse_steer(t) for t in texts]
+
+
+def sae_fingerprint(sae) -> str:
+    """A short hash of the SAE's weights (the features artifact's, when that module is installed)."""
+    try:
+        from llama_sae.features import sae_fingerprint as fingerprint
+    except ImportError:  # issue 8's module not there: hash the weights ourselves
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+    return fingerprint(sae)
+
+
+# --------------------------------------------------------------------------- units
+def estimate_units(model, tokenizer, sae, *, n_sentences: int = 256, top: int = 20, seed: int = 11) -> Tensor:
+    """A quick typical max activation per latent [d_sae]: the mean of its top ``top`` per-sentence maxima
+    over ``n_sentences`` held-out tinyworld sentences (plain English; build a features artifact for a
+    real corpus). Latents that never fire get the median unit of the others."""
+    from llama_sae import tinyworld
+    from llama_sae.tinyworld.recovery import sentence_activations
+
+    texts = [r.text for r in tinyworld.sentences(n_sentences, seed=seed, split="heldout")]
+    latents, _ = sentence_activations(model, tokenizer, sae, texts)  # [N, d_sae] per-sentence max
+    return fill_dead_units(latents.topk(min(top, len(texts)), dim=0).values.mean(0))
+
+
+def fill_dead_units(units: Tensor) -> Tensor:
+    """Units [d_sae] with dead latents (unit 0) given the median unit of the live ones (1.0 if none live)."""
+    units = units.float().clone()
+    live = units > 0
+    units[~live] = float(units[live].median()) if live.any() else 1.0
+    return units
+
+
+def units_from_features(path: str | Path, sae) -> Tensor:
+    """typical_max [d_sae] from a features artifact, after checking it was built from this SAE."""
+    from llama_sae.features import load_features
+
+    f = load_features(path)
+    if f.d_sae != sae.cfg.d_sae or f.sae_fingerprint != sae_fingerprint(sae):
+        raise UserError(f"the features artifact {path} was built from another SAE (fingerprint "
+                        f"{f.sae_fingerprint}, this SAE {sae_fingerprint(sae)}): pass the artifact of this SAE, "
+                        "or leave --features out to estimate the units")
+    return fill_dead_units(torch.as_tensor(f.typical_max))
+
+
+# --------------------------------------------------------------------------- applying steers
+@dataclass
+class Steering:
+    """Steers on one or more SAEs (keyed by hook point), with each SAE's units [d_sae].
+
+    Construction checks every steer against the loaded SAEs (``UserError`` for a latent out of range
+    or a hook without an SAE) and fills in its hook; absurd strengths are kept, with a line in ``warnings``.
+    """
+
+    saes: dict[str, object]
+    steers: list[Steer]
+    units: dict[str, Tensor]
+    error_term: bool = True
+    sources: dict[str, dict] = field(default_factory=dict)  # per hook: sae path, unit source (for records)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.steers = [self._check(s) for s in self.steers]
+        for hook, sae in self.saes.items():
+            if self.units.get(hook) is None or self.units[hook].shape != (sae.cfg.d_sae,):
+                raise UserError(f"steering units for {hook} must be a [{sae.cfg.d_sae}] tensor (one per latent)")
+        for hook in self.saes:
+            kinds = {s.positions for s in self.steers if s.hook == hook and s.kind == "bias"}
+            if len(kinds) > 1:
+                raise UserError(f"bias steers on the SAE at {hook} use different positions ({', '.join(kinds)}): "
+                                "give them all the same positions")
+
+    def _check(self, s: Steer) -> Steer:
+        loaded = ", ".join(self.saes) or "none"
+        if s.hook is None:
+            if len(self.saes) != 1:
+                raise UserError(f"steer {s.spec!r} does not say which SAE: prefix it with the hook point, "
+                                f"e.g. {next(iter(self.saes), 'resid_post.2')}@{s.spec} (loaded: {loaded})")
+            s = replace(s, hook=next(iter(self.saes)))
+        if s.hook not in self.saes:
+            raise UserError(f"steer {s.spec!r} is for an SAE at {s.hook}, but none is loaded there (loaded: "
+                            f"{loaded}): load it with --sae PATH or change the prefix")
+        d_sae = self.saes[s.hook].cfg.d_sae
+        if not 0 <= s.latent < d_sae:
+            raise UserError(f"steer {s.spec!r}: latent {s.latent} is out of range, the SAE at {s.hook} has "
+                            f"latents 0..{d_sae - 1}")
+        if abs(s.strength) > ABSURD_STRENGTH:
+            self.warnings.append(f"steer {s.spec!r}: strength {s.strength:g} is more than {ABSURD_STRENGTH:g}x the "
+                                 "latent's typical max activation; expect degenerate text (running anyway)")
+        return s
+
+    def value(self, s: Steer) -> float:
+        """The steer's strength in the latent's own activation scale."""
+        return s.strength * float(self.units[s.hook][s.latent])
+
+    @contextmanager
+    def apply(self, model, prompt_len: int | None = None) -> Iterator[object]:
+        """Within the block, ``model`` runs with the SAEs spliced in and the steers applied.
+
+        ``prompt_len``: cache slots 0..prompt_len-1 hold the (left-padded) prompts; needed for the
+        ``prompt`` and ``generated`` positions. The absolute position of each forward's tokens is read
+        from its ``start`` argument (KV-cache decoding), so cached and uncached runs steer the same tokens.
+        """
+        from llama_sae.splice import spliced
+
+        if prompt_len is None and any(s.positions != "all" for s in self.steers):
+            raise UserError("steers on prompt or generated positions need the prompt length: generate with "
+                            "llama_sae.steer.generate, or pass prompt_len to Steering.apply")
+        where = _PositionTracker(prompt_len)
+        handle = model.register_forward_pre_hook(where.record, with_kwargs=True)
+        edits = {h: self._edit(h, where) for h in self.saes}
+        biases = {h: self._bias(h, where) for h in self.saes}
+        try:
+            with spliced(model, list(self.saes.values()), error_term=self.error_term, edit=edits, pre_bias=biases):
+                yield model
+        finally:
+            handle.remove()
+
+    def _edit(self, hook: str, where: _PositionTracker):
+        steers = [(s, self.value(s)) for s in self.steers if s.hook == hook and s.kind != "bias"]
+        if not steers:
+            return None
+
+        def edit(h: Tensor) -> Tensor:  # h [B, T, d_sae]
+            for s, v in steers:
+                mask = where.mask(s.positions, h.shape[1], h.device)  # [T]
+                if s.kind == "clamp":
+                    h[:, mask, s.latent] = v
+                else:
+                    h[:, mask, s.latent] += v
+            return h
+
+        return edit
+
+    def _bias(self, hook: str, where: _PositionTracker):
+        steers = [s for s in self.steers if s.hook == hook and s.kind == "bias"]
+        if not steers:
+            return None
+        b = torch.zeros(self.saes[hook].cfg.d_sae)
+        for s in steers:
+            b[s.latent] += self.value(s)
+
+        def pre_bias(x: Tensor) -> tuple[Tensor, Tensor]:  # x [B, T, d]
+            mask = where.mask(steers[0].positions, x.shape[1], x.device)
+            return b.to(x.device), mask[None, :].expand(x.shape[0], -1)
+
+        return pre_bias
+
+    def describe(self) -> list[dict]:
+        """Each steer with its unit and absolute value (for records and tables)."""
+        return [{"spec": s.spec, "latent": s.latent, "kind": s.kind, "strength": s.strength,
+                 "positions": s.positions, "hook": s.hook, "unit": float(self.units[s.hook][s.latent]),
+                 "value": self.value(s)} for s in self.steers]
+
+
+class _PositionTracker:
+    """Absolute positions of the current forward pass, from the model's ``start`` argument."""
+
+    def __init__(self, prompt_len: int | None):
+        self.prompt_len, self.start = prompt_len, 0
+
+    def record(self, module, args, kwargs) -> None:
+        self.start = kwargs.get("start", 0)
+
+    def mask(self, positions: str, T: int, device) -> Tensor:
+        pos = torch.arange(self.start, self.start + T, device=device)  # [T]
+        if positions == "prompt":
+            return pos < self.prompt_len
+        if positions == "generated":
+            return pos >= self.prompt_len - 1
+        return torch.ones(T, dtype=torch.bool, device=device)
+
+
+# --------------------------------------------------------------------------- generation and records
+def generate(model, tokenizer, prompts, steering: Steering | None, *, chat: bool = False, stream: bool = False,
+             **kwargs):
+    """:func:`llama_sae.llama.generate` with ``steering`` applied (None: plain generation)."""
+    from llama_sae.llama import generate as plain_generate
+    from llama_sae.llama.generate import _encode_prompts
+
+    ids = _encode_prompts(tokenizer, prompts, chat, kwargs.pop("bos", True))
+    if steering is None:
+        return plain_generate(model, tokenizer, ids, stream=stream, **kwargs)
+    prompt_len = max(len(p) for p in ids)
+    if stream:
+        return _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs)
+    with steering.apply(model, prompt_len):
+        return plain_generate(model, tokenizer, ids, **kwargs)
+
+
+def _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs):
+    from llama_sae.llama import generate as plain_generate
+
+    with steering.apply(model, prompt_len):
+        yield from plain_generate(model, tokenizer, ids, stream=True, **kwargs)
+
+
+def record(steering: Steering | None, model_path: str, prompts, outputs: Sequence[str], sampling: dict,
+           *, chat: bool = False) -> dict:
+    """A JSON-able record of one generation: everything needed to run it again (see :func:`replay`)."""
+    from llama_sae import __version__
+
+    saes = {}
+    if steering is not None:
+        for hook, sae in steering.saes.items():
+            saes[hook] = {"fingerprint": sae_fingerprint(sae), "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+                          **steering.sources.get(hook, {}),
+                          "units": [float(steering.units[hook][s.latent]) for s in steering.steers
+                                    if s.hook == hook]}
+    return {"llama_sae": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "model": str(model_path), "chat": chat, "sampling": sampling, "saes": saes,
+            "steers": [] if steering is None else steering.describe(),
+            "error_term": True if steering is None else steering.error_term,
+            "prompts": list(prompts), "outputs": list(outputs)}

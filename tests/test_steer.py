@@ -1,0 +1,145 @@
+"""Steering: specs, the three edits through the splice, positions, cached vs uncached, records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB
+from test_splice import _sae, _tokens
+
+from llama_sae.errors import UserError
+from llama_sae.llama import load_model
+from llama_sae.llama.generate import generate_tokens
+from llama_sae.steer import Steer, Steering, parse_steer, parse_steers
+
+HOOK = "resid_post.1"
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoints):
+    return load_model(hf_checkpoints["gqa-tied-f32"][1])
+
+
+@pytest.fixture(scope="module")
+def sae(model):
+    return _sae(model, HOOK)
+
+
+def _steering(sae, specs, unit=1.0, **kw):
+    return Steering({HOOK: sae}, parse_steers(specs), {HOOK: torch.full((sae.cfg.d_sae,), unit)}, **kw)
+
+
+def _active(model, sae, tokens):
+    """Dense latents [B, T, d_sae] of the SAE on the model's activations."""
+    x = model.capture(tokens, [HOOK])[HOOK]
+    return sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+
+
+def test_parse_specs_and_round_trip():
+    assert parse_steer("123:clamp:8") == Steer(123, "clamp", 8.0)
+    assert parse_steer("77:add:-3") == Steer(77, "add", -3.0)
+    s = parse_steer("resid_post.2@5:bias:2.5:generated")
+    assert s == Steer(5, "bias", 2.5, "generated", "resid_post.2")
+    assert parse_steer(s.spec) == s
+    assert [x.latent for x in parse_steers("1:add:1, 2:clamp:0")] == [1, 2]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("123:clamp", "has 2 field"),
+    ("abc:add:1", "not a non-negative integer"),
+    ("-4:add:1", "not a non-negative integer"),
+    ("12:boost:1", "kind 'boost'"),
+    ("12:add:lots", "not a number"),
+    ("12:add:nan", "finite"),
+    ("12:add:1:sometimes", "positions 'sometimes'"),
+    ("1:2:3:4:5", "has 5 field"),
+])
+def test_parser_rejects_malformed_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_steer(spec)
+
+
+def test_steers_checked_against_loaded_saes(sae):
+    with pytest.raises(UserError, match="out of range.*0..95"):
+        _steering(sae, ["96:add:1"])
+    with pytest.raises(UserError, match="none is loaded there.*loaded: resid_post.1"):
+        _steering(sae, ["resid_post.0@3:add:1"])
+    steering = _steering(sae, ["3:add:500"])
+    assert steering.steers[0].hook == HOOK and "500" in steering.warnings[0]  # absurd: warns, still runs
+
+
+@pytest.mark.parametrize("specs", [["7:add:0"], ["11:bias:0"], ["7:add:0", "11:bias:0", "3:add:0:generated"]])
+def test_zero_strength_is_exactly_no_edit(model, sae, specs):
+    tokens = _tokens()
+    clean = model(tokens)
+    with _steering(sae, specs).apply(model, prompt_len=5):
+        assert torch.equal(model(tokens), clean)
+
+
+def test_clamp_at_own_value_is_exactly_no_edit(model, sae):
+    tokens = _tokens()[:1, :1]  # one token: its latents are the only ones a clamp could change
+    h = _active(model, sae, tokens)[0, 0]
+    latent = int(h.argmax())
+    clean = model(_tokens()[:1, :1])
+    with _steering(sae, [f"{latent}:clamp:{float(h[latent])!r}"]).apply(model):
+        assert torch.equal(model(tokens), clean)
+    with _steering(sae, [f"{latent}:clamp:{float(h[latent]) + 1}"]).apply(model):
+        assert not torch.equal(model(tokens), clean)
+
+
+def test_edits_move_the_activation_as_specified(model, sae):
+    tokens = _tokens()
+    x = model.capture(tokens, [HOOK])[HOOK]
+    std = x.std(-1, keepdim=True)
+    latent, unit = 5, 0.5
+    with _steering(sae, [f"{latent}:add:3"], unit=unit).apply(model):
+        x_add = model.capture(tokens, [HOOK])[HOOK]
+    # add: x + α·W_dec[i], α = strength x unit, scaled back by each token's std (layer_norm SAE)
+    torch.testing.assert_close(x_add - x, 3 * unit * sae.W_dec[latent] * std, atol=1e-4, rtol=1e-4)
+    with _steering(sae, [f"{latent}:clamp:2"], unit=unit).apply(model):
+        x_clamp = model.capture(tokens, [HOOK])[HOOK]
+    h = _active(model, sae, tokens)[..., latent:latent + 1]
+    torch.testing.assert_close(x_clamp - x, (1.0 - h) * sae.W_dec[latent] * std, atol=1e-4, rtol=1e-4)
+    # bias: a large one puts the latent into every token's top k, pushing along its decoder direction
+    with _steering(sae, [f"{latent}:bias:40"]).apply(model):
+        x_bias = model.capture(tokens, [HOOK])[HOOK]
+    along = ((x_bias - x) / std) @ sae.W_dec[latent]  # [B, T]
+    assert (along > 30).all()
+
+
+def test_positions_prompt_and_generated(model, sae):
+    tokens = _tokens()
+    clean = model.capture(tokens, [HOOK])[HOOK]
+    T = 12  # pretend the first 12 slots are the prompt
+    for positions, edited in (("prompt", slice(0, T)), ("generated", slice(T - 1, None))):
+        with _steering(sae, [f"5:add:3:{positions}"]).apply(model, prompt_len=T):
+            x = model.capture(tokens, [HOOK])[HOOK]
+        changed = (x - clean).abs().amax(-1).amax(0) > 0  # [T] positions that moved at the hook itself
+        want = torch.zeros(tokens.shape[1], dtype=torch.bool)
+        want[edited] = True
+        assert torch.equal(changed, want)
+    with pytest.raises(UserError, match="prompt length"):
+        with _steering(sae, ["5:add:3:prompt"]).apply(model):
+            pass
+
+
+@pytest.mark.parametrize("specs", [["5:add:4"], ["9:clamp:3:generated", "5:bias:6:prompt"], ["2:bias:5:generated"]])
+def test_cached_and_uncached_steered_generation_agree(model, sae, specs):
+    prompts = [_tokens()[0, :7].tolist(), _tokens()[1, :11].tolist()]
+    steering = _steering(sae, specs)
+
+    def run(use_cache):
+        rows = [[] for _ in prompts]
+        with steering.apply(model, prompt_len=11):
+            for tok, running in generate_tokens(model, prompts, max_new_tokens=10, stop_ids=set(),
+                                                use_cache=use_cache):
+                for i in running.nonzero().flatten().tolist():
+                    rows[i].append(int(tok[i]))
+        return rows
+
+    cached = run(True)
+    assert cached == run(False)
+    plain = [[int(t) for t in r] for r in zip(*[tok.tolist() for tok, _ in generate_tokens(
+        model, prompts, max_new_tokens=10, stop_ids=set())])]
+    assert cached != plain  # the steer did something
+    assert all(0 <= t < VOCAB for r in cached for t in r)
