@@ -382,6 +382,15 @@ def demo(
     run_demo(out, console)
 
 
+def _register_stages() -> None:
+    from llama_sae.cli_interpret import register
+
+    register(app)
+
+
+_register_stages()
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2."""
     try:

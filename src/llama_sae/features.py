@@ -1,0 +1,609 @@
+"""Top-activating sentences and per-latent statistics: the *features artifact*.
+
+    path = build_features(model, tok, sae, "tinyworld:20000:heldout", Path("runs/features"), sentences=20000)
+    f = load_features(path)
+    f.examples(123, "max")        # top sentences by the max over their tokens, per-token activations included
+    f.frequency[123], f.typical_max[123], f.histogram(123)
+
+How it is built (``build_features``):
+
+1. One streaming pass over the corpus. Each batch runs the model up to the SAE's hook point
+   (``model.capture``, which stops early), encodes every token with ``sae.encode_topk`` and turns the
+   sparse (token, latent, value) triples into per-(sentence, latent) aggregates: the max, the mean over
+   the sentence's tokens (BOS excluded) and the value at the last token. Running tables keep, for every
+   latent, the top N sentences under each aggregation, a uniform reservoir of activating sentences (for
+   the quantile samples), firing counts and a log-binned histogram of its nonzero activations. Every
+   table is O(d_sae); nothing of size batch × d_sae is ever allocated, and the state is checkpointed
+   (atomically) so a killed build resumes where it stopped.
+2. A second, short pass over only the selected sentences (top N, reservoirs, a random pool) records the
+   per-token activations each example needs for highlighting.
+
+The random draws (reservoir, pool) come from a hash of (sentence index, latent, seed), so the artifact
+does not depend on the batch size or on where a build was interrupted.
+
+On disk (one directory, every file written atomically): ``features.json`` (meta: SAE fingerprint, corpus,
+counts, settings) and ``features.safetensors`` (columnar: per-latent statistics, the examples table sorted
+by latent with CSR offsets, sentence texts and token pieces as UTF-8 blobs with offsets). ``llama-sae
+explain`` and ``llama-sae score`` add ``explanations.jsonl`` and ``scores.jsonl`` beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from llama_sae.errors import UserError
+from llama_sae.fileio import atomic_write, atomic_write_json
+
+META_FILE = "features.json"
+TENSORS_FILE = "features.safetensors"
+PARTIAL_DIR = ".features-partial"
+EXPLANATIONS_FILE = "explanations.jsonl"
+SCORES_FILE = "scores.jsonl"
+AGGREGATIONS = ("max", "mean", "last")
+KINDS = (*AGGREGATIONS, "quantile", "random")
+HIST_EDGES = torch.logspace(-3, 4, 57)  # 56 log bins, 8 per decade, 1e-3 .. 1e4 (values outside are clipped)
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public records
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sentence shown for a latent: ``acts`` is this latent's activation on each of ``tokens``
+    (BOS excluded); ``activation`` is the sentence's aggregate under ``kind`` (max for quantile samples,
+    0 for random ones); ``quantile`` is the sample's quantile bin (0 = lowest) for kind "quantile"."""
+
+    text: str
+    tokens: list[str]
+    acts: list[float]
+    activation: float
+    quantile: int | None
+    kind: str
+    sentence: int  # index of the sentence in the corpus stream
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """An explanation of a latent and its scores (balanced accuracies; None when not scored)."""
+
+    text: str
+    certainty: float | None = None
+    detection: float | None = None
+    fuzzing: float | None = None
+    backend: str | None = None
+
+
+def sae_fingerprint(sae) -> str:
+    """sha256 hex (first 16 digits) of the SAE's config and weights: names exactly which SAE was used."""
+    digest = hashlib.sha256(json.dumps(sae.cfg.model_dump(), sort_keys=True).encode())
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        t = getattr(sae, name).detach().float().cpu().contiguous()
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming helpers
+
+
+def _hash01(a: Tensor, b: Tensor | int, seed: int) -> Tensor:
+    """A uniform [0, 1) float64 per element, a fixed function of (a, b, seed) (batch-independent draws)."""
+    x = (a.long() * 0x9E3779B1 + torch.as_tensor(b).long() * 0x85EBCA77 + seed * 0xC2B2AE3D + 1) & 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x ^ (x >> 16)).double() / 2**32
+
+
+def merge_top_(score: Tensor, payload: list[Tensor], rows: Tensor, new_score: Tensor, new_payload: list[Tensor]
+               ) -> None:
+    """Keep, per row, the N entries with the highest score: score [R, N] (empty slots −inf) and each
+    payload [R, N] are updated in place with candidates (rows [P], new_score [P], new_payload [P] each).
+
+    Ties keep the older entry first, then candidates in their given order (deterministic).
+    """
+    if rows.numel() == 0:
+        return
+    N = score.shape[1]
+    touched = rows.unique()  # [U]
+    all_rows = torch.cat([touched.repeat_interleave(N), rows])
+    all_score = torch.cat([score[touched].flatten(), new_score.to(score.dtype)])
+    all_pay = [torch.cat([p[touched].flatten(), q.to(p.dtype)]) for p, q in zip(payload, new_payload)]
+    order = torch.argsort(all_score, descending=True, stable=True)
+    order = order[torch.argsort(all_rows[order], stable=True)]  # grouped by row, best first within a row
+    sorted_rows = all_rows[order]
+    _, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order)) - starts.repeat_interleave(counts)
+    keep = rank < N
+    r, k, o = sorted_rows[keep], rank[keep], order[keep]
+    score[r, k] = all_score[o]
+    for p, q in zip(payload, all_pay):
+        p[r, k] = q[o]
+
+
+def _sentence_aggregates(vals: Tensor, idx: Tensor, owner: Tensor, last_row: Tensor, n_tok: Tensor, d_sae: int
+                         ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Sparse per-(sentence, latent) aggregates of one batch.
+
+    vals, idx [M, k]: the active latents of M token rows; owner [M]: each row's sentence (batch-local);
+    last_row [M] bool: the row is its sentence's last token; n_tok [B]: tokens per sentence.
+    Returns {aggregation: (sentence [P], latent [P], value [P])}, only nonzero values.
+    """
+    fire = vals > 0  # [M, k]
+    s = owner[:, None].expand_as(idx)[fire]
+    lat, v = idx[fire], vals[fire]
+    key = s * d_sae + lat
+    pairs, inv = torch.unique(key, return_inverse=True)  # [P]
+    vmax = torch.zeros(len(pairs)).scatter_reduce_(0, inv, v, "amax", include_self=False)
+    vsum = torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, inv, v.double())
+    ps, pl = pairs // d_sae, pairs % d_sae
+    last = last_row[:, None].expand_as(idx) & fire
+    ls = owner[:, None].expand_as(idx)[last]
+    return {"max": (ps, pl, vmax), "mean": (ps, pl, (vsum / n_tok[ps]).float()),
+            "last": (ls, idx[last], vals[last])}
+
+
+class _State:
+    """The running tables of pass 1 (all O(d_sae)); saved and restored for resuming."""
+
+    def __init__(self, d_sae: int, top_n: int, reservoir: int, pool: int):
+        neg = float("-inf")
+        self.t: dict[str, Tensor] = {
+            "top_score": torch.full((3, d_sae, top_n), neg), "top_id": torch.full((3, d_sae, top_n), -1),
+            "res_key": torch.full((d_sae, reservoir), neg, dtype=torch.float64),
+            "res_id": torch.full((d_sae, reservoir), -1), "res_act": torch.zeros(d_sae, reservoir),
+            "pool_key": torch.full((1, pool), neg, dtype=torch.float64), "pool_id": torch.full((1, pool), -1),
+            "fires": torch.zeros(d_sae, dtype=torch.int64), "sent_fires": torch.zeros(d_sae, dtype=torch.int64),
+            "act_sum": torch.zeros(d_sae, dtype=torch.float64),
+            "hist": torch.zeros(d_sae, len(HIST_EDGES) - 1, dtype=torch.int32),
+            "counts": torch.zeros(2, dtype=torch.int64),  # sentences done, tokens seen
+        }
+
+    def update(self, vals: Tensor, idx: Tensor, owner: Tensor, last_row: Tensor, n_tok: Tensor, first: int,
+               seed: int) -> None:
+        """Fold one batch (see _sentence_aggregates for shapes; ``first`` = corpus index of sentence 0)."""
+        t, d_sae = self.t, self.t["fires"].numel()
+        fire = vals > 0
+        lat, v = idx[fire], vals[fire]
+        t["fires"].index_add_(0, lat, torch.ones_like(lat))
+        t["act_sum"].index_add_(0, lat, v.double())
+        bins = (torch.bucketize(v, HIST_EDGES) - 1).clamp_(0, t["hist"].shape[1] - 1)
+        t["hist"].view(-1).index_add_(0, lat * t["hist"].shape[1] + bins, torch.ones_like(bins, dtype=torch.int32))
+        agg = _sentence_aggregates(vals, idx, owner, last_row, n_tok, d_sae)
+        for a, name in enumerate(AGGREGATIONS):
+            s, l, val = agg[name]
+            merge_top_(t["top_score"][a], [t["top_id"][a]], l, val, [s + first])
+        s, l, vmax = agg["max"]
+        t["sent_fires"].index_add_(0, l, torch.ones_like(l))
+        merge_top_(t["res_key"], [t["res_id"], t["res_act"]], l, _hash01(s + first, l, seed), [s + first, vmax])
+        sid = torch.arange(len(n_tok)) + first
+        merge_top_(t["pool_key"], [t["pool_id"]], torch.zeros_like(sid), _hash01(sid, -1, seed + 1), [sid])
+        t["counts"] += torch.tensor([len(n_tok), int(n_tok.sum())])
+
+    def save(self, path: Path, settings: dict) -> None:
+        atomic_write(path / "state.safetensors", safetensors_bytes({k: v.contiguous() for k, v in self.t.items()}))
+        atomic_write_json(path / "state.json", {"settings": settings, "done": int(self.t["counts"][0])})
+
+    def load_(self, path: Path) -> None:
+        self.t = load_file(path / "state.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Build
+
+
+def _batches(tokenizer, sentences: Iterator[tuple[int, str]], batch_size: int, max_tokens: int
+             ) -> Iterator[tuple[list[int], list[str], Tensor, Tensor]]:
+    """(corpus indices, texts, tokens [B, T] right-padded with BOS first, mask [B, T]) batches."""
+    from llama_sae.sae.evaluate import token_batches
+
+    while chunk := list(islice(sentences, batch_size)):
+        texts = [text for _, text in chunk]
+        ((tokens, mask),) = token_batches(tokenizer, texts, batch_size=len(texts), max_tokens=max_tokens)
+        yield [i for i, _ in chunk], texts, tokens, mask
+
+
+@torch.no_grad()
+def _encode_batch(model, sae, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run to the SAE's hook and encode the sentence tokens (BOS excluded).
+
+    Returns vals, idx [M, k] (float32, cpu), owner [M], last_row [M] bool, n_tok [B] (clamped ≥ 1).
+    """
+    hook = sae.cfg.hook_name
+    valid = mask.clone()
+    valid[:, 0] = False  # BOS belongs to no sentence
+    x = model.capture(tokens.to(model_device(model)), [hook])[hook]  # [B, T, d]
+    flat = x[valid.to(x.device)].to(sae.W_enc.device)  # [M, d]
+    vals, idx = sae.encode_topk(flat)
+    owner = valid.nonzero()[:, 0]  # [M]
+    n_tok = valid.sum(1)
+    last_row = torch.zeros(len(owner), dtype=torch.bool)
+    if len(owner):
+        last_row[torch.cumsum(n_tok, 0)[n_tok > 0] - 1] = True
+    return vals.float().cpu(), idx.cpu(), owner, last_row, n_tok.clamp_min(1)
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's weights."""
+    return next(model.parameters()).device
+
+
+def _settings(sae, corpus_source: str, sentences: int, top_n: int, reservoir: int, pool: int, n_quantiles: int,
+              max_tokens: int, seed: int) -> dict[str, Any]:
+    return {"sae_fingerprint": sae_fingerprint(sae), "corpus": corpus_source, "sentences": sentences,
+            "top_n": top_n, "reservoir": reservoir, "pool": pool, "n_quantiles": n_quantiles,
+            "max_tokens": max_tokens, "seed": seed, "hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
+            "k": sae.cfg.k, "format": FORMAT_VERSION}
+
+
+def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
+    """True if ``out`` already holds the finished artifact for these settings; errors on a different one."""
+    meta_file = out / META_FILE
+    if not meta_file.exists():
+        return False
+    old = json.loads(meta_file.read_text()).get("settings", {})
+    if old == settings:
+        return True
+    if overwrite:
+        return False
+    diff = sorted(k for k in settings if old.get(k) != settings[k])
+    raise UserError(f"{out} already holds a features artifact built with other settings ({', '.join(diff)}): "
+                    "choose another --out, or pass --overwrite to rebuild it")
+
+
+def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sentences: int, top_n: int = 20,
+                   reservoir: int = 40, pool: int = 512, n_quantiles: int = 10, batch_size: int = 64,
+                   max_tokens: int = 128, seed: int = 0, checkpoint_every: int = 20_000, overwrite: bool = False,
+                   progress: Callable[[int, int], None] | None = None, sae_path: str | None = None) -> Path:
+    """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
+
+    Args:
+        model, tokenizer: the Llama the SAE reads (its hook point is ``sae.cfg.hook_name``).
+        corpus_source: a SOURCE string (``tinyworld:N[:heldout]``, ``jsonl:PATH``, ...).
+        out: the artifact directory (created).
+        sentences: sentences to read from the corpus.
+        top_n: top sentences kept per latent and per aggregation (max, mean, last).
+        reservoir: activating sentences sampled uniformly per latent, then split into ``n_quantiles`` bins.
+        pool: random sentences from which each latent's non-activating examples are drawn.
+        max_tokens: tokens per sentence (BOS included); longer sentences are truncated.
+        checkpoint_every: sentences between resumable checkpoints of the running tables.
+        overwrite: rebuild when ``out`` holds an artifact made with other settings.
+        progress: called with (sentences done, sentences) after each batch.
+    Returns:
+        ``out``. Calling again with the same settings returns at once; after a kill, it resumes.
+    """
+    from llama_sae.corpus import Corpus
+    from llama_sae.splice import check_fits
+
+    check_fits(model, sae)
+    out = Path(out)
+    settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed)
+    if _check_out(out, settings, overwrite):
+        return out
+    partial = out / PARTIAL_DIR
+    partial.mkdir(parents=True, exist_ok=True)
+    state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
+    if (partial / "state.json").exists() and json.loads((partial / "state.json").read_text())["settings"] == settings:
+        state.load_(partial)
+    corpus = Corpus(corpus_source)
+    done = int(state.t["counts"][0])
+    stream = islice(enumerate(s.text for s in corpus), done, sentences)
+    last_saved = done
+    for ids, _, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
+        state.update(*_encode_batch(model, sae, tokens, mask), first=ids[0], seed=seed)
+        done = ids[-1] + 1
+        if done - last_saved >= checkpoint_every:
+            state.save(partial, settings)
+            last_saved = done
+        if progress is not None:
+            progress(done, sentences)
+    if int(state.t["counts"][0]) == 0:
+        raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
+    state.save(partial, settings)
+    tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size)
+    meta.update(sae_path=sae_path, corpus_fingerprint=corpus.fingerprint(int(state.t["counts"][0])))
+    build_id = secrets.token_hex(8)
+    meta["build_id"] = build_id
+    atomic_write(out / TENSORS_FILE, safetensors_bytes(tensors, metadata={"build_id": build_id}))
+    atomic_write_json(out / META_FILE, meta)
+    shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _examples_table(state: _State, n_quantiles: int) -> dict[str, Tensor]:
+    """Every (latent, kind, rank, sentence, activation, quantile) row chosen in pass 1 (random excluded)."""
+    t = state.t
+    d_sae, N = t["top_id"].shape[1:]
+    cols: dict[str, list[Tensor]] = {k: [] for k in ("latent", "kind", "rank", "sentence", "activation", "quantile")}
+
+    def add(kind: int, ids: Tensor, acts: Tensor, quantile: Tensor) -> None:
+        keep = ids >= 0
+        lat, rank = keep.nonzero(as_tuple=True)
+        for name, col in zip(cols, (lat, torch.full_like(lat, kind), rank, ids[keep], acts[keep], quantile[keep])):
+            cols[name].append(col)
+
+    for a in range(3):
+        add(a, t["top_id"][a], t["top_score"][a], torch.full_like(t["top_id"][a], -1))
+    order = torch.argsort(t["res_act"].masked_fill(t["res_id"] < 0, float("inf")), dim=1, stable=True)
+    ids, acts = t["res_id"].gather(1, order), t["res_act"].gather(1, order)  # ascending activation
+    count = (ids >= 0).sum(1, keepdim=True).clamp_min(1)
+    quantile = torch.arange(ids.shape[1])[None] * n_quantiles // count
+    add(3, ids, acts, quantile)
+    return {k: torch.cat(v) for k, v in cols.items()}
+
+
+def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_size: int
+            ) -> tuple[dict[str, Tensor], dict]:
+    """Pass 2: per-token activations of the chosen examples and the pool's firing sets; the tensors to write."""
+    t, d_sae = state.t, sae.cfg.d_sae
+    ex = _examples_table(state, settings["n_quantiles"])
+    pool_ids = t["pool_id"][0][t["pool_id"][0] >= 0].sort().values
+    needed = torch.cat([ex["sentence"], pool_ids]).unique()  # sorted corpus indices
+    slot = {int(s): i for i, s in enumerate(needed)}
+    by_sentence = torch.argsort(ex["sentence"], stable=True)
+    ex = {k: v[by_sentence] for k, v in ex.items()}
+    ex_start = torch.searchsorted(ex["sentence"], needed)
+    ex_end = torch.searchsorted(ex["sentence"], needed, right=True)
+    wanted, pool_lookup = set(slot), set(pool_ids.tolist())
+    stream = ((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in wanted)
+    pieces_cache: dict[int, str] = {}
+    texts, pieces, n_pieces, acts_parts, pool_fire = [], [], [], [], []
+    for ids, batch_texts, tokens, mask in _batches(tokenizer, stream, batch_size, settings["max_tokens"]):
+        vals, idx, _, _, _ = _encode_batch(model, sae, tokens, mask)
+        row_start = _offsets(mask.sum(1) - 1)
+        for b, sid in enumerate(ids):
+            n = int(mask[b].sum()) - 1
+            texts.append(batch_texts[b])
+            toks = tokens[b, 1:n + 1].tolist()
+            pieces.extend(pieces_cache.setdefault(i, tokenizer.decode([i])) for i in toks)
+            n_pieces.append(n)
+            rows = slice(int(row_start[b]), int(row_start[b]) + n)
+            lo, hi = int(ex_start[slot[sid]]), int(ex_end[slot[sid]])
+            lat = ex["latent"][lo:hi]  # [E_b]
+            acts_parts.append((vals[rows][None] * (idx[rows][None] == lat[:, None, None])).sum(-1).flatten())
+            if sid in pool_lookup:
+                fired = idx[rows][vals[rows] > 0].unique()
+                pool_fire.append(torch.stack([fired, torch.full_like(fired, slot[sid])]))
+    return _pack(ex, slot, texts, pieces, n_pieces, acts_parts, pool_ids, pool_fire, state, settings, d_sae)
+
+
+def _blob(strings: list[str]) -> tuple[Tensor, Tensor]:
+    """UTF-8 concatenation uint8 [bytes] and offsets int64 [n + 1]."""
+    data = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    blob = np.frombuffer(b"".join(data), dtype=np.uint8).copy()
+    return torch.from_numpy(blob), torch.from_numpy(offsets)
+
+
+def _offsets(lengths: Tensor) -> Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths.long(), 0)])
+
+
+def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces: list[str], n_pieces: list[int],
+          acts_parts: list[Tensor], pool_ids: Tensor, pool_fire: list[Tensor], state: _State, settings: dict,
+          d_sae: int) -> tuple[dict[str, Tensor], dict]:
+    """Sort the examples by (latent, kind, rank), build the CSR offsets, and assemble the tensors and meta."""
+    t = state.t
+    acts_flat = torch.cat(acts_parts) if acts_parts else torch.zeros(0)
+    sent_slot = torch.tensor([slot[int(s)] for s in ex["sentence"]], dtype=torch.int64)
+    n_tok = torch.tensor(n_pieces, dtype=torch.int64)
+    ex_len = n_tok[sent_slot] if len(sent_slot) else torch.zeros(0, dtype=torch.int64)
+    src_start = _offsets(ex_len)[:-1]
+    order = torch.argsort(ex["latent"] * 8 * 65536 + ex["kind"] * 65536 + ex["rank"], stable=True)
+    new_len = ex_len[order]
+    gather = src_start[order].repeat_interleave(new_len) + (
+        torch.arange(int(new_len.sum())) - _offsets(new_len)[:-1].repeat_interleave(new_len))
+    fire = torch.cat(pool_fire, 1) if pool_fire else torch.zeros(2, 0, dtype=torch.int64)
+    fire = fire[:, torch.argsort(fire[0] * (len(slot) + 1) + fire[1])]
+    text_blob, text_off = _blob(texts)
+    piece_blob, piece_off = _blob(pieces)
+    sent_index = torch.tensor(sorted(slot), dtype=torch.int64)
+    tokens_seen = max(int(t["counts"][1]), 1)
+    top_max = t["top_score"][0]
+    valid = top_max > float("-inf")
+    typical = (top_max.clamp_min(0) * valid).sum(1) / valid.sum(1).clamp_min(1)
+    tensors = {
+        "frequency": (t["fires"].double() / tokens_seen).float(),
+        "sentence_frequency": (t["sent_fires"].double() / max(int(t["counts"][0]), 1)).float(),
+        "typical_max": typical, "max_activation": top_max[:, 0].clamp_min(0),
+        "mean_activation": (t["act_sum"] / t["fires"].clamp_min(1)).float(),
+        "hist": t["hist"], "hist_edges": HIST_EDGES.clone(),
+        "ex_offsets": _offsets(torch.bincount(ex["latent"], minlength=d_sae)),
+        "ex_kind": ex["kind"][order].to(torch.int8), "ex_rank": ex["rank"][order].to(torch.int32),
+        "ex_sentence": sent_slot[order], "ex_activation": ex["activation"][order].float(),
+        "ex_quantile": ex["quantile"][order].to(torch.int16), "ex_acts_offsets": _offsets(new_len),
+        "ex_acts": acts_flat[gather].float(),
+        "sent_index": sent_index, "sent_text": text_blob, "sent_text_offsets": text_off,
+        "sent_piece_offsets": _offsets(n_tok), "piece": piece_blob, "piece_offsets": piece_off,
+        "pool": torch.tensor([slot[int(s)] for s in pool_ids], dtype=torch.int64),
+        "pool_fire_offsets": _offsets(torch.bincount(fire[0], minlength=d_sae)), "pool_fire": fire[1].contiguous(),
+    }
+    meta = {"settings": settings, "d_sae": d_sae, "sae_fingerprint": settings["sae_fingerprint"],
+            "hook_name": settings["hook_name"], "k": settings["k"], "corpus": settings["corpus"],
+            "sentences": int(t["counts"][0]), "tokens": int(t["counts"][1]),
+            "live_latents": int((t["fires"] > 0).sum()), "examples": int(len(order)),
+            "stored_sentences": len(slot), "format": FORMAT_VERSION}
+    return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn or malformed line is skipped (files are appended line by line)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+class Features:
+    """A features artifact, read back (see ``load_features``)."""
+
+    def __init__(self, path: Path, meta: dict, tensors: dict[str, Tensor]):
+        self.path = path
+        self.meta = meta
+        self.d_sae: int = meta["d_sae"]
+        self.sae_fingerprint: str = meta["sae_fingerprint"]
+        self._t = tensors
+        self.frequency: Tensor = tensors["frequency"]
+        self.typical_max: Tensor = tensors["typical_max"]
+        self._explanations: dict[int, Explanation] | None = None
+
+    def _latent(self, latent: int) -> int:
+        if not 0 <= latent < self.d_sae:
+            raise UserError(f"latent {latent} is out of range: this SAE has latents 0..{self.d_sae - 1}")
+        return int(latent)
+
+    def check_sae(self, sae) -> None:
+        """UserError unless this artifact was built from ``sae`` (same weights and config)."""
+        got = sae_fingerprint(sae)
+        if got != self.sae_fingerprint:
+            raise UserError(f"{self.path} was built from another SAE (fingerprint {self.sae_fingerprint}, this SAE "
+                            f"is {got}): rebuild it with `llama-sae features --sae SAE --out DIR`")
+
+    def live_latents(self) -> list[int]:
+        """Latents that fired at least once in the corpus."""
+        return (self.frequency > 0).nonzero()[:, 0].tolist()
+
+    def histogram(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bin edges [n + 1], counts [n]) of the latent's nonzero token activations (log bins, trimmed)."""
+        counts = self._t["hist"][self._latent(latent)].numpy()
+        edges = self._t["hist_edges"].numpy()
+        nz = np.nonzero(counts)[0]
+        if len(nz) == 0:
+            return edges[:1], counts[:0]
+        lo, hi = nz[0], nz[-1] + 1
+        return edges[lo:hi + 1], counts[lo:hi]
+
+    def _text(self, slot: int) -> str:
+        off = self._t["sent_text_offsets"]
+        return bytes(self._t["sent_text"][int(off[slot]):int(off[slot + 1])].numpy()).decode("utf-8")
+
+    def _pieces(self, slot: int) -> list[str]:
+        so, po, blob = self._t["sent_piece_offsets"], self._t["piece_offsets"].tolist(), self._t["piece"]
+        lo, hi = int(so[slot]), int(so[slot + 1])
+        data = bytes(blob[po[lo]:po[hi]].numpy())
+        base = po[lo]
+        return [data[po[i] - base:po[i + 1] - base].decode("utf-8") for i in range(lo, hi)]
+
+    def _example(self, row: int, kind: str) -> Example:
+        t = self._t
+        slot = int(t["ex_sentence"][row])
+        lo, hi = int(t["ex_acts_offsets"][row]), int(t["ex_acts_offsets"][row + 1])
+        q = int(t["ex_quantile"][row])
+        return Example(text=self._text(slot), tokens=self._pieces(slot), acts=t["ex_acts"][lo:hi].tolist(),
+                       activation=float(t["ex_activation"][row]), quantile=None if q < 0 else q, kind=kind,
+                       sentence=int(t["sent_index"][slot]))
+
+    def examples(self, latent: int, kind: str = "max", n: int | None = None) -> list[Example]:
+        """Examples of ``latent``: the top sentences under ``max`` / ``mean`` / ``last`` aggregation (best
+        first), ``quantile`` samples (lowest quantile first) or ``random`` non-activating sentences."""
+        latent = self._latent(latent)
+        if kind not in KINDS:
+            raise UserError(f"unknown example kind {kind!r}: use one of {', '.join(KINDS)}")
+        if kind == "random":
+            return self._random(latent, n)
+        t = self._t
+        lo, hi = int(t["ex_offsets"][latent]), int(t["ex_offsets"][latent + 1])
+        code = KINDS.index(kind)
+        rows = [lo + i for i in (t["ex_kind"][lo:hi] == code).nonzero()[:, 0].tolist()]
+        return [self._example(r, kind) for r in rows[:n]]
+
+    def _random(self, latent: int, n: int | None) -> list[Example]:
+        t = self._t
+        fo = t["pool_fire_offsets"]
+        fired = set(t["pool_fire"][int(fo[latent]):int(fo[latent + 1])].tolist())
+        quiet = torch.tensor([s for s in t["pool"].tolist() if s not in fired], dtype=torch.int64)
+        if len(quiet) == 0:
+            return []
+        order = torch.argsort(_hash01(quiet, latent, self.meta["settings"]["seed"] + 2))
+        n = self.meta["settings"]["top_n"] if n is None else n
+        return [Example(text=self._text(s), tokens=(p := self._pieces(s)), acts=[0.0] * len(p), activation=0.0,
+                        quantile=None, kind="random", sentence=int(t["sent_index"][s]))
+                for s in quiet[order][:n].tolist()]
+
+    # ------------------------------------------------------------- explanations and scores
+    def _load_explanations(self) -> dict[int, Explanation]:
+        if self._explanations is None:
+            scores: dict[int, dict] = {}
+            for row in _read_jsonl(self.path / SCORES_FILE):
+                if row.get("control"):
+                    continue
+                scores.setdefault(int(row["latent"]), {})[row.get("method", "detection")] = row.get(
+                    "balanced_accuracy")
+            self._explanations = {}
+            for row in _read_jsonl(self.path / EXPLANATIONS_FILE):
+                if row.get("explanation") is None:
+                    continue
+                latent = int(row["latent"])
+                s = scores.get(latent, {})
+                self._explanations[latent] = Explanation(row["explanation"], row.get("certainty"), s.get("detection"),
+                                                         s.get("fuzzing"), row.get("backend"))
+        return self._explanations
+
+    def explanation(self, latent: int) -> Explanation | None:
+        """The latent's explanation with its scores (from explanations.jsonl and scores.jsonl), or None."""
+        return self._load_explanations().get(self._latent(latent))
+
+    def search(self, text: str, limit: int = 20) -> list[int]:
+        """Latents whose explanation contains ``text`` (case-insensitive), best detection score first."""
+        needle = text.lower()
+        hits = [(e.detection if e.detection is not None else -1.0, -i, i)
+                for i, e in self._load_explanations().items() if needle in e.text.lower()]
+        return [i for *_, i in sorted(hits, reverse=True)[:limit]]
+
+    def reload_explanations(self) -> None:
+        """Forget cached explanations (after explain/score wrote new ones)."""
+        self._explanations = None
+
+
+def load_features(path: str | Path) -> Features:
+    """Read a features artifact directory (UserError if it is missing, unfinished or corrupt)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        hint = " (a build is in progress or was interrupted: run it again to resume)" if (
+            path / PARTIAL_DIR).exists() else ""
+        raise UserError(f"{path} holds no features artifact ({META_FILE} missing){hint}: build one with "
+                        "`llama-sae features --sae SAE --out DIR`")
+    try:
+        meta = json.loads(meta_file.read_text())
+        with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
+            build_id = (f.metadata() or {}).get("build_id")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # OSError, JSON errors and safetensors' own error type
+        raise UserError(f"{path} holds a corrupt features artifact ({type(e).__name__}: {e}): rebuild it with "
+                        "`llama-sae features ... --overwrite`") from e
+    if build_id != meta.get("build_id") or meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path}: {TENSORS_FILE} and {META_FILE} are from different builds (or an old format): "
+                        "rebuild with `llama-sae features ... --overwrite`")
+    return Features(path, meta, tensors)
+

@@ -1,0 +1,177 @@
+"""The features artifact against a brute-force dense recomputation, resuming, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llama_sae import tinyworld
+from llama_sae.corpus import Corpus
+from llama_sae.errors import UserError
+from llama_sae.features import build_features, load_features, merge_top_, sae_fingerprint
+from llama_sae.llama import load_model, load_tokenizer
+from llama_sae.sae.model import SAE, SAEConfig
+
+HOOK = "resid_post.2"
+SOURCE = "tinyworld:240:heldout"
+
+
+def small_sae(model, d_sae: int = 48, k: int = 4, seed: int = 0) -> SAE:
+    """An untrained TopK SAE initialised from real activations (its latents fire on real sentences)."""
+    tok = load_tokenizer(tinyworld.model_path())
+    texts = [r.text for r in tinyworld.sentences(32, seed=seed + 11, split="train")]
+    rows = [model.capture(torch.tensor([tok.encode(t)]), [HOOK])[HOOK][0, 1:] for t in texts]
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=d_sae, k=k, normalize_activations="layer_norm", hook_name=HOOK))
+    sae.init_(torch.cat(rows).float(), generator=g)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = load_model(tinyworld.model_path(), dtype="float32")
+    tok = load_tokenizer(tinyworld.model_path())
+    sae = small_sae(model)
+    out = tmp_path_factory.mktemp("features")
+    build_features(model, tok, sae, SOURCE, out, sentences=200, top_n=5, reservoir=8, pool=32, n_quantiles=4,
+                   batch_size=16)
+    return model, tok, sae, out
+
+
+def _dense_reference(model, tok, sae, texts):
+    """Per sentence: dense token latents [T, d_sae] (BOS excluded), computed one sentence at a time."""
+    out = []
+    for text in texts:
+        ids = torch.tensor([tok.encode(text, bos=True)[:128]])
+        x = model.capture(ids, [HOOK])[HOOK][0, 1:].float()
+        out.append(sae.encode(x).double())
+    return out
+
+
+def test_top_sentences_stats_and_token_acts_match_dense_reference(setup):
+    model, tok, sae, out = setup
+    f = load_features(out)
+    texts = [s.text for s in Corpus(SOURCE).take(200)]
+    dense = _dense_reference(model, tok, sae, texts)
+    agg = {"max": torch.stack([d.max(0).values for d in dense]), "mean": torch.stack([d.mean(0) for d in dense]),
+           "last": torch.stack([d[-1] for d in dense])}  # [S, d_sae]
+    tokens = torch.cat(dense)
+    assert f.meta["sentences"] == 200 and f.meta["tokens"] == tokens.shape[0]
+    torch.testing.assert_close(f.frequency.double(), (tokens > 0).double().mean(0), atol=1e-7, rtol=0)
+    live = f.live_latents()
+    assert live == ((tokens > 0).any(0)).nonzero()[:, 0].tolist() and len(live) > 10
+    checked = with_random = 0
+    for latent in live:
+        counts = f.histogram(latent)[1]
+        assert counts.sum() == int((tokens[:, latent] > 0).sum())
+        for kind in ("max", "mean", "last"):
+            col = agg[kind][:, latent]
+            ref = col[col > 0].sort(descending=True).values[:5]
+            got = f.examples(latent, kind)
+            assert [e.activation for e in got] == pytest.approx(ref.tolist(), rel=1e-4, abs=1e-5)
+            for e in got:  # per-token activations for highlighting, and the sentence each example names
+                assert e.text == texts[e.sentence]
+                assert e.acts == pytest.approx(dense[e.sentence][:, latent].tolist(), rel=1e-4, abs=1e-5)
+                assert "".join(e.tokens) == e.text
+                checked += 1
+        top = agg["max"][:, latent]
+        assert float(f.typical_max[latent]) == pytest.approx(float(top[top > 0].sort(descending=True).values[:5]
+                                                                   .mean()), rel=1e-4)
+        quant = f.examples(latent, "quantile")
+        assert len(quant) == min(8, int((top > 0).sum()))
+        assert all(top[e.sentence] > 0 for e in quant)
+        assert [e.activation for e in quant] == sorted(e.activation for e in quant)
+        assert [e.quantile for e in quant] == sorted(e.quantile for e in quant)
+        rand = f.examples(latent, "random", n=6)
+        assert all(top[e.sentence] == 0 and set(e.acts) == {0.0} for e in rand)
+        with_random += len(rand) == 6
+    assert checked > 100 and with_random > len(live) // 2
+
+
+def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
+    model, tok, sae, out = setup
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(done, total):
+        if done >= 100:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32,
+                       n_quantiles=4, batch_size=8, checkpoint_every=40, progress=kill_after)
+    with pytest.raises(UserError, match="interrupted"):
+        load_features(tmp_path)
+    seen = []
+    build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32,
+                   n_quantiles=4, batch_size=8, checkpoint_every=40, progress=lambda d, n: seen.append(d))
+    assert seen[0] > 80  # resumed from the checkpoint, not from zero
+    a, b = load_features(out), load_features(tmp_path)
+    for name, t in a._t.items():  # a different batch size and a kill change nothing
+        torch.testing.assert_close(b._t[name], t, msg=name, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input(setup, tmp_path):
+    model, tok, sae, out = setup
+    f = load_features(out)
+    other = small_sae(model, seed=1)
+    assert f.sae_fingerprint == sae_fingerprint(sae) != sae_fingerprint(other)
+    f.check_sae(sae)
+    with pytest.raises(UserError, match="another SAE"):
+        f.check_sae(other)
+    with pytest.raises(UserError, match="other settings"):
+        build_features(model, tok, other, SOURCE, out, sentences=200)
+    with pytest.raises(UserError, match="out of range"):
+        f.examples(10_000)
+    with pytest.raises(UserError, match="unknown example kind"):
+        f.examples(0, "top")
+    with pytest.raises(UserError, match="no features artifact"):
+        load_features(tmp_path)
+    (tmp_path / "features.json").write_text(json.dumps(f.meta))
+    (tmp_path / "features.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        load_features(tmp_path)
+
+
+def test_explanations_and_search_read_from_the_artifact(setup, tmp_path):
+    import shutil
+
+    _, _, _, out = setup
+    shutil.copytree(out, tmp_path / "f")
+    (tmp_path / "f" / "explanations.jsonl").write_text(
+        json.dumps({"latent": 3, "explanation": "Cooking words", "certainty": 0.8, "backend": "offline"}) + "\n"
+        + '{"latent": 4, "explan' + "\n")  # a torn last line is skipped
+    (tmp_path / "f" / "scores.jsonl").write_text(
+        json.dumps({"latent": 3, "method": "detection", "balanced_accuracy": 0.93}) + "\n")
+    f = load_features(tmp_path / "f")
+    e = f.explanation(3)
+    assert (e.text, e.certainty, e.detection, e.fuzzing) == ("Cooking words", 0.8, 0.93, None)
+    assert f.explanation(4) is None and f.search("COOK") == [3] and f.search("astronomy") == []
+
+
+def test_merge_top_keeps_best_per_row_with_stable_ties():
+    score = torch.full((3, 2), float("-inf"))
+    ids = torch.full((3, 2), -1)
+    merge_top_(score, [ids], torch.tensor([0, 0, 0, 2]), torch.tensor([1.0, 3.0, 1.0, 5.0]),
+               [torch.tensor([10, 11, 12, 13])])
+    assert ids.tolist() == [[11, 10], [-1, -1], [13, -1]]
+    merge_top_(score, [ids], torch.tensor([0, 2]), torch.tensor([1.0, 6.0]), [torch.tensor([14, 15])])
+    assert ids.tolist() == [[11, 10], [-1, -1], [15, 13]] and score[2].tolist() == [6.0, 5.0]
+
+
+def test_cli_builds_and_reports(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    _, _, sae, _ = setup
+    sae.save(tmp_path / "sae")
+    result = CliRunner().invoke(app, ["features", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "f"),
+                                      "--corpus", SOURCE, "--sentences", "40", "--top-n", "3", "--pool", "8"])
+    assert result.exit_code == 0, result.output
+    f = load_features(tmp_path / "f")
+    assert f.meta["sentences"] == 40 and f.meta["sae_path"] == str(tmp_path / "sae")
+    assert f"{f.meta['live_latents']} of 48 latents fired" in result.output.replace("\n", " ")
