@@ -220,7 +220,7 @@ def test_format_golden_bytes(tmp_path):
                    "apply_b_dec_to_input": True, "normalize_activations": "layer_norm", "reshape_activations": "none",
                    "rescale_acts_by_decoder_norm": False,
                    "metadata": {"model_name": "tiny", "hook_name": "resid_post.1", "context_size": 64,
-                                "prepend_bos": True, "trained_tokens": 1000}}
+                                "prepend_bos": True, "hf_hook_name": "model.layers.1", "trained_tokens": 1000}}
     weights = (tmp_path / "sae_weights.safetensors").read_bytes()
     header_len = int.from_bytes(weights[:8], "little")
     header = json.loads(weights[8:8 + header_len])
@@ -252,17 +252,22 @@ def test_load_rejects_what_it_cannot_run(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_in": 5}))
     with pytest.raises(UserError, match=r"W_enc should be \(5, 4\)"):
         load(tmp_path)
-    with pytest.raises(UserError, match="holds no cfg.json"):
+    with pytest.raises(UserError, match="missing does not exist"):
         load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no cfg.json"):
+        load(tmp_path / "empty")
     with pytest.raises(ValueError, match="k=4 must be smaller than d_sae=4"):
         SAEConfig(d_in=3, d_sae=4, k=4)
 
 
-def test_saelens_loads_our_files_and_agrees(tmp_path):
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (see ../shared/peerbench)")
-    sae, x = make_sae(dtype=torch.float32)
+@pytest.mark.parametrize("norm", ["layer_norm", "none"])
+def test_saelens_loads_our_files_and_agrees(tmp_path, norm):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed: pip install -e '.[dev]'")
+    sae, x = make_sae(norm=norm, dtype=torch.float32)
     sae.save(tmp_path)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    assert (theirs.cfg.architecture(), theirs.cfg.k, theirs.cfg.normalize_activations) == ("topk", 5, norm)
     feats = theirs.encode(x)
     torch.testing.assert_close(feats, sae.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.decode(feats), sae(x), rtol=1e-5, atol=1e-4)

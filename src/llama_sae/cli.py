@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from llama_sae.cli_sae import sae_app
 from llama_sae.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -177,6 +178,7 @@ corpus_app = typer.Typer(no_args_is_help=True,
                          help="Corpus sources: tinyworld[:N], txt:, jsonl:, parquet:, hf:, hfdisk:.")
 app.add_typer(tinyworld_app, name="tinyworld")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(sae_app, name="sae")
 
 
 @tinyworld_app.command("train")

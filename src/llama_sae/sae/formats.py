@@ -1,49 +1,383 @@
-"""The SAE on disk: SAELens v6's layout, so ``sae_lens.SAE.load_from_disk(path)`` reads our SAEs and we read its.
+"""SAEs on disk: SAELens v6 (native), EleutherAI sparsify, and the seed project's checkpoint.
 
-A directory with
+Native, SAELens v6 (``sae_lens.SAE.load_from_disk(path)`` reads our SAEs, and we read its TopK SAEs):
 
     cfg.json                  {"architecture": "topk", "d_in", "d_sae", "k", "dtype", "device",
                                "apply_b_dec_to_input": true, "normalize_activations": "layer_norm" | "none",
                                "reshape_activations": "none", "rescale_acts_by_decoder_norm": false,
-                               "metadata": {"model_name", "hook_name", "context_size", "prepend_bos", ...}}
+                               "metadata": {"model_name", "hook_name", "hf_hook_name", "context_size",
+                                            "prepend_bos", ...}}
     sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
     sparsity.safetensors      optional: "sparsity" [d_sae], log10 of each latent's firing rate
 
-Our module stores W_enc latent-major ([d_sae, d_in]); it is transposed here, on the way in and out.
+Pre-6 SAELens configs (``hook_point``, ``activation_fn_str: "topk"`` with ``activation_fn_kwargs.k``, top-level
+model_name / hook_name) are read too.
+
+sparsify (EleutherAI, ``SparseCoder.save_to_disk``), read and written; no input normalization:
+
+    cfg.json                  {"activation": "topk", "expansion_factor", "normalize_decoder", "num_latents", "k",
+                               "multi_topk", "skip_connection", "transcode", "d_in"}
+                              (we add "llama_sae": {hook_name, model_name, ...}; sparsify ignores extra keys)
+    sae.safetensors           encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+
+    its encode: pre = (x - b_dec) @ encoder.weight.T + encoder.bias, ReLU(TopK); decode: Σ acts · W_dec rows + b_dec.
+    Its hook point is the directory name, a Hugging Face module name (``layers.3`` = its output = resid_post.3).
+
+The seed (PaulPauls/llama3_interpretability_sae): ``torch.save(TopKSparseAutoencoder.state_dict())`` in a .pth,
+read with ``torch.load(weights_only=True)``: b_pre [d], encoder.weight [n, d], encoder.bias [n],
+decoder.weight [d, n]. Its input normalization is ours ((x - mean) / (unbiased std + eps), undone on output) with
+eps 1e-6 instead of 1e-5. The file holds neither k (the seed used 64) nor the layer (it captured the attention
+input, ``attn_in.L``; the published SAE read layer 23 of Llama 3.2-3B): pass them.
+
+Our module stores W_enc latent-major ([d_sae, d_in]); SAELens's file has it transposed, converted here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from llama_sae.errors import UserError
 from llama_sae.fileio import atomic_write, atomic_write_json
+from llama_sae.llama.model import HOOK_KINDS
 from llama_sae.sae.model import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
 METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos")
+FORMATS = ("saelens", "sparsify", "seed")
+SEED_K = 64  # the seed's k (its README and sae_training.py); its checkpoint does not store it
+Weights = dict[str, torch.Tensor]  # ours: W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d]
 
 
+# --------------------------------------------------------------------------- hook names
+_HF_SUFFIX = {"": "resid_post", "input_layernorm": "attn_in", "self_attn": "attn_out",
+              "post_attention_layernorm": "mlp_in", "mlp": "mlp_out"}
+_TL_NAMES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "ln1.hook_normalized": "attn_in",
+             "hook_attn_out": "attn_out", "ln2.hook_normalized": "mlp_in", "hook_mlp_out": "mlp_out"}
+
+
+def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
+    """(our hook name, a note or None) for a hook name from another library.
+
+    Accepts ours (``resid_post.3``), TransformerLens names (``blocks.3.hook_resid_post``) and Hugging Face module
+    names whose output is the activation (sparsify's hookpoints: ``layers.3``, ``model.layers.3.mlp``).
+    """
+    if not name:
+        return None, "hook point: missing"
+    kind, _, layer = name.partition(".")
+    if kind in HOOK_KINDS and layer.isdigit():
+        return name, None
+    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
+        kind = _TL_NAMES.get(m[2])
+        if kind is None:
+            return None, f"hook point {name!r} (TransformerLens) has no equivalent here"
+        note = None
+        if kind in ("attn_in", "mlp_in"):
+            note = (f"hook point {name!r} read as {kind}.{m[1]}: TransformerLens folds the RMSNorm weight into the "
+                    "next layer by default, ours includes it; the scales match only for fold_ln=False")
+        return f"{kind}.{m[1]}", note
+    if m := re.fullmatch(r"(?:model\.)?layers\.(\d+)(?:\.(\w+))?", name):
+        kind = _HF_SUFFIX.get(m[2] or "")
+        if kind is None:
+            return None, f"hook point {name!r} (a Hugging Face module) has no equivalent here"
+        return f"{kind}.{m[1]}", None
+    if name in ("embed_tokens", "model.embed_tokens"):
+        return "resid_pre.0", None
+    return None, f"hook point {name!r} has no equivalent here"
+
+
+def hf_module_name(hook: str | None) -> str | None:
+    """The Hugging Face LlamaForCausalLM module whose output is our hook point (None for resid_pre.0's peers)."""
+    if hook is None:
+        return None
+    kind, _, layer = hook.partition(".")
+    if kind == "resid_pre":
+        return "model.embed_tokens" if layer == "0" else f"model.layers.{int(layer) - 1}"
+    suffix = {v: k for k, v in _HF_SUFFIX.items()}[kind]
+    return f"model.layers.{layer}" + (f".{suffix}" if suffix else "")
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class Found:
+    """What an SAE file or directory says about itself, before its weights are read.
+
+    ``values`` holds SAEConfig fields (k or hook_name may be None: missing); ``notes`` says, one line each, what is
+    missing or approximated; ``weights()`` reads the tensors in our layout.
+    """
+
+    format: str
+    path: Path
+    values: dict[str, Any]
+    weights: Callable[[], Weights]
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not readable JSON ({e}): the file is damaged; export or download it again") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: not a JSON object: this is not an SAE config")
+    return raw
+
+
+def _safetensors(file: Path) -> Weights:
+    if not file.exists():
+        raise UserError(f"{file} is missing: the SAE directory is incomplete; export or download it again")
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign bytes
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{file}: not a readable safetensors file ({msg}): it is truncated or not an SAE; "
+                        "export or download it again") from e
+
+
+def _k_of(raw: dict) -> int | None:
+    k = raw.get("k")
+    if k is None:
+        k = (raw.get("activation_fn_kwargs") or {}).get("k")
+    return None if k is None else int(k)
+
+
+def _find_saelens(path: Path) -> Found:
+    file = path / CFG_FILE
+    raw = _read_json(file)
+    act = raw.get("activation_fn", raw.get("activation_fn_str"))
+    arch = raw.get("architecture") or ("topk" if act == "topk" else "standard")
+    if arch != "topk":
+        raise UserError(f"{file}: architecture {arch!r} is not supported: only 'topk' SAEs load")
+    if not raw.get("apply_b_dec_to_input", True) or raw.get("rescale_acts_by_decoder_norm", False):
+        raise UserError(f"{file}: apply_b_dec_to_input=false or rescale_acts_by_decoder_norm=true is not "
+                        "supported: fold the decoder norms into the weights first (SAELens fold_W_dec_norm)")
+    norm = raw.get("normalize_activations", "none")
+    norm = {None: "none", False: "none"}.get(norm, norm) if not isinstance(norm, str) else norm
+    if norm not in ("none", "layer_norm"):
+        raise UserError(f"{file}: normalize_activations {norm!r} is not supported: use 'none' or 'layer_norm'")
+    if raw.get("hook_head_index", raw.get("hook_point_head_index")) is not None or \
+            raw.get("reshape_activations", "none") != "none":
+        raise UserError(f"{file}: SAEs on single attention heads (hook_z) are not supported: use a residual, "
+                        "attention-output or MLP hook")
+    meta = {**{k: raw[k] for k in (*METADATA_KEYS, "hook_point") if k in raw}, **(raw.get("metadata") or {})}
+    hook, note = our_hook_name(meta.get("hook_name") or meta.get("hook_point"))
+    values = {"d_in": raw.get("d_in"), "d_sae": raw.get("d_sae"), "k": _k_of(raw),
+              "normalize_activations": norm, "hook_name": hook,
+              **{key: meta[key] for key in ("model_name", "context_size", "prepend_bos") if meta.get(key) is not None}}
+    notes = [note] if note else []
+    if values["k"] is None:
+        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or pass --k N')
+
+    def weights() -> Weights:
+        w = _safetensors(path / WEIGHTS_FILE)
+        scale = w.pop("scaling_factor", None)  # pre-6 SAELens fine-tuning scale; all ones when unused
+        if scale is not None and not torch.all(scale == 1):
+            raise UserError(f"{path}/{WEIGHTS_FILE}: a non-trivial scaling_factor (SAELens fine-tuning) is not "
+                            "supported: fold it into W_dec with SAELens first")
+        if "W_enc" in w:
+            w["W_enc"] = w["W_enc"].T
+        return w
+
+    return Found("saelens", path, values, weights, notes)
+
+
+def _find_sparsify(path: Path) -> Found:
+    file = path / CFG_FILE
+    raw = _read_json(file)
+    if raw.get("activation", "topk") != "topk":
+        raise UserError(f"{file}: activation {raw['activation']!r} is not supported: only TopK SAEs load")
+    for flag in ("transcode", "skip_connection"):
+        if raw.get(flag):
+            raise UserError(f"{file}: {flag}=true (a sparsify transcoder or skip connection) is not supported: "
+                            "only plain SAEs load")
+    if "d_in" not in raw:
+        raise UserError(f"{file}: no d_in: this is not a sparsify cfg.json (SparseCoder.save_to_disk writes it)")
+    ours = raw.get("llama_sae") or {}
+    hook, note = our_hook_name(ours.get("hook_name") or path.name)
+    n = raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 32)
+    values = {"d_in": raw["d_in"], "d_sae": n, "k": _k_of(raw), "normalize_activations": "none",
+              "hook_name": hook, **{key: ours[key] for key in ("model_name", "context_size", "prepend_bos")
+                                    if ours.get(key) is not None}}
+    notes = []
+    if hook is None:
+        notes.append(f"hook point: missing (sparsify names it by directory, here {path.name!r}): pass --hook, "
+                     "or name the directory after the Hugging Face module, e.g. layers.3 for resid_post.3")
+    elif note:
+        notes.append(note)
+    if values["k"] is None:
+        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or pass --k N')
+    if raw.get("multi_topk"):
+        notes.append("multi_topk: trained with Multi-TopK; run here with plain TopK at k")
+
+    def weights() -> Weights:
+        w = _safetensors(path / SPARSIFY_WEIGHTS)
+        rename = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+        return {ours_: w[theirs] for theirs, ours_ in rename.items() if theirs in w}
+
+    return Found("sparsify", path, values, weights, notes)
+
+
+def _find_seed(path: Path) -> Found:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle (weights_only refuses its classes), not a torch file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable weights-only torch checkpoint ({msg[:200]}): it is truncated or "
+                        "not the seed's SAE; copy it again") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model_state_dict")), dict):
+        state = state.get("state_dict", state.get("model_state_dict"))
+    if isinstance(state, dict):
+        state = {re.sub(r"^(module\.|_orig_mod\.)+", "", str(k)): v for k, v in state.items()}
+    want = ("b_pre", "encoder.weight", "encoder.bias", "decoder.weight")
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), torch.Tensor) for k in want):
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not the seed's SAE checkpoint: expected tensors {', '.join(want)}, found {found}")
+    n, d = state["encoder.weight"].shape
+    values = {"d_in": d, "d_sae": n, "k": None, "normalize_activations": "layer_norm", "hook_name": None}
+    notes = [f"k: missing (the seed's checkpoint does not store it): pass --k {SEED_K}, the seed's setting",
+             "hook point: missing (the seed captured the attention input attn_in.L; the file does not say which "
+             "layer): pass --hook attn_in.L, e.g. attn_in.23 for the published Llama 3.2-3B SAE",
+             "normalization: the seed's layer norm used eps 1e-6; read with eps 1e-5 (SAELens's)"]
+    weights = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
+               "W_dec": state["decoder.weight"].T, "b_dec": state["b_pre"]}
+    return Found("seed", path, values, lambda: weights, notes)
+
+
+def find(path: str | os.PathLike) -> Found:
+    """Recognize an SAE at ``path`` (a directory, a seed .pth file, or ``hf://org/repo[/subdir]``).
+
+    Reads the config (and, for the seed, the state dict), not yet the weights of a directory.
+    """
+    if str(path).startswith("hf://"):
+        from llama_sae.sae.hub import download
+
+        path = download(str(path))
+    path = Path(path)
+    if path.is_file():
+        return _find_seed(path)
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: pass an SAE directory, a seed .pth file or hf://org/repo[/subdir]")
+    if not (path / CFG_FILE).exists():
+        subdirs = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).exists())
+        hint = f" (it has SAEs in {', '.join(subdirs[:5])}: pass one of them)" if subdirs else ""
+        raise UserError(f"{path} holds no {CFG_FILE}: pass an SAE directory (SAELens or sparsify layout){hint}")
+    if (path / WEIGHTS_FILE).exists() or not (path / SPARSIFY_WEIGHTS).exists():
+        return _find_saelens(path)
+    return _find_sparsify(path)
+
+
+def read_cfg(path: str | os.PathLike) -> tuple[SAEConfig, dict]:
+    """(SAEConfig, the raw cfg.json dict) of a SAELens directory, checked to be one we can run."""
+    found = _find_saelens(Path(path))
+    return _config(found), _read_json(Path(path) / CFG_FILE)
+
+
+def _config(found: Found, **overrides: Any) -> SAEConfig:
+    values = {**found.values, **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("k") is None:
+        what = next((n for n in found.notes if n.startswith("k:")), "k: missing")
+        raise UserError(f"{found.path}: {what.removeprefix('k: ')}")
+    if values.get("hook_name") is not None:
+        hook, note = our_hook_name(values["hook_name"])
+        if hook is None:
+            raise UserError(f"{note}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)}")
+        values["hook_name"] = hook
+    for key in ("d_in", "d_sae"):
+        if not isinstance(values.get(key), int):
+            raise UserError(f"{found.path}/{CFG_FILE}: {key} is missing or not an integer: the config is damaged")
+    try:
+        return SAEConfig(**values)
+    except ValidationError as e:
+        raise UserError(f"{found.path}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from e
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int | None = None,
+         hook_name: str | None = None) -> SAE:
+    """Load an SAE: SAELens (TopK) or sparsify directory, seed .pth, or ``hf://org/repo[/subdir]``.
+
+    Args:
+        path: see above (the format is recognized from the files).
+        device: where to put the weights (float32).
+        k, hook_name: supply or override what the files lack (the seed's .pth stores neither).
+    Returns:
+        The SAE in eval mode; ``sae.cfg`` holds d_in, d_sae, k, normalization and the hook point.
+    Example:
+        >>> sae = load("runs/sae"); latents = sae.encode(x)
+        >>> sae = load("seed/model.pth", k=64, hook_name="attn_in.23")
+    """
+    found = find(path)
+    cfg = _config(found, k=k, hook_name=hook_name)
+    weights = found.weights()
+    shapes = {"W_enc": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+              "b_dec": (cfg.d_in,)}
+    for name, shape in shapes.items():
+        if name not in weights or tuple(weights[name].shape) != shape:
+            got = tuple(weights[name].shape) if name in weights else "missing"
+            if found.format == "saelens" and name == "W_enc":  # name the shapes as the file stores them
+                shape, got = shape[::-1], got[::-1] if isinstance(got, tuple) else got
+            raise UserError(f"{found.path}: {name} should be {shape} by its config, found {got}: "
+                            "the weights and cfg.json do not belong together")
+    sae = SAE(cfg, device=device)
+    with torch.no_grad():
+        for name in shapes:
+            getattr(sae, name).copy_(weights[name])
+    return sae.eval()
+
+
+def load_sparsity(path: str | os.PathLike) -> torch.Tensor | None:
+    """The [d_sae] log10 firing rates of an SAE directory, or None if it has no sparsity file."""
+    file = Path(path) / SPARSITY_FILE
+    return _safetensors(file)["sparsity"] if file.exists() else None
+
+
+def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(field, value) rows for ``llama-sae sae info``: format, shape, k, normalization, hook point, and notes."""
+    found = find(path)
+    v = found.values
+    rows = [("format", found.format), ("path", str(found.path)), ("d_in", str(v.get("d_in"))),
+            ("d_sae", str(v.get("d_sae"))), ("k", str(v["k"]) if v.get("k") else "missing"),
+            ("normalization", v.get("normalize_activations", "none")),
+            ("hook point", v.get("hook_name") or "missing"),
+            ("HF module", hf_module_name(v.get("hook_name")) or "-")]
+    rows += [(key, str(v[key])) for key in ("model_name", "context_size", "prepend_bos") if key in v]
+    if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
+        rows.append(("sparsity", SPARSITY_FILE))
+    rows += [("note", note) for note in found.notes]
+    return rows
+
+
+# --------------------------------------------------------------------------- writing
 def sae_lens_cfg(cfg: SAEConfig, **metadata: Any) -> dict:
     """The cfg.json dict for ``cfg``; extra ``metadata`` (e.g. training facts) goes under "metadata"."""
     meta = {key: getattr(cfg, key) for key in METADATA_KEYS}
+    meta["hf_hook_name"] = hf_module_name(cfg.hook_name)
     meta.update(metadata)
     return {"architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "dtype": "float32",
             "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": cfg.normalize_activations,
             "reshape_activations": "none", "rescale_acts_by_decoder_norm": False, "metadata": meta}
 
 
+def _tensors(sae: SAE, names: dict[str, str]) -> bytes:
+    """safetensors bytes of ``sae``'s parameters renamed by ``names`` {theirs: ours}; W_enc keeps our layout."""
+    out = {theirs: getattr(sae, ours).detach().float().cpu().contiguous() for theirs, ours in names.items()}
+    return safetensors_bytes(out)
+
+
 def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = None, **metadata: Any) -> Path:
-    """Write ``sae`` to the directory ``path`` (created if needed), each file atomically.
+    """Write ``sae`` to the directory ``path`` (created if needed) in the SAELens v6 layout, each file atomically.
 
     Args:
         sae: the SAE (any device; written as float32 on CPU).
@@ -67,56 +401,34 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     return path
 
 
-def read_cfg(path: str | os.PathLike) -> tuple[SAEConfig, dict]:
-    """(SAEConfig, the raw cfg.json dict) of an SAE directory, checked to be one we can run."""
-    file = Path(path) / CFG_FILE
-    if not file.exists():
-        raise UserError(f"{path} holds no {CFG_FILE}: pass an SAE directory (SAELens v6 layout)")
-    raw = json.loads(file.read_text())
-    if raw.get("architecture") != "topk":
-        raise UserError(f"{file}: architecture {raw.get('architecture')!r} is not supported: only 'topk' SAEs load")
-    if not raw.get("apply_b_dec_to_input", True) or raw.get("rescale_acts_by_decoder_norm", False):
-        raise UserError(f"{file}: apply_b_dec_to_input=false or rescale_acts_by_decoder_norm=true is not "
-                        "supported: fold the decoder norms into the weights first (SAELens fold_W_dec_norm)")
-    if raw.get("normalize_activations", "none") not in ("none", "layer_norm"):
-        raise UserError(f"{file}: normalize_activations {raw['normalize_activations']!r} is not supported: "
-                        "use 'none' or 'layer_norm'")
-    meta = raw.get("metadata") or {}
-    cfg = SAEConfig(d_in=raw["d_in"], d_sae=raw["d_sae"], k=raw["k"],
-                    normalize_activations=raw.get("normalize_activations", "none"),
-                    **{key: meta[key] for key in METADATA_KEYS if meta.get(key) is not None})
-    return cfg, raw
+def save_sparsify(sae: SAE, path: str | os.PathLike) -> Path:
+    """Write ``sae`` to the directory ``path`` in sparsify's layout (``SparseCoder.load_from_disk`` reads it).
 
-
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE directory written by :func:`save` or by SAELens (architecture "topk").
-
-    Args:
-        path: the SAE directory (cfg.json + sae_weights.safetensors).
-        device: where to put the weights (float32).
-    Returns:
-        The SAE in eval mode; ``sae.cfg`` holds d_in, d_sae, k, normalization and the hook point.
-    Example:
-        >>> sae = load("runs/sae"); latents = sae.encode(x)
+    sparsify has no input normalization, so an SAE with layer_norm cannot be written exactly: UserError.
     """
-    cfg, _ = read_cfg(path)
-    weights = load_file(Path(path) / WEIGHTS_FILE)
-    shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-              "b_dec": (cfg.d_in,)}
-    for name, shape in shapes.items():
-        if name not in weights or tuple(weights[name].shape) != shape:
-            found = tuple(weights[name].shape) if name in weights else "missing"
-            raise UserError(f"{path}/{WEIGHTS_FILE}: {name} should be {shape} by cfg.json, found {found}: "
-                            "the weights and cfg.json do not belong together")
-    sae = SAE(cfg, device=device)
-    with torch.no_grad():
-        sae.W_enc.copy_(weights["W_enc"].T)
-        for name in ("b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(weights[name])
-    return sae.eval()
+    cfg = sae.cfg
+    if cfg.normalize_activations != "none":
+        raise UserError("sparsify SAEs have no input normalization and this SAE uses layer_norm: "
+                        "export it with --to saelens (or train with normalize_activations none)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / SPARSIFY_WEIGHTS, _tensors(sae, {"encoder.weight": "W_enc", "encoder.bias": "b_enc",
+                                                        "W_dec": "W_dec", "b_dec": "b_dec"}))
+    ours = {key: getattr(cfg, key) for key in METADATA_KEYS} | {"hf_hook_name": hf_module_name(cfg.hook_name)}
+    atomic_write_json(path / CFG_FILE, {
+        "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": True,
+        "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": False, "transcode": False,
+        "d_in": cfg.d_in, "llama_sae": ours})
+    return path
 
 
-def load_sparsity(path: str | os.PathLike) -> torch.Tensor | None:
-    """The [d_sae] log10 firing rates of an SAE directory, or None if it has no sparsity file."""
-    file = Path(path) / SPARSITY_FILE
-    return load_file(file)["sparsity"] if file.exists() else None
+def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int | None = None,
+            hook_name: str | None = None) -> Path:
+    """Read the SAE at ``src`` (any format :func:`load` reads) and write it to ``out`` as ``to`` (saelens|sparsify)."""
+    if to not in ("saelens", "sparsify"):
+        raise UserError(f"cannot write format {to!r}: use --to saelens or --to sparsify")
+    sae = load(src, k=k, hook_name=hook_name)
+    if to == "sparsify":
+        return save_sparsify(sae, out)
+    sparsity = load_sparsity(src) if Path(src, SPARSITY_FILE).exists() else None
+    return save(sae, out, sparsity=sparsity)

@@ -1,0 +1,69 @@
+"""``llama-sae sae ...``: inspect, convert and share SAE files (SAELens, sparsify, the seed's .pth, the HF hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+sae_app = typer.Typer(no_args_is_help=True, help="SAE files: info, convert (SAELens, sparsify, seed .pth), push, pull.")
+console = Console()
+
+PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo[/dir]")]
+KOpt = Annotated[int | None, typer.Option(help="k, where the file lacks it (the seed's .pth: 64)")]
+HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file lacks it (e.g. attn_in.23)")]
+
+
+@sae_app.command("info")
+def info(path: PathArg) -> None:
+    """What an SAE file says: format, shape, k, normalization, hook point, and what is missing."""
+    from rich.table import Table
+
+    from llama_sae.sae.formats import describe
+
+    table = Table("field", "value", title=str(path))
+    for key, value in describe(path):
+        table.add_row(key, value)
+    console.print(table)
+
+
+@sae_app.command("convert")
+def convert(
+    path: PathArg,
+    to: Annotated[str, typer.Option(help="saelens or sparsify")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    k: KOpt = None,
+    hook: HookOpt = None,
+) -> None:
+    """Rewrite an SAE in another format (reads SAELens, sparsify, the seed's .pth; writes SAELens or sparsify)."""
+    from llama_sae.sae.formats import convert as run_convert
+
+    done = run_convert(path, to, out, k=k, hook_name=hook)
+    console.print(f"wrote {to} SAE to {done}")
+
+
+@sae_app.command("push")
+def push(
+    path: Annotated[Path, typer.Argument(help="SAE directory to upload")],
+    repo: Annotated[str, typer.Argument(help="Hugging Face repo id, org/name")],
+    subdir: Annotated[str | None, typer.Option(help="folder inside the repo (one SAE per hook, e.g. resid_post.3)")]
+    = None,
+    private: Annotated[bool, typer.Option(help="create the repo private")] = False,
+) -> None:
+    """Upload an SAE directory to the Hugging Face hub (token: HF_TOKEN or `hf auth login`)."""
+    from llama_sae.sae.hub import push as run_push
+
+    console.print(f"uploaded: {run_push(path, repo, subdir=subdir, private=private)}")
+
+
+@sae_app.command("pull")
+def pull(
+    uri: Annotated[str, typer.Argument(help="hf://org/repo[/subdir][@revision]")],
+    out: Annotated[Path, typer.Argument(help="directory to copy the SAE into")],
+) -> None:
+    """Download an SAE from the Hugging Face hub into a directory."""
+    from llama_sae.sae.hub import pull as run_pull
+
+    console.print(f"downloaded to {run_pull(uri, out)}")

@@ -1,0 +1,102 @@
+"""SAEs on the Hugging Face hub, through huggingface_hub (the ``hf`` extra).
+
+    hf://org/repo                 the SAE at the repo's root
+    hf://org/repo/resid_post.3    the SAE in a folder of the repo (one SAE per hook point)
+    hf://org/repo/dir@v1.0        at a revision (branch, tag or commit)
+
+``HF_ENDPOINT`` selects the server, ``HF_TOKEN`` (or ``hf auth login``) the credentials, ``HF_HUB_OFFLINE=1``
+serves from the local cache only: all read by huggingface_hub itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from llama_sae.errors import UserError
+from llama_sae.fileio import atomic_write
+
+
+class HubRef(NamedTuple):
+    repo_id: str
+    subdir: str | None
+    revision: str | None
+
+
+def parse_uri(uri: str) -> HubRef:
+    """Split ``hf://org/repo[/subdir][@revision]``; a one-line error for anything else."""
+    rest = uri.removeprefix("hf://")
+    rest, _, revision = rest.partition("@")
+    parts = [p for p in rest.split("/") if p]
+    if not uri.startswith("hf://") or len(parts) < 2 or any(p in (".", "..") for p in parts):
+        raise UserError(f"{uri!r} is not a hub reference: write hf://org/repo, hf://org/repo/subdir or "
+                        "hf://org/repo/subdir@revision")
+    return HubRef("/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None)
+
+
+def _hub():
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors  # noqa: F401  (submodules the lazy package does not expose as attributes)
+    except ImportError as e:
+        raise UserError("the Hugging Face hub needs huggingface_hub: pip install 'llama-sae[hf]'") from e
+    return huggingface_hub
+
+
+def download(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local directory (in the huggingface_hub cache) holding the SAE at ``uri``; downloads what is missing."""
+    ref = parse_uri(uri)
+    hub = _hub()
+    try:
+        root = hub.snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache_dir,
+                                     allow_patterns=[f"{ref.subdir}/*"] if ref.subdir else None)
+    except hub.errors.RepositoryNotFoundError as e:
+        raise UserError(f"{uri}: no such repo on {hub.constants.ENDPOINT} (or it is private: set HF_TOKEN)") from e
+    except hub.errors.RevisionNotFoundError as e:
+        raise UserError(f"{uri}: revision {ref.revision!r} does not exist: use a branch, tag or commit") from e
+    except (hub.errors.LocalEntryNotFoundError, OSError) as e:
+        raise UserError(f"{uri}: cannot download ({str(e).splitlines()[0][:160]}): check the network, or "
+                        "unset HF_HUB_OFFLINE if it is set") from e
+    path = Path(root) / ref.subdir if ref.subdir else Path(root)
+    if not path.is_dir():
+        raise UserError(f"{uri}: the repo has no folder {ref.subdir!r}: list its folders on the hub and pick one")
+    return path
+
+
+def pull(uri: str, out: str | os.PathLike) -> Path:
+    """Download the SAE at ``uri`` and copy its files into the directory ``out`` (each file written atomically)."""
+    src = download(uri)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(src.iterdir()):
+        if file.is_file():
+            atomic_write(out / file.name, file.read_bytes())
+    return out
+
+
+def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, private: bool = False,
+         message: str | None = None) -> str:
+    """Upload the SAE directory ``path`` to ``repo_id`` (created if missing), under ``subdir`` if given.
+
+    The directory is checked to load first. Returns the hf:// reference of the uploaded SAE.
+    """
+    from llama_sae.sae.formats import find
+
+    path = Path(path)
+    found = find(path)
+    if found.format == "seed" or not path.is_dir():
+        raise UserError(f"{path}: push uploads an SAE directory: convert the .pth first (llama-sae sae convert)")
+    parse_uri(f"hf://{repo_id}")  # validates org/name
+    hub = _hub()
+    api = hub.HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(path), path_in_repo=subdir or "",
+                          commit_message=message or f"Upload {found.format} SAE ({found.values.get('hook_name')})",
+                          ignore_patterns=[".*"])
+    except hub.errors.HfHubHTTPError as e:
+        raise UserError(f"upload to {repo_id} failed ({str(e).splitlines()[0][:160]}): check HF_TOKEN has write "
+                        "access") from e
+    return f"hf://{repo_id}" + (f"/{subdir}" if subdir else "")

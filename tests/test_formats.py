@@ -1,0 +1,294 @@
+"""SAE files: sparsify and the seed's .pth read (and sparsify written) with numerics equal to each peer's own
+math, pre-6 SAELens configs, the hub (a local fake server), the ``llama-sae sae`` commands, and bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_sae import make_sae
+from typer.testing import CliRunner
+
+from llama_sae.cli import app
+from llama_sae.errors import UserError
+from llama_sae.sae import SAE, SAEConfig, load
+from llama_sae.sae.formats import convert, describe, hf_module_name, our_hook_name, save, save_sparsify
+
+runner = CliRunner()
+
+
+def sparsify_reference(w: dict, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsify's SparseCoder, written out: pre = (x - b_dec) @ encoder.weight.T + encoder.bias, ReLU, top k;
+    decode = Σ acts · W_dec rows + b_dec. Returns (dense latents [N, n], reconstruction [N, d]), float64."""
+    x, w = x.double(), {name: t.double() for name, t in w.items()}
+    pre = (x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"]
+    top = pre.relu().topk(k, dim=-1)
+    dense = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    return dense, dense @ w["W_dec"] + w["b_dec"]
+
+
+def seed_reference(state: dict, x: torch.Tensor, k: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's TopKSparseAutoencoder.forward, written out (its preprocess_input, forward_1d_normalized,
+    decode_latent, postprocess_output). Returns (dense latents, reconstruction), float64."""
+    x, s = x.double(), {name: t.double() for name, t in state.items()}
+    mean, norm = x.mean(-1, keepdim=True), x.std(-1, keepdim=True) + eps
+    h = ((x - mean) / norm - s["b_pre"]) @ s["encoder.weight"].T + s["encoder.bias"]
+    top = h.topk(k, dim=-1)
+    h_sparse = torch.zeros_like(h).scatter(1, top.indices, top.values.relu())
+    return h_sparse, (h_sparse @ s["decoder.weight"].T + s["b_pre"]) * norm + mean
+
+
+def seed_state(d=24, n=96, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    dec = torch.randn(d, n, generator=g)
+    return {"b_pre": 0.1 * torch.randn(d, generator=g), "encoder.weight": torch.randn(n, d, generator=g),
+            "encoder.bias": 0.3 * torch.randn(n, generator=g), "decoder.weight": dec / dec.norm(dim=0)}
+
+
+# --------------------------------------------------------------------------- sparsify
+def test_sparsify_written_and_read_match_its_math(tmp_path):
+    sae, x = make_sae(norm="none", dtype=torch.float32)
+    save_sparsify(sae, tmp_path / "layers.2.mlp")
+    cfg = json.loads((tmp_path / "layers.2.mlp" / "cfg.json").read_text())
+    assert {key: cfg[key] for key in ("activation", "num_latents", "k", "d_in", "transcode")} == {
+        "activation": "topk", "num_latents": 96, "k": 5, "d_in": 24, "transcode": False}
+    from safetensors.torch import load_file
+
+    w = load_file(tmp_path / "layers.2.mlp" / "sae.safetensors")
+    assert set(w) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    dense, recon = sparsify_reference(w, x, k=5)
+    torch.testing.assert_close(sae.encode(x).double(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), recon, rtol=1e-5, atol=1e-5)
+    back = load(tmp_path / "layers.2.mlp")
+    assert back.cfg.hook_name == "mlp_out.2" and back.cfg.normalize_activations == "none"  # from the dir name
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(back, name), getattr(sae, name)), name
+
+
+def test_sparsify_files_as_sparsify_writes_them(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    w = {"encoder.weight": torch.randn(64, 16, generator=g), "encoder.bias": torch.randn(64, generator=g),
+         "W_dec": torch.randn(64, 16, generator=g), "b_dec": torch.randn(16, generator=g)}
+    path = tmp_path / "layers.3"
+    path.mkdir()
+    save_file(w, path / "sae.safetensors")
+    (path / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 4, "normalize_decoder": True,
+                                               "num_latents": 0, "k": 6, "multi_topk": False,
+                                               "skip_connection": False, "transcode": False, "d_in": 16}))
+    sae = load(path)
+    assert (sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name) == (64, 6, "resid_post.3")  # d_sae = 4 x 16
+    x = torch.randn(30, 16, generator=g) * 2
+    dense, recon = sparsify_reference(w, x, k=6)
+    torch.testing.assert_close(sae.encode(x).double(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), recon, rtol=1e-5, atol=1e-5)
+
+
+def test_real_sparsify_loads_our_export(tmp_path):
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (see ../shared/peerbench)")
+    sae, x = make_sae(norm="none", dtype=torch.float32)
+    save_sparsify(sae, tmp_path / "s")
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "s")
+    enc = theirs.encode(x)
+    dense = torch.zeros(x.shape[0], 96).scatter(1, enc.top_indices, enc.top_acts)
+    torch.testing.assert_close(dense, sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(enc.top_acts, enc.top_indices), sae(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_cannot_hold_layer_norm(tmp_path):
+    sae, _ = make_sae(norm="layer_norm", dtype=torch.float32)
+    with pytest.raises(UserError, match="no input normalization.*--to saelens"):
+        save_sparsify(sae, tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- the seed
+def test_seed_checkpoint_reads_with_its_math(tmp_path):
+    state = seed_state()
+    torch.save(state, tmp_path / "model_checkpoint_epoch-10.pth")
+    rows = dict(describe(tmp_path / "model_checkpoint_epoch-10.pth"))
+    assert rows["format"] == "seed" and rows["k"] == "missing" and rows["hook point"] == "missing"
+    notes = [v for key, v in describe(tmp_path / "model_checkpoint_epoch-10.pth") if key == "note"]
+    assert any("--k 64" in n for n in notes) and any("attn_in.23" in n for n in notes)
+    with pytest.raises(UserError, match="does not store it\\): pass --k 64"):
+        load(tmp_path / "model_checkpoint_epoch-10.pth")
+    sae = load(tmp_path / "model_checkpoint_epoch-10.pth", k=5, hook_name="attn_in.3")
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name, sae.cfg.normalize_activations) == (
+        24, 96, 5, "attn_in.3", "layer_norm")
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    dense, recon = seed_reference(state, x, k=5, eps=1e-5)  # ours reads with SAELens's eps: exact there
+    torch.testing.assert_close(sae.encode(x).double(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), recon, rtol=1e-5, atol=1e-4)
+    _, recon_seed = seed_reference(state, x, k=5)  # and the seed's own eps 1e-6 is within float noise of it
+    torch.testing.assert_close(sae(x).double(), recon_seed, rtol=1e-4, atol=1e-3)
+
+
+def test_seed_checkpoint_with_ddp_prefix_and_convert(tmp_path):
+    state = seed_state(seed=3)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "seed.pth")
+    out = convert(tmp_path / "seed.pth", "saelens", tmp_path / "conv", k=5, hook_name="attn_in.1")
+    back = load(out)
+    assert back.cfg.hook_name == "attn_in.1" and back.cfg.k == 5
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["hf_hook_name"] == "model.layers.1.input_layernorm"
+    torch.testing.assert_close(back.W_dec, state["decoder.weight"].T)
+
+
+# --------------------------------------------------------------------------- SAELens
+def test_pre_6_saelens_config_reads(tmp_path):
+    sae, x = make_sae(dtype=torch.float32)
+    save(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    old = {"d_in": 24, "d_sae": 96, "hook_point": "blocks.4.hook_resid_post", "model_name": "llama",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5}, "apply_b_dec_to_input": True,
+           "normalize_activations": cfg["normalize_activations"], "context_size": 128}
+    (tmp_path / "cfg.json").write_text(json.dumps(old))
+    back = load(tmp_path)
+    assert (back.cfg.k, back.cfg.hook_name, back.cfg.model_name, back.cfg.context_size) == (
+        5, "resid_post.4", "llama", 128)
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
+
+
+def test_hook_name_translation():
+    assert our_hook_name("blocks.7.hook_mlp_out") == ("mlp_out.7", None)
+    assert our_hook_name("model.layers.2.self_attn") == ("attn_out.2", None)
+    assert our_hook_name("blocks.1.ln1.hook_normalized")[0] == "attn_in.1"  # with a note on folded norms
+    assert our_hook_name("blocks.1.attn.hook_z")[0] is None
+    assert our_hook_name(hf_module_name("resid_pre.3"))[0] == "resid_post.2"  # the same activation
+    for hook in ("resid_pre.0", "attn_in.2", "attn_out.2", "mlp_in.2", "mlp_out.2", "resid_post.2"):
+        assert our_hook_name(hf_module_name(hook))[0] == hook
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match='has no "k"\\): add "k": N to cfg.json, or pass --k N'):
+        load(tmp_path / "s")
+    assert load(tmp_path / "s", k=5).cfg.k == 5
+    weights = (tmp_path / "s" / "sae_weights.safetensors").read_bytes()
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(UserError, match="not a readable safetensors file .* truncated or not an SAE"):
+        load(tmp_path / "s", k=5)
+    torch.save(seed_state(), tmp_path / "seed.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "seed.pth").read_bytes()[:3000])
+    with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):
+        load(tmp_path / "cut.pth", k=5)
+    (tmp_path / "foreign.pth").write_bytes(pickle.dumps(UserError("not weights"), protocol=2))
+    with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):
+        load(tmp_path / "foreign.pth", k=5)
+    torch.save({"W": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not the seed's SAE checkpoint: expected tensors b_pre"):
+        load(tmp_path / "other.pth", k=5)
+    with pytest.raises(UserError, match="has no equivalent here: use KIND.LAYER"):
+        load(tmp_path / "seed.pth", k=5, hook_name="blocks.1.attn.hook_z")
+    with pytest.raises(UserError, match="k=96 must be smaller than d_sae=96"):
+        load(tmp_path / "seed.pth", k=96)
+
+
+def test_splice_rejects_what_the_model_lacks(tmp_path):
+    from llama_sae.llama.model import ModelArgs, Transformer
+    from llama_sae.splice import spliced
+
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16))
+    with pytest.raises(UserError, match="24-wide activations but resid_post.1 of this model is 32 wide"):
+        with spliced(model, SAE(SAEConfig(d_in=24, d_sae=48, k=4, hook_name="resid_post.1"))):
+            pass
+    with pytest.raises(UserError, match="layer 5 is out of range, this model has layers 0..1"):
+        with spliced(model, SAE(SAEConfig(d_in=32, d_sae=48, k=4, hook_name="resid_post.5"))):
+            pass
+    with pytest.raises(UserError, match="does not say which hook point it reads"):
+        with spliced(model, SAE(SAEConfig(d_in=32, d_sae=48, k=4))):
+            pass
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_info_and_convert(tmp_path):
+    sae, x = make_sae(norm="none", dtype=torch.float32)
+    save(sae, tmp_path / "lens")
+    result = runner.invoke(app, ["sae", "info", str(tmp_path / "lens")])
+    assert result.exit_code == 0, result.output
+    assert "saelens" in result.output and "96" in result.output
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "sparsify",
+                                 "--out", str(tmp_path / "sp")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens",
+                                 "--out", str(tmp_path / "lens2")])
+    assert result.exit_code == 0, result.output
+    back = load(tmp_path / "lens2")
+    assert back.cfg == sae.cfg
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "onnx", "--out", str(tmp_path)])
+    assert isinstance(result.exception, UserError) and "use --to saelens or --to sparsify" in str(result.exception)
+
+
+# --------------------------------------------------------------------------- the hub (a fake server on 127.0.0.1)
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as constants
+    from fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1: the server is local
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+        yield hub
+
+
+def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
+    from llama_sae.sae import hub
+
+    sae, x = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "sae")
+    assert hub.push(tmp_path / "sae", "org/llama-saes", subdir="resid_post.3") == "hf://org/llama-saes/resid_post.3"
+    assert set(fake_hub.repos["org/llama-saes"]) == {"resid_post.3/cfg.json", "resid_post.3/sae_weights.safetensors"}
+    back = load("hf://org/llama-saes/resid_post.3")
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
+    result = runner.invoke(app, ["sae", "pull", "hf://org/llama-saes/resid_post.3", str(tmp_path / "pulled")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pulled" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "sae" / "sae_weights.safetensors").read_bytes()
+    assert all(r.startswith(("GET", "HEAD", "POST")) for r in fake_hub.requests)
+    # the cache serves later loads with the hub offline
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    n = len(fake_hub.requests)
+    torch.testing.assert_close(load("hf://org/llama-saes/resid_post.3")(x), sae(x), rtol=0, atol=0)
+    assert len(fake_hub.requests) == n
+    with pytest.raises(UserError, match="cannot download"):
+        load("hf://org/other-repo")
+
+
+def test_hub_errors(fake_hub):
+    from llama_sae.sae.hub import parse_uri
+
+    assert parse_uri("hf://a/b/c/d@v1") == ("a/b", "c/d", "v1")
+    with pytest.raises(UserError, match="write hf://org/repo"):
+        parse_uri("hf://only-one")
+    with pytest.raises(UserError, match="no such repo"):
+        load("hf://org/missing")
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "none"])
+def test_sae_written_by_saelens_reads_and_agrees(tmp_path, norm):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed: pip install -e '.[dev]'")
+    theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=16, d_sae=64, k=4, normalize_activations=norm))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    theirs.save_model(str(tmp_path))
+    ours = load(tmp_path)
+    assert (ours.cfg.k, ours.cfg.normalize_activations) == (4, norm)
+    x = torch.randn(20, 16, generator=g) * 2 + 1
+    feats = theirs.encode(x)
+    torch.testing.assert_close(ours.encode(x), feats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), theirs.decode(feats), rtol=1e-5, atol=1e-5)
