@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from llama_sae.cli import app
 from llama_sae.errors import UserError
-from llama_sae.sae import SAE, SAEConfig, load
+from llama_sae.sae import load
 from llama_sae.sae.formats import convert, describe, hf_module_name, our_hook_name, save, save_sparsify
 
 runner = CliRunner()
@@ -187,22 +187,6 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
         load(tmp_path / "seed.pth", k=5, hook_name="blocks.1.attn.hook_z")
     with pytest.raises(UserError, match="k=96 must be smaller than d_sae=96"):
         load(tmp_path / "seed.pth", k=96)
-
-
-def test_splice_rejects_what_the_model_lacks(tmp_path):
-    from llama_sae.llama.model import ModelArgs, Transformer
-    from llama_sae.splice import spliced
-
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16))
-    with pytest.raises(UserError, match="24-wide activations but resid_post.1 of this model is 32 wide"):
-        with spliced(model, SAE(SAEConfig(d_in=24, d_sae=48, k=4, hook_name="resid_post.1"))):
-            pass
-    with pytest.raises(UserError, match="layer 5 is out of range, this model has layers 0..1"):
-        with spliced(model, SAE(SAEConfig(d_in=32, d_sae=48, k=4, hook_name="resid_post.5"))):
-            pass
-    with pytest.raises(UserError, match="does not say which hook point it reads"):
-        with spliced(model, SAE(SAEConfig(d_in=32, d_sae=48, k=4))):
-            pass
 
 
 # --------------------------------------------------------------------------- CLI

@@ -10,7 +10,7 @@ from llama_sae.errors import UserError
 from llama_sae.llama import load_model
 from llama_sae.llama.generate import generate_tokens
 from llama_sae.sae.model import SAE, SAEConfig
-from llama_sae.splice import spliced
+from llama_sae.splice import SplicedModel, spliced
 
 
 def _sae(model, hook, d_sae=96, k=8, norm="layer_norm", seed=0):
@@ -110,3 +110,29 @@ def test_splice_bad_inputs(model):
     with pytest.raises(UserError, match="hook_name is empty"):
         with spliced(model, _sae(model, None)):
             pass
+
+
+def test_spliced_model_wrapper_behaves_like_the_model(model):
+    saes = [_sae(model, "resid_post.0"), _sae(model, "mlp_out.1", seed=1)]
+    tokens = _tokens()
+    clean = model(tokens)
+    sm = SplicedModel(model, saes)
+    assert torch.equal(sm(tokens), clean)  # exact with the error term
+    assert sm.args is model.args and sm.device == model.device and "resid_post.0" in repr(sm)
+    sm.error_term = False
+    with spliced(model, saes, error_term=False):
+        want = model(tokens)
+        want_acts = model.capture(tokens, ["resid_post.1"])["resid_post.1"]
+    assert torch.equal(sm(tokens), want)
+    assert torch.equal(sm.capture(tokens, ["resid_post.1"])["resid_post.1"], want_acts)
+    assert torch.equal(model(tokens), clean)  # the model itself stays unspliced
+    sm.error_term, sm.edit = True, {"resid_post.0": lambda h: h * 0}
+    with spliced(model, saes, edit={"resid_post.0": lambda h: h * 0}):
+        want = model(tokens)
+    assert torch.equal(sm(tokens), want) and not torch.equal(want, clean)
+    prompts = [_tokens()[0, :7].tolist()]
+    rows = [[int(t[0]) for t, _ in generate_tokens(sm, prompts, max_new_tokens=8, stop_ids=set(), use_cache=c)]
+            for c in (True, False)]
+    assert rows[0] == rows[1]  # generation through the wrapper, cached and uncached agree
+    with pytest.raises(UserError, match="two SAEs read resid_post.0"):
+        SplicedModel(model, [saes[0], saes[0]])

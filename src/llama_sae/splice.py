@@ -6,6 +6,7 @@
         logits = model(tokens)
     with spliced(model, sae, error_term=False):     # the model runs on the reconstruction alone
         logits = model(tokens)
+    sm = SplicedModel(model, sae)                   # the same, as an object that behaves like the model
 
 With the error term, the hook point carries ``x + (x̂_edited − x̂)``: mathematically x̂_edited + (x − x̂),
 the reconstruction of the edited latents plus the error of the unedited input. Written this way an
@@ -101,18 +102,9 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     return hook
 
 
-@contextmanager
-def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-            edit: LatentEdit | dict[str, LatentEdit] | None = None,
-            pre_bias: PreBias | dict[str, PreBias] | None = None) -> Iterator[Transformer]:
-    """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
-
-    Args:
-        error_term: add back x − x̂ of the unedited input (the default: an unedited splice is exact).
-        edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
-            dict {hook name: function} when several SAEs are spliced.
-        pre_bias: a bias on the encoder pre-activation before TopK (see :data:`PreBias`), or such a dict.
-    """
+def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
+               edit: LatentEdit | dict[str, LatentEdit] | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
+    """{hook name: replacement function} for the SAE(s), each checked to fit ``model`` (see :func:`spliced`)."""
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     fns = {}
     for sae in saes:
@@ -120,7 +112,58 @@ def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term:
         if hook in fns:
             raise UserError(f"two SAEs read {hook}: splice one SAE per hook point")
         sae_edit = edit.get(hook) if isinstance(edit, dict) else edit
-        sae_bias = pre_bias.get(hook) if isinstance(pre_bias, dict) else pre_bias
-        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit, pre_bias=sae_bias)
-    with model.hooked(fns):
+        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit)
+    return fns
+
+
+@contextmanager
+def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
+            edit: LatentEdit | dict[str, LatentEdit] | None = None) -> Iterator[Transformer]:
+    """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
+
+    Args:
+        error_term: add back x − x̂ of the unedited input (the default: an unedited splice is exact).
+        edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
+            dict {hook name: function} when several SAEs are spliced.
+    """
+    with model.hooked(splice_fns(model, sae_or_saes, error_term=error_term, edit=edit)):
         yield model
+
+
+class SplicedModel:
+    """The model with SAE(s) spliced in on every call: a wrapper that behaves like the model.
+
+        sm = SplicedModel(model, sae)                         # exact: logits equal the model's
+        logits = sm(tokens); acts = sm.capture(tokens, ["resid_post.3"])
+        generate(sm, tok, ["Once upon"])                      # generation (KV cache) runs spliced too
+        sm.edit = lambda h: h * 0                             # change the edit (or error_term) at any time
+
+    Calls (forward, capture) run inside ``model.hooked``; every other attribute (args, device, setup_cache,
+    ...) is the model's. The model itself is left unspliced outside the wrapper's calls.
+    """
+
+    def __init__(self, model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
+                 edit: LatentEdit | dict[str, LatentEdit] | None = None):
+        self.model = model
+        self.saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
+        self.error_term, self.edit = error_term, edit
+        splice_fns(model, self.saes)  # check now: a bad SAE fails at construction, not at the first call
+
+    def _fns(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return splice_fns(self.model, self.saes, error_term=self.error_term, edit=self.edit)
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        with self.model.hooked(self._fns()):
+            return self.model(*args, **kwargs)
+
+    def capture(self, tokens: Tensor, names: list[str] | tuple[str, ...], **kw) -> dict[str, Tensor]:
+        """Hook point activations of the spliced model (a hook point with an SAE shows what runs downstream)."""
+        with self.model.hooked(self._fns()):
+            return self.model.capture(tokens, names, **kw)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        hooks = ", ".join(sae.cfg.hook_name or "?" for sae in self.saes)
+        return f"SplicedModel({type(self.model).__name__}, saes at [{hooks}], error_term={self.error_term})"
