@@ -103,7 +103,8 @@ def check_fits(model: Transformer, sae: SAE) -> str:
 
 
 def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-               edit: LatentEdit | dict[str, LatentEdit] | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
+               edit: LatentEdit | dict[str, LatentEdit] | None = None,
+               pre_bias: PreBias | dict[str, PreBias] | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
     """{hook name: replacement function} for the SAE(s), each checked to fit ``model`` (see :func:`spliced`)."""
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     fns = {}
@@ -112,21 +113,24 @@ def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_te
         if hook in fns:
             raise UserError(f"two SAEs read {hook}: splice one SAE per hook point")
         sae_edit = edit.get(hook) if isinstance(edit, dict) else edit
-        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit)
+        sae_bias = pre_bias.get(hook) if isinstance(pre_bias, dict) else pre_bias
+        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit, pre_bias=sae_bias)
     return fns
 
 
 @contextmanager
 def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-            edit: LatentEdit | dict[str, LatentEdit] | None = None) -> Iterator[Transformer]:
+            edit: LatentEdit | dict[str, LatentEdit] | None = None,
+            pre_bias: PreBias | dict[str, PreBias] | None = None) -> Iterator[Transformer]:
     """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
 
     Args:
         error_term: add back x − x̂ of the unedited input (the default: an unedited splice is exact).
         edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
             dict {hook name: function} when several SAEs are spliced.
+        pre_bias: a bias on the encoder pre-activation before TopK (see :data:`PreBias`), or such a dict.
     """
-    with model.hooked(splice_fns(model, sae_or_saes, error_term=error_term, edit=edit)):
+    with model.hooked(splice_fns(model, sae_or_saes, error_term=error_term, edit=edit, pre_bias=pre_bias)):
         yield model
 
 
