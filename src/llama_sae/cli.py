@@ -29,6 +29,15 @@ MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="token
 TempOpt = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")]
 TopPOpt = Annotated[float, typer.Option(help="nucleus sampling: keep the smallest set of tokens with this mass")]
 SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (repeatable output)")]
+SaeOpt = Annotated[list[Path] | None, typer.Option("--sae", help="SAE directory to splice in (repeatable, one per "
+                                                               "hook point)")]
+SteerOpt = Annotated[list[str] | None, typer.Option("--steer", help="[HOOK@]LATENT:clamp|add|bias:STRENGTH[:all|"
+                                                                  "prompt|generated], strength in units of the "
+                                                                  "latent's typical max (repeatable)")]
+FeaturesOpt = Annotated[list[Path] | None, typer.Option("--features", help="features artifact of a loaded SAE: "
+                                                                         "steering units and explanations")]
+RecordOpt = Annotated[Path | None, typer.Option(help="write the steering record (JSON) here; default "
+                                                     "runs/steer/<time>.json")]
 
 
 def _model_path(model: str | None) -> str:
@@ -90,10 +99,22 @@ def generate(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     stream: Annotated[bool, typer.Option(help="print tokens as they come (one prompt only)")] = True,
+    sae: SaeOpt = None,
+    steer: SteerOpt = None,
+    features: FeaturesOpt = None,
+    show_features: Annotated[bool, typer.Option(help="print each token's top latents and their explanations "
+                                                     "(needs --sae)")] = False,
+    top: Annotated[int, typer.Option(help="latents per token for --show-features")] = 3,
+    record: RecordOpt = None,
+    replay: Annotated[Path | None, typer.Option(help="run a steering record again and check the outputs match")] = None,
 ) -> None:
-    """Complete text prompts with the model."""
+    """Complete text prompts with the model; with --sae, steer it (--steer) and show token features."""
     from llama_sae.llama import generate as run_generate
 
+    if replay is not None:
+        from llama_sae.cli_steer import run_replay
+
+        return run_replay(replay, console)
     prompts = list(prompt or [])
     if prompts_file is not None:
         if not prompts_file.exists():
@@ -103,6 +124,14 @@ def generate(
         raise UserError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
     net, tok = _load(model, dtype, device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if sae or steer or features or show_features:
+        from llama_sae import cli_steer
+
+        if show_features and not sae:
+            raise UserError("--show-features needs an SAE: pass --sae PATH")
+        setup = cli_steer.setup(net, tok, sae or [], steer or [], features or [], console, err_console)
+        return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
+                                          show_features=show_features, top=top, record=record, stream=stream, **kw)
     if stream and len(prompts) == 1:
         console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
         for chunk in run_generate(net, tok, prompts, stream=True, **kw):
@@ -125,21 +154,37 @@ def chat(
     seed: SeedOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
+    sae: SaeOpt = None,
+    steer: SteerOpt = None,
+    features: FeaturesOpt = None,
+    record: RecordOpt = None,
 ) -> None:
-    """Chat with the model in the Llama 3 chat format (interactive, or one-shot with --message)."""
-    from llama_sae.llama import generate as run_generate
+    """Chat with the model in the Llama 3 chat format (interactive, or one-shot with --message); --steer steers it."""
+    from llama_sae.steer import generate as run_generate
 
     net, tok = _load(model, dtype, device)
     history = [{"role": "system", "content": system}] if system else []
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    steering = None
+    if sae or steer or features:
+        from llama_sae import cli_steer
+
+        steering = cli_steer.setup(net, tok, sae or [], steer or [], features or [], console, err_console).steering
 
     def reply(text: str) -> None:
         history.append({"role": "user", "content": text})
         answer = ""
-        for chunk in run_generate(net, tok, history, chat=True, stream=True, **kw):
+        for chunk in run_generate(net, tok, history, steering, chat=True, stream=True, **kw):
             answer += chunk.text
             console.print(chunk.text, end="", markup=False, highlight=False)
         console.print()
+        if steering is not None:  # one record per conversation, rewritten after every reply
+            from llama_sae.cli_steer import write_record
+            from llama_sae.steer import record as make_record
+
+            nonlocal record
+            record = write_record(make_record(steering, _model_path(model), list(history), [answer], kw, chat=True),
+                                  record)
         history.append({"role": "assistant", "content": answer})
 
     if message is not None:

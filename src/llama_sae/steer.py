@@ -91,20 +91,6 @@ def parse_steers(texts: Sequence[str] | str) -> list[Steer]:
     return [parse_steer(t) for t in texts]
 
 
-def sae_fingerprint(sae) -> str:
-    """A short hash of the SAE's weights (the features artifact's, when that module is installed)."""
-    try:
-        from llama_sae.features import sae_fingerprint as fingerprint
-    except ImportError:  # issue 8's module not there: hash the weights ourselves
-        import hashlib
-
-        h = hashlib.sha256()
-        for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
-    return fingerprint(sae)
-
-
 # --------------------------------------------------------------------------- units
 def estimate_units(model, tokenizer, sae, *, n_sentences: int = 256, top: int = 20, seed: int = 11) -> Tensor:
     """A quick typical max activation per latent [d_sae]: the mean of its top ``top`` per-sentence maxima
@@ -131,10 +117,7 @@ def units_from_features(path: str | Path, sae) -> Tensor:
     from llama_sae.features import load_features
 
     f = load_features(path)
-    if f.d_sae != sae.cfg.d_sae or f.sae_fingerprint != sae_fingerprint(sae):
-        raise UserError(f"the features artifact {path} was built from another SAE (fingerprint "
-                        f"{f.sae_fingerprint}, this SAE {sae_fingerprint(sae)}): pass the artifact of this SAE, "
-                        "or leave --features out to estimate the units")
+    f.check_sae(sae)
     return fill_dead_units(torch.as_tensor(f.typical_max))
 
 
@@ -189,19 +172,21 @@ class Steering:
         return s.strength * float(self.units[s.hook][s.latent])
 
     @contextmanager
-    def apply(self, model, prompt_len: int | None = None) -> Iterator[object]:
+    def apply(self, model, prompt_len: int | None = None, skip_tokens: Sequence[int] = ()) -> Iterator[object]:
         """Within the block, ``model`` runs with the SAEs spliced in and the steers applied.
 
         ``prompt_len``: cache slots 0..prompt_len-1 hold the (left-padded) prompts; needed for the
         ``prompt`` and ``generated`` positions. The absolute position of each forward's tokens is read
         from its ``start`` argument (KV-cache decoding), so cached and uncached runs steer the same tokens.
+        ``skip_tokens``: token ids never steered (:func:`generate` skips BOS, the attention sink: its huge
+        norm makes any edit there, scaled by the token's std, a large one).
         """
         from llama_sae.splice import spliced
 
         if prompt_len is None and any(s.positions != "all" for s in self.steers):
             raise UserError("steers on prompt or generated positions need the prompt length: generate with "
                             "llama_sae.steer.generate, or pass prompt_len to Steering.apply")
-        where = _PositionTracker(prompt_len)
+        where = _PositionTracker(prompt_len, skip_tokens)
         handle = model.register_forward_pre_hook(where.record, with_kwargs=True)
         edits = {h: self._edit(h, where) for h in self.saes}
         biases = {h: self._bias(h, where) for h in self.saes}
@@ -218,11 +203,11 @@ class Steering:
 
         def edit(h: Tensor) -> Tensor:  # h [B, T, d_sae]
             for s, v in steers:
-                mask = where.mask(s.positions, h.shape[1], h.device)  # [T]
+                mask = where.mask(s.positions, h.device)  # [B, T]
                 if s.kind == "clamp":
-                    h[:, mask, s.latent] = v
+                    h[mask, s.latent] = v
                 else:
-                    h[:, mask, s.latent] += v
+                    h[mask, s.latent] += v
             return h
 
         return edit
@@ -236,8 +221,7 @@ class Steering:
             b[s.latent] += self.value(s)
 
         def pre_bias(x: Tensor) -> tuple[Tensor, Tensor]:  # x [B, T, d]
-            mask = where.mask(steers[0].positions, x.shape[1], x.device)
-            return b.to(x.device), mask[None, :].expand(x.shape[0], -1)
+            return b.to(x.device), where.mask(steers[0].positions, x.device)
 
         return pre_bias
 
@@ -249,21 +233,29 @@ class Steering:
 
 
 class _PositionTracker:
-    """Absolute positions of the current forward pass, from the model's ``start`` argument."""
+    """Which tokens of the current forward pass to steer: absolute positions from the model's ``start``
+    argument, tokens from its input."""
 
-    def __init__(self, prompt_len: int | None):
-        self.prompt_len, self.start = prompt_len, 0
+    def __init__(self, prompt_len: int | None, skip_tokens: Sequence[int]):
+        self.prompt_len, self.skip, self.start, self.tokens = prompt_len, list(skip_tokens), 0, None
 
     def record(self, module, args, kwargs) -> None:
-        self.start = kwargs.get("start", 0)
+        self.start, self.tokens = kwargs.get("start", 0), args[0] if args else kwargs["tokens"]
 
-    def mask(self, positions: str, T: int, device) -> Tensor:
+    def mask(self, positions: str, device) -> Tensor:
+        """[B, T] bool: the tokens a steer on ``positions`` edits."""
+        B, T = self.tokens.shape
         pos = torch.arange(self.start, self.start + T, device=device)  # [T]
         if positions == "prompt":
-            return pos < self.prompt_len
-        if positions == "generated":
-            return pos >= self.prompt_len - 1
-        return torch.ones(T, dtype=torch.bool, device=device)
+            keep = pos < self.prompt_len
+        elif positions == "generated":
+            keep = pos >= self.prompt_len - 1
+        else:
+            keep = torch.ones(T, dtype=torch.bool, device=device)
+        keep = keep[None, :].expand(B, T)
+        if self.skip:
+            keep = keep & ~torch.isin(self.tokens.to(device), torch.tensor(self.skip, device=device))
+        return keep
 
 
 # --------------------------------------------------------------------------- generation and records
@@ -279,14 +271,14 @@ def generate(model, tokenizer, prompts, steering: Steering | None, *, chat: bool
     prompt_len = max(len(p) for p in ids)
     if stream:
         return _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs)
-    with steering.apply(model, prompt_len):
+    with steering.apply(model, prompt_len, [tokenizer.bos_id]):
         return plain_generate(model, tokenizer, ids, **kwargs)
 
 
 def _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs):
     from llama_sae.llama import generate as plain_generate
 
-    with steering.apply(model, prompt_len):
+    with steering.apply(model, prompt_len, [tokenizer.bos_id]):
         yield from plain_generate(model, tokenizer, ids, stream=True, **kwargs)
 
 
@@ -294,16 +286,88 @@ def record(steering: Steering | None, model_path: str, prompts, outputs: Sequenc
            *, chat: bool = False) -> dict:
     """A JSON-able record of one generation: everything needed to run it again (see :func:`replay`)."""
     from llama_sae import __version__
+    from llama_sae.features import sae_fingerprint
 
     saes = {}
     if steering is not None:
         for hook, sae in steering.saes.items():
             saes[hook] = {"fingerprint": sae_fingerprint(sae), "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
-                          **steering.sources.get(hook, {}),
-                          "units": [float(steering.units[hook][s.latent]) for s in steering.steers
-                                    if s.hook == hook]}
+                          **steering.sources.get(hook, {})}  # path, and where the units came from
     return {"llama_sae": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "model": str(model_path), "chat": chat, "sampling": sampling, "saes": saes,
             "steers": [] if steering is None else steering.describe(),
             "error_term": True if steering is None else steering.error_term,
             "prompts": list(prompts), "outputs": list(outputs)}
+
+
+# --------------------------------------------------------------------------- loading (CLI and UI)
+def load_saes(model, paths: Sequence[str | Path]) -> tuple[dict[str, object], dict[str, dict]]:
+    """SAEs by hook point, checked against the model, and their sources ({hook: {"path": ...}})."""
+    from llama_sae.sae import load
+    from llama_sae.splice import check_fits
+
+    saes, sources = {}, {}
+    for path in paths:
+        if not (Path(path) / "cfg.json").exists():
+            raise UserError(f"{path} is not an SAE directory (no cfg.json): pass the folder that `llama-sae train` "
+                            "wrote, e.g. runs/demo/sae/<name>")
+        sae = load(path)
+        hook = check_fits(model, sae)
+        if hook in saes:
+            raise UserError(f"two SAEs read {hook} ({sources[hook]['path']} and {path}): load one per hook point")
+        saes[hook], sources[hook] = sae, {"path": str(Path(path).resolve())}
+    return saes, sources
+
+
+def match_features(paths: Sequence[str | Path], saes: dict[str, object]) -> dict[str, object]:
+    """Features artifacts by the hook of the loaded SAE each was built from (UserError if none matches)."""
+    from llama_sae.features import load_features, sae_fingerprint
+
+    prints = {sae_fingerprint(sae): hook for hook, sae in saes.items()}
+    out = {}
+    for path in paths:
+        f = load_features(path)
+        if f.sae_fingerprint not in prints:
+            raise UserError(f"the features artifact {path} was built from an SAE that is not loaded (fingerprint "
+                            f"{f.sae_fingerprint}): load that SAE with --sae, or rebuild the artifact")
+        out[prints[f.sae_fingerprint]] = f
+    return out
+
+
+def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[Steer], *,
+                   sources: dict[str, dict] | None = None, features: dict[str, object] | None = None,
+                   estimate_sentences: int = 256) -> Steering:
+    """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate."""
+    sources = {h: dict((sources or {}).get(h, {})) for h in saes}
+    units = {}
+    for hook, sae in saes.items():
+        f = (features or {}).get(hook)
+        if f is not None:
+            units[hook] = fill_dead_units(torch.as_tensor(f.typical_max))
+            sources[hook]["units"] = f"features:{f.path}"
+        else:
+            units[hook] = estimate_units(model, tokenizer, sae, n_sentences=estimate_sentences)
+            sources[hook]["units"] = f"estimate:{estimate_sentences} tinyworld sentences"
+    return Steering(saes, list(steers), units, sources=sources)
+
+
+def replay(rec: dict, *, device: str = "cpu") -> list[str]:
+    """Run a recorded generation again (same model, SAEs, steers, units and sampling); its outputs."""
+    from llama_sae.features import sae_fingerprint
+    from llama_sae.llama import load_model, load_tokenizer
+
+    model, tok = load_model(rec["model"], device=device), load_tokenizer(rec["model"])
+    steering = None
+    if rec["saes"]:
+        saes, sources = load_saes(model, [info["path"] for info in rec["saes"].values()])
+        for hook, info in rec["saes"].items():
+            if sae_fingerprint(saes[hook]) != info["fingerprint"]:
+                raise UserError(f"the SAE at {info['path']} changed since the record was made (fingerprint "
+                                f"{sae_fingerprint(saes[hook])}, recorded {info['fingerprint']})")
+        units = {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()}
+        for d in rec["steers"]:
+            units[d["hook"]][d["latent"]] = d["unit"]
+        steering = Steering(saes, [parse_steer(d["spec"]) for d in rec["steers"]], units, rec["error_term"],
+                            sources=sources)
+    outs = generate(model, tok, rec["prompts"], steering, chat=rec["chat"], **rec["sampling"])
+    return [o.text for o in outs]

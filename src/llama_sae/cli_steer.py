@@ -1,0 +1,154 @@
+"""``llama-sae generate/chat --sae PATH [--steer SPEC] [--show-features]``: steered generation in the terminal.
+
+cli.py keeps the options; this module loads the SAEs, prints and records. Every steered generation is
+saved as a JSON record (model, SAEs with fingerprints, steers with their units, sampling, prompts,
+outputs) that ``llama-sae generate --replay FILE`` runs again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from llama_sae.errors import UserError
+
+
+@dataclass
+class SteerSetup:
+    """What --sae / --steer / --features resolve to."""
+
+    saes: dict  # hook -> SAE
+    features: dict  # hook -> Features
+    steering: object | None  # steer.Steering, None without --steer
+
+
+def setup(model, tokenizer, sae_paths: list[Path], specs: list[str], feature_paths: list[Path],
+          console: Console, err_console: Console) -> SteerSetup:
+    """Load SAEs and artifacts, parse and check the steers (warnings printed), estimating units if needed."""
+    from llama_sae.steer import build_steering, load_saes, match_features, parse_steers
+
+    steers = parse_steers(specs)  # malformed specs fail before anything loads
+    if not sae_paths:
+        if steers or feature_paths:
+            raise UserError("--steer and --features need an SAE: pass --sae PATH (e.g. runs/demo/sae/<name>)")
+        return SteerSetup({}, {}, None)
+    saes, sources = load_saes(model, sae_paths)
+    features = match_features(feature_paths, saes)
+    steering = None
+    if steers:
+        missing = [h for h in saes if h not in features]
+        if missing:
+            err_console.print(f"note: no features artifact for {', '.join(missing)}: estimating each latent's typical "
+                              "max activation over 256 sentences (pass --features DIR for the real one)",
+                              style="yellow", markup=False, highlight=False)
+        steering = build_steering(model, tokenizer, saes, steers, sources=sources, features=features)
+        for line in steering.warnings:
+            err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False)
+        table = Table("steer", "unit (typical max)", "value", title="steering")
+        for d in steering.describe():
+            table.add_row(Text(d["spec"]), f"{d['unit']:.3g}", f"{d['value']:.3g}")  # Text: no ":emoji:" codes
+        console.print(table)
+    return SteerSetup(saes, features, steering)
+
+
+def write_record(rec: dict, record: Path | None) -> Path:
+    """Write the record (default: runs/steer/<UTC time>.json); returns the path."""
+    from llama_sae.fileio import atomic_write_json
+
+    if record is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        record = Path("runs/steer") / f"{stamp}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, rec)
+    return record
+
+
+def run_replay(path: Path, console: Console) -> None:
+    """``--replay FILE``: generate the recorded prompts again and say whether the outputs match."""
+    from llama_sae.steer import replay
+
+    if not path.exists():
+        raise UserError(f"record {path} does not exist: pass a JSON file written by a steered generate or chat")
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"record {path} is not valid JSON ({e}): pass a file written by llama-sae") from None
+    outs = replay(rec)
+    same = outs == rec["outputs"]
+    for prompt, out in zip(rec["prompts"] if not rec["chat"] else [rec["prompts"][-1]["content"]], outs):
+        console.print(prompt, end="", style="bold", markup=False, highlight=False)
+        console.print(out, markup=False, highlight=False)
+    console.print(f"replay of {path}: outputs {'match the record' if same else 'DIFFER from the record'}")
+    if not same:
+        raise SystemExit(1)
+
+
+def token_features(model, tokenizer, saes: dict, tokens: list[int], top: int = 3) -> dict[str, list]:
+    """For each SAE: per token (BOS skipped) [(token text, [(latent, activation), ...])], strongest first."""
+    ids = torch.tensor([tokens], device=model.device)
+    acts = model.capture(ids, list(saes))
+    out = {}
+    for hook, sae in saes.items():
+        vals, idx = sae.encode_topk(acts[hook][0])  # [T, k]
+        order = vals.argsort(dim=-1, descending=True)[:, :top]
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
+        rows = []
+        for t, tok in enumerate(tokens):
+            if t == 0 and tok == tokenizer.bos_id:
+                continue
+            rows.append((tokenizer.decode([tok]), [(int(i), float(v)) for i, v in zip(idx[t], vals[t]) if v > 0]))
+        out[hook] = rows
+    return out
+
+
+def explanation_text(features, latent: int) -> str:
+    e = None if features is None else features.explanation(latent)
+    return "" if e is None else e.text
+
+
+def print_token_features(console: Console, model, tokenizer, setup: SteerSetup, prompt_tokens: list[int],
+                         new_tokens: list[int], top: int) -> None:
+    """The seed's terminal view: each token of prompt and completion with its top latents and explanations."""
+    n_prompt = len(prompt_tokens) - (1 if prompt_tokens and prompt_tokens[0] == tokenizer.bos_id else 0)
+    for hook, rows in token_features(model, tokenizer, setup.saes, prompt_tokens + new_tokens, top).items():
+        table = Table("", "token", f"top {top} latents (activation) explanation", title=f"features at {hook}",
+                      show_lines=False)
+        for t, (text, latents) in enumerate(rows):
+            where = "prompt" if t < n_prompt else "gen"
+            cells = [f"{i} ({v:.2f}) {explanation_text(setup.features.get(hook), i)}".rstrip() for i, v in latents]
+            table.add_row(where if t in (0, n_prompt) else "", Text(repr(text)), Text(" · ".join(cells)))
+        console.print(table)
+
+
+def steered_generate(console: Console, err_console: Console, model, tokenizer, model_path: str,
+                     prompts: list[str], setup: SteerSetup, *, show_features: bool, top: int, record: Path | None,
+                     stream: bool, **kw) -> None:
+    """``generate`` with an SAE loaded: steered (if any steers), token features (if asked), a record."""
+    from llama_sae import steer
+
+    if stream and len(prompts) == 1 and not show_features:
+        console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
+        text = ""
+        for chunk in steer.generate(model, tokenizer, prompts, setup.steering, stream=True, **kw):
+            text += chunk.text
+            console.print(chunk.text, end="", markup=False, highlight=False)
+        console.print()
+        outputs = [text]
+    else:
+        outs = steer.generate(model, tokenizer, prompts, setup.steering, **kw)
+        outputs = [o.text for o in outs]
+        for p, o in zip(prompts, outs):
+            console.print(p, end="", style="bold", markup=False, highlight=False)
+            console.print(o.text, markup=False, highlight=False)
+            if show_features:
+                print_token_features(console, model, tokenizer, setup, o.prompt_tokens, o.tokens, top)
+    if setup.steering is not None:
+        path = write_record(steer.record(setup.steering, model_path, prompts, outputs, kw), record)
+        console.print(f"[dim]record: {path} (re-run with llama-sae generate --replay {path})[/dim]")
