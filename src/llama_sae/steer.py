@@ -11,9 +11,9 @@ A steer is ``[HOOK@]LATENT:KIND:STRENGTH[:POSITIONS]``:
 A unit is the latent's typical maximum activation (``typical_max`` of the features artifact, or a
 quick estimate over a few hundred sentences), so "+5" is the same push for every latent. POSITIONS is
 ``all`` (default), ``prompt`` (the prompt's tokens) or ``generated`` (the last prompt token and every
-generated token: the positions whose predictions are sampled). Every edit goes through the splice
-(:mod:`llama_sae.splice`), which keeps the error term of the unedited input: an edit that changes no
-latent leaves the model's output exactly as it was.
+generated token: the positions whose predictions are sampled). Every edit is a latent edit of the splice
+(:func:`llama_sae.splice.splice_fn`), which keeps the error term of the unedited input: an edit that changes
+no latent leaves the model's output exactly as it was.
 
     >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
     >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
@@ -181,28 +181,41 @@ class Steering:
         ``skip_tokens``: token ids never steered (:func:`generate` skips BOS, the attention sink: its huge
         norm makes any edit there, scaled by the token's std, a large one).
         """
-        from llama_sae.splice import spliced
+        from llama_sae.splice import check_fits
 
         if prompt_len is None and any(s.positions != "all" for s in self.steers):
             raise UserError("steers on prompt or generated positions need the prompt length: generate with "
                             "llama_sae.steer.generate, or pass prompt_len to Steering.apply")
+        for sae in self.saes.values():
+            check_fits(model, sae)
         where = _PositionTracker(prompt_len, skip_tokens)
         handle = model.register_forward_pre_hook(where.record, with_kwargs=True)
-        edits = {h: self._edit(h, where) for h in self.saes}
-        biases = {h: self._bias(h, where) for h in self.saes}
         try:
-            with spliced(model, list(self.saes.values()), error_term=self.error_term, edit=edits, pre_bias=biases):
+            with model.hooked({h: self._hook_fn(h, where) for h in self.saes}):
                 yield model
         finally:
             handle.remove()
 
-    def _edit(self, hook: str, where: _PositionTracker):
-        steers = [(s, self.value(s)) for s in self.steers if s.hook == hook and s.kind != "bias"]
-        if not steers:
-            return None
+    def _hook_fn(self, hook: str, where: _PositionTracker):
+        """The hook point's replacement: the splice (error term of the unedited input) with this SAE's steers
+        as its latent edit. A bias re-encodes the steered tokens with b_enc + bias before TopK."""
+        from llama_sae.splice import splice_fn
 
-        def edit(h: Tensor) -> Tensor:  # h [B, T, d_sae]
-            for s, v in steers:
+        sae = self.saes[hook]
+        edits = [(s, self.value(s)) for s in self.steers if s.hook == hook and s.kind != "bias"]
+        biased = [s for s in self.steers if s.hook == hook and s.kind == "bias"]
+        bias = torch.zeros(sae.cfg.d_sae)
+        for s in biased:
+            bias[s.latent] += self.value(s)
+        use_bias = bool(bias.any())
+        seen: dict[str, Tensor] = {}
+
+        def edit(h: Tensor) -> Tensor:  # h [B, T, d_sae]; the splice compares the result with h: no in-place
+            h = h.clone()
+            if use_bias:
+                mask = where.mask(biased[0].positions, h.device)  # [B, T]
+                h[mask] = biased_latents(sae, seen["x"], bias.to(h.device)).view(h.shape)[mask]
+            for s, v in edits:
                 mask = where.mask(s.positions, h.device)  # [B, T]
                 if s.kind == "clamp":
                     h[mask, s.latent] = v
@@ -210,26 +223,30 @@ class Steering:
                     h[mask, s.latent] += v
             return h
 
-        return edit
+        fn = splice_fn(sae, error_term=self.error_term, edit=edit if edits or use_bias else None)
 
-    def _bias(self, hook: str, where: _PositionTracker):
-        steers = [s for s in self.steers if s.hook == hook and s.kind == "bias"]
-        if not steers:
-            return None
-        b = torch.zeros(self.saes[hook].cfg.d_sae)
-        for s in steers:
-            b[s.latent] += self.value(s)
+        def replace(x: Tensor) -> Tensor:
+            seen["x"] = x
+            return fn(x)
 
-        def pre_bias(x: Tensor) -> tuple[Tensor, Tensor]:  # x [B, T, d]
-            return b.to(x.device), where.mask(steers[0].positions, x.device)
-
-        return pre_bias
+        return replace
 
     def describe(self) -> list[dict]:
         """Each steer with its unit and absolute value (for records and tables)."""
         return [{"spec": s.spec, "latent": s.latent, "kind": s.kind, "strength": s.strength,
                  "positions": s.positions, "hook": s.hook, "unit": float(self.units[s.hook][s.latent]),
                  "value": self.value(s)} for s in self.steers]
+
+
+@torch.no_grad()
+def biased_latents(sae, x: Tensor, bias: Tensor) -> Tensor:
+    """Dense latents [N, d_sae] of x [..., d_in] encoded with ``bias`` [d_sae] added to the pre-activation
+    before TopK (the seed's h_bias): a biased latent can enter the top k and evict another."""
+    from llama_sae.sae.model import encode_select, normalize
+
+    x_norm, _, _ = normalize(x.reshape(-1, sae.cfg.d_in), sae.cfg.normalize_activations)
+    vals, idx, _, _ = encode_select(x_norm - sae.b_dec, sae.W_enc, sae.b_enc + bias, sae.cfg.k)
+    return torch.zeros(vals.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
 
 
 class _PositionTracker:
