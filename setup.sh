@@ -13,3 +13,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# Browser tests of the UI and dashboard: Debian's chromium + chromium-driver, installed only when missing and
+# apt-get is there (as root, or through passwordless sudo); without them those tests skip with the reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then as_root=""; elif sudo -n true 2>/dev/null; then as_root="sudo -n"; else as_root=none; fi
+  if [ "$as_root" != none ]; then
+    { $as_root apt-get update -qq && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+        chromium-driver >/dev/null; } || echo "note: could not install chromium; the browser tests will skip"
+  fi
+fi

@@ -430,9 +430,11 @@ def demo(
 
 
 def _register_stages() -> None:
+    from llama_sae import cli_ui
     from llama_sae.cli_interpret import register
 
     register(app)
+    cli_ui.register(app)
 
 
 _register_stages()

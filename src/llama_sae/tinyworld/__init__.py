@@ -26,19 +26,35 @@ from llama_sae.tinyworld.world import (
 )
 
 
-def model_path() -> Path:
-    """Directory of the shipped tiny model (Hugging Face format, with tokenizer and model card)."""
+def _shipped(folder: str, marker: str, what: str, fix: str) -> Path:
     from llama_sae.errors import UserError
 
-    path = Path(__file__).parent / "model"
-    if not (path / "config.json").exists():
-        raise UserError(f"the shipped tinyworld model is missing from {path}: reinstall llama-sae, or train "
-                        "one with `llama-sae tinyworld train --out DIR` and pass --model DIR/model")
+    path = Path(__file__).parent / folder
+    if not (path / marker).exists():
+        raise UserError(f"the shipped tinyworld {what} is missing from {path}: reinstall llama-sae, or {fix}")
     return path
+
+
+def model_path() -> Path:
+    """Directory of the shipped tiny model (Hugging Face format, with tokenizer and model card)."""
+    return _shipped("model", "config.json", "model", "train one with `llama-sae tinyworld train --out DIR` and pass "
+                    "--model DIR/model")
+
+
+def sae_path() -> Path:
+    """Directory of the shipped SAE on the tiny model's resid_post.2 (the demo's, SAELens v6 layout)."""
+    return _shipped("sae", "cfg.json", "SAE", "train one with `llama-sae demo` and pass --sae runs/demo/sae")
+
+
+def features_path() -> Path:
+    """Directory of the shipped SAE's features artifact (top sentences, statistics, offline explanations)."""
+    return Path(__file__).parent / "sae" / "features"
 
 
 __all__ = [
     "model_path",
+    "sae_path",
+    "features_path",
     "FORMS",
     "LLAMA3_SPECIAL_TOKENS",
     "TOKEN_LEVEL_FORMS",

@@ -1,0 +1,186 @@
+"""``llama-sae dashboard``: a static HTML feature dashboard that opens from disk (no server, no network).
+
+    out/index.html          every latent in one table: explanation, score, frequency; a search box
+    out/latents/<i>.html    one page per latent: explanation and scores, top and quantile sentences with
+                            per-token colour, the activation histogram, the top positive and negative logits of
+                            its decoder direction, its nearest latents by decoder cosine, a link to steer it
+
+Logits of a decoder direction: the direction times the final RMSNorm's weight, through the unembedding (the
+"logit lens" of a unit push along the latent, ignoring the later blocks).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llama_sae.fileio import atomic_write
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
+h1{font-size:20px} h2{font-size:16px;margin-top:24px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse} td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
+.num{text-align:right;font-variant-numeric:tabular-nums} .muted{color:#777}
+.sent{margin:3px 0;font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap}
+.tok{border-radius:2px} .cols{display:flex;gap:32px;flex-wrap:wrap} a{color:#0b5cad}
+#search{font-size:15px;padding:6px;width:420px} .pos{color:#0a7a2f} .neg{color:#b3261e}
+"""
+SEARCH_JS = """
+const box=document.getElementById('search');
+box.addEventListener('input',()=>{const q=box.value.toLowerCase().trim();let n=0;
+for(const r of document.querySelectorAll('#latents tbody tr')){
+const hit=!q||r.dataset.text.includes(q)||r.dataset.id===q; r.style.display=hit?'':'none';n+=hit;}
+document.getElementById('count').textContent=n;});
+"""
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>")
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def sentence_html(tokens: list[str], acts: list[float], scale: float) -> str:
+    """One sentence, each token's background as strong as its activation / scale; the value on hover."""
+    spans = []
+    for t, a in zip(tokens, acts):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
+        spans.append(f"<span class='tok' style='background:rgba(255,136,0,{alpha:.2f})' title='{a:.3f}'>"
+                     f"{html.escape(t)}</span>")
+    return "<div class='sent'>" + "".join(spans) + "</div>"
+
+
+def histogram_svg(edges, counts, width: int = 460, height: int = 140) -> str:
+    """An SVG bar chart of a log-binned histogram, as density (fraction of the latent's activations per bin)."""
+    if len(counts) == 0:
+        return "<p class='muted'>never fired on the corpus</p>"
+    total = float(sum(counts))
+    peak = max(counts) / total
+    bw = width / len(counts)
+    bars = "".join(
+        f"<rect x='{i * bw:.1f}' y='{height - 20 - (c / total) / peak * (height - 30):.1f}' width='{bw - 1:.1f}' "
+        f"height='{(c / total) / peak * (height - 30):.1f}' fill='#f08a24'><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: "
+        f"{c / total:.1%}</title></rect>" for i, c in enumerate(counts))
+    labels = (f"<text x='0' y='{height - 4}' font-size='11'>{edges[0]:.3g}</text>"
+              f"<text x='{width}' y='{height - 4}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text>"
+              f"<text x='{width / 2}' y='{height - 4}' font-size='11' text-anchor='middle'>activation (log bins)"
+              f"</text><text x='2' y='10' font-size='11'>density, peak {peak:.1%}</text>")
+    return f"<svg width='{width}' height='{height}' role='img' aria-label='activation histogram'>{bars}{labels}</svg>"
+
+
+@torch.no_grad()
+def decoder_tables(model, sae, latents: list[int], top: int = 10, chunk: int = 256
+                   ) -> tuple[dict[int, tuple[Tensor, Tensor, Tensor, Tensor]], dict[int, tuple[Tensor, Tensor]]]:
+    """Per latent: (top logit values, token ids, bottom values, ids) of its decoder direction through the final
+    norm weight and the unembedding; and (cosines, latent ids) of its nearest latents by decoder direction."""
+    W = sae.W_dec.float()  # [n, d]
+    Wn = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unembed = model.output.weight.float()  # [V, d]
+    gain = model.norm.weight.float()  # [d]
+    logits, near = {}, {}
+    for lo in range(0, len(latents), chunk):
+        ids = torch.tensor(latents[lo:lo + chunk])
+        lg = (W[ids] * gain) @ unembed.T  # [c, V]
+        pv, pi = lg.topk(top, dim=-1)
+        nv, ni = (-lg).topk(top, dim=-1)
+        cos = Wn[ids] @ Wn.T  # [c, n]
+        cos[torch.arange(len(ids)), ids] = -2.0  # not itself
+        cv, ci = cos.topk(min(top, W.shape[0] - 1), dim=-1)
+        for j, i in enumerate(ids.tolist()):
+            logits[i] = (pv[j], pi[j], -nv[j], ni[j])
+            near[i] = (cv[j], ci[j])
+    return logits, near
+
+
+def _token_list(tokenizer, values: Tensor, ids: Tensor, cls: str) -> str:
+    rows = "".join(f"<tr><td class='{cls} num'>{v:+.2f}</td><td><code>{html.escape(repr(tokenizer.decode([t])))}"
+                   f"</code></td></tr>" for v, t in zip(values.tolist(), ids.tolist()))
+    return f"<table>{rows}</table>"
+
+
+def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_examples: int, d_sae: int) -> str:
+    """The HTML page of latent ``i``."""
+    e = features.explanation(i)
+    top = features.examples(i, "max", n_examples)
+    quant = features.examples(i, "quantile")
+    scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
+    freq, unit = float(features.frequency[i]), float(features.typical_max[i])
+    nav = ["<a href='../index.html'>← all latents</a>"]
+    if i > 0:
+        nav.append(f"<a href='{i - 1}.html'>← {i - 1}</a>")
+    if i + 1 < d_sae:
+        nav.append(f"<a href='{i + 1}.html'>{i + 1} →</a>")
+    head = f"<p>{' · '.join(nav)}</p><h1>latent {i}</h1>"
+    expl = (f"<p><b>explanation:</b> <span id='explanation'>{html.escape(e.text)}</span></p>"
+            f"<p>detection {_fmt(e.detection)} · fuzzing {_fmt(e.fuzzing)} (balanced accuracy)"
+            f"{'' if e.backend is None else ' · by ' + html.escape(e.backend)}</p>") if e else (
+        "<p class='muted'>no explanation yet (run <code>llama-sae explain</code> and <code>score</code>)</p>")
+    stats = (f"<p>fires on {freq:.3%} of tokens · typical max activation {unit:.3g} · "
+             f"<a id='steer' href='{html.escape(ui_url)}/?steer={i}:add:4'>steer it in the UI</a> "
+             f"<span class='muted'>(<code>llama-sae ui</code>; or <code>--steer {i}:add:4</code> on the CLI)"
+             "</span></p>")
+    top_html = "".join(sentence_html(x.tokens, x.acts, scale) for x in top) or "<p class='muted'>none</p>"
+    quant_html = "".join(f"<div class='muted'>quantile {x.quantile}</div>" + sentence_html(x.tokens, x.acts, scale)
+                         for x in quant) or "<p class='muted'>none</p>"
+    pv, pi, nv, ni = logits[i]
+    cv, ci = near[i]
+    near_html = "".join(f"<tr><td><a href='{j}.html'>{j}</a></td><td class='num'>{c:.3f}</td>"
+                        f"<td>{html.escape(_explanation_text(features, j))}</td></tr>"
+                        for c, j in zip(cv.tolist(), ci.tolist()))
+    body = (head + expl + stats
+            + f"<h2>top activating sentences</h2>{top_html}"
+            + f"<h2>quantile samples (lowest first)</h2>{quant_html}"
+            + "<div class='cols'><div><h2>activation histogram</h2>"
+            + histogram_svg(*features.histogram(i)) + "</div>"
+            + f"<div><h2>top positive logits</h2>{_token_list(tokenizer, pv, pi, 'pos')}</div>"
+            + f"<div><h2>top negative logits</h2>{_token_list(tokenizer, nv, ni, 'neg')}</div></div>"
+            + f"<h2>nearest latents (decoder cosine)</h2><table>{near_html}</table>")
+    return _page(f"latent {i}", body)
+
+
+def _explanation_text(features, i: int) -> str:
+    e = features.explanation(i)
+    return "" if e is None else e.text
+
+
+def index_page(features, latents: list[int], title: str) -> str:
+    """The searchable table of every latent on the dashboard."""
+    rows = []
+    for i in latents:
+        e = features.explanation(i)
+        text = "" if e is None else e.text
+        rows.append(f"<tr data-id='{i}' data-text='{html.escape(text.lower())}'><td><a href='latents/{i}.html'>{i}"
+                    f"</a></td><td>{html.escape(text)}</td><td class='num'>{_fmt(e and e.detection)}</td>"
+                    f"<td class='num'>{float(features.frequency[i]):.3%}</td>"
+                    f"<td class='num'>{float(features.typical_max[i]):.3g}</td></tr>")
+    body = (f"<h1>{html.escape(title)}</h1><p><input id='search' placeholder='search explanations or a latent id'>"
+            f" <span id='count'>{len(latents)}</span> latents</p><table id='latents'><thead><tr><th>latent</th>"
+            "<th>explanation</th><th>detection</th><th>frequency</th><th>typical max</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+    return _page(title, body, SEARCH_JS)
+
+
+def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list[int] | None = None,
+                    ui_url: str = "http://127.0.0.1:7860", n_examples: int = 10) -> Path:
+    """Write the dashboard for ``latents`` (default: every latent that fired) under ``out``; returns index.html."""
+    features.check_sae(sae)
+    out = Path(out)
+    (out / "latents").mkdir(parents=True, exist_ok=True)
+    latents = features.live_latents() if latents is None else latents
+    logits, near = decoder_tables(model, sae, latents)
+    for i in latents:
+        atomic_write(out / "latents" / f"{i}.html",
+                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, sae.cfg.d_sae))
+    meta = features.meta
+    title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
+    atomic_write(out / "index.html", index_page(features, latents, title))
+    atomic_write(out / "dashboard.json", json.dumps({"latents": latents, "features": str(features.path),
+                                                     "ui_url": ui_url}) + "\n")
+    return out / "index.html"

@@ -1,0 +1,66 @@
+"""The UI's plain-Python side (no browser): steering slots, session, token view, port check; the dashboard's HTML."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from llama_sae import tinyworld
+from llama_sae.errors import UserError
+from llama_sae.ui.app import all_specs, check_port, load_session, slot_specs
+
+
+@pytest.fixture(scope="module")
+def session():
+    return load_session()  # the shipped tiny model and SAE, as `llama-sae ui` with no arguments
+
+
+def test_slots_build_the_shared_spec():
+    slots = [12, "add", 4.0, "all", None, "add", 3.0, "all", 7, "clamp", 0.0, "generated"]
+    assert slot_specs(slots) == ["12:add:4:all", "7:clamp:0:generated"]  # empty slot off; clamp 0 is an edit
+    assert slot_specs([5, "add", 0.0, "all"]) == []  # zero strength: off
+    assert all_specs("3:bias:2 9:add:-1", [None, "add", 0, "all"]) == ["3:bias:2", "9:add:-1"]
+    with pytest.raises(UserError, match="kind 'push'"):
+        all_specs("3:push:2", [])
+
+
+def test_session_defaults_steer_and_search(session):
+    assert session.hook == "resid_post.2" and session.saes[session.hook].cfg.d_sae == 2048
+    assert session.units[session.hook].shape == (2048,) and (session.units[session.hook] > 0).all()
+    with pytest.raises(UserError, match="out of range"):
+        session.steering(["5000:add:4"])
+    with pytest.raises(UserError, match="none is loaded there"):
+        session.steering(["resid_post.4@5:add:4"])
+    assert session.steering([]) is None
+    assert session.search("17")[0][0] == 17
+    with pytest.raises(UserError, match="out of range"):
+        session.search("99999")
+
+
+def test_stream_and_token_view(session):
+    sampling = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+    plain = list(session.stream("The", None, chat=False, sampling=sampling))
+    text, prompt_tokens, new = plain[-1]
+    steered = list(session.stream("The", session.steering(["1642:add:8"]), chat=False, sampling=sampling))[-1]
+    assert text and steered[0] != text  # a strong push on a topic latent changes the greedy text
+    view = session.token_view(prompt_tokens, new)
+    assert len(view) == len(new) and all(len(v["latents"]) <= 5 for v in view)
+    # the view's latents are the SAE's top latents of those tokens, in context
+    x = session.model.capture(torch.tensor([prompt_tokens + new]), [session.hook])[session.hook][0, -1:]
+    vals, idx = session.saes[session.hook].encode_topk(x)
+    assert view[-1]["latents"][0][0] == int(idx[0, vals[0].argmax()])
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
+            check_port("127.0.0.1", port)
+
+
+def test_shipped_sae_is_there():
+    assert (tinyworld.sae_path() / "cfg.json").exists()
