@@ -55,6 +55,111 @@ def features(
                   "stored sentences")
 
 
+BackendOpt = Annotated[str, typer.Option(help="offline (default, no key), chat (any OpenAI-compatible server), "
+                                              "anthropic (Message Batches), openai-batch (Batch API), local (the "
+                                              "Llama itself)")]
+LlmModelOpt = Annotated[str | None, typer.Option(help="explainer model name (anthropic default: claude-haiku-4-5; "
+                                                      "openai-batch: gpt-4o-mini; chat: required)")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="server base URL, e.g. http://localhost:8000/v1 (vLLM)")]
+KeyEnvOpt = Annotated[str | None, typer.Option(help="environment variable holding the chat server's key "
+                                                    "(default OPENAI_API_KEY; keys are never read from options)")]
+ConcurrencyOpt = Annotated[int, typer.Option(help="chat backend: requests in flight at once")]
+PerMinuteOpt = Annotated[float | None, typer.Option(help="chat backend: at most this many requests per minute")]
+ThresholdOpt = Annotated[float, typer.Option("--confirm-above", help="ask before sending when the estimated "
+                                                                     "cost exceeds this many US dollars")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="send without asking, whatever the estimate")]
+RetryOpt = Annotated[bool, typer.Option(help="re-send only the requests that failed (errored, canceled, expired, "
+                                             "malformed)")]
+FreshOpt = Annotated[bool, typer.Option(help="start a new journal (the old one is kept beside it)")]
+NoWaitOpt = Annotated[bool, typer.Option(help="batch backends: submit and return; run again later to collect")]
+PollOpt = Annotated[float, typer.Option(help="batch backends: seconds between status checks")]
+
+
+def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model):
+    from llama_sae.interpret import make_backend
+
+    llama = tok = None
+    if backend == "local":
+        from llama_sae.cli import _load
+
+        llama, tok = _load(model, None, "cpu")
+    return make_backend(backend, f, model=llm_model, base_url=base_url, api_key_env=api_key_env,
+                        concurrency=concurrency, per_minute=per_minute, poll_interval=poll, wait=not no_wait,
+                        llama=llama, tokenizer=tok)
+
+
+def _confirm(yes: bool):
+    return (lambda question: True) if yes else (lambda question: typer.confirm(question, default=False))
+
+
+def explain(
+    path: FeaturesArg,
+    backend: BackendOpt = "offline",
+    llm_model: LlmModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    latents: Annotated[str | None, typer.Option(help="comma list of latents; default: every live latent")] = None,
+    n_top: Annotated[int, typer.Option(help="top sentences shown per latent (plus half the quantile samples)")] = 10,
+    max_tokens: Annotated[int, typer.Option(help="reply tokens per request")] = 300,
+    concurrency: ConcurrencyOpt = 8,
+    per_minute: PerMinuteOpt = None,
+    confirm_above: ThresholdOpt = 5.0,
+    yes: YesOpt = False,
+    retry_failed: RetryOpt = False,
+    fresh: FreshOpt = False,
+    no_wait: NoWaitOpt = False,
+    poll: PollOpt = 30.0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
+) -> None:
+    """Explain every live latent (journaled: a killed run started again neither re-sends nor loses)."""
+    from llama_sae.features import load_features
+    from llama_sae.interpret import explain as run_explain
+
+    f = load_features(path)
+    chosen = [int(x) for x in latents.split(",")] if latents else None
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model)
+    out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
+                      retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print)
+    console.print(f"{out['explained']:,} of {out['requests']:,} latents explained; outcomes: {out['outcomes']}; "
+                  f"{path / 'explanations.jsonl'}")
+
+
+def score(
+    path: FeaturesArg,
+    backend: BackendOpt = "offline",
+    llm_model: LlmModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    n: Annotated[int, typer.Option(help="held-out activating and as many non-activating sentences per latent")] = 10,
+    control: Annotated[bool, typer.Option(help="also score shuffled explanations (should give ~0.5)")] = True,
+    concurrency: ConcurrencyOpt = 8,
+    per_minute: PerMinuteOpt = None,
+    confirm_above: ThresholdOpt = 5.0,
+    yes: YesOpt = False,
+    retry_failed: RetryOpt = False,
+    fresh: FreshOpt = False,
+    no_wait: NoWaitOpt = False,
+    poll: PollOpt = 30.0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
+) -> None:
+    """Score every explanation: detection and fuzzing balanced accuracy per latent, and the shuffled control."""
+    from llama_sae.features import load_features
+    from llama_sae.interpret import score as run_score
+
+    f = load_features(path)
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model)
+    out = run_score(f, b, n=n, control=control, fresh=fresh, retry_failed=retry_failed, confirm=_confirm(yes),
+                    threshold=confirm_above, say=console.print)
+    for name in ("detection", "fuzzing", "control_detection", "control_fuzzing"):
+        if out.get(name) is not None:
+            ci = out.get(f"{name}_ci")
+            span = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+            console.print(f"{name}: mean balanced accuracy {out[name]:.3f}{span}")
+    console.print(f"outcomes: {out['outcomes']}; {path / 'scores.jsonl'}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the interpretation commands to the ``llama-sae`` app."""
     app.command()(features)
+    app.command()(explain)
+    app.command()(score)

@@ -102,7 +102,7 @@ def sae_fingerprint(sae) -> str:
 # Streaming helpers
 
 
-def _hash01(a: Tensor, b: Tensor | int, seed: int) -> Tensor:
+def hash01(a: Tensor, b: Tensor | int, seed: int) -> Tensor:
     """A uniform [0, 1) float64 per element, a fixed function of (a, b, seed) (batch-independent draws)."""
     x = (a.long() * 0x9E3779B1 + torch.as_tensor(b).long() * 0x85EBCA77 + seed * 0xC2B2AE3D + 1) & 0xFFFFFFFF
     for _ in range(2):
@@ -191,9 +191,9 @@ class _State:
             merge_top_(t["top_score"][a], [t["top_id"][a]], l, val, [s + first])
         s, l, vmax = agg["max"]
         t["sent_fires"].index_add_(0, l, torch.ones_like(l))
-        merge_top_(t["res_key"], [t["res_id"], t["res_act"]], l, _hash01(s + first, l, seed), [s + first, vmax])
+        merge_top_(t["res_key"], [t["res_id"], t["res_act"]], l, hash01(s + first, l, seed), [s + first, vmax])
         sid = torch.arange(len(n_tok)) + first
-        merge_top_(t["pool_key"], [t["pool_id"]], torch.zeros_like(sid), _hash01(sid, -1, seed + 1), [sid])
+        merge_top_(t["pool_key"], [t["pool_id"]], torch.zeros_like(sid), hash01(sid, -1, seed + 1), [sid])
         t["counts"] += torch.tensor([len(n_tok), int(n_tok.sum())])
 
     def save(self, path: Path, settings: dict) -> None:
@@ -447,7 +447,7 @@ def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces:
 # Load
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file; a torn or malformed line is skipped (files are appended line by line)."""
     if not path.exists():
         return []
@@ -474,6 +474,7 @@ class Features:
         self.frequency: Tensor = tensors["frequency"]
         self.typical_max: Tensor = tensors["typical_max"]
         self._explanations: dict[int, Explanation] | None = None
+        self._cache: dict[str, Any] = {}
 
     def _latent(self, latent: int) -> int:
         if not 0 <= latent < self.d_sae:
@@ -502,24 +503,33 @@ class Features:
         return edges[lo:hi + 1], counts[lo:hi]
 
     def _text(self, slot: int) -> str:
-        off = self._t["sent_text_offsets"]
-        return bytes(self._t["sent_text"][int(off[slot]):int(off[slot + 1])].numpy()).decode("utf-8")
+        lo, hi = self._np("sent_text_offsets")[slot:slot + 2]
+        return self._bytes("sent_text")[lo:hi].decode("utf-8")
 
     def _pieces(self, slot: int) -> list[str]:
-        so, po, blob = self._t["sent_piece_offsets"], self._t["piece_offsets"].tolist(), self._t["piece"]
-        lo, hi = int(so[slot]), int(so[slot + 1])
-        data = bytes(blob[po[lo]:po[hi]].numpy())
-        base = po[lo]
-        return [data[po[i] - base:po[i + 1] - base].decode("utf-8") for i in range(lo, hi)]
+        lo, hi = self._np("sent_piece_offsets")[slot:slot + 2]
+        po, blob = self._np("piece_offsets")[lo:hi + 1].tolist(), self._bytes("piece")
+        return [blob[a:b].decode("utf-8") for a, b in zip(po[:-1], po[1:])]
+
+    def _np(self, name: str) -> np.ndarray:
+        """A column as a numpy array (cached: slicing numpy is much cheaper than slicing tensors)."""
+        if name not in self._cache:
+            self._cache[name] = self._t[name].numpy()
+        return self._cache[name]
+
+    def _bytes(self, name: str) -> bytes:
+        key = name + ":bytes"
+        if key not in self._cache:
+            self._cache[key] = self._t[name].numpy().tobytes()
+        return self._cache[key]
 
     def _example(self, row: int, kind: str) -> Example:
-        t = self._t
-        slot = int(t["ex_sentence"][row])
-        lo, hi = int(t["ex_acts_offsets"][row]), int(t["ex_acts_offsets"][row + 1])
-        q = int(t["ex_quantile"][row])
-        return Example(text=self._text(slot), tokens=self._pieces(slot), acts=t["ex_acts"][lo:hi].tolist(),
-                       activation=float(t["ex_activation"][row]), quantile=None if q < 0 else q, kind=kind,
-                       sentence=int(t["sent_index"][slot]))
+        slot = int(self._np("ex_sentence")[row])
+        lo, hi = self._np("ex_acts_offsets")[row:row + 2]
+        q = int(self._np("ex_quantile")[row])
+        return Example(text=self._text(slot), tokens=self._pieces(slot), acts=self._np("ex_acts")[lo:hi].tolist(),
+                       activation=float(self._np("ex_activation")[row]), quantile=None if q < 0 else q, kind=kind,
+                       sentence=int(self._np("sent_index")[slot]))
 
     def examples(self, latent: int, kind: str = "max", n: int | None = None) -> list[Example]:
         """Examples of ``latent``: the top sentences under ``max`` / ``mean`` / ``last`` aggregation (best
@@ -529,36 +539,33 @@ class Features:
             raise UserError(f"unknown example kind {kind!r}: use one of {', '.join(KINDS)}")
         if kind == "random":
             return self._random(latent, n)
-        t = self._t
-        lo, hi = int(t["ex_offsets"][latent]), int(t["ex_offsets"][latent + 1])
-        code = KINDS.index(kind)
-        rows = [lo + i for i in (t["ex_kind"][lo:hi] == code).nonzero()[:, 0].tolist()]
-        return [self._example(r, kind) for r in rows[:n]]
+        lo, hi = self._np("ex_offsets")[latent:latent + 2]
+        rows = lo + np.flatnonzero(self._np("ex_kind")[lo:hi] == KINDS.index(kind))
+        return [self._example(r, kind) for r in rows[:n].tolist()]
 
     def _random(self, latent: int, n: int | None) -> list[Example]:
-        t = self._t
-        fo = t["pool_fire_offsets"]
-        fired = set(t["pool_fire"][int(fo[latent]):int(fo[latent + 1])].tolist())
-        quiet = torch.tensor([s for s in t["pool"].tolist() if s not in fired], dtype=torch.int64)
+        lo, hi = self._np("pool_fire_offsets")[latent:latent + 2]
+        pool = self._np("pool")
+        quiet = torch.from_numpy(pool[~np.isin(pool, self._np("pool_fire")[lo:hi])])
         if len(quiet) == 0:
             return []
-        order = torch.argsort(_hash01(quiet, latent, self.meta["settings"]["seed"] + 2))
+        order = torch.argsort(hash01(quiet, latent, self.meta["settings"]["seed"] + 2))
         n = self.meta["settings"]["top_n"] if n is None else n
         return [Example(text=self._text(s), tokens=(p := self._pieces(s)), acts=[0.0] * len(p), activation=0.0,
-                        quantile=None, kind="random", sentence=int(t["sent_index"][s]))
+                        quantile=None, kind="random", sentence=int(self._np("sent_index")[s]))
                 for s in quiet[order][:n].tolist()]
 
     # ------------------------------------------------------------- explanations and scores
     def _load_explanations(self) -> dict[int, Explanation]:
         if self._explanations is None:
             scores: dict[int, dict] = {}
-            for row in _read_jsonl(self.path / SCORES_FILE):
+            for row in read_jsonl(self.path / SCORES_FILE):
                 if row.get("control"):
                     continue
                 scores.setdefault(int(row["latent"]), {})[row.get("method", "detection")] = row.get(
                     "balanced_accuracy")
             self._explanations = {}
-            for row in _read_jsonl(self.path / EXPLANATIONS_FILE):
+            for row in read_jsonl(self.path / EXPLANATIONS_FILE):
                 if row.get("explanation") is None:
                     continue
                 latent = int(row["latent"])

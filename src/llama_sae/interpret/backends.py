@@ -1,0 +1,247 @@
+"""Explainer / scorer backends behind one interface: ``backend.run(requests, journal)``.
+
+- ``OfflineBackend``: no model, no key; distinctive terms of the activating sentences (offline.py).
+- ``ChatBackend``: any OpenAI-compatible chat server (OpenAI, vLLM, llama.cpp, Ollama) through the
+  official ``openai`` SDK, concurrent, rate-limited, with back-off on 429 / 5xx / connection errors.
+- ``LocalBackend``: the Llama itself (an instruct checkpoint explains its own features), our generator.
+- Batch APIs (batches.py): ``AnthropicBatchBackend``, ``OpenAIBatchBackend``.
+
+A backend records one ``result`` line in the journal per request it finishes (succeeded, errored, ...);
+the caller has already recorded the ``request`` lines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_sae.errors import UserError
+from llama_sae.interpret.journal import Journal
+from llama_sae.interpret.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: ``payload`` carries the structured task for the offline backend (never sent)."""
+
+    custom_id: str
+    prompt: Prompt
+    latent: int
+    task: str  # "explain" | "detection" | "fuzzing"
+    max_tokens: int = 400
+    payload: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+class Backend(ABC):
+    """Turns requests into journal results."""
+
+    name: str = "backend"
+    model: str = ""
+    batch_api: bool = False  # priced at the batch discount
+
+    @abstractmethod
+    def run(self, requests: Sequence[Request], journal: Journal) -> None:
+        """Answer ``requests`` (not yet answered), recording a result line for each one finished."""
+
+
+def env_key(variable: str, what: str) -> str:
+    """An API key from the environment (never from files or options); UserError naming the variable."""
+    key = os.environ.get(variable)
+    if not key:
+        raise UserError(f"{what} needs an API key in the environment variable {variable}, which is not set: "
+                        f"export {variable}=... (keys are read only from the environment, never written)")
+    return key
+
+
+def sdk(module: str, backend: str):
+    """Import an optional SDK (anthropic, openai), or UserError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"the {backend} backend needs the {module} SDK: pip install 'llama-sae[interpret]'") from e
+
+
+class RetryableError(Exception):
+    """A transient failure (HTTP 429, 5xx, connection): retry after ``retry_after`` seconds if given."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestFailed(Exception):
+    """A permanent failure of one request (HTTP 4xx, refused input): recorded as errored."""
+
+
+class MalformedReply(Exception):
+    """The server answered, but not in the protocol's shape (garbage body): recorded as malformed."""
+
+
+class RateLimiter:
+    """At most ``per_minute`` request starts per minute across threads (evenly spaced)."""
+
+    def __init__(self, per_minute: float | None, clock=time.monotonic, sleep=time.sleep):
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.next = 0.0
+        self.lock = threading.Lock()
+        self.clock, self.sleep = clock, sleep
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = self.clock()
+            start = max(now, self.next)
+            self.next = start + self.interval
+        if start > now:
+            self.sleep(start - now)
+
+
+class SyncBackend(Backend):
+    """A backend answering one request at a time, ``concurrency`` at once, with retries and back-off."""
+
+    def __init__(self, *, concurrency: int = 1, per_minute: float | None = None, max_attempts: int = 6,
+                 backoff: float = 1.0, max_backoff: float = 60.0):
+        self.concurrency = concurrency
+        self.limiter = RateLimiter(per_minute)
+        self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
+        self.attempts = 0  # HTTP attempts made (for tests and reports)
+
+    @abstractmethod
+    def complete(self, request: Request) -> str:
+        """The reply text, or raise RetryableError / RequestFailed / MalformedReply."""
+
+    def _one(self, request: Request, journal: Journal) -> None:
+        for attempt in range(self.max_attempts):
+            self.limiter.wait()
+            self.attempts += 1
+            try:
+                text = self.complete(request)
+            except RetryableError as e:
+                if attempt + 1 == self.max_attempts:
+                    journal.record_result(request.custom_id, "errored", error=f"gave up after {attempt + 1} "
+                                          f"attempts: {e}")
+                    return
+                delay = e.retry_after if e.retry_after is not None else self.backoff * 2**attempt
+                time.sleep(min(delay, self.max_backoff) * (1 + 0.1 * random.random()))
+                continue
+            except RequestFailed as e:
+                journal.record_result(request.custom_id, "errored", error=str(e))
+                return
+            except MalformedReply as e:
+                journal.record_result(request.custom_id, "malformed", error=str(e))
+                return
+            journal.record_result(request.custom_id, "succeeded", text=text)
+            return
+
+    def run(self, requests: Sequence[Request], journal: Journal) -> None:
+        if self.concurrency <= 1:
+            for r in requests:
+                self._one(r, journal)
+            return
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for future in [pool.submit(self._one, r, journal) for r in requests]:
+                future.result()
+
+
+class OfflineBackend(SyncBackend):
+    """The default: explanations and scores from term statistics, no model and no key (see offline.py)."""
+
+    name = "offline"
+    model = "offline-terms"
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def complete(self, request: Request) -> str:
+        from llama_sae.interpret import offline
+
+        return offline.answer(self.features, request)
+
+
+class ChatBackend(SyncBackend):
+    """Any OpenAI-compatible ``/v1/chat/completions`` server, through the official ``openai`` SDK.
+
+    Args:
+        model: the server's model name.
+        base_url: e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama); None = OpenAI.
+        api_key_env: environment variable holding the key; required for OpenAI itself, optional for a
+            local server (many need none).
+    """
+
+    name = "chat"
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 8, per_minute: float | None = None, temperature: float = 0.0,
+                 timeout: float = 120.0, **retry: Any):
+        super().__init__(concurrency=concurrency, per_minute=per_minute, **retry)
+        openai = sdk("openai", self.name)
+        key = os.environ.get(api_key_env) if base_url else env_key(api_key_env, "the OpenAI chat backend")
+        self.openai = openai
+        self.client = openai.OpenAI(api_key=key or "none", base_url=base_url, max_retries=0, timeout=timeout)
+        self.model, self.temperature = model, temperature
+
+    def complete(self, request: Request) -> str:
+        o = self.openai
+        try:
+            resp = self.client.chat.completions.create(model=self.model, messages=request.prompt.messages(),
+                                                       max_tokens=request.max_tokens, temperature=self.temperature)
+        except (o.RateLimitError, o.InternalServerError, o.APIConnectionError) as e:
+            raise RetryableError(str(e), _retry_after(e)) from e
+        except o.APIStatusError as e:
+            if e.status_code >= 500 or e.status_code in (408, 409):
+                raise RetryableError(str(e), _retry_after(e)) from e
+            raise RequestFailed(f"HTTP {e.status_code}: {e.message}") from e
+        except o.APIResponseValidationError as e:
+            raise MalformedReply(f"the server's reply is not a chat completion: {e}") from e
+        try:
+            text = resp.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as e:
+            raise MalformedReply(f"the server's reply is not a chat completion: {str(resp)[:200]!r}") from e
+        if not isinstance(text, str):
+            raise MalformedReply(f"the server's reply has no message text: {str(resp)[:200]!r}")
+        return text
+
+
+def _retry_after(e: Exception) -> float | None:
+    response = getattr(e, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class LocalBackend(Backend):
+    """The Llama itself through our generator (chat format, greedy), ``batch`` prompts at a time."""
+
+    name = "local"
+
+    def __init__(self, model, tokenizer, *, model_name: str = "local", batch: int = 8):
+        self.llama, self.tokenizer, self.model, self.batch = model, tokenizer, model_name, batch
+
+    def run(self, requests: Sequence[Request], journal: Journal) -> None:
+        from llama_sae.llama import generate
+
+        for i in range(0, len(requests), self.batch):
+            chunk = list(requests[i:i + self.batch])
+            prompts = [r.prompt.messages() for r in chunk]
+            limit = max(r.max_tokens for r in chunk)
+            limit = min(limit, self.llama.args.max_seq_len - max(len(self.tokenizer.encode_chat(p)) for p in prompts))
+            if limit <= 0:
+                for r in chunk:
+                    journal.record_result(r.custom_id, "errored", error="the prompt is longer than the model's "
+                                          f"context ({self.llama.args.max_seq_len} tokens)")
+                continue
+            for r, out in zip(chunk, generate(self.llama, self.tokenizer, prompts, chat=True, max_new_tokens=limit)):
+                journal.record_result(r.custom_id, "succeeded", text=out.text)

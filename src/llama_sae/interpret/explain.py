@@ -1,0 +1,66 @@
+"""``llama-sae explain``: an explanation for every live latent, written to ``explanations.jsonl``.
+
+The explainer sees each latent's top sentences (max aggregation) and every other quantile sample
+(the remaining quantile samples are held out for scoring).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+from llama_sae.features import EXPLANATIONS_FILE, Features, read_jsonl
+from llama_sae.fileio import atomic_write
+from llama_sae.interpret.backends import Backend, Request
+from llama_sae.interpret.prompts import explain_prompt, parse_explanation
+from llama_sae.interpret.run import outcome_counts, run_requests
+
+PROMPT_VERSION = 1
+
+
+def explain_requests(f: Features, latents: Sequence[int], *, n_top: int = 10, max_tokens: int = 300
+                     ) -> list[Request]:
+    """One request per latent (custom_id ``x{latent}-{prompt hash}``, idempotent across runs)."""
+    out = []
+    for latent in latents:
+        top = f.examples(latent, "max", n_top)
+        quantiles = f.examples(latent, "quantile")[0::2]
+        prompt = explain_prompt(top, quantiles)
+        out.append(Request(f"x{latent}-{prompt.hash()}", prompt, latent, "explain", max_tokens,
+                           {"examples": top + quantiles}))
+    return out
+
+
+def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = None, n_top: int = 10,
+            max_tokens: int = 300, fresh: bool = False, retry_failed: bool = False,
+            confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
+            say: Callable[[str], None] = print) -> dict:
+    """Explain ``latents`` (default: every live one) and (re)write explanations.jsonl from the journal.
+
+    Returns {"explained", "requests", "outcomes": {status: count}}.
+    """
+    latents = f.live_latents() if latents is None else list(latents)
+    requests = explain_requests(f, latents, n_top=n_top, max_tokens=max_tokens)
+    settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}
+    journal = run_requests(f, "explain", backend, requests, settings, parse=lambda r, t: parse_explanation(t)[0],
+                           fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+    rows = []
+    for r in requests:
+        res = journal.state.results.get(r.custom_id)
+        if res is None or res["status"] != "succeeded":
+            continue
+        text, certainty = parse_explanation(res["text"])
+        rows.append({"latent": r.latent, "explanation": text, "certainty": certainty, "backend": backend.name,
+                     "model": backend.model, "custom_id": r.custom_id, "raw": res["text"]})
+    _merge_write(f, rows)
+    f.reload_explanations()
+    return {"explained": len(rows), "requests": len(requests), "outcomes": outcome_counts(journal, requests)}
+
+
+def _merge_write(f: Features, rows: list[dict]) -> None:
+    """Rewrite explanations.jsonl: these rows replace earlier ones for the same latents."""
+    path = f.path / EXPLANATIONS_FILE
+    mine = {r["latent"] for r in rows}
+    kept = [r for r in read_jsonl(path) if r.get("latent") not in mine]
+    rows = sorted(kept + rows, key=lambda r: r["latent"])
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,87 @@
+"""Explanations against tinyworld's ground truth: does the explanation of a concept's latent name the concept?
+
+For each planted concept, ``tinyworld.recovery.concept_recovery`` gives the latent that best separates
+sentences with the concept (held-out AUROC). For the concepts it recovers (AUROC ≥ threshold), the
+explanation of that latent *names the concept* when the concept is among those its words point to
+most: a topic through its vocabulary (``tinyworld.label_text``: any surface form of the topic's words)
+or its name; a form through the lexicon below (its marker words and punctuation) or its name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from llama_sae.interpret.offline import explanation_terms, words
+
+_MONTHS = "january february march april may june july august september october november december"
+_DAYS = "monday tuesday wednesday thursday friday saturday sunday"
+_NUMBERS = "one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand"
+FORM_LEXICON: dict[str, set[str]] = {
+    "question": {"?", "question", "questions", "what", "who", "which", "where", "why", "how", "does", "did"},
+    "negation": {"not", "n't", "never", "no", "negation", "didn't", "don't", "doesn't", "isn't", "wasn't"},
+    "number": set(_NUMBERS.split()) | {"number", "numbers", "numeral", "digits"},
+    "date": set(_MONTHS.split()) | set(_DAYS.split()) | {"date", "dates", "year", "month", "weekday"},
+    "quotation": {'"', "quotation", "quote", "quotes", "said", "says", "wrote"},
+    "past_tense": {"past", "was", "were", "did", "had"},
+    "comparison": {"than", "more", "less", "comparison", "comparative"},
+    "person_name": {"name", "names", "person"},
+    "place_name": {"city", "country", "place", "places"},
+    "plural": {"plural", "they", "are", "were", "have"},
+    "imperative": {"imperative", "command", "please"},
+    "conditional": {"if", "unless", "conditional"},
+}
+_DIGITS = re.compile(r"^\d")
+
+
+def concept_votes(explanation: str) -> Counter:
+    """How many of the explanation's terms point to each concept."""
+    from llama_sae import tinyworld
+    from llama_sae.tinyworld.world import PAST_WORDS, PERSON_NAME_WORDS, PLACE_NAMES
+
+    votes: Counter = Counter()
+    names = {c.name: c.name.replace("_", " ") for c in tinyworld.concepts()}
+    low = explanation.lower()
+    for concept, name in names.items():
+        if re.search(rf"\b{re.escape(name)}\b", low):
+            votes[concept] += 2
+    for term in explanation_terms(explanation) or [w for w, _, _ in words(explanation)]:
+        for topic in tinyworld.label_text(term):
+            votes[topic] += 1
+        for form, lexicon in FORM_LEXICON.items():
+            votes[form] += term in lexicon
+        votes["number"] += bool(_DIGITS.match(term)) and not (len(term) == 4 and term[:2] in ("19", "20"))
+        votes["date"] += len(term) == 4 and term[:2] in ("19", "20") and term.isdigit()
+        votes["past_tense"] += term in PAST_WORDS
+        votes["person_name"] += term.capitalize() in PERSON_NAME_WORDS
+        votes["place_name"] += term.capitalize() in PLACE_NAMES or term.title() in PLACE_NAMES
+    return +votes
+
+
+def names_concept(explanation: str | None, concept: str) -> bool:
+    """True if ``concept`` is among the concepts the explanation points to most (ties count)."""
+    if not explanation:
+        return False
+    votes = concept_votes(explanation)
+    return bool(votes) and votes[concept] == max(votes.values())
+
+
+def ground_truth_table(features, recovery: dict) -> dict:
+    """Join concept recovery with explanations and scores.
+
+    Returns {"rows": [{concept, kind, latent, auroc, explanation, names, detection, fuzzing}],
+    "matched": concepts recovered, "named": fraction of them whose explanation names the concept,
+    "detection": mean detection balanced accuracy over them}.
+    """
+    rows = []
+    for r in recovery["rows"]:
+        e = features.explanation(r["latent"])
+        rows.append({"concept": r["concept"], "kind": r["kind"], "latent": r["latent"], "auroc": r["auroc"],
+                     "explanation": e.text if e else None, "names": names_concept(e.text if e else None,
+                                                                                  r["concept"]),
+                     "detection": e.detection if e else None, "fuzzing": e.fuzzing if e else None})
+    matched = [r for r in rows if r["auroc"] >= recovery["threshold"]]
+    det = [r["detection"] for r in matched if r["detection"] is not None]
+    return {"rows": rows, "matched": len(matched), "threshold": recovery["threshold"],
+            "named": sum(r["names"] for r in matched) / max(len(matched), 1),
+            "detection": sum(det) / len(det) if det else None}

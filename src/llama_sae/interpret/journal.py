@@ -1,0 +1,128 @@
+"""The request journal: what was asked, what was sent, what came back, on disk before and after each step.
+
+One append-only JSONL file per task (``explain.journal.jsonl``, ``score.journal.jsonl``) in the features
+directory. Every line is written and fsynced before the action it records happens:
+
+    {"kind": "run", ...}                                  header: backend, model, features build, settings
+    {"kind": "request", "custom_id", "prompt_hash", "latent", ...}   before the request is sent
+    {"kind": "batch_pending", "local_id", "custom_ids", "at"}        before a batch is created
+    {"kind": "batch", "local_id", "batch_id", "custom_ids"}          after the server gave it an id
+    {"kind": "batch_done", "batch_id"} / {"kind": "batch_lost", "local_id"}
+    {"kind": "result", "custom_id", "status", "text", "error", ...}  after the answer arrived
+
+So a run killed at any moment and started again knows which requests were answered (never re-sent),
+which batches exist on the server (polled, not re-created; a batch whose creation was interrupted is
+found again in the server's batch list), and which requests failed (re-submitted alone on request).
+A torn last line (killed mid-write) is ignored. API keys are never passed to the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_sae.errors import UserError
+
+OK = "succeeded"
+FAILED = ("errored", "canceled", "expired", "malformed", "missing")
+
+
+@dataclass
+class JournalState:
+    """What a journal says, folded from its lines."""
+
+    header: dict | None = None
+    requests: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)
+    pending_batches: dict[str, dict] = field(default_factory=dict)  # local_id -> pending record (no id yet)
+    open_batches: dict[str, dict] = field(default_factory=dict)  # batch_id -> batch record (not done)
+
+    def apply(self, rec: dict) -> None:
+        kind = rec.get("kind")
+        if kind == "run" and self.header is None:
+            self.header = rec
+        elif kind == "request":
+            self.requests[rec["custom_id"]] = rec
+        elif kind == "result":
+            self.results[rec["custom_id"]] = rec
+        elif kind == "batch_pending":
+            self.pending_batches[rec["local_id"]] = rec
+        elif kind == "batch":
+            self.pending_batches.pop(rec["local_id"], None)
+            self.open_batches[rec["batch_id"]] = rec
+        elif kind == "batch_done":
+            self.open_batches.pop(rec["batch_id"], None)
+        elif kind == "batch_lost":
+            self.pending_batches.pop(rec["local_id"], None)
+
+    def in_batch(self) -> set[str]:
+        """custom_ids inside a batch that is created (or maybe created) and not finished."""
+        ids = set()
+        for rec in [*self.pending_batches.values(), *self.open_batches.values()]:
+            ids.update(rec["custom_ids"])
+        return ids
+
+    def succeeded(self, custom_id: str) -> bool:
+        return self.results.get(custom_id, {}).get("status") == OK
+
+
+class Journal:
+    """An append-only, fsynced JSONL journal (see the module docstring)."""
+
+    def __init__(self, path: Path, header: dict, *, fresh: bool = False):
+        self.path = Path(path)
+        self.state = JournalState()
+        if fresh and self.path.exists():
+            self.path.replace(self.path.with_name(self.path.name + f".{int(time.time())}.old"))
+        if self.path.exists():
+            for rec in _read_lines(self.path):
+                self.state.apply(rec)
+            _check_header(self.path, self.state.header, header)
+        if self.state.header is None:
+            self.append({"kind": "run", **header})
+
+    def append(self, *records: dict) -> None:
+        """Write records (one line each), flush and fsync, then fold them into the state."""
+        if not records:
+            return
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.state.apply(r)
+
+    def record_result(self, custom_id: str, status: str, text: str | None = None, error: str | None = None,
+                      **extra: Any) -> None:
+        self.append({"kind": "result", "custom_id": custom_id, "status": status, "text": text, "error": error,
+                     **extra})
+
+
+def _read_lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill mid-write
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+IDENTITY_KEYS = ("task", "backend", "model", "features_build", "settings_hash")
+
+
+def _check_header(path: Path, old: dict | None, new: dict) -> None:
+    if old is None:
+        return
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        what = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
+        raise UserError(f"the journal {path} belongs to another run ({what}): run with the same settings to "
+                        "resume it, or pass --fresh to start a new journal (the old one is kept beside it)")

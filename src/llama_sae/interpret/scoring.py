@@ -1,0 +1,147 @@
+"""``llama-sae score``: how well does each explanation predict where its latent fires? (Delphi-style)
+
+- Detection (sentence level): the scorer sees the explanation and a shuffled mix of held-out activating
+  sentences (the quantile samples the explainer did not see) and random non-activating ones, and says
+  which would make the latent fire.
+- Fuzzing (token level): the scorer sees held-out activating sentences with their activating tokens
+  marked, mixed with non-activating sentences with as many tokens marked at random, and says which
+  markings match the explanation.
+
+Each gives a balanced accuracy per latent, (TPR + TNR) / 2, with a 95% normal-approximation interval
+(each rate smoothed by +0.5 / +1, so an interval never has zero width). The control scores every latent
+with another latent's explanation (a fixed derangement of the explained latents): it should come out
+near 0.5; far from it, the scorer is guessing from something other than the explanation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from llama_sae.features import SCORES_FILE, Example, Features, hash01
+from llama_sae.fileio import atomic_write
+from llama_sae.interpret.backends import Backend, Request
+from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
+from llama_sae.interpret.run import outcome_counts, run_requests
+
+METHODS = ("detection", "fuzzing")
+PROMPT_VERSION = 1
+
+
+def balanced_accuracy(pred: Sequence[int], labels: Sequence[int]) -> tuple[float, float, float]:
+    """(balanced accuracy, 95% CI low, high) of 0/1 predictions against 0/1 labels (both classes present)."""
+    pos = [p for p, y in zip(pred, labels) if y]
+    neg = [p for p, y in zip(pred, labels) if not y]
+    tpr, tnr = sum(pos) / len(pos), 1 - sum(neg) / len(neg)
+    sp, sn = (sum(pos) + 0.5) / (len(pos) + 1), (len(neg) - sum(neg) + 0.5) / (len(neg) + 1)
+    half = 1.96 * math.sqrt(sp * (1 - sp) / len(pos) + sn * (1 - sn) / len(neg)) / 2
+    ba = (tpr + tnr) / 2
+    return ba, max(0.0, ba - half), min(1.0, ba + half)
+
+
+def _order(n: int, latent: int, salt: int) -> list[int]:
+    """A fixed pseudo-random permutation of range(n) for this latent."""
+    return torch.argsort(hash01(torch.arange(n), latent, 1000 + salt)).tolist()
+
+
+def _random_marks(ex: Example, count: int, latent: int) -> list[bool]:
+    picks = set(_order(len(ex.tokens), latent, ex.sentence)[:max(1, count)])
+    return [i in picks for i in range(len(ex.tokens))]
+
+
+def derangement(latents: Sequence[int]) -> dict[int, int]:
+    """latent -> another latent whose explanation its control uses (fixed, no latent maps to itself)."""
+    order = [latents[i] for i in _order(len(latents), 0, 7)]
+    return {a: order[(i + 1) % len(order)] for i, a in enumerate(order)} if len(order) > 1 else {}
+
+
+def held_out(f: Features, latent: int, n: int, sample: str = "top", n_top: int = 10) -> list[Example]:
+    """Activating examples the explainer did not see: the top sentences after its ``n_top`` ("top"), or
+    the odd-numbered quantile samples, evenly across the quantiles ("quantile")."""
+    if sample == "top":
+        return f.examples(latent, "max", n_top + n)[n_top:]
+    odd = f.examples(latent, "quantile")[1::2]
+    return odd[::max(1, len(odd) // n)][:n] if odd else []
+
+
+def score_requests(f: Features, explanations: dict[int, str], *, n: int = 10, control: bool = False,
+                   sample: str = "top") -> list[Request]:
+    """Detection and fuzzing requests for each explained latent (with held-out activating examples)."""
+    source = derangement(sorted(explanations)) if control else {l: l for l in explanations}
+    out = []
+    for latent in sorted(source):
+        pos = held_out(f, latent, n, sample)
+        neg = f.examples(latent, "random", n=n)
+        if not pos or not neg:
+            continue
+        text = explanations[source[latent]]
+        labels = [1] * len(pos) + [0] * len(neg)
+        perm = _order(len(labels), latent, 1)
+        items = [(pos + neg)[i] for i in perm]
+        labels = [labels[i] for i in perm]
+        tag = "c" if control else "s"
+        sentences = [e.text for e in items]
+        prompt = detection_prompt(text, sentences)
+        payload = {"explanation": text, "sentences": sentences, "labels": labels, "source": source[latent]}
+        out.append(Request(f"{tag}d{latent}-{prompt.hash()}", prompt, latent, "detection", 200, payload))
+        counts = [sum(a > 0 for a in e.acts) for e in pos]
+        flags = [[a > 0 for a in e.acts] if y else _random_marks(e, counts[i % len(counts)], latent)
+                 for i, (e, y) in enumerate(zip(items, labels))]
+        prompt = fuzzing_prompt(text, [marked(e.tokens, fl) for e, fl in zip(items, flags)])
+        payload = {**payload, "items": [(e.tokens, fl) for e, fl in zip(items, flags)]}
+        out.append(Request(f"{tag}f{latent}-{prompt.hash()}", prompt, latent, "fuzzing", 200, payload))
+    return out
+
+
+def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", control: bool = True,
+          fresh: bool = False,
+          retry_failed: bool = False, confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
+          say: Callable[[str], None] = print) -> dict:
+    """Score every explanation in the artifact (and the shuffled control); writes scores.jsonl.
+
+    Returns {"detection": mean BA, "fuzzing": mean BA, "control_detection", "control_fuzzing", "latents",
+    "outcomes"}, with "<name>_ci" 95% intervals of the means across latents.
+    """
+    f.reload_explanations()
+    explanations = {l: e.text for l, e in f._load_explanations().items()}
+    requests = score_requests(f, explanations, n=n, sample=sample)
+    if control:
+        requests += score_requests(f, explanations, n=n, control=True, sample=sample)
+    settings = {"n": n, "sample": sample, "prompt_version": PROMPT_VERSION}
+    journal = run_requests(f, "score", backend, requests, settings,
+                           parse=lambda r, t: parse_answers(t, len(r.payload["labels"])), fresh=fresh,
+                           retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+    rows = []
+    for r in requests:
+        res = journal.state.results.get(r.custom_id)
+        pred = parse_answers(res["text"] or "", len(r.payload["labels"])) if res and res["status"] == "succeeded" \
+            else None
+        if pred is None:
+            continue
+        ba, lo, hi = balanced_accuracy(pred, r.payload["labels"])
+        rows.append({"latent": r.latent, "method": r.task, "control": r.custom_id.startswith("c"),
+                     "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(r.payload["labels"]),
+                     "n_neg": len(r.payload["labels"]) - sum(r.payload["labels"]),
+                     "explanation_of": r.payload["source"], "backend": backend.name})
+    atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+    f.reload_explanations()
+    summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, requests)}
+    for method in METHODS:
+        for ctrl in (False, True):
+            vals = [row["balanced_accuracy"] for row in rows if row["method"] == method and row["control"] == ctrl]
+            name = f"control_{method}" if ctrl else method
+            summary[name] = sum(vals) / len(vals) if vals else None
+            summary[f"{name}_ci"] = _mean_ci(vals)
+    return summary
+
+
+def _mean_ci(vals: list[float]) -> tuple[float, float] | None:
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return m - 1.96 * sd / math.sqrt(len(vals)), m + 1.96 * sd / math.sqrt(len(vals))
+
