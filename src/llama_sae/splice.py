@@ -79,6 +79,8 @@ def splice_fn(sae: SAE, *, error_term: bool = True, edit: LatentEdit | None = No
 
     @torch.no_grad()
     def replace(x: Tensor) -> Tensor:
+        if error_term and edit is None and pre_bias is None:
+            return x  # x̂ + (x − x̂) with nothing edited: the SAE need not run at all
         clean, delta = reconstruct(sae, x, edit, pre_bias)
         if not error_term:
             return (clean if delta is None else clean + delta).to(x.dtype)

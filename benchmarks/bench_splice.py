@@ -1,0 +1,120 @@
+"""Cost of running the tiny model with an SAE spliced in, against the plain forward, and evaluation throughput.
+
+At the demo SAE's size (d_in 256, 2,048 latents, k 16, at resid_post.2 of the shipped tinyworld model, in the
+checkpoint's dtype): median seconds of one forward over a [B, T] batch of tinyworld text, interleaved with the
+plain forward (same process, same batch), for each splice mode:
+
+* exact        error term, no edit: adds exactly zero (the logits are checked equal to the plain forward's)
+* recon-only   error_term=False: the model runs on x̂ (the "CE spliced" path of evaluation)
+* edit         error term plus an edit that adds 2.0 to one latent (the steering path)
+* edit-dense   error term plus an edit that rescales every latent (the worst case for the decoder)
+* wrapper      SplicedModel(model, sae) with an edit, through its __call__ (should cost what "edit" costs)
+
+and the evaluation throughput in tokens/s: ``activation_metrics`` (FVU, L0, dead, ... over activations) and
+``model_metrics`` (CE clean / spliced / zero-ablated and KL: three forwards per batch).
+
+The SAE: ``--sae DIR`` (e.g. runs/demo/sae/...), else a random one at that size initialized on real activations
+(its cost does not depend on training).
+
+    python benchmarks/bench_splice.py                    # B=8, T=128, 2 threads
+    python benchmarks/bench_splice.py --sae runs/demo/sae/resid_post.2 --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import interleaved, machine_info, print_json, print_machine, print_table, timed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", default=None, help="SAE directory (default: a random SAE of the demo's size)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-texts", type=int, default=128)
+    return p.parse_args(argv)
+
+
+def demo_sized_sae(model, tokens, hook: str):
+    from llama_sae.sae import SAE, SAEConfig
+    from llama_sae.sae.model import normalize
+
+    sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=2048, k=16, hook_name=hook))
+    x = model.capture(tokens, [hook])[hook].flatten(0, 1)
+    sae.init_(normalize(x, "layer_norm")[0], generator=torch.Generator().manual_seed(0))
+    return sae.eval()
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from llama_sae import tinyworld
+    from llama_sae.demo import DEMO_HOOK
+    from llama_sae.llama import load_model, load_tokenizer
+    from llama_sae.sae import load
+    from llama_sae.sae.evaluate import activation_metrics, model_metrics, token_batches
+    from llama_sae.splice import SplicedModel, spliced
+
+    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+    stream = [t for r in tinyworld.sentences(400, split="heldout") for t in tok.encode(r.text, bos=True)]
+    tokens = torch.tensor(stream[: a.batch * a.seq]).view(a.batch, a.seq)
+    sae = load(a.sae) if a.sae else demo_sized_sae(model, tokens, DEMO_HOOK)
+    acts = model.capture(tokens, [sae.cfg.hook_name])[sae.cfg.hook_name].flatten(0, 1)  # [B·T, d_in]
+    latent = int(sae.encode(acts).sum(0).argmax())  # the most active latent: the one the edit boosts
+
+    def add_one(h):
+        return h.index_add(-1, torch.tensor([latent]), torch.full((*h.shape[:-1], 1), 2.0))
+
+    def plain():
+        with torch.inference_mode():
+            return model(tokens)
+
+    def mode(**kw):
+        def run():
+            with torch.inference_mode(), spliced(model, sae, **kw):
+                return model(tokens)
+        return run
+
+    wrapper = SplicedModel(model, sae, edit=add_one)
+
+    def wrapped():
+        with torch.inference_mode():
+            return wrapper(tokens)
+
+    fns = {"plain": plain, "exact": mode(), "recon-only": mode(error_term=False), "edit": mode(edit=add_one),
+           "edit-dense": mode(edit=lambda h: h * 1.5), "wrapper": wrapped}
+    info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
+    med, _, last = interleaved(fns, a.repeats)
+    assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
+    assert not torch.equal(last["recon-only"], last["plain"]) and not torch.equal(last["edit"], last["plain"])
+    assert torch.equal(last["wrapper"], last["edit"])
+    n_tok = a.batch * a.seq
+    rows = [[name, f"{med[name] * 1e3:.1f}", f"{n_tok / med[name]:,.0f}", f"{med[name] / med['plain']:.3f}"]
+            for name in fns]
+
+    t_act, _ = timed(lambda: activation_metrics(sae, [acts[i:i + 512] for i in range(0, len(acts), 512)]))
+    texts = [r.text for r in tinyworld.sentences(a.eval_texts, split="heldout")]
+    t_model, rep = timed(lambda: model_metrics(model, sae, token_batches(tok, texts, batch_size=16)))
+    result = {"machine": info, "batch": a.batch, "seq": a.seq, "sae": a.sae or "random, demo size",
+              "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "hook": sae.cfg.hook_name,
+              "median_ms": {n: round(t * 1e3, 2) for n, t in med.items()},
+              "ratio_vs_plain": {n: round(t / med["plain"], 3) for n, t in med.items()},
+              "activation_metrics_tokens_per_s": round(len(acts) / t_act),
+              "model_metrics_tokens_per_s": round(rep["predicted_tokens"] / t_model),
+              "model_metrics_predicted_tokens": rep["predicted_tokens"]}
+    print_machine(info)
+    print(f"[{a.batch}, {a.seq}] tokens of tinyworld text; SAE {result['sae']}: d_in {sae.cfg.d_in}, "
+          f"{sae.cfg.d_sae} latents, k {sae.cfg.k}, at {sae.cfg.hook_name}")
+    print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
+    print(f"evaluation: activation_metrics {result['activation_metrics_tokens_per_s']:,} tokens/s; model_metrics "
+          f"(3 forwards per batch) {result['model_metrics_tokens_per_s']:,} predicted tokens/s")
+    print_json(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
