@@ -99,6 +99,17 @@ def test_bf16_encoder_selects_nearly_the_same_latents():
     torch.testing.assert_close(fast.top_acts, pre.gather(1, fast.top_indices).relu(), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_encoder_selects_aux_k_exactly_over_a_small_dead_set():
+    sae, x = make_sae(d=64, n=512, k=16, dtype=torch.float32)
+    x_norm = normalize(x, "layer_norm")[0]
+    dead = torch.arange(3, 512, 9)  # 57 dead <= 16 x k_aux: the dead set gets its own float32 GEMM
+    out = sae.forward_train(x_norm, dead, 8, compute_dtype=torch.bfloat16)
+    pre = ((x_norm - sae.b_dec) @ sae.W_enc.T + sae.b_enc)[:, dead]  # float32 reference, dead columns only
+    want = pre.topk(8, dim=1).values.relu()
+    torch.testing.assert_close(out.aux_acts.sort(1, descending=True).values, want, rtol=1e-5, atol=1e-5)
+    assert set(out.aux_indices.flatten().tolist()) <= set(dead.tolist())
+
+
 def test_aux_k_uses_only_dead_latents_and_at_most_as_many_as_are_dead():
     sae, x = make_sae()
     x_norm = normalize(x, "layer_norm")[0].double()

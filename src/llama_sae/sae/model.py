@@ -140,17 +140,28 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     xq = scratch_buffer(scratch, "xq", (N, d + 1), compute_dtype, device)  # [N, d + 1] = [xc | 1]
     xq[:, :d], xq[:, d] = xc, 1
     k_aux = 0 if dead is None else min(k_aux, dead.numel())
+    # Below full precision, a small dead set gets its own GEMM in W_enc's dtype: exact aux-k values at once,
+    # cheaper than gathering its columns and recomputing the chosen ones row by row.
+    W_dead = W_enc[dead] if k_aux and compute_dtype != W_enc.dtype and dead.numel() <= AUX_DENSE_RATIO * k_aux \
+        else None  # [n_dead, d]
     rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
     buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
     parts = []
     for s in range(0, N, rows):
         pre = torch.mm(xq[s:s + rows], W.t(), out=buf[:min(rows, N - s)])  # [rows, n]
         vals, idx = select_topk(pre, k)
-        aux_vals, aux_idx = select_topk(pre.index_select(1, dead), k_aux) if k_aux else (vals[:, :0], idx[:, :0])
+        if not k_aux:
+            aux_vals, aux_idx = vals[:, :0], idx[:, :0]
+        elif W_dead is not None:
+            aux_vals, aux_idx = select_topk(torch.addmm(b_enc[dead], xc[s:s + rows], W_dead.t()), k_aux)
+        else:
+            aux_vals, aux_idx = select_topk(pre.index_select(1, dead), k_aux)
         parts.append((vals, idx, aux_vals, dead[aux_idx] if k_aux else aux_idx))  # [rows, k], [rows, k_aux]
     vals, idx, aux_vals, aux_idx = parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)]
     if compute_dtype != W_enc.dtype:  # low precision chose the latents; their values are recomputed exactly
-        vals, aux_vals = exact_acts(xc, W_enc, b_enc, idx), exact_acts(xc, W_enc, b_enc, aux_idx)
+        vals = exact_acts(xc, W_enc, b_enc, idx)
+        if W_dead is None:
+            aux_vals = exact_acts(xc, W_enc, b_enc, aux_idx)
     return vals, idx, aux_vals, aux_idx
 
 
