@@ -45,6 +45,7 @@ class Backend(ABC):
     name: str = "backend"
     model: str = ""
     batch_api: bool = False  # priced at the batch discount
+    paid: bool = False  # a metered API: its cost is estimated and confirmed above a threshold
 
     @abstractmethod
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
@@ -189,6 +190,7 @@ class ChatBackend(SyncBackend):
         key = os.environ.get(api_key_env) if base_url else env_key(api_key_env, "the OpenAI chat backend")
         self.openai = openai
         self.client = openai.OpenAI(api_key=key or "none", base_url=base_url, max_retries=0, timeout=timeout)
+        self.paid = base_url is None or "api.openai.com" in base_url  # self-hosted servers cost nothing per token
         self.model, self.temperature = model, temperature
 
     def complete(self, request: Request) -> str:
@@ -202,7 +204,7 @@ class ChatBackend(SyncBackend):
             if e.status_code >= 500 or e.status_code in (408, 409):
                 raise RetryableError(str(e), _retry_after(e)) from e
             raise RequestFailed(f"HTTP {e.status_code}: {e.message}") from e
-        except o.APIResponseValidationError as e:
+        except (o.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON at all
             raise MalformedReply(f"the server's reply is not a chat completion: {e}") from e
         try:
             text = resp.choices[0].message.content

@@ -34,6 +34,7 @@ class BatchBackend(Backend):
     """Shared submit / reconcile / poll / download loop (see the module docstring)."""
 
     batch_api = True
+    paid = True
 
     def __init__(self, model: str, *, results_dir: Path, temperature: float = 0.0, max_batch: int = 10_000,
                  poll_interval: float = 30.0, wait: bool = True, download_attempts: int = 3):

@@ -33,11 +33,12 @@ def price(model: str) -> tuple[float, float] | None:
 
 
 def estimate(requests: Sequence[Request], backend: Backend) -> dict:
-    """{"requests", "input_tokens", "output_tokens" (upper bound), "dollars" (upper bound or None)}."""
+    """{"requests", "input_tokens", "output_tokens" (upper bound), "dollars" (upper bound; None when a paid
+    API's model has no known price; 0 for the offline and local backends and self-hosted servers)}."""
     tokens_in = int(sum(r.prompt.chars() for r in requests) / CHARS_PER_TOKEN)
     tokens_out = sum(r.max_tokens for r in requests)
-    p = None if backend.name in ("offline", "local") else price(backend.model)
-    dollars = 0.0 if backend.name in ("offline", "local") else None
+    p = price(backend.model) if backend.paid else None
+    dollars = None if backend.paid else 0.0  # unknown for a paid API without a price: then we ask
     if p is not None:
         dollars = (tokens_in * p[0] + tokens_out * p[1]) / 1e6 * (0.5 if backend.batch_api else 1.0)
     return {"requests": len(requests), "input_tokens": tokens_in, "output_tokens": tokens_out, "dollars": dollars}

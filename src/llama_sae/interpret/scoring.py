@@ -60,9 +60,12 @@ def derangement(latents: Sequence[int]) -> dict[int, int]:
 
 def held_out(f: Features, latent: int, n: int, sample: str = "top", n_top: int = 10) -> list[Example]:
     """Activating examples the explainer did not see: the top sentences after its ``n_top`` ("top"), or
-    the odd-numbered quantile samples, evenly across the quantiles ("quantile")."""
+    the odd-numbered quantile samples, evenly across the quantiles ("quantile", also the fallback when
+    the artifact keeps fewer than n_top + 2 top sentences)."""
     if sample == "top":
-        return f.examples(latent, "max", n_top + n)[n_top:]
+        top = f.examples(latent, "max", n_top + n)[n_top:]
+        if len(top) >= 2:
+            return top
     odd = f.examples(latent, "quantile")[1::2]
     return odd[::max(1, len(odd) // n)][:n] if odd else []
 

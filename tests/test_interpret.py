@@ -1,0 +1,365 @@
+"""Explain and score through every backend: the real anthropic / openai SDKs against local fake servers,
+the journal across kills, every result type, cost confirmation, bad input, and the offline scorer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from fake_servers import FakeServer
+from test_features import SOURCE, small_sae
+
+from llama_sae import tinyworld
+from llama_sae.errors import UserError
+from llama_sae.features import build_features, load_features
+from llama_sae.interpret import explain, make_backend, score
+from llama_sae.interpret.backends import RateLimiter
+from llama_sae.interpret.prompts import marked, parse_answers, parse_explanation
+from llama_sae.interpret.scoring import balanced_accuracy, derangement
+from llama_sae.llama import load_model, load_tokenizer
+
+FAST = {"poll_interval": 0.0}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model = load_model(tinyworld.model_path(), dtype="float32")
+    tok = load_tokenizer(tinyworld.model_path())
+    sae = small_sae(model, d_sae=32)
+    out = tmp_path_factory.mktemp("features")
+    build_features(model, tok, sae, SOURCE, out, sentences=120, top_n=14, reservoir=8, pool=40, n_quantiles=4,
+                   batch_size=32)
+    return model, tok, out
+
+
+@pytest.fixture()
+def feats(built, tmp_path):
+    shutil.copytree(built[2], tmp_path / "f")
+    return load_features(tmp_path / "f")
+
+
+@pytest.fixture()
+def server(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+    with FakeServer() as s:
+        yield s
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: raised where the process would die."""
+
+
+def die_after_create(backend) -> None:
+    """Make the backend die right after the server created a batch, before the journal records its id."""
+    create = backend.create
+
+    def create_then_die(requests, local_id):
+        create(requests, local_id)
+        raise Killed
+
+    backend.create = create_then_die
+
+
+def _journal(f, task="explain") -> list[dict]:
+    return [json.loads(x) for x in (f.path / f"{task}.journal.jsonl").read_text().splitlines()]
+
+
+def _fates(f, pattern: list[str]) -> dict[str, str]:
+    """custom_id -> fate, cycling ``pattern`` over the latents in order."""
+    latents = f.live_latents()
+    return {lat: pattern[i % len(pattern)] for i, lat in enumerate(latents)}
+
+
+def _by_latent(fates: dict[int, str]):
+    return lambda cid: fates[int(cid[1:].split("-")[0])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Anthropic Message Batches
+
+
+def test_anthropic_batches_every_result_type_then_retry_only_failures(feats, server):
+    f = feats
+    fates = _fates(f, ["succeeded", "errored", "canceled", "expired", "malformed", "missing", "wrong-shape",
+                       "succeeded"])
+    server.state.fate = _by_latent(fates)
+    server.state.reply = lambda text: 'Thinking... {"common_semantic": "cooking words", "certainty": 80}'
+    b = make_backend("anthropic", f, model="claude-haiku-4-5", base_url=server.url, **FAST)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    ok = [lat for lat, fate in fates.items() if fate == "succeeded"]
+    assert out["explained"] == len(ok)
+    assert sorted(e for e in ok) == sorted(r["latent"] for r in map(json.loads, (
+        f.path / "explanations.jsonl").read_text().splitlines()))
+    assert f.explanation(ok[0]).text == "cooking words" and f.explanation(ok[0]).certainty == 0.8
+    status = {r["custom_id"]: r["status"] for r in _journal(f) if r["kind"] == "result"}
+    expected = {"succeeded", "errored", "canceled", "expired", "malformed", "missing"}
+    assert set(status.values()) == expected
+    assert server.calls("POST", "/v1/messages/batches") == 1
+    sent = server.state.anthropic["msgbatch_0001"]["requests"]
+    assert len(sent) == len(fates) and all(r["params"]["model"] == "claude-haiku-4-5" for r in sent)
+    # the key never reaches the journal
+    assert "secret" not in (f.path / "explain.journal.jsonl").read_text()
+
+    explain(f, b, threshold=100.0, say=lambda s: None)  # again: nothing to send, nothing lost
+    assert server.calls("POST", "/v1/messages/batches") == 1 and f.explanation(ok[0]) is not None
+
+    server.state.fate = lambda cid: "succeeded"
+    out = explain(f, b, retry_failed=True, threshold=100.0, say=lambda s: None)
+    assert server.calls("POST", "/v1/messages/batches") == 2
+    resent = {r["custom_id"] for r in server.state.anthropic["msgbatch_0002"]["requests"]}
+    failed = {cid for cid, s in status.items() if s != "succeeded"}
+    assert resent == failed and out["explained"] == len(fates)
+
+
+def test_anthropic_kill_between_create_and_record_is_reconciled(feats, server):
+    f = feats
+    b = make_backend("anthropic", f, base_url=server.url, **FAST)
+    die_after_create(b)
+    with pytest.raises(Killed):
+        explain(f, b, threshold=100.0, say=lambda s: None)
+    kinds = [r["kind"] for r in _journal(f)]
+    assert "batch_pending" in kinds and "batch" not in kinds
+    b2 = make_backend("anthropic", f, base_url=server.url, **FAST)
+    out = explain(f, b2, threshold=100.0, say=lambda s: None)
+    assert server.calls("POST", "/v1/messages/batches") == 1  # found in the server's list, not re-created
+    assert out["explained"] == len(f.live_latents())
+    assert any(r.get("reconciled") for r in _journal(f))
+
+
+def test_anthropic_download_cut_halfway_is_retried(feats, server):
+    f = feats
+    server.state.cut_next_download = True
+    b = make_backend("anthropic", f, base_url=server.url, **FAST)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    assert out["explained"] == len(f.live_latents())
+    results = [p for m, p, _ in server.state.log if p.endswith("/results")]
+    assert len(results) == 2  # one cut, one whole
+    assert (f.path / "batches" / "msgbatch_0001.jsonl").exists()
+
+
+def test_no_wait_submits_then_a_later_run_collects(feats, server):
+    f = feats
+    server.state.polls_to_end = 3
+    b = make_backend("anthropic", f, base_url=server.url, wait=False, **FAST)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    assert out["explained"] == 0 and out["outcomes"] == {"unanswered": len(f.live_latents())}
+    lines = []
+    out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), threshold=100.0, say=lines.append)
+    assert out["explained"] == len(f.live_latents()) and server.calls("POST", "/v1/messages/batches") == 1
+    assert f"{len(f.live_latents())} in open batches, 0 to send" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI Batch API
+
+
+def test_openai_batch_output_and_error_files(feats, server):
+    f = feats
+    fates = _fates(f, ["succeeded", "errored", "expired", "malformed", "succeeded"])
+    server.state.fate = _by_latent(fates)
+    b = make_backend("openai-batch", f, model="gpt-4o-mini", base_url=server.url + "/v1", **FAST)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    results = [r for r in _journal(f) if r["kind"] == "result"]
+    status = {r["custom_id"]: r["status"] for r in results}
+    # a torn line names no request: that request is "missing", and the error counts the bad line
+    assert sorted(set(status.values())) == ["errored", "expired", "missing", "succeeded"]
+    n_bad = sum(v == "malformed" for v in fates.values())
+    assert all(f"({n_bad} malformed lines)" in r["error"] for r in results if r["status"] == "missing")
+    assert out["explained"] == sum(v == "succeeded" for v in fates.values())
+    (upload,) = [x for x in server.state.files.values() if b'"method": "POST"' in x]
+    line = json.loads(upload.splitlines()[0])
+    assert line["url"] == "/v1/chat/completions" and line["body"]["model"] == "gpt-4o-mini"
+    assert server.calls("POST", "/v1/batches") == 1 and server.calls("POST", "/v1/files") == 1
+
+
+def test_openai_batch_kill_reconciled_by_metadata_and_expired_batch(feats, server):
+    f = feats
+    server.state.openai_batch_status = "expired"
+    server.state.fate = _by_latent(_fates(f, ["succeeded", "canceled"]))
+    b = make_backend("openai-batch", f, base_url=server.url + "/v1", **FAST)
+    die_after_create(b)
+    with pytest.raises(Killed):
+        explain(f, b, threshold=100.0, say=lambda s: None)
+    out = explain(f, make_backend("openai-batch", f, base_url=server.url + "/v1", **FAST), threshold=100.0,
+                  say=lambda s: None)
+    assert server.calls("POST", "/v1/batches") == 1
+    assert out["outcomes"]["expired"] == len(f.live_latents()) // 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI-compatible chat servers
+
+
+def test_chat_retries_429_and_5xx_and_records_garbage_and_4xx(feats, server):
+    f = feats
+    latents = f.live_latents()[:6]
+    server.state.chat_script = [(429, '{"error": {"message": "slow down"}}', {"retry-after": "0"}),
+                                (503, '{"error": {"message": "overloaded"}}', {"retry-after": "0"}),
+                                (200, "<html>not json</html>", {}),
+                                (400, '{"error": {"message": "context too long"}}', {})]
+    b = make_backend("chat", f, model="llama-3.1-8b-instruct", base_url=server.url + "/v1", concurrency=1)
+    b.backoff = 0.0
+    out = explain(f, b, latents=latents, threshold=100.0, say=lambda s: None)
+    assert out["outcomes"] == {"malformed": 1, "errored": 1, "succeeded": 4}
+    assert server.calls("POST", "/v1/chat/completions") == 8  # 6 requests + 2 retries
+    explain(f, b, latents=latents, threshold=100.0, say=lambda s: None)
+    assert server.calls("POST", "/v1/chat/completions") == 8  # nothing re-sent
+
+
+def test_chat_concurrent_each_request_once(feats, server):
+    f = feats
+    b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=4)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    assert out["explained"] == len(f.live_latents())
+    assert server.calls("POST", "/v1/chat/completions") == len(f.live_latents())
+    ids = [r["custom_id"] for r in _journal(f) if r["kind"] == "result"]
+    assert len(ids) == len(set(ids))
+
+
+def test_rate_limiter_spaces_requests():
+    now = [0.0]
+    slept = []
+    lim = RateLimiter(120, clock=lambda: now[0], sleep=lambda s: slept.append(s))
+    for _ in range(3):
+        lim.wait()
+    assert slept == [0.5, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input, cost, journal identity
+
+
+def test_missing_key_names_the_variable(feats, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match="ANTHROPIC_API_KEY"):
+        make_backend("anthropic", feats)
+    with pytest.raises(UserError, match="OPENAI_API_KEY"):
+        make_backend("openai-batch", feats)
+    with pytest.raises(UserError, match="OPENAI_API_KEY"):
+        make_backend("chat", feats, model="gpt-4o")
+    with pytest.raises(UserError, match="unknown backend"):
+        make_backend("claude", feats)
+
+
+def test_cost_above_threshold_needs_confirmation_and_sends_nothing(feats, server):
+    f = feats
+    b = make_backend("anthropic", f, model="claude-opus-4-1", base_url=server.url, **FAST)
+    lines = []
+    with pytest.raises(UserError, match="--yes"):
+        explain(f, b, threshold=0.0001, say=lines.append)
+    assert "cost ≤ $" in lines[0] and not server.state.log
+    asked = []
+    with pytest.raises(UserError):
+        explain(f, b, threshold=0.0001, confirm=lambda q: asked.append(q) or False, say=lines.append)
+    assert asked and not server.state.log
+    out = explain(f, b, threshold=0.0001, confirm=lambda q: True, say=lines.append)
+    assert out["explained"] == len(f.live_latents())
+
+
+def test_journal_from_another_run_is_refused(feats, server):
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    b = make_backend("anthropic", f, base_url=server.url, **FAST)
+    with pytest.raises(UserError, match="another run.*--fresh"):
+        explain(f, b, threshold=100.0, say=lambda s: None)
+    assert not server.state.log
+    out = explain(f, b, fresh=True, threshold=100.0, say=lambda s: None)
+    assert out["explained"] == len(f.live_latents()) and list(f.path.glob("explain.journal.jsonl.*.old"))
+
+
+def test_artifact_rebuilt_invalidates_journal(feats, built, tmp_path):
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    meta = json.loads((f.path / "features.json").read_text())
+    meta["build_id"] = "another"
+    (f.path / "features.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="different builds"):
+        load_features(f.path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts, parsing, scoring, offline and local backends
+
+
+def test_parsing_is_tolerant_and_strict_where_it_matters():
+    assert parse_explanation('```json\n{"explanation": "dates", "certainty": 0.9}\n```') == ("dates", 0.9)
+    assert parse_explanation('{"a": 1} then {"common_semantic": " cooking ", "certainty": "75%"}') == (
+        "cooking", 0.75)
+    assert parse_explanation('{"explanation": "x", "certainty": 90}') == ("x", 0.9)
+    assert parse_explanation("no json here") == (None, None)
+    assert parse_explanation('{"explanation": ""}') == (None, None)
+    assert parse_explanation('{"explanation": "x", "certainty": "high"}') == ("x", None)
+    assert parse_answers('{"answers": [1, 0, "1"]}', 3) == [1, 0, 1]
+    assert parse_answers('{"answers": [1, 0]}', 3) is None and parse_answers('{"answers": [1, 2]}', 2) is None
+    assert marked([" The", " chef", " bak", "ed", " bread", "."], [0, 1, 1, 1, 0, 1]) == \
+        "The <<chef baked>> bread<<.>>"
+
+
+def test_balanced_accuracy_and_interval():
+    ba, lo, hi = balanced_accuracy([1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0])
+    assert ba == pytest.approx((2 / 3 + 2 / 3) / 2) and lo < ba < hi
+    assert balanced_accuracy([1, 1, 0, 0], [1, 1, 0, 0])[0] == 1.0
+    d = derangement([3, 5, 8, 13])
+    assert sorted(d) == [3, 5, 8, 13] and sorted(d.values()) == [3, 5, 8, 13] and all(k != v for k, v in d.items())
+
+
+def test_offline_explain_and_score_end_to_end(feats):
+    f = feats
+    out = explain(f, make_backend("offline", f), say=lambda s: None)
+    assert out["explained"] == len(f.live_latents())
+    res = score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    assert res["detection"] is not None and res["control_detection"] is not None
+    assert 0.0 <= res["detection"] <= 1.0 and abs(res["control_detection"] - 0.5) < 0.2
+    e = f.explanation(f.live_latents()[0])
+    assert e.detection is not None and e.fuzzing is not None
+    assert f.search(e.text.split('"')[1])  # explanations quote their terms
+    rows = [json.loads(x) for x in (f.path / "scores.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"detection", "fuzzing"} and any(r["control"] for r in rows)
+    assert all(r["ci_low"] <= r["balanced_accuracy"] <= r["ci_high"] for r in rows)
+
+
+def test_score_with_a_remote_backend_parses_answers(feats, server):
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    n_items = {}
+
+    def reply(text):  # answer 1 for every numbered sentence
+        k = sum(1 for line in text.splitlines() if line[:1].isdigit())
+        n_items[k] = n_items.get(k, 0) + 1
+        return json.dumps({"answers": [1] * k})
+
+    server.state.reply = reply
+    res = score(f, make_backend("chat", f, model="m", base_url=server.url + "/v1"), n=4, threshold=100.0,
+                say=lambda s: None)
+    assert res["detection"] == pytest.approx(0.5) and res["fuzzing"] == pytest.approx(0.5)  # all-yes is chance
+
+
+def test_local_backend_runs_the_model(feats, built):
+    model, tok, _ = built
+    f = feats
+    b = make_backend("local", f, llama=model, tokenizer=tok)
+    latents = f.live_latents()[:2]
+    # the tiny model's context is short: prompts longer than it are refused per request, the rest generated
+    out = explain(f, b, latents=latents, max_tokens=16, n_top=1, say=lambda s: None)
+    assert sum(out["outcomes"].values()) == 2
+    assert set(out["outcomes"]) <= {"succeeded", "malformed", "errored"}
+    texts = [r for r in _journal(f) if r["kind"] == "result" and r["status"] != "errored"]
+    assert texts and all(r["text"] for r in texts)  # the model generated (and its text is kept, parsed or not)
+
+
+def test_cli_explain_and_score_offline(feats):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    r = CliRunner().invoke(app, ["explain", str(feats.path)])
+    assert r.exit_code == 0, r.output
+    assert f"{len(feats.live_latents())} of {len(feats.live_latents())} latents explained" in r.output
+    r = CliRunner().invoke(app, ["score", str(feats.path), "--n", "4"])
+    assert r.exit_code == 0, r.output
+    assert "control_detection: mean balanced accuracy" in r.output
+    assert torch.is_tensor(load_features(feats.path).frequency)
