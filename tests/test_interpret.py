@@ -363,3 +363,13 @@ def test_cli_explain_and_score_offline(feats):
     assert r.exit_code == 0, r.output
     assert "control_detection: mean balanced accuracy" in r.output
     assert torch.is_tensor(load_features(feats.path).frequency)
+
+
+def test_ground_truth_judge_names_concepts():
+    from llama_sae.interpret.groundtruth import names_concept
+
+    assert names_concept('the tokens "chef", "oven", "telescope", "garlic"', "cooking")
+    assert not names_concept('the tokens "chef", "oven", "telescope", "garlic"', "astronomy")
+    assert names_concept('the tokens "?"', "question") and names_concept("the tokens quotation marks", "quotation")
+    assert names_concept('the tokens "january", "march"', "date") and names_concept('"if"', "conditional")
+    assert names_concept("Questions about the weather", "weather") and not names_concept(None, "weather")

@@ -122,6 +122,7 @@ def _evaluate(console: Console, model, tokenizer, sae, store: Path) -> dict:
 def run_demo(out: Path, console: Console | None = None) -> None:
     """Run the demo, writing its store, SAE and reports under ``out``."""
     from llama_sae.fileio import atomic_write_json
+    from llama_sae.interpret.groundtruth import stage as interpret_stage
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +133,10 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     sae, sae_dir = _train(console, store, out)
     recovery = _recovery(console, model, tokenizer, sae)
     report = _evaluate(console, model, tokenizer, sae, store)
+    interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
     report.pop("frequency")
-    atomic_write_json(out / "report.json", {"recovery": recovery, "evaluation": report})
+    atomic_write_json(out / "report.json", {"recovery": recovery, "evaluation": report,
+                                            "interpretation": interpretation})
     console.print(f"SAE (SAELens v6 layout: cfg.json + sae_weights.safetensors): {sae_dir}")
     console.rule("[bold]done")
     console.print("Next: point any stage at a real checkpoint with --model PATH (see README).")
