@@ -138,6 +138,10 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+# torch >= 2.5: scaled_dot_product_attention takes K/V with fewer heads than Q
+SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 class Attention(nn.Module):
     """Grouped-query attention with rotate-half RoPE."""
 
@@ -161,11 +165,14 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # [B, Hkv, start+T, hd]
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
+        gqa = {}
+        if groups > 1 and SDPA_GQA:
+            gqa = {"enable_gqa": True}  # SDPA reads each K/V head for its group of query heads: no copies
+        elif groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # [B, H, S, hd]
             v = v.repeat_interleave(groups, dim=1)
         causal = mask is None and T > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, H, T, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)  # [B, H, T, hd]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, dim]
 
 
