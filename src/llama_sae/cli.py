@@ -365,6 +365,10 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="steps between spliced evaluations (CE recovered, KL) "
+                                                        "in --eval-model; one more at the end")] = None,
+    eval_model: Annotated[str | None, typer.Option(help="checkpoint to splice the SAE into for evaluation")] = None,
+    eval_corpus: Annotated[str | None, typer.Option(help="SOURCE of held-out evaluation texts")] = None,
 ) -> None:
     """Train TopK SAE(s) on an activation store (resumes from out/checkpoint.pt; torchrun for several ranks)."""
     from llama_sae.sae.train import load_config, parse_int_list
@@ -372,19 +376,22 @@ def train(
 
     cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
                       tokens=tokens, epochs=epochs, lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb,
-                      seed=seed)
+                      seed=seed, eval_every=eval_every, eval_model=eval_model, eval_corpus=eval_corpus)
     for path in run_train(store, out, cfg):
         console.print(f"SAE: {path}")
 
 
 @app.command()
 def evaluate(
-    sae: Annotated[Path, typer.Option(help="SAE directory (SAELens v6 layout)")],
+    sae: Annotated[str, typer.Option(help="SAE: SAELens or sparsify directory, seed .pth, hf://org/repo[/dir]")],
     store: Annotated[Path | None, typer.Option(help="activation store: metrics on its val split")] = None,
     corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL)")] = None,
     model: ModelOpt = None,
     n_texts: Annotated[int, typer.Option(help="texts of the corpus for the model metrics")] = 200,
-    out: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the JSON report here (and the frequency histogram "
+                                                  "beside it, NAME_frequency.png)")] = None,
+    k: Annotated[int | None, typer.Option(help="k, where the SAE file lacks it (the seed's .pth: 64)")] = None,
+    hook: Annotated[str | None, typer.Option(help="hook point, where the SAE file lacks it")] = None,
 ) -> None:
     """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, CE loss recovered and KL in the model."""
     from itertools import islice
@@ -393,9 +400,9 @@ def evaluate(
 
     from llama_sae.fileio import atomic_write_json
     from llama_sae.sae import load
-    from llama_sae.sae.evaluate import activation_metrics, model_metrics, summary_rows, token_batches
+    from llama_sae.sae.evaluate import activation_metrics, model_metrics, plot_frequency, summary_rows, token_batches
 
-    net = load(sae)
+    net = load(sae, k=k, hook_name=hook)
     if store is None and corpus is None:
         raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
     report: dict = {}
@@ -417,6 +424,8 @@ def evaluate(
     console.print(table)
     if out is not None:
         atomic_write_json(out, report)
+        if "frequency" in report and plot_frequency(report, out.with_name(f"{out.stem}_frequency.png")):
+            console.print(f"report: {out}; frequency histogram: {out.with_name(f'{out.stem}_frequency.png')}")
 
 
 @app.command()

@@ -11,15 +11,22 @@ Model metrics (token batches through the Llama with the SAE spliced in at its ho
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llama_sae.errors import UserError
+from llama_sae.fileio import atomic_write, atomic_write_json, atomic_writer
 from llama_sae.sae.model import SAE
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
+EVAL_LOG = "eval.jsonl"  # the trainer's periodic spliced evaluations, one record per SAE and evaluation
+EVAL_REPORT = "evaluation.json"  # the final evaluation, next to the SAE's weights
 
 
 @torch.no_grad()
@@ -55,7 +62,7 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
     return {"tokens": tokens, "fvu": sq_err / total_var, "explained_variance": 1 - sq_err / total_var,
             "mse": sq_err / (tokens * sae.cfg.d_in), "cosine": cos / tokens, "l0": l0 / tokens,
             "dead": dead, "dead_fraction": dead / n_lat, "dead_rule": f"no activation in {tokens:,} tokens",
-            "dense": dense, "dense_fraction": dense / n_lat,
+            "dense": dense, "dense_fraction": dense / n_lat, "dense_threshold": dense_threshold,
             "dense_rule": f"fires on > {dense_threshold:.0%} of tokens",
             "frequency": freq.tolist()}
 
@@ -144,3 +151,121 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  ("CE zero-ablated", f"{report['ce_zero_ablated']:.4f}"),
                  ("CE recovered", f"{report['ce_recovered']:.3f}"), ("KL(clean ‖ spliced)", f"{report['kl']:.4f}")]
     return rows
+
+
+# --------------------------------------------------------------------------- plots
+def plot_frequency(report: dict, path: str | os.PathLike) -> Path | None:
+    """PNG histogram of the latents' log10 firing frequency (dead latents counted apart); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("frequency plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    freq = torch.tensor(report["frequency"], dtype=torch.float64)
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if alive.numel():
+        ax.hist(alive.log10().numpy(), bins=50, color="tab:blue")
+    ax.axvline(torch.log10(torch.tensor(report.get("dense_threshold", DENSE_THRESHOLD))).item(), color="tab:red",
+               linestyle="--", label="dense threshold")
+    ax.set_xlabel("log10 firing frequency (fraction of tokens)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{len(freq):,} latents over {report['tokens']:,} tokens; dead: {report['dead']:,} "
+                 f"({report['dead_fraction']:.1%})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- during training
+class TrainingEval:
+    """The trainer's spliced evaluation (model-loaded runs): each SAE in the model on fixed held-out texts.
+
+    Every ``every`` steps (at the next metrics record) and at the end: CE clean / spliced / zero-ablated,
+    CE recovered, KL, and FVU / L0 / dead fraction on the texts' activations. Records go to out/eval.jsonl;
+    the final report of each SAE to SAE_DIR/evaluation.json (with its frequency histogram,
+    SAE_DIR/frequency.png); curves to out/plots/eval_*.png.
+    """
+
+    KEYS = ("ce_recovered", "kl", "ce_spliced", "fvu", "l0", "dead_fraction")
+
+    def __init__(self, model: str, corpus: str, n_texts: int, every: int, out: Path, resume_step: int = 0,
+                 device: str = "cpu"):
+        from itertools import islice
+
+        from llama_sae.corpus import iter_sentences
+        from llama_sae.llama import load_model, load_tokenizer
+        from llama_sae.sae.train import read_metrics
+
+        self.model = load_model(model, device=device)
+        tok = load_tokenizer(model)
+        texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
+        if not texts:
+            raise UserError(f"eval corpus {corpus!r} gave no texts: pass another --eval-corpus SOURCE")
+        self.batches = [(t.to(device), m.to(device)) for t, m in token_batches(tok, texts)]
+        self.every, self.last, self.path = every, resume_step, out / EVAL_LOG
+        self.acts: dict[str, Tensor] = {}
+        self.reports: dict[str, dict] = {}  # the last full report of each SAE, by run name
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def check(self, saes: Iterable[SAE]) -> None:
+        """Fail before training if an SAE does not fit the model (width, hook point)."""
+        from llama_sae.splice import check_fits
+
+        for sae in saes:
+            check_fits(self.model, sae)
+
+    def _acts(self, hook: str) -> Tensor:
+        """The evaluation texts' real-token activations at ``hook`` [N, d] (the model does not change: cached)."""
+        if hook not in self.acts:
+            rows = [self.model.capture(t, [hook])[hook][m] for t, m in self.batches]
+            self.acts[hook] = torch.cat(rows).float()
+        return self.acts[hook]
+
+    def report(self, sae: SAE) -> dict:
+        """The full report of one SAE on the evaluation texts."""
+        was_training = sae.training
+        sae.eval()
+        try:
+            rep = activation_metrics(sae, [self._acts(sae.cfg.hook_name)])
+            rep.update(model_metrics(self.model, sae, self.batches))
+        finally:
+            sae.train(was_training)
+        return rep
+
+    def maybe(self, runs: list, step: int, tokens: int, *, final: bool = False) -> list[dict]:
+        """Evaluate every run's SAE when ``every`` steps have passed since the last evaluation (or ``final``)."""
+        if not final and step // self.every <= self.last // self.every:
+            return []
+        self.last = step
+        records = []
+        for run in runs:
+            rep = self.reports[run.name] = self.report(run.sae)
+            records.append({"step": step, "tokens": tokens, "sae": run.name, **{k: rep[k] for k in self.KEYS}})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    def final(self, runs: list, dirs: list[Path], step: int, tokens: int, plots: bool = True) -> None:
+        """The end-of-training evaluation: eval.jsonl's last record and evaluation.json per SAE; with ``plots``,
+        frequency.png per SAE and the curves (out/plots/eval_*.png)."""
+        from llama_sae.sae.train import plot_metrics
+
+        if self.last != step or not self.reports:
+            self.maybe(runs, step, tokens, final=True)
+        for run, path in zip(runs, dirs):
+            rep = self.reports[run.name]
+            atomic_write_json(path / EVAL_REPORT, {"step": step, "trained_tokens": tokens, **rep})
+            if plots:
+                plot_frequency(rep, path / "frequency.png")
+        if plots:
+            plot_metrics(self.path.parent, EVAL_LOG, self.KEYS, prefix="eval_")
+

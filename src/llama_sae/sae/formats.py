@@ -100,10 +100,10 @@ def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
 
 
 def hf_module_name(hook: str | None) -> str | None:
-    """The Hugging Face LlamaForCausalLM module whose output is our hook point (None for resid_pre.0's peers)."""
-    if hook is None:
-        return None
-    kind, _, layer = hook.partition(".")
+    """The Hugging Face LlamaForCausalLM module whose output is our hook point (None if it is not a hook name)."""
+    kind, _, layer = (hook or "").partition(".")
+    if kind not in HOOK_KINDS or not layer.isdigit():
+        return None  # not one of ours (e.g. a bare array's "acts"): no module to name
     if kind == "resid_pre":
         return "model.embed_tokens" if layer == "0" else f"model.layers.{int(layer) - 1}"
     suffix = {v: k for k, v in _HF_SUFFIX.items()}[kind]

@@ -43,7 +43,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
 # Settings that change how a run is watched, not what it computes: they may differ on resume.
-RUN_ONLY = {"log_every", "checkpoint_every", "wandb", "wandb_project", "plots", "device"}
+RUN_ONLY = {"log_every", "checkpoint_every", "wandb", "wandb_project", "plots", "device", "eval_every", "eval_model",
+            "eval_corpus", "eval_texts"}
 
 
 class TrainConfig(BaseModel):
@@ -81,6 +82,12 @@ class TrainConfig(BaseModel):
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works)")
     wandb_project: str = Field("llama-sae", description="W&B project")
     plots: bool = Field(True, description="write PNG plots of the metrics at the end (needs matplotlib)")
+    eval_every: int | None = Field(None, gt=0, description="steps between spliced evaluations in eval_model "
+                                                           "(CE recovered, KL; at the next metrics record); and "
+                                                           "one at the end. Needs eval_model and eval_corpus")
+    eval_model: str | None = Field(None, description="checkpoint the SAEs are spliced into for evaluation")
+    eval_corpus: str | None = Field(None, description="corpus SOURCE of the held-out evaluation texts")
+    eval_texts: int = Field(64, gt=0, description="texts of eval_corpus per evaluation")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -92,6 +99,9 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{name} must be positive integers, got {values}")
         if isinstance(self.d_sae, int) and self.d_sae <= 0 or isinstance(self.k, int) and self.k <= 0:
             raise ValueError(f"d_sae and k must be positive, got d_sae={self.d_sae}, k={self.k}")
+        if (self.eval_every is not None) != (self.eval_model is not None) or \
+                (self.eval_model is not None) != (self.eval_corpus is not None):
+            raise ValueError("spliced evaluation needs eval_every, eval_model and eval_corpus together")
         return self
 
 
@@ -521,8 +531,10 @@ def metric_records(runs: list[Run], acc: list[torch.Tensor], steps: int, step: i
     return records
 
 
-def plot_metrics(out: Path) -> list[Path]:
-    """PNG plots (plots/NAME.png) of every metric in out/metrics.jsonl, one line per SAE."""
+def plot_metrics(out: Path, file: str = METRICS,
+                 keys: tuple[str, ...] = ("loss", "fvu", "aux_loss", "l0", "dead_frac", "lr", "tokens_per_s"),
+                 prefix: str = "") -> list[Path]:
+    """PNG plots (plots/PREFIXNAME.png) of each metric in ``keys`` of out/FILE (a JSONL), one line per SAE."""
     try:
         import matplotlib
 
@@ -531,10 +543,10 @@ def plot_metrics(out: Path) -> list[Path]:
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
-    records = read_metrics(out / METRICS)
+    records = read_metrics(out / file)
     (out / "plots").mkdir(exist_ok=True)
     written = []
-    for key in ("loss", "fvu", "aux_loss", "l0", "dead_frac", "lr", "tokens_per_s"):
+    for key in keys:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name in dict.fromkeys(r["sae"] for r in records):
             rs = [r for r in records if r["sae"] == name]
@@ -547,7 +559,7 @@ def plot_metrics(out: Path) -> list[Path]:
         if any(r["sae"] for r in records):
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / "plots" / f"{key}.png"
+        path = out / "plots" / f"{prefix}{key}.png"
         with atomic_writer(path) as f:
             fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
@@ -661,11 +673,14 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     log = MetricsLog(out, step, cfg, extra.get("wandb_id")) if world.rank == 0 else None
     if log is not None and log.wandb is not None:
         extra["wandb_id"] = log.wandb.id
+    evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
     bar = Progress(progress and world.rank == 0, total, step)
     pos = Position(step, step)
     try:
         while pos.step < total:
             train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra)
+            if evaluator is not None:
+                evaluator.maybe(runs, pos.step, pos.step * cfg.batch_size)
     except FloatingPointError as e:
         where = (f"the last good checkpoint (step {pos.saved}) is kept in {out / CHECKPOINT}" if pos.saved
                  else "no checkpoint was written yet")
@@ -678,9 +693,23 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     if world.rank != 0:
         return []
     dirs = export(out, runs, cfg, source.d, total)
+    if evaluator is not None:
+        evaluator.final(runs, dirs, total, total * cfg.batch_size, plots=cfg.plots)
     if cfg.plots:
         plot_metrics(out)
     return dirs
+
+
+def training_eval(cfg: TrainConfig, out: Path, step: int, runs: list[Run]):
+    """The spliced evaluation of a model-loaded run (None without cfg.eval_model), checked against the SAEs."""
+    if cfg.eval_model is None:
+        return None
+    from llama_sae.sae.evaluate import TrainingEval
+
+    evaluator = TrainingEval(cfg.eval_model, cfg.eval_corpus, cfg.eval_texts, cfg.eval_every, out, step,
+                             device=str(runs[0].sae.W_enc.device))
+    evaluator.check(run.sae for run in runs)
+    return evaluator
 
 
 def _chain(first: torch.Tensor, rest: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

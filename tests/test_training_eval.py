@@ -1,0 +1,89 @@
+"""The trainer's spliced evaluation (model-loaded runs), evaluation.json and the frequency histogram, and
+``llama-sae evaluate`` writing its report and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llama_sae import tinyworld
+from llama_sae.cli import app
+from llama_sae.errors import UserError
+from llama_sae.llama import load_model, load_tokenizer
+from llama_sae.sae import load
+from llama_sae.sae.evaluate import EVAL_LOG, EVAL_REPORT, model_metrics, token_batches
+from llama_sae.sae.train import TensorSource, TrainConfig, train_sae
+
+HOOK = "resid_post.2"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def acts():
+    """resid_post.2 activations of 120 tinyworld sentences through the shipped model [N, 256]."""
+    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+    rows = []
+    for tokens, mask in token_batches(tok, [r.text for r in tinyworld.sentences(120)], batch_size=40):
+        rows.append(model.capture(tokens, [HOOK])[HOOK][mask].float())
+    return torch.cat(rows)
+
+
+def test_training_runs_spliced_evaluations_and_stores_the_final_one(tmp_path, acts):
+    cfg = TrainConfig(d_sae=512, k=8, batch_size=256, tokens=256 * 12, lr=2e-3, log_every=4, checkpoint_every=100,
+                      plots=True, eval_every=8, eval_model=str(tinyworld.model_path()),
+                      eval_corpus="tinyworld:12:heldout", eval_texts=12)
+    out = tmp_path / "run"
+    (path,) = train_sae(TensorSource(acts, hook=HOOK, model="tinyworld"), cfg, out, progress=False)
+    records = [json.loads(line) for line in (out / EVAL_LOG).read_text().splitlines()]
+    assert [r["step"] for r in records] == [8, 12]  # every 8 steps (at a metrics record), and the end
+    assert all(r["kl"] >= 0 and 0 < r["fvu"] < 1 and r["l0"] <= 8 for r in records)
+    final = json.loads((path / EVAL_REPORT).read_text())
+    assert final["step"] == 12 and final["ce_recovered"] == records[-1]["ce_recovered"]
+    assert (path / "frequency.png").read_bytes()[:8] == PNG
+    assert (out / "plots" / "eval_ce_recovered.png").read_bytes()[:8] == PNG
+    # independent: the saved SAE, spliced into a freshly loaded model on the same texts, gives the same numbers
+    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+    from itertools import islice
+
+    from llama_sae.corpus import iter_sentences
+
+    texts = [s.text for s in islice(iter_sentences("tinyworld:12:heldout"), 12)]
+    again = model_metrics(model, load(path), token_batches(tok, texts))
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl"):
+        assert again[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
+
+
+def test_evaluation_settings_go_together(tmp_path, acts):
+    with pytest.raises(UserError, match="needs eval_every, eval_model and eval_corpus together"):
+        from llama_sae.sae.train import load_config
+
+        load_config(d_sae=512, k=8, eval_every=4)
+    cfg = TrainConfig(d_sae=512, k=8, batch_size=256, tokens=256 * 2, eval_every=1,
+                      eval_model=str(tinyworld.model_path()), eval_corpus="tinyworld:4", eval_texts=4)
+    with pytest.raises(UserError, match="unknown hook point 'acts'"):  # before any step is run
+        train_sae(TensorSource(acts), cfg, tmp_path / "nohook", progress=False)
+    assert not (tmp_path / "nohook" / "checkpoint.pt").exists()
+
+
+def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):
+    from llama_sae.sae import SAE, SAEConfig
+    from llama_sae.sae.model import normalize
+
+    sae = SAE(SAEConfig(d_in=256, d_sae=512, k=8, hook_name=HOOK))
+    sae.init_(normalize(acts, "layer_norm")[0], generator=torch.Generator().manual_seed(0))
+    sae.save(tmp_path / "sae")
+    result = CliRunner().invoke(app, ["evaluate", "--sae", str(tmp_path / "sae"), "--corpus", "tinyworld:8:heldout",
+                                      "--n-texts", "8", "--out", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"ce_recovered", "kl", "kl_by_position"} <= set(report)
+    assert "CE recovered" in result.output
+    assert "frequency" not in report  # no activation metrics without --store: no histogram either
+    from llama_sae.sae.evaluate import activation_metrics, plot_frequency
+
+    rep = activation_metrics(sae, [acts])
+    assert plot_frequency(rep, tmp_path / "f.png").read_bytes()[:8] == PNG
+    assert rep["dead"] + int((torch.tensor(rep["frequency"]) > 0).sum()) == 512
