@@ -8,10 +8,10 @@ side; the JSON record of the last generation (``llama-sae generate --replay`` ru
 
 The model and SAEs live in one :class:`Session`; one generation runs at a time (the splice hooks are
 state on the model). Everything here except :func:`build_app` and :func:`launch` is plain Python, so the
-tests drive it without a browser.
+tests drive it without a browser. (No ``from __future__ import annotations``: Gradio reads the handlers'
+annotations, gr.SelectData and gr.Request, at build time.)
 """
 
-from __future__ import annotations
 
 import json
 import socket
@@ -262,7 +262,8 @@ def build_app(session: Session):
         return s.latent, s.kind, s.strength, s.positions
 
     sae = session.saes[session.hook]
-    title = (f"llama-sae: {Path(session.model_path).name} with an SAE at {session.hook} "
+    name = "tinyworld" if Path(session.model_path) == tinyworld_model() else Path(session.model_path).name
+    title = (f"llama-sae: {name} with an SAE at {session.hook} "
              f"({sae.cfg.d_sae:,} latents, k = {sae.cfg.k})")
     with gr.Blocks(title="llama-sae") as app:
         gr.Markdown(f"### {title}\n" + "".join(f"\n_{n}_" for n in session.notes))
@@ -332,6 +333,12 @@ def build_app(session: Session):
         results.select(latent_select, None, slots[:3])
         app.load(on_load, None, [slots[0], slots[1], slots[2], slots[3]])
     return app
+
+
+def tinyworld_model() -> Path:
+    from llama_sae import tinyworld
+
+    return tinyworld.model_path()
 
 
 def _text(content) -> str:

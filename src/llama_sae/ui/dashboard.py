@@ -76,20 +76,23 @@ def histogram_svg(edges, counts, width: int = 460, height: int = 140) -> str:
 
 
 @torch.no_grad()
-def decoder_tables(model, sae, latents: list[int], top: int = 10, chunk: int = 256
+def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chunk: int = 256
                    ) -> tuple[dict[int, tuple[Tensor, Tensor, Tensor, Tensor]], dict[int, tuple[Tensor, Tensor]]]:
     """Per latent: (top logit values, token ids, bottom values, ids) of its decoder direction through the final
-    norm weight and the unembedding; and (cosines, latent ids) of its nearest latents by decoder direction."""
+    norm weight and the unembedding (special tokens left out); and (cosines, latent ids) of its nearest latents
+    by decoder direction."""
     W = sae.W_dec.float()  # [n, d]
     Wn = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     unembed = model.output.weight.float()  # [V, d]
     gain = model.norm.weight.float()  # [d]
+    special = torch.zeros(unembed.shape[0], dtype=torch.bool)  # [V] special tokens (BOS, headers) never shown
+    special[[i for i in tokenizer.special_tokens.values() if i < len(special)]] = True
     logits, near = {}, {}
     for lo in range(0, len(latents), chunk):
         ids = torch.tensor(latents[lo:lo + chunk])
         lg = (W[ids] * gain) @ unembed.T  # [c, V]
-        pv, pi = lg.topk(top, dim=-1)
-        nv, ni = (-lg).topk(top, dim=-1)
+        pv, pi = lg.masked_fill(special, float("-inf")).topk(top, dim=-1)
+        nv, ni = (-lg).masked_fill(special, float("-inf")).topk(top, dim=-1)
         cos = Wn[ids] @ Wn.T  # [c, n]
         cos[torch.arange(len(ids)), ids] = -2.0  # not itself
         cv, ci = cos.topk(min(top, W.shape[0] - 1), dim=-1)
@@ -174,7 +177,7 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
     out = Path(out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     latents = features.live_latents() if latents is None else latents
-    logits, near = decoder_tables(model, sae, latents)
+    logits, near = decoder_tables(model, tokenizer, sae, latents)
     for i in latents:
         atomic_write(out / "latents" / f"{i}.html",
                      latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, sae.cfg.d_sae))
