@@ -115,9 +115,9 @@ def load_session(model: str | None = None, sae_paths: list[str] | None = None,
     from llama_sae.llama import load_model, load_tokenizer
     from llama_sae.steer import build_steering, load_saes, match_features
 
-    notes = []
+    notes, shipped = [], not sae_paths
     model_path = str(model or tinyworld.model_path())
-    if not sae_paths:
+    if shipped:
         if model is not None:
             raise UserError("--model without --sae: pass the SAE trained on that model with --sae PATH")
         sae_paths = [str(tinyworld.sae_path())]
@@ -126,7 +126,13 @@ def load_session(model: str | None = None, sae_paths: list[str] | None = None,
         notes.append(f"no --sae given: using the shipped tinyworld SAE {sae_paths[0]}")
     net, tok = load_model(model_path, device=device), load_tokenizer(model_path)
     saes, sources = load_saes(net, sae_paths)
-    features = match_features(feature_paths or [], saes)
+    try:
+        features = match_features(feature_paths or [], saes)
+    except UserError as e:
+        if not shipped:
+            raise
+        features = {}  # an out-of-date shipped artifact: run without explanations rather than not at all
+        notes.append(f"shipped features artifact not used ({e})")
     steering = build_steering(net, tok, saes, [], sources=sources, features=features)
     return Session(net, tok, model_path, saes, steering.sources, features, steering.units, notes=notes)
 
