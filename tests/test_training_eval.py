@@ -87,3 +87,21 @@ def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):
     rep = activation_metrics(sae, [acts])
     assert plot_frequency(rep, tmp_path / "f.png").read_bytes()[:8] == PNG
     assert rep["dead"] + int((torch.tensor(rep["frequency"]) > 0).sum()) == 512
+
+
+def test_demo_export_stage(tmp_path, acts):
+    from rich.console import Console
+
+    from llama_sae.demo import _export
+    from llama_sae.sae import SAE, SAEConfig
+    from llama_sae.sae.evaluate import activation_metrics
+    from llama_sae.sae.model import normalize
+
+    sae = SAE(SAEConfig(d_in=256, d_sae=512, k=8, hook_name=HOOK))
+    sae.init_(normalize(acts, "layer_norm")[0], generator=torch.Generator().manual_seed(1))
+    sae.save(tmp_path / "sae", sparsity=torch.full((512,), -2.0))
+    console = Console(record=True, width=200)
+    path = _export(console, tmp_path / "sae", activation_metrics(sae, [acts]), tmp_path)
+    assert str(path) in console.export_text() and (tmp_path / "frequency.png").read_bytes()[:8] == PNG
+    assert sorted(p.name for p in path.iterdir()) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    torch.testing.assert_close(load(path)(acts[:50]), sae(acts[:50]), rtol=0, atol=0)

@@ -119,6 +119,21 @@ def _evaluate(console: Console, model, tokenizer, sae, store: Path) -> dict:
     return report
 
 
+def _export(console: Console, sae_dir: Path, report: dict, out: Path) -> Path:
+    """The SAE exported in SAELens v6 format (what sae_lens.SAE.load_from_disk reads), and the histogram PNG."""
+    from llama_sae.sae.evaluate import plot_frequency
+    from llama_sae.sae.formats import convert
+
+    path = convert(sae_dir, "saelens", out / "export" / "saelens")
+    console.print(f"SAE exported in SAELens v6 format (cfg.json + sae_weights.safetensors + sparsity): [bold]{path}"
+                  f"[/bold]\n  load it with: sae_lens.SAE.load_from_disk({str(path)!r}); sparsify: llama-sae sae "
+                  "convert --to sparsify (needs normalize_activations none); hub: llama-sae sae push")
+    hist = plot_frequency(report, out / "frequency.png")
+    if hist is not None:
+        console.print(f"firing-frequency histogram: {hist}")
+    return path
+
+
 def run_demo(out: Path, console: Console | None = None) -> None:
     """Run the demo, writing its store, SAE and reports under ``out``."""
     from llama_sae.fileio import atomic_write_json
@@ -133,10 +148,11 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     sae, sae_dir = _train(console, store, out)
     recovery = _recovery(console, model, tokenizer, sae)
     report = _evaluate(console, model, tokenizer, sae, store)
+    _export(console, sae_dir, report, out)
     interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
     report.pop("frequency")
     atomic_write_json(out / "report.json", {"recovery": recovery, "evaluation": report,
                                             "interpretation": interpretation})
-    console.print(f"SAE (SAELens v6 layout: cfg.json + sae_weights.safetensors): {sae_dir}")
+    console.print(f"SAE (trained, SAELens v6 layout): {sae_dir}")
     console.rule("[bold]done")
     console.print("Next: point any stage at a real checkpoint with --model PATH (see README).")
