@@ -138,6 +138,7 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     """Run the demo, writing its store, SAE and reports under ``out``."""
     from llama_sae.fileio import atomic_write_json
     from llama_sae.interpret.groundtruth import stage as interpret_stage
+    from llama_sae.ui.demo import stage as steer_stage
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +151,10 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     report = _evaluate(console, model, tokenizer, sae, store)
     _export(console, sae_dir, report, out)
     interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
+    steering = steer_stage(console, model, tokenizer, sae, sae_dir, Path(interpretation["features"]), out)
     report.pop("frequency")
     atomic_write_json(out / "report.json", {"recovery": recovery, "evaluation": report,
-                                            "interpretation": interpretation})
+                                            "interpretation": interpretation, "steering": steering})
     console.print(f"SAE (trained, SAELens v6 layout): {sae_dir}")
     console.rule("[bold]done")
     console.print("Next: point any stage at a real checkpoint with --model PATH (see README).")

@@ -1,0 +1,67 @@
+"""The demo's last stage: steer the tiny model toward two planted topics, write the dashboard, print the UI command."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+DEMO_TOPICS = ("astronomy", "law")
+
+
+def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, out: Path, *,
+          topics: tuple[str, ...] = DEMO_TOPICS, strength: float = 12.0) -> dict:
+    """Steer ``topics`` (each through the best steering latent among its 5 best readers), show unsteered vs steered
+    text and the on-topic rates, write the dashboard under out/dashboard. Returns the figures for report.json."""
+    from rich.table import Table
+
+    from llama_sae import tinyworld
+    from llama_sae.features import load_features
+    from llama_sae.steer import Steering, build_steering, generate, parse_steers
+    from llama_sae.tinyworld.steering import (
+        continuation_nll,
+        measure,
+        pick_steering_latent,
+        sample_continuations,
+        topic_candidates,
+    )
+    from llama_sae.ui.dashboard import write_dashboard
+
+    console.rule("[bold]10. steer: push a topic's latent and read what the model writes; the dashboard; the UI")
+    hook = sae.cfg.hook_name
+    features = load_features(features_path)
+    saes = {hook: sae}
+    units = build_steering(model, tokenizer, saes, [], features={hook: features}).units
+    prompts = tinyworld.neutral_prompts()
+    base = sample_continuations(model, tokenizer, prompts, None, samples=2, seed=0)
+    nll, n = continuation_nll(model, base)
+    base_ppl = math.exp(nll / n)
+    candidates = topic_candidates(model, tokenizer, sae, list(topics), n=5, n_sentences=600)
+    shown = prompts[:4]
+    plain = generate(model, tokenizer, shown, None, max_new_tokens=16)
+    results = {}
+    for topic in topics:
+        latent, _ = pick_steering_latent(model, tokenizer, saes, units, topic, candidates[topic], base_ppl,
+                                         strength=strength, samples=2, seed=0)
+        spec = f"{latent}:add:{strength:g}:prompt"
+        steering = Steering(saes, parse_steers([spec]), units)
+        steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
+        r = measure(model, tokenizer, prompts, steering, topic, samples=4, seed=1)
+        r0 = measure(model, tokenizer, prompts, None, topic, samples=4, seed=1)
+        e = features.explanation(latent)
+        table = Table("prompt", "unsteered", f"steered --steer {spec}",
+                      title=f"{topic}: latent {latent} ({'no explanation' if e is None else e.text[:60]})")
+        for p, a, b in zip(shown, plain, steered):
+            table.add_row(p, a.text, b.text)
+        console.print(table)
+        console.print(f"{topic}: {r['on_topic']:.0%} of sampled continuations of the 12 neutral prompts mention it "
+                      f"(unsteered {r0['on_topic']:.0%}); other topics {r['off_target']:.0%}; perplexity under the "
+                      f"unsteered model x{r['perplexity'] / r0['perplexity']:.2f}")
+        results[topic] = {"latent": latent, "spec": spec, "on_topic": r["on_topic"], "off_target": r["off_target"],
+                          "unsteered_on_topic": r0["on_topic"], "ppl_ratio": r["perplexity"] / r0["perplexity"]}
+    index = write_dashboard(out / "dashboard", features, sae, model, tokenizer)
+    console.print(f"dashboard ({len(features.live_latents()):,} latents): {index.resolve()} (opens from disk)")
+    command = f"llama-sae ui --sae {shlex.quote(str(sae_dir))} --features {shlex.quote(str(features_path))}"
+    console.print(f"chat with the model and steer it in the browser: [bold]{command}[/bold] "
+                  "(then open http://127.0.0.1:7860)", soft_wrap=True)
+    return {"topics": results, "dashboard": str(index), "ui": command}
