@@ -66,3 +66,38 @@ def measure(model, tokenizer, prompts: list[str], steering, topic: str, **sampli
     nll, n = continuation_nll(model, outs)
     return {**label_rates(outs, topic), "perplexity": math.exp(nll / max(n, 1)), "tokens": n,
             "examples": [c.text for c in outs[:: max(1, len(outs) // 4)]][:4]}
+
+
+def topic_candidates(model, tokenizer, sae, topics: list[str], *, n: int = 10, n_sentences: int = 1000,
+                     seed: int = 7) -> dict[str, list[int]]:
+    """For each topic, the ``n`` latents whose per-sentence max best separates its sentences (AUROC), best first."""
+    from llama_sae.tinyworld.recovery import auroc_columns, sentence_activations
+
+    records = tinyworld.sentences(n_sentences, seed=seed, split="heldout")
+    latents, _ = sentence_activations(model, tokenizer, sae, [r.text for r in records])
+    out = {}
+    for topic in topics:
+        labels = torch.tensor([topic in r.concepts for r in records])
+        out[topic] = auroc_columns(latents, labels).nan_to_num(0.0).topk(n).indices.tolist()
+    return out
+
+
+def steering_score(r: dict, max_ppl_ratio: float = 1.5) -> tuple:
+    """Order of preference among steering runs: fluent first (perplexity ratio within the goal), then on-topic
+    minus off-target."""
+    return (r["ppl_ratio"] <= max_ppl_ratio, r["on_topic"] - r["off_target"])
+
+
+def pick_steering_latent(model, tokenizer, saes: dict, units: dict, topic: str, candidates: list[int],
+                         base_perplexity: float, *, strength: float = 12.0, positions: str = "prompt",
+                         seed: int = 0, **sampling) -> tuple[int, list[dict]]:
+    """The candidate whose ``add`` steer best makes neutral prompts about ``topic`` (see :func:`steering_score`),
+    and every candidate's run. Choose on one seed and report on another."""
+    from llama_sae.steer import Steering, parse_steers
+
+    runs = []
+    for latent in candidates:
+        steering = Steering(saes, parse_steers([f"{latent}:add:{strength:g}:{positions}"]), units)
+        r = measure(model, tokenizer, tinyworld.neutral_prompts(), steering, topic, seed=seed, **sampling)
+        runs.append({"latent": latent, **r, "ppl_ratio": r["perplexity"] / base_perplexity})
+    return max(runs, key=steering_score)["latent"], runs
