@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import VOCAB
@@ -143,3 +145,63 @@ def test_cached_and_uncached_steered_generation_agree(model, sae, specs):
         model, prompts, max_new_tokens=10, stop_ids=set())])]
     assert cached != plain  # the steer did something
     assert all(0 <= t < VOCAB for r in cached for t in r)
+
+
+def test_bos_is_never_steered(model, sae):
+    tokens = _tokens()
+    tokens[:, 0] = 1  # a BOS id
+    clean = model.capture(tokens, [HOOK])[HOOK]
+    with _steering(sae, ["5:add:3"]).apply(model, skip_tokens=[1]):
+        x = model.capture(tokens, [HOOK])[HOOK]
+    moved = (x - clean).abs().amax(-1) > 0  # [B, T]
+    assert not moved[:, 0].any() and moved[:, 1:].all()
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_steered_generate_records_and_replays(tmp_path):
+    from llama_sae import tinyworld
+
+    sae = str(tinyworld.sae_path())
+    feats = str(tinyworld.features_path())
+    rec = tmp_path / "rec.json"
+    out = _cli("generate", "The", "Yesterday,", "--sae", sae, "--features", feats, "--steer", "628:add:12:prompt",
+               "-n", "12", "--record", str(rec))
+    assert out.exit_code == 0, out.output
+    plain = _cli("generate", "The", "Yesterday,", "-n", "12")
+    record = json.loads(rec.read_text())
+    assert record["steers"][0]["spec"] == "resid_post.2@628:add:12:prompt"
+    assert record["steers"][0]["unit"] > 0 and record["saes"]["resid_post.2"]["units"].startswith("features:")
+    assert record["outputs"][0] in out.output and record["outputs"][0] not in plain.output  # the steer changed it
+    replay = _cli("generate", "--replay", str(rec))
+    assert replay.exit_code == 0 and "match the record" in replay.output
+    record["outputs"][0] += " (edited)"
+    rec.write_text(json.dumps(record))
+    assert _cli("generate", "--replay", str(rec)).exit_code == 1
+
+
+def test_cli_show_features_and_bad_input(tmp_path):
+    from llama_sae import tinyworld
+
+    sae = str(tinyworld.sae_path())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The chef cooked the soup.\n\nYesterday,\n")
+    out = _cli("generate", "--prompts-file", str(prompts), "--sae", sae, "--features", str(tinyworld.features_path()),
+               "--show-features", "-n", "4")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("features at resid_post.2") == 2 and "' chef'" in out.output
+    for args, message in ((["--steer", "9999:add:1"], "out of range"), (["--steer", "5:add"], "has 2 field"),
+                          (["--steer", "resid_post.4@5:add:1"], "none is loaded there")):
+        bad = _cli("generate", "The", "--sae", sae, *args)
+        assert bad.exit_code != 0 and message in str(bad.exception), (args, bad.output)
+    assert _cli("generate", "The", "--steer", "1804:add:6", "-n", "4", "--record", str(tmp_path / "d")).exit_code == 0
+    assert "need an SAE of this model" in str(_cli("generate", "The", "--model", str(tinyworld.model_path()),
+                                                   "--steer", "5:add:1").exception)
+    absurd = _cli("generate", "The", "--sae", sae, "--steer", "5:add:80", "-n", "3", "--record", str(tmp_path / "r"))
+    assert absurd.exit_code == 0 and "warning" in absurd.output and "80" in absurd.output

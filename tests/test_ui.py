@@ -64,3 +64,25 @@ def test_port_in_use_is_a_clear_error():
 
 def test_shipped_sae_is_there():
     assert (tinyworld.sae_path() / "cfg.json").exists()
+
+
+def test_dashboard_pages_from_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+    from llama_sae.features import load_features
+
+    out = tmp_path / "site"
+    result = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "3,10-12"])
+    assert result.exit_code == 0, result.output
+    pages = sorted(p.name for p in (out / "latents").iterdir())
+    assert pages == ["10.html", "11.html", "12.html", "3.html"]
+    index = (out / "index.html").read_text()
+    assert index.count("<tr data-id=") == 4 and "id='search'" in index
+    f = load_features(tinyworld.features_path())
+    page = (out / "latents" / "11.html").read_text()
+    assert f.explanation(11).text.replace('"', "&quot;") in page
+    assert "aria-label='activation histogram'" in page and page.count("class='pos num'") == 10
+    assert "?steer=11:add:4" in page and "href='12.html'" in page and "href='10.html'" in page
+    bad = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "5000"])
+    assert bad.exit_code != 0 and "out of range" in str(bad.exception)

@@ -30,7 +30,7 @@ TempOpt = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")
 TopPOpt = Annotated[float, typer.Option(help="nucleus sampling: keep the smallest set of tokens with this mass")]
 SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (repeatable output)")]
 SaeOpt = Annotated[list[Path] | None, typer.Option("--sae", help="SAE directory to splice in (repeatable, one per "
-                                                               "hook point)")]
+                                                               "hook point); default: the shipped tinyworld SAE")]
 SteerOpt = Annotated[list[str] | None, typer.Option("--steer", help="[HOOK@]LATENT:clamp|add|bias:STRENGTH[:all|"
                                                                   "prompt|generated], strength in units of the "
                                                                   "latent's typical max (repeatable)")]
@@ -127,9 +127,7 @@ def generate(
     if sae or steer or features or show_features:
         from llama_sae import cli_steer
 
-        if show_features and not sae:
-            raise UserError("--show-features needs an SAE: pass --sae PATH")
-        setup = cli_steer.setup(net, tok, sae or [], steer or [], features or [], console, err_console)
+        setup = cli_steer.setup(net, tok, sae, steer or [], features, console, err_console, model_given=bool(model))
         return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
                                           show_features=show_features, top=top, record=record, stream=stream, **kw)
     if stream and len(prompts) == 1:
@@ -169,7 +167,8 @@ def chat(
     if sae or steer or features:
         from llama_sae import cli_steer
 
-        steering = cli_steer.setup(net, tok, sae or [], steer or [], features or [], console, err_console).steering
+        steering = cli_steer.setup(net, tok, sae, steer or [], features, console, err_console,
+                                   model_given=bool(model)).steering
 
     def reply(text: str) -> None:
         history.append({"role": "user", "content": text})

@@ -29,16 +29,24 @@ class SteerSetup:
     steering: object | None  # steer.Steering, None without --steer
 
 
-def setup(model, tokenizer, sae_paths: list[Path], specs: list[str], feature_paths: list[Path],
-          console: Console, err_console: Console) -> SteerSetup:
-    """Load SAEs and artifacts, parse and check the steers (warnings printed), estimating units if needed."""
+def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feature_paths: list[Path] | None,
+          console: Console, err_console: Console, *, model_given: bool = False) -> SteerSetup:
+    """Load SAEs and artifacts, parse and check the steers (warnings printed), estimating units if needed.
+
+    Without --sae on the shipped tiny model, the shipped tinyworld SAE (and its features artifact) is used."""
+    from llama_sae import tinyworld
     from llama_sae.steer import build_steering, load_saes, match_features, parse_steers
 
     steers = parse_steers(specs)  # malformed specs fail before anything loads
+    feature_paths = list(feature_paths or [])
     if not sae_paths:
-        if steers or feature_paths:
-            raise UserError("--steer and --features need an SAE: pass --sae PATH (e.g. runs/demo/sae/<name>)")
-        return SteerSetup({}, {}, None)
+        if model_given:
+            raise UserError("--steer, --features and --show-features need an SAE of this model: pass --sae PATH")
+        sae_paths = [tinyworld.sae_path()]
+        if not feature_paths and tinyworld.features_path().exists():
+            feature_paths = [tinyworld.features_path()]
+        err_console.print(f"note: no --sae: using the shipped tinyworld SAE {sae_paths[0]}", style="dim",
+                          markup=False, highlight=False)
     saes, sources = load_saes(model, sae_paths)
     features = match_features(feature_paths, saes)
     steering = None
