@@ -131,6 +131,8 @@ def score(
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
     n: Annotated[int, typer.Option(help="held-out activating and as many non-activating sentences per latent")] = 10,
+    sample: Annotated[str, typer.Option(help="held-out activating sentences: 'top' (the top sentences the explainer "
+                                             "did not see) or 'quantile' (across activation quantiles)")] = "top",
     control: Annotated[bool, typer.Option(help="also score shuffled explanations (should give ~0.5)")] = True,
     concurrency: ConcurrencyOpt = 8,
     per_minute: PerMinuteOpt = None,
@@ -143,13 +145,16 @@ def score(
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
 ) -> None:
     """Score every explanation: detection and fuzzing balanced accuracy per latent, and the shuffled control."""
+    from llama_sae.errors import UserError
     from llama_sae.features import load_features
     from llama_sae.interpret import score as run_score
 
     f = load_features(path)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model)
-    out = run_score(f, b, n=n, control=control, fresh=fresh, retry_failed=retry_failed, confirm=_confirm(yes),
-                    threshold=confirm_above, say=console.print)
+    if sample not in ("top", "quantile"):
+        raise UserError(f"--sample must be 'top' or 'quantile', not {sample!r}")
+    out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,
+                    confirm=_confirm(yes), threshold=confirm_above, say=console.print)
     for name in ("detection", "fuzzing", "control_detection", "control_fuzzing"):
         if out.get(name) is not None:
             ci = out.get(f"{name}_ci")

@@ -115,7 +115,9 @@ def _read_lines(path: Path) -> list[dict]:
     return out
 
 
-IDENTITY_KEYS = ("task", "backend", "model", "features_build", "settings_hash")
+# What makes a journal another run's. Prompt settings are not among them: a request's custom_id carries
+# its prompt's hash, so changed settings only add new requests (an identical prompt is never re-sent).
+IDENTITY_KEYS = ("task", "backend", "model", "features_build")
 
 
 def _check_header(path: Path, old: dict | None, new: dict) -> None:
