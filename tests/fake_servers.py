@@ -37,6 +37,7 @@ class FakeState:
         self.reply: Callable[[str], str] = lambda text: '{"explanation": "fake", "certainty": 0.5}'
         self.chat_script: list[tuple[int, str, dict]] = []  # (status, body, headers) served before normal replies
         self.cut_next_download = False
+        self.garbage_next_create = False
         self.openai_batch_status = "completed"  # or "expired", "failed"
         self.anthropic: dict[str, dict] = {}
         self.openai: dict[str, dict] = {}
@@ -133,6 +134,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _anthropic(self, method: str, rest: list[str], body) -> None:
         st = self.state
+        if method == "POST" and not rest and st.garbage_next_create:
+            st.garbage_next_create = False
+            return self._send(200, "<html>upstream error</html>")
         if method == "POST" and not rest:
             bid = st.next_id("msgbatch_")
             st.anthropic[bid] = {"id": bid, "requests": body["requests"], "created": time.time(), "polls": 0}

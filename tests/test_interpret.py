@@ -140,6 +140,18 @@ def test_anthropic_download_cut_halfway_is_retried(feats, server):
     assert (f.path / "batches" / "msgbatch_0001.jsonl").exists()
 
 
+def test_server_garbage_is_one_line_and_nothing_is_sent_twice(feats, server):
+    f = feats
+    server.state.garbage_next_create = True
+    b = make_backend("anthropic", f, base_url=server.url, **FAST)
+    with pytest.raises(UserError, match="failed to create a batch.*run the same command again") as e:
+        explain(f, b, threshold=100.0, say=lambda s: None)
+    assert "\n" not in str(e.value)
+    out = explain(f, b, threshold=100.0, say=lambda s: None)  # the garbage created nothing: lost, re-sent once
+    assert out["explained"] == len(f.live_latents()) and len(server.state.anthropic) == 1
+    assert [r["kind"] for r in _journal(f)].count("batch_lost") == 1
+
+
 def test_no_wait_submits_then_a_later_run_collects(feats, server):
     f = feats
     server.state.polls_to_end = 3

@@ -72,7 +72,7 @@ class BatchBackend(Backend):
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
         st = journal.state
         for local_id, pending in list(st.pending_batches.items()):
-            batch_id = self.find(pending)
+            batch_id = self._server("look up an interrupted batch", self.find, pending)
             if batch_id is None:
                 journal.append({"kind": "batch_lost", "local_id": local_id})
             else:
@@ -86,16 +86,27 @@ class BatchBackend(Backend):
             ids = [r.custom_id for r in chunk]
             journal.append({"kind": "batch_pending", "local_id": local_id, "custom_ids": ids,
                             "at": dt.datetime.now(dt.timezone.utc).isoformat()})
-            batch_id = self.create(chunk, local_id)
+            batch_id = self._server("create a batch", self.create, chunk, local_id)
             journal.append({"kind": "batch", "local_id": local_id, "batch_id": batch_id, "custom_ids": ids})
         while st.open_batches:
             for batch_id, rec in list(st.open_batches.items()):
-                if self.ended(batch_id):
+                if self._server("poll a batch", self.ended, batch_id):
                     self._collect(batch_id, rec["custom_ids"], journal)
             if st.open_batches:
                 if not self.wait:
                     return
                 time.sleep(self.poll_interval)
+
+    def _server(self, what: str, fn, *args):
+        """Call the server; its failures (HTTP errors, garbage bodies) become one line naming the way on."""
+        try:
+            return fn(*args)
+        except UserError:
+            raise
+        except Exception as e:  # the SDKs' APIError family, httpx errors, JSON errors from garbage bodies
+            raise UserError(f"the {self.name} server failed to {what} ({type(e).__name__}: {str(e)[:300]}): "
+                            "nothing is lost, the journal knows what was sent; run the same command again to "
+                            "resume") from e
 
     def _collect(self, batch_id: str, custom_ids: list[str], journal: Journal) -> None:
         raw = self._raw(batch_id)
