@@ -6,6 +6,7 @@ registers them with ``register(app)``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,7 @@ def features(
 
     llama, tok = _load(model, None, device)
     net = load(sae, device=device)
+    t0 = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("features", total=sentences)
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
@@ -52,7 +54,7 @@ def features(
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "
                   f"{m['d_sae']:,} latents fired; {m['examples']:,} examples over {m['stored_sentences']:,} "
-                  "stored sentences")
+                  f"stored sentences ({time.perf_counter() - t0:.0f} s)")
 
 
 BackendOpt = Annotated[str, typer.Option(help="offline (default, no key), chat (any OpenAI-compatible server), "
