@@ -94,7 +94,8 @@ def main() -> None:
     saes, sources = load_saes(model, [args.sae or tinyworld.sae_path()])
     (hook, sae), = saes.items()
     features = match_features([args.features] if args.features else [], saes)
-    units = build_steering(model, tok, saes, [], sources=sources, features=features).units
+    base_steering = build_steering(model, tok, saes, [], sources=sources, features=features)
+    units, sources = base_steering.units, base_steering.sources
     recovery = {r["concept"]: r for r in concept_recovery(model, tok, sae)["rows"] if r["kind"] == "topic"}
     topics = list(recovery) if args.topics == "all" else args.topics.split(",")
     candidates = topic_candidates(model, tok, sae, topics, n=args.candidates)
