@@ -217,26 +217,31 @@ def hf_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
 
 
 def meta_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
-    """Our-named state dict from Meta ``consolidated.NN.pth`` shards, slices concatenated."""
+    """Our-named state dict from Meta ``consolidated.NN.pth`` shards, slices concatenated.
+
+    One shard is used in place (memory-mapped). Several are read one at a time, each shard's slices copied
+    into tensors of the full shape and the shard unmapped before the next, so the peak is about the
+    model's size plus one shard, not twice the model.
+    """
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path} has params.json but no consolidated.*.pth: download the weights")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # torch raises many types for truncated or foreign files
-            raise UserError(f"{f} could not be read as a PyTorch checkpoint ({type(e).__name__}): "
-                            "re-download it") from None
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    state = {}
-    for key in shards[0]:
-        if key == "rope.freqs":
-            continue
-        if key not in expected:
-            raise UserError(f"{files[0]}: unexpected tensor {key!r}: this is not a Llama 3.x text checkpoint")
-        state[key] = _merge_slices([s[key] for s in shards], expected[key], key)
+    state: dict[str, Tensor] = {}
+    keys: list[str] = []
+    for i, f in enumerate(files):
+        shard = _load_meta_shard(f)
+        if i > 0 and set(shard) != set(keys):
+            raise UserError(f"{f} holds other tensors than {files[0]}: the shards belong to different models")
+        keys = list(shard)
+        for key in keys:
+            if key == "rope.freqs":
+                continue
+            if key not in expected:
+                raise UserError(f"{f}: unexpected tensor {key!r}: this is not a Llama 3.x text checkpoint")
+            _place_slice(state, key, shard[key], i, len(files), expected[key])
+        del shard  # unmaps the shard (its tensors were copied) before the next one is read
     for key in ("wq", "wk"):
         heads = args.n_heads if key == "wq" else args.n_kv_heads
         for i in range(args.n_layers):
@@ -246,15 +251,31 @@ def meta_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
     return state
 
 
-def _merge_slices(slices: list[Tensor], shape: torch.Size, key: str) -> Tensor:
-    """Concatenate model-parallel slices along the one dimension where they are split."""
-    if len(slices) == 1 or slices[0].shape == shape:
-        return slices[0]
-    for dim in range(len(shape)):
-        if slices[0].shape[dim] * len(slices) == shape[dim]:
-            return torch.cat(slices, dim=dim)
-    raise UserError(f"tensor {key!r}: {len(slices)} shards of shape {tuple(slices[0].shape)} do not "
-                    f"make the shape {tuple(shape)} that params.json implies: the shards belong to another model")
+def _load_meta_shard(f: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise UserError(f"{f} could not be read as a PyTorch checkpoint ({type(e).__name__}): re-download it") from None
+
+
+def _place_slice(state: dict[str, Tensor], key: str, piece: Tensor, i: int, n: int, shape: torch.Size) -> None:
+    """Put shard i of n's slice of ``key`` into ``state``: model-parallel slices are split along the one
+    dimension where n of them make the full shape; replicated tensors are taken from the first shard."""
+    if n == 1:
+        state[key] = piece  # still memory-mapped: no copy at all
+        return
+    if piece.shape == shape:
+        if i == 0:
+            state[key] = piece.clone()
+        return
+    dims = [d for d in range(len(shape)) if piece.shape[d] * n == shape[d]]
+    if not dims:
+        raise UserError(f"tensor {key!r}: {n} shards of shape {tuple(piece.shape)} do not make the shape "
+                        f"{tuple(shape)} that params.json implies: the shards belong to another model")
+    if i == 0:
+        state[key] = torch.empty(shape, dtype=piece.dtype)
+    size = piece.shape[dims[0]]
+    state[key].narrow(dims[0], i * size, size).copy_(piece)
 
 
 # --------------------------------------------------------------------------- loading
