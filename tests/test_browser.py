@@ -75,7 +75,7 @@ def test_ui_chat_steer_and_token_features(browser):
         browser.save_screenshot(str(ARTIFACTS / "ui-1-chat.png"))
 
         # steer: a latent into slot 1, then drag its strength slider (the release re-runs the last message)
-        latent = browser.find_element(By.CSS_SELECTOR, "#latent-0 input")
+        latent = browser.find_element(By.CSS_SELECTOR, "#latent-0 textarea")
         latent.send_keys(Keys.CONTROL, "a")
         latent.send_keys("1804", Keys.TAB)
         slider = browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=range]")
@@ -100,13 +100,19 @@ def test_ui_chat_steer_and_token_features(browser):
         top_latent = cell.text.strip()  # row 0, column 0: the token's strongest latent
         assert top_latent.isdigit()
         cell.click()
-        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 input").get_attribute("value")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value")
               == top_latent)
         browser.save_screenshot(str(ARTIFACTS / "ui-3-token-features.png"))
         record = json.loads(browser.execute_script(
             "return document.querySelector('#record .cm-content')?.innerText || '{}'") or "{}")
         if record:  # the record panel is collapsed; when rendered it names the steer
             assert record["steers"][0]["latent"] == 1804
+
+        # the dashboard's link: ?steer=SPEC fills the first slot
+        browser.get(f"http://127.0.0.1:{port}/?steer=628:clamp:5:prompt")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == "628")
+        strength = browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=number]").get_attribute("value")
+        assert float(strength) == 5
     finally:
         app.close()
 

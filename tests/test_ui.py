@@ -24,6 +24,9 @@ def test_slots_build_the_shared_spec():
     assert all_specs("3:bias:2 9:add:-1", [None, "add", 0, "all"]) == ["3:bias:2", "9:add:-1"]
     with pytest.raises(UserError, match="kind 'push'"):
         all_specs("3:push:2", [])
+    with pytest.raises(UserError, match="slot 1: latent 'x1'"):
+        slot_specs(["x1", "add", 2.0, "all"])
+    assert slot_specs([" 12 ", "add", 2.0, "all", "", "add", 5.0, "all"]) == ["12:add:2:all"]
 
 
 def test_session_defaults_steer_and_search(session):

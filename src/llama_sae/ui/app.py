@@ -143,8 +143,11 @@ def slot_specs(values: list) -> list[str]:
     specs = []
     for j in range(0, len(values), 4):
         latent, kind, strength, positions = values[j:j + 4]
-        if latent is None or latent == "" or (kind != "clamp" and not strength):
+        latent = "" if latent is None else str(latent).strip()
+        if not latent or (kind != "clamp" and not strength):
             continue
+        if not latent.isdigit():
+            raise UserError(f"steering slot {j // 4 + 1}: latent {latent!r} is not a latent id (a whole number)")
         specs.append(f"{int(latent)}:{kind}:{float(strength):g}:{positions}")
     return specs
 
@@ -174,7 +177,7 @@ def build_app(session: Session):
 
     def steering_or_error(extra, slots):
         try:
-            steering = session.steering(all_specs(extra, slots))
+            steering = session.steering(all_specs(extra, list(slots)))
         except UserError as e:
             raise gr.Error(str(e)) from None
         for line in steering.warnings if steering else []:
@@ -248,7 +251,7 @@ def build_app(session: Session):
         latent = evt.row_value[0] if evt.row_value else None
         if latent is None:
             return gr.skip(), gr.skip(), gr.skip()
-        return int(latent), "add", 4.0
+        return str(int(latent)), "add", 4.0
 
     def search_fn(query):
         try:
@@ -265,7 +268,7 @@ def build_app(session: Session):
         except UserError as e:
             gr.Warning(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return s.latent, s.kind, s.strength, s.positions
+        return str(s.latent), s.kind, s.strength, s.positions
 
     sae = session.saes[session.hook]
     name = "tinyworld" if Path(session.model_path) == tinyworld_model() else Path(session.model_path).name
@@ -304,7 +307,8 @@ def build_app(session: Session):
                 for j in range(N_SLOTS):
                     with gr.Group():
                         with gr.Row():
-                            latent = gr.Number(label=f"latent {j + 1}", precision=0, elem_id=f"latent-{j}")
+                            latent = gr.Textbox(label=f"latent {j + 1}", placeholder="id (empty: off)",
+                                                elem_id=f"latent-{j}")
                             kind = gr.Dropdown(KIND_CHOICES, value="add", label="kind", elem_id=f"kind-{j}")
                             positions = gr.Dropdown(POSITION_CHOICES, value="all", label="positions",
                                                     elem_id=f"positions-{j}")
