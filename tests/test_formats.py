@@ -87,7 +87,7 @@ def test_sparsify_files_as_sparsify_writes_them(tmp_path):
 
 
 def test_real_sparsify_loads_our_export(tmp_path):
-    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (see ../shared/peerbench)")
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed: pip install -e '.[dev]'")
     sae, x = make_sae(norm="none", dtype=torch.float32)
     save_sparsify(sae, tmp_path / "s")
     theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "s")
