@@ -228,7 +228,7 @@ def _encode_batch(model, sae, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Ten
     hook = sae.cfg.hook_name
     valid = mask.clone()
     valid[:, 0] = False  # BOS belongs to no sentence
-    x = model.capture(tokens.to(model_device(model)), [hook])[hook]  # [B, T, d]
+    x = model.capture(tokens.to(model.device), [hook])[hook]  # [B, T, d]
     flat = x[valid.to(x.device)].to(sae.W_enc.device)  # [M, d]
     vals, idx = sae.encode_topk(flat)
     owner = valid.nonzero()[:, 0]  # [M]
@@ -237,11 +237,6 @@ def _encode_batch(model, sae, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Ten
     if len(owner):
         last_row[torch.cumsum(n_tok, 0)[n_tok > 0] - 1] = True
     return vals.float().cpu(), idx.cpu(), owner, last_row, n_tok.clamp_min(1)
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's weights."""
-    return next(model.parameters()).device
 
 
 def _settings(sae, corpus_source: str, sentences: int, top_n: int, reservoir: int, pool: int, n_quantiles: int,
@@ -555,8 +550,13 @@ class Features:
                         quantile=None, kind="random", sentence=int(self._np("sent_index")[s]))
                 for s in quiet[order][:n].tolist()]
 
+    def pool_texts(self) -> list[str]:
+        """The random pool's sentences (the background that the offline explainer contrasts with)."""
+        return [self._text(slot) for slot in self._np("pool").tolist()]
+
     # ------------------------------------------------------------- explanations and scores
-    def _load_explanations(self) -> dict[int, Explanation]:
+    def explanations(self) -> dict[int, Explanation]:
+        """Every explained latent -> its Explanation (read from explanations.jsonl and scores.jsonl, cached)."""
         if self._explanations is None:
             scores: dict[int, dict] = {}
             for row in read_jsonl(self.path / SCORES_FILE):
@@ -576,13 +576,13 @@ class Features:
 
     def explanation(self, latent: int) -> Explanation | None:
         """The latent's explanation with its scores (from explanations.jsonl and scores.jsonl), or None."""
-        return self._load_explanations().get(self._latent(latent))
+        return self.explanations().get(self._latent(latent))
 
     def search(self, text: str, limit: int = 20) -> list[int]:
         """Latents whose explanation contains ``text`` (case-insensitive), best detection score first."""
         needle = text.lower()
         hits = [(e.detection if e.detection is not None else -1.0, -i, i)
-                for i, e in self._load_explanations().items() if needle in e.text.lower()]
+                for i, e in self.explanations().items() if needle in e.text.lower()]
         return [i for *_, i in sorted(hits, reverse=True)[:limit]]
 
     def reload_explanations(self) -> None:

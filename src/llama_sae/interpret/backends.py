@@ -163,11 +163,14 @@ class OfflineBackend(SyncBackend):
     def __init__(self, features):
         super().__init__()
         self.features = features
+        self.pool = None
 
     def complete(self, request: Request) -> str:
         from llama_sae.interpret import offline
 
-        return offline.answer(self.features, request)
+        if self.pool is None:
+            self.pool = offline.background(self.features.pool_texts())
+        return offline.answer(request, self.pool)
 
     def run(self, requests: Sequence[Request], journal: Journal, chunk: int = 256) -> None:
         """Answer in chunks of ``chunk`` results per journal write (one fsync each, not one per request)."""

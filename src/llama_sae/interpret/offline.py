@@ -74,17 +74,12 @@ def word_weights(ex: Example) -> dict[str, float]:
     return out
 
 
-def background(features) -> tuple[Counter, int]:
-    """Document frequencies of words over the artifact's random pool sentences (cached on ``features``)."""
-    cached = getattr(features, "_offline_background", None)
-    if cached is None:
-        t = features._t
-        df: Counter = Counter()
-        for slot in t["pool"].tolist():
-            df.update({w for w, _, _ in words(features._text(slot))})
-        cached = (df, max(len(t["pool"]), 1))
-        features._offline_background = cached
-    return cached
+def background(texts: list[str]) -> tuple[Counter, int]:
+    """Document frequencies of words over background sentences (the artifact's random pool), and their count."""
+    df: Counter = Counter()
+    for text in texts:
+        df.update({w for w, _, _ in words(text)})
+    return df, max(len(texts), 1)
 
 
 def explain(examples: list[Example], df: Counter, n_pool: int) -> dict:
@@ -160,12 +155,11 @@ def fuzz(explanation: str, items: list[tuple[list[str], list[bool]]]) -> list[in
     return out
 
 
-def answer(features, request) -> str:
-    """The offline backend's reply to a request, as the JSON an LLM would give."""
+def answer(request, pool: tuple[Counter, int]) -> str:
+    """The offline backend's reply to a request, as the JSON an LLM would give (``pool``: ``background()``)."""
     p = request.payload
     if request.task == "explain":
-        df, n_pool = background(features)
-        out = explain(p["examples"], df, n_pool)
+        out = explain(p["examples"], *pool)
         return json.dumps({"explanation": out["explanation"], "certainty": out["certainty"]})
     if request.task == "detection":
         return json.dumps({"answers": detect(p["explanation"], p["sentences"])})

@@ -109,7 +109,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     "outcomes"}, with "<name>_ci" 95% intervals of the means across latents.
     """
     f.reload_explanations()
-    explanations = {l: e.text for l, e in f._load_explanations().items()}
+    explanations = {l: e.text for l, e in f.explanations().items()}
     requests = score_requests(f, explanations, n=n, sample=sample)
     if control:
         requests += score_requests(f, explanations, n=n, control=True, sample=sample)
