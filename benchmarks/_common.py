@@ -58,14 +58,16 @@ def print_machine(info: dict) -> None:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
+    """(seconds, result) of one call; ``clock=time.process_time`` counts this process's CPU time instead of wall
+    time (steadier on a shared machine, for single-threaded runs)."""
+    t0 = clock()
     out = fn()
-    return time.perf_counter() - t0, out
+    return clock() - t0, out
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter
                 ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, object]]:
     """Time every fn ``repeats`` times, round-robin (order reversed every other round) so that drift
     in machine load hits all of them alike. Returns (median seconds, all times, last result) per name.
@@ -78,7 +80,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     last: dict[str, object] = {}
     for r in range(repeats):
         for n in names if r % 2 == 0 else reversed(names):
-            t, last[n] = timed(fns[n])
+            t, last[n] = timed(fns[n], clock)
             times[n].append(t)
     return {n: statistics.median(ts) for n, ts in times.items()}, times, last
 

@@ -16,13 +16,14 @@ and the evaluation throughput in tokens/s: ``activation_metrics`` (FVU, L0, dead
 The SAE: ``--sae DIR`` (e.g. runs/demo/sae/...), else a random one at that size initialized on real activations
 (its cost does not depend on training).
 
-    python benchmarks/bench_splice.py                    # B=8, T=128, 2 threads
+    python benchmarks/bench_splice.py                    # B=8, T=128, 1 thread, CPU time of this process
     python benchmarks/bench_splice.py --sae runs/demo/sae/resid_post.2 --repeats 30
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from _common import interleaved, machine_info, print_json, print_machine, print_table, timed
@@ -34,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU time (steady on a shared machine; use with --threads 1)")
     p.add_argument("--eval-texts", type=int, default=128)
     return p.parse_args(argv)
 
@@ -88,7 +91,8 @@ def main(argv=None) -> dict:
     fns = {"plain": plain, "exact": mode(), "recon-only": mode(error_term=False), "edit": mode(edit=add_one),
            "edit-dense": mode(edit=lambda h: h * 1.5), "wrapper": wrapped}
     info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
-    med, _, last = interleaved(fns, a.repeats)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    med, _, last = interleaved(fns, a.repeats, clock=clock)
     assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
     assert not torch.equal(last["recon-only"], last["plain"]) and not torch.equal(last["edit"], last["plain"])
     assert torch.equal(last["wrapper"], last["edit"])
@@ -96,10 +100,10 @@ def main(argv=None) -> dict:
     rows = [[name, f"{med[name] * 1e3:.1f}", f"{n_tok / med[name]:,.0f}", f"{med[name] / med['plain']:.3f}"]
             for name in fns]
 
-    t_act, _ = timed(lambda: activation_metrics(sae, [acts[i:i + 512] for i in range(0, len(acts), 512)]))
+    t_act, _ = timed(lambda: activation_metrics(sae, [acts[i:i + 512] for i in range(0, len(acts), 512)]), clock)
     texts = [r.text for r in tinyworld.sentences(a.eval_texts, split="heldout")]
-    t_model, rep = timed(lambda: model_metrics(model, sae, token_batches(tok, texts, batch_size=16)))
-    result = {"machine": info, "batch": a.batch, "seq": a.seq, "sae": a.sae or "random, demo size",
+    t_model, rep = timed(lambda: model_metrics(model, sae, token_batches(tok, texts, batch_size=16)), clock)
+    result = {"machine": info, "clock": a.clock, "batch": a.batch, "seq": a.seq, "sae": a.sae or "random, demo size",
               "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "hook": sae.cfg.hook_name,
               "median_ms": {n: round(t * 1e3, 2) for n, t in med.items()},
               "ratio_vs_plain": {n: round(t / med["plain"], 3) for n, t in med.items()},
@@ -109,6 +113,7 @@ def main(argv=None) -> dict:
     print_machine(info)
     print(f"[{a.batch}, {a.seq}] tokens of tinyworld text; SAE {result['sae']}: d_in {sae.cfg.d_in}, "
           f"{sae.cfg.d_sae} latents, k {sae.cfg.k}, at {sae.cfg.hook_name}")
+    print(f"clock: {a.clock} time, {a.threads} thread(s); median of {a.repeats} interleaved rounds")
     print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
     print(f"evaluation: activation_metrics {result['activation_metrics_tokens_per_s']:,} tokens/s; model_metrics "
           f"(3 forwards per batch) {result['model_metrics_tokens_per_s']:,} predicted tokens/s")
