@@ -86,8 +86,9 @@ def test_ui_chat_steer_and_token_features(browser):
         # done when the unsteered column has been written again (it is generated after the steered one)
         _wait(browser, lambda d: _bot_text(d, "plain-chat") == first)
         steered = _bot_text(browser, "steered-chat")
-        view = browser.find_element(By.ID, "token-view").text
-        assert steered != first and steered.split()[0] in view  # the token view shows the steered reply
+        pieces = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#token-view .token .text")]
+        assert steered != first
+        assert "".join(pieces).replace(" ", "") == steered.replace(" ", "")  # the token view shows the steered reply
         browser.save_screenshot(str(ARTIFACTS / "ui-2-steered.png"))
 
         # the token-feature view: click a token, see its latents; click a latent, it goes into slot 1
@@ -165,5 +166,5 @@ def test_dashboard_opens_from_disk_and_searches(browser, dashboard):
     assert len(browser.find_elements(By.CSS_SELECTOR, "td.pos")) == 10
     assert len(browser.find_elements(By.CSS_SELECTOR, "td.neg")) == 10
     steer = browser.find_element(By.ID, "steer").get_attribute("href")
-    assert steer.endswith(f"/?steer={live[0]}:add:4")
+    assert steer.endswith(f"/?steer={live[0]}:add:8:prompt")
     browser.save_screenshot(str(ARTIFACTS / "dashboard-2-latent.png"))

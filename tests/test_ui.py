@@ -86,6 +86,6 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     page = (out / "latents" / "11.html").read_text()
     assert f.explanation(11).text.replace('"', "&quot;") in page
     assert "aria-label='activation histogram'" in page and page.count("class='pos num'") == 10
-    assert "?steer=11:add:4" in page and "href='12.html'" in page and "href='10.html'" in page
+    assert "?steer=11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "5000"])
     assert bad.exit_code != 0 and "out of range" in str(bad.exception)

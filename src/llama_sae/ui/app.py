@@ -251,7 +251,7 @@ def build_app(session: Session):
         latent = evt.row_value[0] if evt.row_value else None
         if latent is None:
             return gr.skip(), gr.skip(), gr.skip()
-        return str(int(latent)), "add", 4.0
+        return str(int(latent)), "add", 8.0
 
     def search_fn(query):
         try:
@@ -310,7 +310,7 @@ def build_app(session: Session):
                             latent = gr.Textbox(label=f"latent {j + 1}", placeholder="id (empty: off)",
                                                 elem_id=f"latent-{j}")
                             kind = gr.Dropdown(KIND_CHOICES, value="add", label="kind", elem_id=f"kind-{j}")
-                            positions = gr.Dropdown(POSITION_CHOICES, value="all", label="positions",
+                            positions = gr.Dropdown(POSITION_CHOICES, value="prompt", label="positions",
                                                     elem_id=f"positions-{j}")
                         strength = gr.Slider(*STRENGTH_RANGE, value=0.0, step=0.5, label="strength",
                                              elem_id=f"strength-{j}")

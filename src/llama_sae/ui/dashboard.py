@@ -126,8 +126,8 @@ def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_exampl
             f"{'' if e.backend is None else ' · by ' + html.escape(e.backend)}</p>") if e else (
         "<p class='muted'>no explanation yet (run <code>llama-sae explain</code> and <code>score</code>)</p>")
     stats = (f"<p>fires on {freq:.3%} of tokens · typical max activation {unit:.3g} · "
-             f"<a id='steer' href='{html.escape(ui_url)}/?steer={i}:add:4'>steer it in the UI</a> "
-             f"<span class='muted'>(<code>llama-sae ui</code>; or <code>--steer {i}:add:4</code> on the CLI)"
+             f"<a id='steer' href='{html.escape(ui_url)}/?steer={i}:add:8:prompt'>steer it in the UI</a> "
+             f"<span class='muted'>(<code>llama-sae ui</code>; or <code>--steer {i}:add:8:prompt</code> on the CLI)"
              "</span></p>")
     top_html = "".join(sentence_html(x.tokens, x.acts, scale) for x in top) or "<p class='muted'>none</p>"
     quant_html = "".join(f"<div class='muted'>quantile {x.quantile}</div>" + sentence_html(x.tokens, x.acts, scale)
