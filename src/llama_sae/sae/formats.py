@@ -289,7 +289,7 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
     values = {**found.values, **{k: v for k, v in overrides.items() if v is not None}}
     if values.get("k") is None:
         what = next((n for n in found.notes if n.startswith("k:")), "k: missing")
-        raise UserError(f"{found.path}: {what.removeprefix('k: ')}")
+        raise UserError(f"{found.path}: k is {what.removeprefix('k: ')}")
     if values.get("hook_name") is not None:
         hook, note = our_hook_name(values["hook_name"])
         if hook is None:
