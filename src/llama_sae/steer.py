@@ -325,14 +325,12 @@ def load_saes(model, paths: Sequence[str | Path]) -> tuple[dict[str, object], di
 
     saes, sources = {}, {}
     for path in paths:
-        if not (Path(path) / "cfg.json").exists():
-            raise UserError(f"{path} is not an SAE directory (no cfg.json): pass the folder that `llama-sae train` "
-                            "wrote, e.g. runs/demo/sae/<name>")
-        sae = load(path)
+        sae = load(path, device=model.device)  # any format sae.load reads, hf:// included
         hook = check_fits(model, sae)
         if hook in saes:
             raise UserError(f"two SAEs read {hook} ({sources[hook]['path']} and {path}): load one per hook point")
-        saes[hook], sources[hook] = sae, {"path": str(Path(path).resolve())}
+        saes[hook] = sae
+        sources[hook] = {"path": str(Path(path).resolve()) if Path(path).exists() else str(path)}
     return saes, sources
 
 

@@ -23,17 +23,20 @@ def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int 
     hook = sae.cfg.hook_name
     lat_rows, neu_rows = [], []
     for tokens, mask in token_batches(tokenizer, texts, batch_size=batch, max_tokens=model.args.max_seq_len):
+        tokens, mask = tokens.to(model.device), mask.to(model.device)
         valid = mask.clone()
         valid[:, 0] = False  # BOS is never a feature of the sentence
         x = model.capture(tokens, [hook])[hook].float()  # [B, T, d]
         flat = x[valid]  # [M, d]
         vals, idx = sae.encode_topk(flat)
-        dense = torch.zeros(flat.shape[0], sae.cfg.d_sae).scatter_(1, idx, vals)  # [M, n]
+        dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)  # [M, n]
         owner = valid.nonzero()[:, 0]  # sentence of each token row
-        lat = torch.zeros(len(tokens), sae.cfg.d_sae).index_reduce_(0, owner, dense, "amax", include_self=True)
-        neu = torch.full((len(tokens), x.shape[-1]), float("-inf")).index_reduce_(0, owner, flat, "amax")
-        lat_rows.append(lat)
-        neu_rows.append(neu)
+        lat = torch.zeros(len(tokens), sae.cfg.d_sae, device=dense.device).index_reduce_(0, owner, dense, "amax",
+                                                                                      include_self=True)
+        neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).index_reduce_(
+            0, owner, flat, "amax")
+        lat_rows.append(lat.cpu())
+        neu_rows.append(neu.cpu())
     return torch.cat(lat_rows), torch.cat(neu_rows)
 
 

@@ -85,7 +85,7 @@ def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chu
     Wn = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     unembed = model.output.weight.float()  # [V, d]
     gain = model.norm.weight.float()  # [d]
-    special = torch.zeros(unembed.shape[0], dtype=torch.bool)  # [V] special tokens (BOS, headers) never shown
+    special = torch.zeros(unembed.shape[0], dtype=torch.bool, device=unembed.device)  # [V] special tokens: not shown
     special[[i for i in tokenizer.special_tokens.values() if i < len(special)]] = True
     logits, near = {}, {}
     for lo in range(0, len(latents), chunk):
