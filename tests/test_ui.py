@@ -38,6 +38,8 @@ def test_session_defaults_steer_and_search(session):
         session.steering(["resid_post.4@5:add:4"])
     assert session.steering([]) is None
     assert session.search("17")[0][0] == 17
+    hits = session.search("courthouse")  # the shipped artifact's offline explanations
+    assert hits and all("courthouse" in row[1].lower() for row in hits)
     with pytest.raises(UserError, match="out of range"):
         session.search("99999")
 
