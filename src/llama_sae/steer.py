@@ -112,15 +112,6 @@ def fill_dead_units(units: Tensor) -> Tensor:
     return units
 
 
-def units_from_features(path: str | Path, sae) -> Tensor:
-    """typical_max [d_sae] from a features artifact, after checking it was built from this SAE."""
-    from llama_sae.features import load_features
-
-    f = load_features(path)
-    f.check_sae(sae)
-    return fill_dead_units(torch.as_tensor(f.typical_max))
-
-
 # --------------------------------------------------------------------------- applying steers
 @dataclass
 class Steering:
