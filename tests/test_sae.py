@@ -231,7 +231,8 @@ def test_format_golden_bytes(tmp_path):
                    "apply_b_dec_to_input": True, "normalize_activations": "layer_norm", "reshape_activations": "none",
                    "rescale_acts_by_decoder_norm": False,
                    "metadata": {"model_name": "tiny", "hook_name": "resid_post.1", "context_size": 64,
-                                "prepend_bos": True, "hf_hook_name": "model.layers.1", "trained_tokens": 1000}}
+                                "prepend_bos": True, "hf_hook_name": "model.layers.1",
+                                "sae_lens_version": "6.0.0", "trained_tokens": 1000}}
     weights = (tmp_path / "sae_weights.safetensors").read_bytes()
     header_len = int.from_bytes(weights[:8], "little")
     header = json.loads(weights[8:8 + header_len])
@@ -276,9 +277,11 @@ def test_load_rejects_what_it_cannot_run(tmp_path):
 def test_saelens_loads_our_files_and_agrees(tmp_path, norm):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed: pip install -e '.[dev]'")
     sae, x = make_sae(norm=norm, dtype=torch.float32)
+    sae.cfg = sae.cfg.model_copy(update={"hook_name": "resid_post.1", "model_name": "tiny"})
     sae.save(tmp_path)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
     assert (theirs.cfg.architecture(), theirs.cfg.k, theirs.cfg.normalize_activations) == ("topk", 5, norm)
+    assert theirs.cfg.metadata.hook_name == "resid_post.1" and theirs.cfg.metadata.model_name == "tiny"
     feats = theirs.encode(x)
     torch.testing.assert_close(feats, sae.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.decode(feats), sae(x), rtol=1e-5, atol=1e-4)

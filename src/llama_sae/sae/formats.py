@@ -58,6 +58,7 @@ SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos")
 FORMATS = ("saelens", "sparsify", "seed")
+SAELENS_LAYOUT = "6.0.0"  # the SAELens cfg.json layout we write (metadata.sae_lens_version)
 SEED_K = 64  # the seed's k (its README and sae_training.py); its checkpoint does not store it
 Weights = dict[str, torch.Tensor]  # ours: W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d]
 
@@ -364,6 +365,7 @@ def sae_lens_cfg(cfg: SAEConfig, **metadata: Any) -> dict:
     """The cfg.json dict for ``cfg``; extra ``metadata`` (e.g. training facts) goes under "metadata"."""
     meta = {key: getattr(cfg, key) for key in METADATA_KEYS}
     meta["hf_hook_name"] = hf_module_name(cfg.hook_name)
+    meta["sae_lens_version"] = SAELENS_LAYOUT  # without it SAELens reads the file as pre-6 and drops this metadata
     meta.update(metadata)
     return {"architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "dtype": "float32",
             "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": cfg.normalize_activations,
