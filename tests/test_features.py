@@ -110,6 +110,7 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
                    n_quantiles=4, batch_size=8, checkpoint_every=40, progress=lambda d, n: seen.append(d))
     assert seen[0] > 80  # resumed from the checkpoint, not from zero
     a, b = load_features(out), load_features(tmp_path)
+    assert a.meta["text_sha256"] == b.meta["text_sha256"] and len(a.meta["text_sha256"]) == 64
     for name, t in a._t.items():  # a different batch size and a kill change nothing
         torch.testing.assert_close(b._t[name], t, msg=name, atol=1e-5, rtol=1e-5)
 

@@ -21,10 +21,11 @@ How it is built (``build_features``):
 The random draws (reservoir, pool) come from a hash of (sentence index, latent, seed), so the artifact
 does not depend on the batch size or on where a build was interrupted.
 
-On disk (one directory, every file written atomically): ``features.json`` (meta: SAE fingerprint, corpus,
-counts, settings) and ``features.safetensors`` (columnar: per-latent statistics, the examples table sorted
-by latent with CSR offsets, sentence texts and token pieces as UTF-8 blobs with offsets). ``llama-sae
-explain`` and ``llama-sae score`` add ``explanations.jsonl`` and ``scores.jsonl`` beside them.
+On disk (one directory, every file written atomically): ``features.json`` (meta: SAE fingerprint, corpus
+source, ``text_sha256`` chained over the sentences read, counts, settings) and ``features.safetensors``
+(columnar: per-latent statistics, the examples table sorted by latent with CSR offsets, sentence texts and
+token pieces as UTF-8 blobs with offsets). ``llama-sae explain`` and ``llama-sae score`` add
+``explanations.jsonl`` and ``scores.jsonl`` beside them.
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ class _State:
             "hist": torch.zeros(d_sae, len(HIST_EDGES) - 1, dtype=torch.int32),
             "counts": torch.zeros(2, dtype=torch.int64),  # sentences done, tokens seen
         }
+        self.text_sha256 = ""
 
     def update(self, vals: Tensor, idx: Tensor, owner: Tensor, last_row: Tensor, n_tok: Tensor, first: int,
                seed: int) -> None:
@@ -196,12 +198,21 @@ class _State:
         merge_top_(t["pool_key"], [t["pool_id"]], torch.zeros_like(sid), hash01(sid, -1, seed + 1), [sid])
         t["counts"] += torch.tensor([len(n_tok), int(n_tok.sum())])
 
+    def hash_texts_(self, texts: list[str]) -> None:
+        """Chain the sentences read into ``text_sha256`` (names the exact text used, whatever the batching)."""
+        h = bytes.fromhex(self.text_sha256)
+        for text in texts:
+            h = hashlib.sha256(h + text.encode("utf-8")).digest()
+        self.text_sha256 = h.hex()
+
     def save(self, path: Path, settings: dict) -> None:
         atomic_write(path / "state.safetensors", safetensors_bytes({k: v.contiguous() for k, v in self.t.items()}))
-        atomic_write_json(path / "state.json", {"settings": settings, "done": int(self.t["counts"][0])})
+        atomic_write_json(path / "state.json", {"settings": settings, "done": int(self.t["counts"][0]),
+                                                "text_sha256": self.text_sha256})
 
     def load_(self, path: Path) -> None:
         self.t = load_file(path / "state.safetensors")
+        self.text_sha256 = json.loads((path / "state.json").read_text())["text_sha256"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,8 +311,9 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     done = int(state.t["counts"][0])
     stream = islice(enumerate(s.text for s in corpus), done, sentences)
     last_saved = done
-    for ids, _, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
+    for ids, texts, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
         state.update(*_encode_batch(model, sae, tokens, mask), first=ids[0], seed=seed)
+        state.hash_texts_(texts)
         done = ids[-1] + 1
         if done - last_saved >= checkpoint_every:
             state.save(partial, settings)
@@ -312,7 +324,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
     state.save(partial, settings)
     tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size)
-    meta.update(sae_path=sae_path, corpus_fingerprint=corpus.fingerprint(int(state.t["counts"][0])))
+    meta.update(sae_path=sae_path, text_sha256=state.text_sha256)
     build_id = secrets.token_hex(8)
     meta["build_id"] = build_id
     atomic_write(out / TENSORS_FILE, safetensors_bytes(tensors, metadata={"build_id": build_id}))

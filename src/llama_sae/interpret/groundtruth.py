@@ -111,13 +111,15 @@ def stage(console, model, tokenizer, sae, recovery: dict, out, *, sae_path: str 
     scores = score(f, make_backend("offline", f), say=console.print)
     t2 = time.perf_counter()
     gt = ground_truth_table(f, recovery)
-    table = Table("concept", "latent", "AUROC", "explanation (offline)", "names it", "detection",
-                  title="each concept's best latent, its explanation and its detection score (balanced accuracy)")
+    table = Table("concept", "latent", "AUROC", "names it", "detection", "explanation (offline)",
+                  title="each concept's best latent, its offline explanation and its detection score")
+    room = max(20, console.width - 62)  # the other columns take about 62 characters
     for r in gt["rows"]:
         expl = r["explanation"] or "-"
-        table.add_row(r["concept"], str(r["latent"]), f"{r['auroc']:.3f}", expl[:70] + ("…" if len(expl) > 70 else ""),
+        expl = expl if len(expl) <= room else expl[:room - 1] + "…"
+        table.add_row(r["concept"], str(r["latent"]), f"{r['auroc']:.3f}",
                       "[green]yes[/green]" if r["names"] else "[red]no[/red]",
-                      "-" if r["detection"] is None else f"{r['detection']:.2f}")
+                      "-" if r["detection"] is None else f"{r['detection']:.2f}", expl)
     console.print(table)
     console.print(f"{f.meta['sentences']:,} sentences in {t1 - t0:.0f} s; {explained['explained']:,} live latents "
                   f"explained and scored in {t2 - t1:.0f} s (offline)")
