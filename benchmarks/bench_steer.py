@@ -22,6 +22,7 @@ steering latent on the generated tokens instead of the prompt's.
 
     python benchmarks/bench_steer.py --sae runs/demo/sae                 # 10 topics (DESIGN §5's list)
     python benchmarks/bench_steer.py --topics all --strengths 4,8,12     # all 30 topics
+    python benchmarks/bench_steer.py --pick strongest                    # most on-topic, perplexity aside
 
 Prints the tables, then one JSON line with every measurement.
 """
@@ -47,8 +48,16 @@ def meets(r: dict) -> bool:
     return r["on_topic"] >= GOAL_ON and r["off_target"] <= GOAL_OFF and r["ppl_ratio"] <= GOAL_PPL
 
 
-def choose(rows: list[dict]) -> dict:
-    """The smallest strength meeting every goal; else the most on-topic within the perplexity goal."""
+def strongest(r: dict) -> float:
+    """--pick strongest: on-topic minus off-target, whatever the perplexity."""
+    return r["on_topic"] - r["off_target"]
+
+
+def choose(rows: list[dict], pick: str = "fluent") -> dict:
+    """The smallest strength meeting every goal; else the most on-topic within the perplexity goal (``fluent``),
+    or the largest on-topic minus off-target (``strongest``)."""
+    if pick == "strongest":
+        return max(rows, key=lambda r: (strongest(r), -abs(r["strength"])))
     ok = [r for r in rows if meets(r)]
     if ok:
         return min(ok, key=lambda r: abs(r["strength"]))
@@ -69,6 +78,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=10, help="best readers per topic tried as steering latent")
     ap.add_argument("--samples", type=int, default=4, help="sampled continuations per neutral prompt")
     ap.add_argument("--positions", default="prompt", help="all | prompt | generated")
+    ap.add_argument("--pick", default="fluent", choices=["fluent", "strongest"],
+                    help="how latent and strength are chosen on the selection seed: fluent (the perplexity goal "
+                         "first) or strongest (on-topic minus off-target)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,7 +135,7 @@ def main() -> None:
             rows = [{"topic": topic, "latent": latent, "which": which, "kind": kind, "strength": s,
                      **run([f"{latent}:{kind}:{s:g}:{args.positions}"], topic, select_seed)} for s in strengths]
             sweep.extend(rows)
-            pick = choose(rows)
+            pick = choose(rows, args.pick)
             chosen.append({"topic": topic, "latent": latent, "which": which, "kind": kind, "strength": pick["strength"],
                            **run([f"{latent}:{kind}:{pick['strength']:g}:{args.positions}"], topic, eval_seed)})
         return chosen
@@ -133,7 +145,9 @@ def main() -> None:
         rec_latent = recovery[topic]["latent"]
         steer_latent, runs = pick_steering_latent(model, tok, saes, units, topic, candidates[topic],
                                                   base_ppl[select_seed], strength=args.pick_strength,
-                                                  positions=args.positions, seed=select_seed, **sampling)
+                                                  positions=args.positions, seed=select_seed,
+                                                  **({"key": strongest} if args.pick == "strongest" else {}),
+                                                  **sampling)
         picks[topic] = {"recovery": rec_latent, "steering": steer_latent, "candidates": runs}
         rows = sweep_and_eval(topic, steer_latent, "steering")
         rows += sweep_and_eval(topic, rec_latent, "recovery", ("add",))
@@ -160,7 +174,8 @@ def main() -> None:
 
     print()
     print(f"held-out seed: {len(topics)} topics x {len(prompts)} neutral prompts x {args.samples} samples; "
-          f"steers on the {args.positions} positions; unsteered perplexity {base_ppl[eval_seed]:.2f}")
+          f"steers on the {args.positions} positions, picked {args.pick}; unsteered perplexity "
+          f"{base_ppl[eval_seed]:.2f}")
     table = [summary(f"steering latent, {kind}", [c for c in chosen if c["which"] == "steering" and c["kind"] == kind])
              for kind in KINDS]
     table.append(summary("recovery latent, add", [c for c in chosen if c["which"] == "recovery"]))
@@ -187,7 +202,7 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     print_json({"bench": "steer", "machine": info, "sae": str(Path(args.sae or tinyworld.sae_path()).resolve()),
                 "hook": hook, "units": sources[hook].get("units"), "samples": args.samples,
-                "positions": args.positions, "strengths": strengths, "base_perplexity": base_ppl, "picks": picks,
+                "positions": args.positions, "pick": args.pick, "strengths": strengths, "base_perplexity": base_ppl, "picks": picks,
                 "chosen": chosen, "prompting": prompting, "unsteered": unsteered, "other_positions": other_positions,
                 "sweep": sweep, "seconds": time.perf_counter() - t0})
 

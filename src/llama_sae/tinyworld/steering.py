@@ -90,9 +90,9 @@ def steering_score(r: dict, max_ppl_ratio: float = 1.5) -> tuple:
 
 def pick_steering_latent(model, tokenizer, saes: dict, units: dict, topic: str, candidates: list[int],
                          base_perplexity: float, *, strength: float = 12.0, positions: str = "prompt",
-                         seed: int = 0, **sampling) -> tuple[int, list[dict]]:
-    """The candidate whose ``add`` steer best makes neutral prompts about ``topic`` (see :func:`steering_score`),
-    and every candidate's run. Choose on one seed and report on another."""
+                         seed: int = 0, key=steering_score, **sampling) -> tuple[int, list[dict]]:
+    """The candidate whose ``add`` steer best makes neutral prompts about ``topic`` (by ``key`` of its run,
+    default :func:`steering_score`), and every candidate's run. Choose on one seed and report on another."""
     from llama_sae.steer import Steering, parse_steers
 
     runs = []
@@ -100,4 +100,4 @@ def pick_steering_latent(model, tokenizer, saes: dict, units: dict, topic: str, 
         steering = Steering(saes, parse_steers([f"{latent}:add:{strength:g}:{positions}"]), units)
         r = measure(model, tokenizer, tinyworld.neutral_prompts(), steering, topic, seed=seed, **sampling)
         runs.append({"latent": latent, **r, "ppl_ratio": r["perplexity"] / base_perplexity})
-    return max(runs, key=steering_score)["latent"], runs
+    return max(runs, key=key)["latent"], runs

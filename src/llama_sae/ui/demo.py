@@ -33,7 +33,7 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     saes = {hook: sae}
     units = build_steering(model, tokenizer, saes, [], features={hook: features}).units
     prompts = tinyworld.neutral_prompts()
-    base = sample_continuations(model, tokenizer, prompts, None, samples=2, seed=0)
+    base = sample_continuations(model, tokenizer, prompts, None, samples=4, seed=0)
     nll, n = continuation_nll(model, base)
     base_ppl = math.exp(nll / n)
     candidates = topic_candidates(model, tokenizer, sae, list(topics), n=5, n_sentences=600)
@@ -42,7 +42,8 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     results = {}
     for topic in topics:
         latent, _ = pick_steering_latent(model, tokenizer, saes, units, topic, candidates[topic], base_ppl,
-                                         strength=strength, samples=2, seed=0)
+                                         strength=strength, samples=4, seed=0,
+                                         key=lambda r: r["on_topic"] - r["off_target"])  # the clearest push
         spec = f"{latent}:add:{strength:g}:prompt"
         steering = Steering(saes, parse_steers([spec]), units)
         steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
