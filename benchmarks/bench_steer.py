@@ -202,7 +202,8 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     print_json({"bench": "steer", "machine": info, "sae": str(Path(args.sae or tinyworld.sae_path()).resolve()),
                 "hook": hook, "units": sources[hook].get("units"), "samples": args.samples,
-                "positions": args.positions, "pick": args.pick, "strengths": strengths, "base_perplexity": base_ppl, "picks": picks,
+                "positions": args.positions, "pick": args.pick, "strengths": strengths, "base_perplexity": base_ppl,
+                "picks": picks,
                 "chosen": chosen, "prompting": prompting, "unsteered": unsteered, "other_positions": other_positions,
                 "sweep": sweep, "seconds": time.perf_counter() - t0})
 
