@@ -385,3 +385,30 @@ def test_ground_truth_judge_names_concepts():
     assert names_concept('the tokens "?"', "question") and names_concept("the tokens quotation marks", "quotation")
     assert names_concept('the tokens "january", "march"', "date") and names_concept('"if"', "conditional")
     assert names_concept("Questions about the weather", "weather") and not names_concept(None, "weather")
+
+
+def test_chunks_submit_every_batch_before_collecting(feats, server):
+    f = feats
+    n = len(f.live_latents())
+    lines = []
+    out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), chunk=4, threshold=100.0,
+                  say=lines.append)
+    assert out["explained"] == n and len(server.state.anthropic) == -(-n // 4)
+    assert "(estimated from the first 4)" in lines[0]
+    posts = [i for i, (m, p, _) in enumerate(server.state.log) if m == "POST"]
+    polls = [i for i, (m, p, _) in enumerate(server.state.log) if m == "GET" and p.count("/") == 4]
+    assert max(posts) < min(polls)  # every chunk submitted before the first poll
+    sent = [r["custom_id"] for b in server.state.anthropic.values() for r in b["requests"]]
+    assert len(sent) == len(set(sent)) == n
+
+
+def test_chunked_scores_equal_unchunked(feats, tmp_path):
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    whole = score(f, make_backend("offline", f), n=4, say=lambda s: None)
+    rows = sorted((f.path / "scores.jsonl").read_text().splitlines())
+    shutil.copytree(f.path, tmp_path / "g", ignore=shutil.ignore_patterns("score.journal.jsonl", "scores.jsonl"))
+    g = load_features(tmp_path / "g")
+    parts = score(g, make_backend("offline", g), n=4, chunk=3, say=lambda s: None)
+    assert sorted((g.path / "scores.jsonl").read_text().splitlines()) == rows
+    assert parts["detection"] == whole["detection"] and parts["control_fuzzing"] == whole["control_fuzzing"]

@@ -29,7 +29,8 @@ from llama_sae.interpret.prompts import Prompt
 
 @dataclass(frozen=True)
 class Request:
-    """One request: ``payload`` carries the structured task for the offline backend (never sent)."""
+    """One request: ``payload`` carries the structured task for the offline backend (never sent);
+    ``meta`` is recorded in the journal (e.g. a scoring request's labels) so results need no rebuild."""
 
     custom_id: str
     prompt: Prompt
@@ -37,6 +38,7 @@ class Request:
     task: str  # "explain" | "detection" | "fuzzing"
     max_tokens: int = 400
     payload: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # journaled with the request
 
 
 class Backend(ABC):

@@ -70,6 +70,11 @@ class BatchBackend(Backend):
 
     # ---- the shared loop
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
+        self.submit(requests, journal)
+        self.collect(journal)
+
+    def submit(self, requests: Sequence[Request], journal: Journal) -> None:
+        """Reconcile interrupted creations, then create batches for the requests that are in none."""
         st = journal.state
         for local_id, pending in list(st.pending_batches.items()):
             batch_id = self._server("look up an interrupted batch", self.find, pending)
@@ -88,6 +93,11 @@ class BatchBackend(Backend):
                             "at": dt.datetime.now(dt.timezone.utc).isoformat()})
             batch_id = self._server("create a batch", self.create, chunk, local_id)
             journal.append({"kind": "batch", "local_id": local_id, "batch_id": batch_id, "custom_ids": ids})
+
+    def collect(self, journal: Journal) -> None:
+        """Poll the open batches and record the results of those that ended (until none is open, or once
+        without ``wait``)."""
+        st = journal.state
         while st.open_batches:
             for batch_id, rec in list(st.open_batches.items()):
                 if self._server("poll a batch", self.ended, batch_id):

@@ -32,29 +32,31 @@ def explain_requests(f: Features, latents: Sequence[int], *, n_top: int = 10, ma
 
 
 def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = None, n_top: int = 10,
-            max_tokens: int = 300, fresh: bool = False, retry_failed: bool = False,
+            max_tokens: int = 300, chunk: int = 5000, fresh: bool = False, retry_failed: bool = False,
             confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
             say: Callable[[str], None] = print) -> dict:
     """Explain ``latents`` (default: every live one) and (re)write explanations.jsonl from the journal.
 
-    Returns {"explained", "requests", "outcomes": {status: count}}.
+    ``chunk`` latents' prompts are built at a time. Returns {"explained", "requests", "outcomes": {status: count}}.
     """
     latents = f.live_latents() if latents is None else list(latents)
-    requests = explain_requests(f, latents, n_top=n_top, max_tokens=max_tokens)
+    chunks = (explain_requests(f, latents[i:i + chunk], n_top=n_top, max_tokens=max_tokens)
+              for i in range(0, len(latents), chunk))
     settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}
-    journal = run_requests(f, "explain", backend, requests, settings, parse=lambda r, t: parse_explanation(t)[0],
-                           fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+    journal, ids = run_requests(f, "explain", backend, chunks, len(latents), settings,
+                                parse=lambda req, text: parse_explanation(text)[0], fresh=fresh,
+                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
     rows = []
-    for r in requests:
-        res = journal.state.results.get(r.custom_id)
+    for cid in ids:
+        res = journal.state.results.get(cid)
         if res is None or res["status"] != "succeeded":
             continue
         text, certainty = parse_explanation(res["text"])
-        rows.append({"latent": r.latent, "explanation": text, "certainty": certainty, "backend": backend.name,
-                     "model": backend.model, "custom_id": r.custom_id, "raw": res["text"]})
+        rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": text, "certainty": certainty,
+                     "backend": backend.name, "model": backend.model, "custom_id": cid, "raw": res["text"]})
     _merge_write(f, rows)
     f.reload_explanations()
-    return {"explained": len(rows), "requests": len(requests), "outcomes": outcome_counts(journal, requests)}
+    return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids)}
 
 
 def _merge_write(f: Features, rows: list[dict]) -> None:

@@ -3,13 +3,15 @@
 ``run_requests`` opens (or resumes) the task's journal, leaves out what is already answered, prints a
 cost estimate and asks for confirmation above a threshold, records every request before it is sent,
 runs the backend, and marks answers that break the output contract as ``malformed`` (raw text kept).
+Everything the outputs need (latent, labels) is in the journal's request lines, so explanations and
+scores are written from the journal alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from llama_sae.errors import UserError
@@ -48,57 +50,78 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_requests(features, task: str, backend: Backend, requests: Sequence[Request], settings: dict, *,
-                 parse: Callable[[Request, str], object | None], fresh: bool = False, retry_failed: bool = False,
-                 confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-                 say: Callable[[str], None] = print) -> Journal:
-    """Answer ``requests`` through ``backend`` with a journal in the features directory.
+def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequence[Request]], total: int,
+                 settings: dict, *, parse: Callable[[dict, str], object | None], fresh: bool = False,
+                 retry_failed: bool = False, confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
+                 say: Callable[[str], None] = print) -> tuple[Journal, list[str]]:
+    """Answer requests, built chunk by chunk, through ``backend`` with a journal in the features directory.
+
+    Requests are built and released chunk by chunk (a million latents never sit in memory at once); a
+    batch backend submits every chunk, then collects. The cost estimate comes from the first chunk,
+    scaled to ``total`` requests, and is confirmed before anything is sent.
 
     Args:
         task: "explain" or "score" (names the journal file).
-        settings: everything that shapes the prompts; a journal from other settings is refused.
-        parse: returns None when a reply breaks the output contract (then it is recorded as malformed).
-        retry_failed: re-send requests whose last result was errored / canceled / expired / malformed.
+        settings: the prompt settings, recorded in the journal header.
+        parse: (request record, reply text) -> None when the reply breaks the output contract (recorded
+            as malformed, raw text kept); the request record holds the request's ``meta``.
+        retry_failed: re-send requests whose last result was errored / canceled / expired / malformed / missing.
         confirm: asked (with the estimate) when it exceeds ``threshold`` dollars or the price is unknown;
             None = refuse such runs (the CLI passes a prompt, or --yes).
+    Returns:
+        (the journal, the custom_ids of this run's requests in order).
     """
     header = {"task": task, "backend": backend.name, "model": backend.model,
               "features_build": features.meta.get("build_id"), "settings_hash": settings_hash(settings),
               "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
-    st = journal.state
-    busy = st.in_batch()
-    todo = [r for r in requests if not st.succeeded(r.custom_id) and (
-        r.custom_id in busy or r.custom_id not in st.results or retry_failed and st.results[r.custom_id][
-            "status"] in FAILED)]
-    new = [r for r in todo if r.custom_id not in busy]
+    st, wanted = journal.state, []
+    for i, requests in enumerate(chunks):
+        wanted += [r.custom_id for r in requests]
+        busy = st.in_batch()
+        todo = [r for r in requests if not st.succeeded(r.custom_id) and (
+            r.custom_id in busy or r.custom_id not in st.results
+            or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
+        new = [r for r in todo if r.custom_id not in busy]
+        if i == 0:
+            _check_cost(task, backend, requests, todo, new, total, confirm, threshold, say)
+        journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
+                          "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
+        if todo and backend.batch_api:
+            backend.submit(todo, journal)  # every chunk submitted first, collected after the last one
+        elif todo:
+            backend.run(todo, journal)
+    if backend.batch_api:
+        backend.collect(journal)
+    for cid in wanted:
+        res = st.results.get(cid)
+        if res and res["status"] == "succeeded" and parse(st.requests.get(cid, {}), res["text"] or "") is None:
+            journal.record_result(cid, "malformed", text=res["text"],
+                                  error="the reply breaks the output contract (no valid JSON answer)")
+    return journal, wanted
+
+
+def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, total: int,
+                confirm, threshold: float, say) -> None:
+    """Print the estimate (from the first chunk, scaled to ``total``) and ask above the threshold."""
+    scale = total / max(len(requests), 1)
     cost = estimate(new, backend)
-    dollars = "unknown (no price for this model)" if cost["dollars"] is None else f"${cost['dollars']:.2f}"
-    line = (f"{task}: {len(requests)} requests, {len(requests) - len(todo)} already answered, {len(todo) - len(new)} "
-            f"in open batches, {len(new)} to send ({backend.name}:{backend.model}): ~{cost['input_tokens']:,} input "
-            f"tokens, ≤ {cost['output_tokens']:,} output tokens, cost ≤ {dollars}")
-    say(line)
-    if new and (cost["dollars"] is None or cost["dollars"] > threshold):
-        if confirm is None or not confirm(f"send {len(new)} requests for {dollars}?"):
+    n_new = round(len(new) * scale)
+    dollars = "unknown (no price for this model)" if cost["dollars"] is None else f"${cost['dollars'] * scale:.2f}"
+    say(f"{task}: {total} requests, {round((len(requests) - len(todo)) * scale)} already answered, "
+        f"{round((len(todo) - len(new)) * scale)} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
+        f"~{round(cost['input_tokens'] * scale):,} input tokens, ≤ {round(cost['output_tokens'] * scale):,} output "
+        f"tokens, cost ≤ {dollars}" + ("" if scale == 1 else f" (estimated from the first {len(requests)})"))
+    if n_new and (cost["dollars"] is None or cost["dollars"] * scale > threshold):
+        if confirm is None or not confirm(f"send {n_new} requests for {dollars}?"):
             raise UserError(f"not sent: the estimated cost ({dollars}) is above the --confirm-above threshold "
                             f"(${threshold:g}); pass --yes to send anyway")
-    known = st.requests
-    journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
-                      "latent": r.latent, "task": r.task} for r in new if r.custom_id not in known])
-    if todo:
-        backend.run(todo, journal)
-    for r in requests:
-        res = st.results.get(r.custom_id)
-        if res and res["status"] == "succeeded" and parse(r, res["text"] or "") is None:
-            journal.record_result(r.custom_id, "malformed", text=res["text"],
-                                  error="the reply breaks the output contract (no valid JSON answer)")
-    return journal
 
 
-def outcome_counts(journal: Journal, requests: Sequence[Request]) -> dict[str, int]:
-    """How many of ``requests`` ended in each status ("unanswered" for none yet)."""
+def outcome_counts(journal: Journal, custom_ids: Sequence[str]) -> dict[str, int]:
+    """How many of the requests ended in each status ("unanswered" for none yet)."""
     counts: dict[str, int] = {}
-    for r in requests:
-        status = journal.state.results.get(r.custom_id, {}).get("status", "unanswered")
+    for cid in custom_ids:
+        status = journal.state.results.get(cid, {}).get("status", "unanswered")
         counts[status] = counts.get(status, 0) + 1
     return counts

@@ -70,10 +70,10 @@ def held_out(f: Features, latent: int, n: int, sample: str = "top", n_top: int =
     return odd[::max(1, len(odd) // n)][:n] if odd else []
 
 
-def score_requests(f: Features, explanations: dict[int, str], *, n: int = 10, control: bool = False,
-                   sample: str = "top") -> list[Request]:
-    """Detection and fuzzing requests for each explained latent (with held-out activating examples)."""
-    source = derangement(sorted(explanations)) if control else {l: l for l in explanations}
+def score_requests(f: Features, explanations: dict[int, str], source: dict[int, int], *, n: int = 10,
+                   control: bool = False, sample: str = "top") -> list[Request]:
+    """Detection and fuzzing requests for the latents of ``source`` (latent -> the latent whose explanation
+    it is scored with: itself, or another for the control), with held-out activating examples."""
     out = []
     for latent in sorted(source):
         pos = held_out(f, latent, n, sample)
@@ -88,50 +88,60 @@ def score_requests(f: Features, explanations: dict[int, str], *, n: int = 10, co
         tag = "c" if control else "s"
         sentences = [e.text for e in items]
         prompt = detection_prompt(text, sentences)
-        payload = {"explanation": text, "sentences": sentences, "labels": labels, "source": source[latent]}
-        out.append(Request(f"{tag}d{latent}-{prompt.hash()}", prompt, latent, "detection", 200, payload))
+        meta = {"labels": labels, "source": source[latent], "control": control}
+        payload = {"explanation": text, "sentences": sentences}
+        out.append(Request(f"{tag}d{latent}-{prompt.hash()}", prompt, latent, "detection", 200, payload, meta))
         counts = [sum(a > 0 for a in e.acts) for e in pos]
         flags = [[a > 0 for a in e.acts] if y else _random_marks(e, counts[i % len(counts)], latent)
                  for i, (e, y) in enumerate(zip(items, labels))]
         prompt = fuzzing_prompt(text, [marked(e.tokens, fl) for e, fl in zip(items, flags)])
         payload = {**payload, "items": [(e.tokens, fl) for e, fl in zip(items, flags)]}
-        out.append(Request(f"{tag}f{latent}-{prompt.hash()}", prompt, latent, "fuzzing", 200, payload))
+        out.append(Request(f"{tag}f{latent}-{prompt.hash()}", prompt, latent, "fuzzing", 200, payload, meta))
     return out
 
 
 def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", control: bool = True,
-          fresh: bool = False,
-          retry_failed: bool = False, confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
+          chunk: int = 2000, fresh: bool = False, retry_failed: bool = False,
+          confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
           say: Callable[[str], None] = print) -> dict:
     """Score every explanation in the artifact (and the shuffled control); writes scores.jsonl.
 
-    Returns {"detection": mean BA, "fuzzing": mean BA, "control_detection", "control_fuzzing", "latents",
-    "outcomes"}, with "<name>_ci" 95% intervals of the means across latents.
+    ``chunk`` latents' prompts are built at a time. Returns {"detection": mean BA, "fuzzing": mean BA,
+    "control_detection", "control_fuzzing", "latents", "outcomes"}, with "<name>_ci" 95% intervals of the
+    means across latents.
     """
     f.reload_explanations()
     explanations = {l: e.text for l, e in f.explanations().items()}
-    requests = score_requests(f, explanations, n=n, sample=sample)
-    if control:
-        requests += score_requests(f, explanations, n=n, control=True, sample=sample)
+    latents = sorted(explanations)
+
+    shuffled = derangement(latents)
+
+    def chunks():
+        for ctrl in (False, True) if control else (False,):
+            for i in range(0, len(latents), chunk):
+                source = {l: shuffled[l] if ctrl else l for l in latents[i:i + chunk] if not ctrl or l in shuffled}
+                yield score_requests(f, explanations, source, n=n, control=ctrl, sample=sample)
+
     settings = {"n": n, "sample": sample, "prompt_version": PROMPT_VERSION}
-    journal = run_requests(f, "score", backend, requests, settings,
-                           parse=lambda r, t: parse_answers(t, len(r.payload["labels"])), fresh=fresh,
-                           retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+    total = 2 * len(latents) * (2 if control else 1)
+    journal, ids = run_requests(f, "score", backend, chunks(), total, settings,
+                                parse=lambda req, text: parse_answers(text, len(req.get("labels", []))),
+                                fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
+                                say=say)
     rows = []
-    for r in requests:
-        res = journal.state.results.get(r.custom_id)
-        pred = parse_answers(res["text"] or "", len(r.payload["labels"])) if res and res["status"] == "succeeded" \
-            else None
-        if pred is None:
+    for cid in ids:
+        res, req = journal.state.results.get(cid), journal.state.requests[cid]
+        if res is None or res["status"] != "succeeded":
             continue
-        ba, lo, hi = balanced_accuracy(pred, r.payload["labels"])
-        rows.append({"latent": r.latent, "method": r.task, "control": r.custom_id.startswith("c"),
-                     "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(r.payload["labels"]),
-                     "n_neg": len(r.payload["labels"]) - sum(r.payload["labels"]),
-                     "explanation_of": r.payload["source"], "backend": backend.name})
+        labels = req["labels"]
+        pred = parse_answers(res["text"] or "", len(labels))
+        ba, lo, hi = balanced_accuracy(pred, labels)
+        rows.append({"latent": req["latent"], "method": req["task"], "control": req["control"],
+                     "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(labels),
+                     "n_neg": len(labels) - sum(labels), "explanation_of": req["source"], "backend": backend.name})
     atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     f.reload_explanations()
-    summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, requests)}
+    summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids)}
     for method in METHODS:
         for ctrl in (False, True):
             vals = [row["balanced_accuracy"] for row in rows if row["method"] == method and row["control"] == ctrl]
