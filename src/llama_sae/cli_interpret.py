@@ -73,7 +73,8 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="send without asking, 
 RetryOpt = Annotated[bool, typer.Option(help="re-send only the requests that failed (errored, canceled, expired, "
                                              "malformed)")]
 FreshOpt = Annotated[bool, typer.Option(help="start a new journal (the old one is kept beside it)")]
-NoWaitOpt = Annotated[bool, typer.Option(help="batch backends: submit and return; run again later to collect")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="batch backends: submit and return; run again later "
+                                                          "to collect")]
 PollOpt = Annotated[float, typer.Option(help="batch backends: seconds between status checks")]
 
 
