@@ -412,3 +412,21 @@ def test_chunked_scores_equal_unchunked(feats, tmp_path):
     parts = score(g, make_backend("offline", g), n=4, chunk=3, say=lambda s: None)
     assert sorted((g.path / "scores.jsonl").read_text().splitlines()) == rows
     assert parts["detection"] == whole["detection"] and parts["control_fuzzing"] == whole["control_fuzzing"]
+
+
+def test_cli_batch_backend_no_wait_then_collect(feats, server):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    args = ["explain", str(feats.path), "--backend", "anthropic", "--base-url", server.url, "--poll", "0"]
+    server.state.polls_to_end = 2
+    r = CliRunner().invoke(app, args + ["--no-wait", "--yes"])
+    assert r.exit_code == 0, r.output
+    assert "0 of" in r.output and "'unanswered'" in r.output
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    n = len(feats.live_latents())
+    assert f"{n} of {n} latents explained" in r.output and len(server.state.anthropic) == 1
+    r = CliRunner(env={"ANTHROPIC_API_KEY": ""}).invoke(app, args)
+    assert isinstance(r.exception, UserError) and "ANTHROPIC_API_KEY" in str(r.exception)
