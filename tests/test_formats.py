@@ -231,6 +231,7 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
 
     sae, x = make_sae(dtype=torch.float32)
     save(sae, tmp_path / "sae")
+    (tmp_path / "sae" / "checkpoint.pt").write_bytes(b"optimizer state")
     assert hub.push(tmp_path / "sae", "org/llama-saes", subdir="resid_post.3") == "hf://org/llama-saes/resid_post.3"
     assert set(fake_hub.repos["org/llama-saes"]) == {"resid_post.3/cfg.json", "resid_post.3/sae_weights.safetensors"}
     back = load("hf://org/llama-saes/resid_post.3")

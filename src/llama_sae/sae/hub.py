@@ -80,7 +80,8 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
          message: str | None = None) -> str:
     """Upload the SAE directory ``path`` to ``repo_id`` (created if missing), under ``subdir`` if given.
 
-    The directory is checked to load first. Returns the hf:// reference of the uploaded SAE.
+    The directory is checked to load first; dotfiles and a trainer's checkpoint.pt are not uploaded (the weights,
+    cfg.json, sparsity, evaluation.json, metrics and plots are). Returns the hf:// reference of the uploaded SAE.
     """
     from llama_sae.sae.formats import find
 
@@ -95,7 +96,7 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(path), path_in_repo=subdir or "",
                           commit_message=message or f"Upload {found.format} SAE ({found.values.get('hook_name')})",
-                          ignore_patterns=[".*"])
+                          ignore_patterns=[".*", "checkpoint.pt"])  # the optimizer state stays home
     except hub.errors.HfHubHTTPError as e:
         raise UserError(f"upload to {repo_id} failed ({str(e).splitlines()[0][:160]}): check HF_TOKEN has write "
                         "access") from e
