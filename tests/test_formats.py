@@ -169,6 +169,7 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     with pytest.raises(UserError, match='has no "k"\\): add "k": N to cfg.json, or pass --k N'):
         load(tmp_path / "s")
     assert load(tmp_path / "s", k=5).cfg.k == 5
+    assert load(tmp_path / "s" / "cfg.json", k=5).cfg.k == 5  # a file of the directory names the directory
     weights = (tmp_path / "s" / "sae_weights.safetensors").read_bytes()
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(UserError, match="not a readable safetensors file .* truncated or not an SAE"):

@@ -267,6 +267,8 @@ def find(path: str | os.PathLike) -> Found:
 
         path = download(str(path))
     path = Path(path)
+    if path.is_file() and path.suffix in (".safetensors", ".json"):
+        path = path.parent  # a file of an SAE directory (cfg.json, sae_weights.safetensors): the directory
     if path.is_file():
         return _find_seed(path)
     if not path.is_dir():
