@@ -193,10 +193,11 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
 # --------------------------------------------------------------------------- CLI
 def test_cli_info_and_convert(tmp_path):
     sae, x = make_sae(norm="none", dtype=torch.float32)
-    save(sae, tmp_path / "lens")
+    save(sae, tmp_path / "lens", sparsity=torch.tensor([-10.0] * 6 + [-2.0] * 90))
     result = runner.invoke(app, ["sae", "info", str(tmp_path / "lens")])
     assert result.exit_code == 0, result.output
-    assert "saelens" in result.output and "96" in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the table wraps long cells
+    assert "format saelens" in text and "d_sae 96" in text and "6 latents never fired" in text
     result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "sparsify",
                                  "--out", str(tmp_path / "sp")])
     assert result.exit_code == 0, result.output

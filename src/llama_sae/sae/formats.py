@@ -357,7 +357,9 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
             ("HF module", hf_module_name(v.get("hook_name")) or "-")]
     rows += [(key, str(v[key])) for key in ("model_name", "context_size", "prepend_bos") if key in v]
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
-        rows.append(("sparsity", SPARSITY_FILE))
+        log_rate = load_sparsity(found.path)  # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
+        rows.append(("sparsity", f"{SPARSITY_FILE}: median firing rate {10 ** float(log_rate.median()):.2g}, "
+                                 f"{int((log_rate <= -9.99).sum())} latents never fired"))
     rows += [("note", note) for note in found.notes]
     return rows
 
