@@ -30,6 +30,7 @@ token pieces as UTF-8 blobs with offsets). ``llama-sae explain`` and ``llama-sae
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import secrets
@@ -276,7 +277,8 @@ def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
 def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sentences: int, top_n: int = 20,
                    reservoir: int = 40, pool: int = 512, n_quantiles: int = 10, batch_size: int = 64,
                    max_tokens: int = 128, seed: int = 0, checkpoint_every: int = 20_000, overwrite: bool = False,
-                   progress: Callable[[int, int], None] | None = None, sae_path: str | None = None) -> Path:
+                   cache_bytes: int = 2 << 30, progress: Callable[[int, int], None] | None = None,
+                   sae_path: str | None = None) -> Path:
     """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
 
     Args:
@@ -289,6 +291,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         pool: random sentences from which each latent's non-activating examples are drawn.
         max_tokens: tokens per sentence (BOS included); longer sentences are truncated.
         checkpoint_every: sentences between resumable checkpoints of the running tables.
+        cache_bytes: pass 1 keeps the sparse codes of up to this many bytes of batches on disk, so that
+            pass 2 reads them instead of running the model again (0 = always re-run).
         overwrite: rebuild when ``out`` holds an artifact made with other settings.
         progress: called with (sentences done, sentences) after each batch.
     Returns:
@@ -308,11 +312,14 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if (partial / "state.json").exists() and json.loads((partial / "state.json").read_text())["settings"] == settings:
         state.load_(partial)
     corpus = Corpus(corpus_source)
+    cache = CodeCache(partial, cache_bytes)
     done = int(state.t["counts"][0])
     stream = islice(enumerate(s.text for s in corpus), done, sentences)
     last_saved = done
     for ids, texts, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
-        state.update(*_encode_batch(model, sae, tokens, mask), first=ids[0], seed=seed)
+        codes = _encode_batch(model, sae, tokens, mask)
+        state.update(*codes, first=ids[0], seed=seed)
+        cache.put(ids, codes[0], codes[1], mask.sum(1) - 1)
         state.hash_texts_(texts)
         done = ids[-1] + 1
         if done - last_saved >= checkpoint_every:
@@ -323,7 +330,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if int(state.t["counts"][0]) == 0:
         raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
     state.save(partial, settings)
-    tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size)
+    tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size, cache)
     meta.update(sae_path=sae_path, text_sha256=state.text_sha256)
     build_id = secrets.token_hex(8)
     meta["build_id"] = build_id
@@ -355,9 +362,74 @@ def _examples_table(state: _State, n_quantiles: int) -> dict[str, Tensor]:
     return {k: torch.cat(v) for k, v in cols.items()}
 
 
-def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_size: int
+class CodeCache:
+    """Sparse codes of pass-1 batches on disk (``codes-FIRST-LAST.safetensors`` in the partial directory),
+    up to ``limit`` bytes, so that pass 2 need not run the model again for the sentences they hold."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.dir, self.limit = directory, limit
+        self.used = sum(p.stat().st_size for p in directory.glob("codes-*.safetensors"))
+        self.current: tuple[int, int, Tensor, Tensor, Tensor] | None = None
+        self.index: list[tuple[int, int, Path]] | None = None
+
+    def put(self, ids: list[int], vals: Tensor, idx: Tensor, rows: Tensor) -> None:
+        """Keep one batch: vals, idx [M, k] and rows [B] (token rows of each sentence)."""
+        size = vals.numel() * 8 + rows.numel() * 4
+        if self.used + size > self.limit:
+            return
+        data = {"vals": vals.float().contiguous(), "idx": idx.int().contiguous(), "rows": rows.int().contiguous()}
+        atomic_write(self.dir / f"codes-{ids[0]:012d}-{ids[-1]:012d}.safetensors", safetensors_bytes(data))
+        self.used += size
+
+    def get(self, sid: int) -> tuple[Tensor, Tensor] | None:
+        """(vals, idx) [n, k] of corpus sentence ``sid`` if a kept batch holds it (asked in increasing order)."""
+        if self.index is None:  # pass 1 is over: index the kept batches once
+            spans = [(*(int(x) for x in p.stem.split("-")[1:]), p) for p in self.dir.glob("codes-*.safetensors")]
+            self.index = sorted(spans)
+        if self.current is None or not self.current[0] <= sid <= self.current[1]:
+            self.current = None
+            j = bisect.bisect_right(self.index, (sid, float("inf"))) - 1  # the last batch starting at or before sid
+            if j < 0 or self.index[j][1] < sid:
+                return None
+            first, last, path = self.index[j]
+            t = load_file(path)
+            self.current = (first, last, t["vals"], t["idx"].long(), _offsets(t["rows"]))
+        first, _, vals, idx, offsets = self.current
+        lo, hi = int(offsets[sid - first]), int(offsets[sid - first + 1])
+        return vals[lo:hi], idx[lo:hi]
+
+
+class _Pass2:
+    """Pass 2's per-sentence outputs, stored by slot (the sentence's rank among the stored ones)."""
+
+    def __init__(self, tokenizer, ex: dict[str, Tensor], slot: dict[int, int], pool: set[int], n_slots: int):
+        self.tokenizer, self.ex, self.slot, self.pool = tokenizer, ex, slot, pool
+        needed = torch.tensor(sorted(slot), dtype=torch.int64)
+        self.start = torch.searchsorted(ex["sentence"], needed).tolist()
+        self.end = torch.searchsorted(ex["sentence"], needed, right=True).tolist()
+        self.texts: list[str] = [""] * n_slots
+        self.pieces: list[list[str]] = [[] for _ in range(n_slots)]
+        self.acts: list[Tensor] = [torch.zeros(0)] * n_slots
+        self.pool_fire: list[Tensor] = []
+        self.piece_cache: dict[int, str] = {}
+
+    def record(self, sid: int, text: str, token_ids: list[int], vals: Tensor, idx: Tensor) -> None:
+        """One sentence: its text, token pieces (BOS excluded), its examples' per-token activations and,
+        for a pool sentence, the latents that fire on it. vals, idx [n_tokens, k]."""
+        i = self.slot[sid]
+        self.texts[i] = text
+        self.pieces[i] = [self.piece_cache.setdefault(t, self.tokenizer.decode([t])) for t in token_ids]
+        lat = self.ex["latent"][self.start[i]:self.end[i]]  # [E]
+        self.acts[i] = (vals[None] * (idx[None] == lat[:, None, None])).sum(-1).flatten()  # [E * n_tokens]
+        if sid in self.pool:
+            fired = idx[vals > 0].unique()
+            self.pool_fire.append(torch.stack([fired, torch.full_like(fired, i)]))
+
+
+def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_size: int, cache: CodeCache
             ) -> tuple[dict[str, Tensor], dict]:
-    """Pass 2: per-token activations of the chosen examples and the pool's firing sets; the tensors to write."""
+    """Pass 2: per-token activations of the chosen examples and the pool's firing sets (from the code
+    cache where it holds the sentence, else from the model); the tensors to write."""
     t, d_sae = state.t, sae.cfg.d_sae
     ex = _examples_table(state, settings["n_quantiles"])
     pool_ids = t["pool_id"][0][t["pool_id"][0] >= 0].sort().values
@@ -365,29 +437,27 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
     slot = {int(s): i for i, s in enumerate(needed)}
     by_sentence = torch.argsort(ex["sentence"], stable=True)
     ex = {k: v[by_sentence] for k, v in ex.items()}
-    ex_start = torch.searchsorted(ex["sentence"], needed)
-    ex_end = torch.searchsorted(ex["sentence"], needed, right=True)
-    wanted, pool_lookup = set(slot), set(pool_ids.tolist())
-    stream = ((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in wanted)
-    pieces_cache: dict[int, str] = {}
-    texts, pieces, n_pieces, acts_parts, pool_fire = [], [], [], [], []
-    for ids, batch_texts, tokens, mask in _batches(tokenizer, stream, batch_size, settings["max_tokens"]):
+    out = _Pass2(tokenizer, ex, slot, set(pool_ids.tolist()), len(slot))
+    stream = ((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in slot)
+    uncached = ((i, text) for i, text in stream if not _from_cache(out, cache, i, text, settings["max_tokens"]))
+    for ids, texts, tokens, mask in _batches(tokenizer, uncached, batch_size, settings["max_tokens"]):
         vals, idx, _, _, _ = _encode_batch(model, sae, tokens, mask)
-        row_start = _offsets(mask.sum(1) - 1)
+        row_start = _offsets(mask.sum(1) - 1).tolist()
         for b, sid in enumerate(ids):
-            n = int(mask[b].sum()) - 1
-            texts.append(batch_texts[b])
-            toks = tokens[b, 1:n + 1].tolist()
-            pieces.extend(pieces_cache.setdefault(i, tokenizer.decode([i])) for i in toks)
-            n_pieces.append(n)
-            rows = slice(int(row_start[b]), int(row_start[b]) + n)
-            lo, hi = int(ex_start[slot[sid]]), int(ex_end[slot[sid]])
-            lat = ex["latent"][lo:hi]  # [E_b]
-            acts_parts.append((vals[rows][None] * (idx[rows][None] == lat[:, None, None])).sum(-1).flatten())
-            if sid in pool_lookup:
-                fired = idx[rows][vals[rows] > 0].unique()
-                pool_fire.append(torch.stack([fired, torch.full_like(fired, slot[sid])]))
-    return _pack(ex, slot, texts, pieces, n_pieces, acts_parts, pool_ids, pool_fire, state, settings, d_sae)
+            n = row_start[b + 1] - row_start[b]
+            rows = slice(row_start[b], row_start[b + 1])
+            out.record(sid, texts[b], tokens[b, 1:n + 1].tolist(), vals[rows], idx[rows])
+    return _pack(ex, slot, out.texts, [p for ps in out.pieces for p in ps], [len(ps) for ps in out.pieces],
+                 out.acts, pool_ids, out.pool_fire, state, settings, d_sae)
+
+
+def _from_cache(out: _Pass2, cache: CodeCache, sid: int, text: str, max_tokens: int) -> bool:
+    """Record sentence ``sid`` from the code cache; False if the cache does not hold it."""
+    codes = cache.get(sid)
+    if codes is None:
+        return False
+    out.record(sid, text, out.tokenizer.encode(text, bos=True)[:max_tokens][1:], *codes)
+    return True
 
 
 def _blob(strings: list[str]) -> tuple[Tensor, Tensor]:
