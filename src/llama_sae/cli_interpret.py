@@ -33,6 +33,8 @@ def features(
                                                                      "shipped tinyworld model")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the random samples")] = 0,
+    cache_gb: Annotated[float, typer.Option(help="disk for pass 1's sparse codes, which spare pass 2 the model "
+                                                 "(GiB; 0 = run the model again)")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="rebuild when OUT holds an artifact with other settings")] = False,
 ) -> None:
     """Top-activating sentences, quantile samples and statistics of every latent (one pass; resumable)."""
@@ -49,7 +51,8 @@ def features(
         task = bar.add_task("features", total=sentences)
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
-                       overwrite=overwrite, sae_path=str(sae), progress=lambda d, n: bar.update(task, completed=d))
+                       overwrite=overwrite, sae_path=str(sae), cache_bytes=int(cache_gb * 2**30),
+                       progress=lambda d, n: bar.update(task, completed=d))
     f = load_features(out)
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "
