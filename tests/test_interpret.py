@@ -326,6 +326,7 @@ def test_offline_explain_and_score_end_to_end(feats):
     res = score(f, make_backend("offline", f), n=5, say=lambda s: None)
     assert res["detection"] is not None and res["control_detection"] is not None
     assert 0.0 <= res["detection"] <= 1.0 and abs(res["control_detection"] - 0.5) < 0.2
+    assert res["scored"] + res["unscorable"] == res["latents"] == len(f.live_latents()) and res["scored"] > 0
     e = f.explanation(f.live_latents()[0])
     assert e.detection is not None and e.fuzzing is not None
     assert f.search(e.text.split('"')[1])  # explanations quote their terms

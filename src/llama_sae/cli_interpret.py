@@ -166,7 +166,9 @@ def score(
             ci = out.get(f"{name}_ci")
             span = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
             console.print(f"{name}: mean balanced accuracy {out[name]:.3f}{span}")
-    console.print(f"outcomes: {out['outcomes']}; {path / 'scores.jsonl'}")
+    console.print(f"{out['scored']:,} of {out['latents']:,} explained latents scored ({out['unscorable']:,} "
+                  f"unscorable: no held-out activating or no non-activating sentence); outcomes: "
+                  f"{out['outcomes']}; {path / 'scores.jsonl'}")
 
 
 def register(app: typer.Typer) -> None:

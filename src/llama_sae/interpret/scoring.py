@@ -107,8 +107,8 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     """Score every explanation in the artifact (and the shuffled control); writes scores.jsonl.
 
     ``chunk`` latents' prompts are built at a time. Returns {"detection": mean BA, "fuzzing": mean BA,
-    "control_detection", "control_fuzzing", "latents", "outcomes"}, with "<name>_ci" 95% intervals of the
-    means across latents.
+    "control_detection", "control_fuzzing", "latents", "scored", "unscorable" (no held-out activating or
+    no non-activating sentence), "outcomes"}, with "<name>_ci" 95% intervals of the means across latents.
     """
     f.reload_explanations()
     explanations = {l: e.text for l, e in f.explanations().items()}
@@ -141,7 +141,10 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
                      "n_neg": len(labels) - sum(labels), "explanation_of": req["source"], "backend": backend.name})
     atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     f.reload_explanations()
-    summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids)}
+    scored = {row["latent"] for row in rows if not row["control"]}
+    summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids),
+                     "unscorable": len(explanations) - len({journal.state.requests[c]["latent"] for c in ids}),
+                     "scored": len(scored)}
     for method in METHODS:
         for ctrl in (False, True):
             vals = [row["balanced_accuracy"] for row in rows if row["method"] == method and row["control"] == ctrl]
