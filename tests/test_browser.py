@@ -109,6 +109,16 @@ def test_ui_chat_steer_and_token_features(browser):
         if record:  # the record panel is collapsed; when rendered it names the steer
             assert record["steers"][0]["latent"] == 1804
 
+        # feature search by explanation text; a result row goes into the first slot
+        search = browser.find_element(By.CSS_SELECTOR, "#search textarea")
+        search.send_keys("courthouse", Keys.ENTER)
+        hit = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results [data-testid='cell-0-0']"))[0]
+        found = hit.text.strip()
+        assert found.isdigit() and "courthouse" in browser.find_element(By.ID, "search-results").text.lower()
+        hit.click()
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == found)
+        browser.save_screenshot(str(ARTIFACTS / "ui-4-search.png"))
+
         # the dashboard's link: ?steer=SPEC fills the first slot
         browser.get(f"http://127.0.0.1:{port}/?steer=628:clamp:5:prompt")
         _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == "628")
