@@ -205,3 +205,41 @@ def test_cli_show_features_and_bad_input(tmp_path):
                                                    "--steer", "5:add:1").exception)
     absurd = _cli("generate", "The", "--sae", sae, "--steer", "5:add:80", "-n", "3", "--record", str(tmp_path / "r"))
     assert absurd.exit_code == 0 and "warning" in absurd.output and "80" in absurd.output
+
+
+def test_bias_enters_topk_and_evicts(model, sae):
+    from llama_sae.steer import biased_latents
+
+    x = model.capture(_tokens(), [HOOK])[HOOK].reshape(-1, model.args.dim)
+    plain = sae.encode(x)
+    latent = int((plain > 0).sum(0).argmin())  # a latent that rarely fires here
+    bias = torch.zeros(sae.cfg.d_sae)
+    bias[latent] = 50.0
+    h = biased_latents(sae, x, bias)
+    assert (h[:, latent] > 0).all()  # in every token's top k now
+    assert ((h > 0).sum(-1) <= sae.cfg.k).all()  # still k latents: another one was evicted
+    assert torch.equal(biased_latents(sae, x, torch.zeros(sae.cfg.d_sae)), plain)  # zero bias: the plain encoding
+
+
+def test_streamed_steered_generation_equals_batch(model, sae):
+    from llama_sae.steer import generate
+
+    class Tok:  # the few tokenizer methods generate() uses, on the random test vocabulary
+        bos_id, pad_id, stop_ids = 1, 0, frozenset({2})
+
+        def encode(self, text, bos=True):
+            return [1] + [3 + ord(c) % 500 for c in text]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+        def stream_decoder(self):
+            from llama_sae.llama.tokenizer import TextStreamDecoder
+
+            return TextStreamDecoder(self.decode)
+
+    steering = _steering(sae, ["5:add:3:generated", "9:clamp:2:prompt"])
+    kw = dict(max_new_tokens=8, stop_ids={2})
+    batch = generate(model, Tok(), ["abc"], steering, **kw)[0].tokens
+    streamed = [c.token for c in generate(model, Tok(), ["abc"], steering, stream=True, **kw) if c.token >= 0]
+    assert streamed == batch and batch != generate(model, Tok(), ["abc"], None, **kw)[0].tokens
