@@ -42,6 +42,13 @@ def convert(
 
     done = run_convert(path, to, out, k=k, hook_name=hook)
     console.print(f"wrote {to} SAE to {done}")
+    if to == "sparsify":
+        from llama_sae.sae.formats import find, hf_module_name
+
+        module = (hf_module_name(find(done).values.get("hook_name")) or "").removeprefix("model.")
+        if module and done.name != module:
+            console.print(f"note: sparsify's load_many names SAEs by their directory, the hook module: "
+                          f"for this SAE, {done.parent / module}")
 
 
 @sae_app.command("push")
