@@ -119,6 +119,16 @@ def test_ui_chat_steer_and_token_features(browser):
         _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == found)
         browser.save_screenshot(str(ARTIFACTS / "ui-4-search.png"))
 
+        # text completion, steered and unsteered side by side
+        next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text == "Completion").click()
+        browser.find_element(By.ID, "complete").click()
+
+        def completion(d, box):
+            return d.find_element(By.CSS_SELECTOR, f"#{box} textarea").get_attribute("value")
+
+        _wait(browser, lambda d: completion(d, "steered-text") and completion(d, "plain-text"))
+        browser.save_screenshot(str(ARTIFACTS / "ui-5-completion.png"))
+
         # the dashboard's link: ?steer=SPEC fills the first slot
         browser.get(f"http://127.0.0.1:{port}/?steer=628:clamp:5:prompt")
         _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == "628")

@@ -338,6 +338,7 @@ def build_app(session: Session):
         clear.click(lambda: ([], [], [], None, ""), None, [steered_chat, plain_chat, tokens, view_state, rec])
         complete.click(complete_fn, [prompt, *settings], [steered_text, plain_text, tokens, view_state, rec])
         tokens.select(token_select, [view_state], [token_title, token_latents])
+        tokens.change(lambda: ("", []), None, [token_title, token_latents])  # a new output: no stale token
         token_latents.select(latent_select, None, slots[:3])
         query.submit(search_fn, [query], [results])
         results.select(latent_select, None, slots[:3])
