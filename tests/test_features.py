@@ -105,6 +105,8 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
                        n_quantiles=4, batch_size=8, checkpoint_every=40, progress=kill_after)
     with pytest.raises(UserError, match="interrupted"):
         load_features(tmp_path)
+    shard = sorted((tmp_path / ".features-partial").glob("codes-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged cache shard: its sentences are recomputed
     seen = []  # resumed without a code cache: pass 2 reads the killed run's kept batches, runs the model for the rest
     build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32,
                    n_quantiles=4, batch_size=8, checkpoint_every=40, cache_bytes=0,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -119,6 +120,8 @@ def merge_top_(score: Tensor, payload: list[Tensor], rows: Tensor, new_score: Te
 
     Ties keep the older entry first, then candidates in their given order (deterministic).
     """
+    keep = new_score.to(score.dtype) > score[rows, -1]  # a candidate not above a row's N-th best cannot enter
+    rows, new_score, new_payload = rows[keep], new_score[keep], [q[keep] for q in new_payload]
     if rows.numel() == 0:
         return
     N = score.shape[1]
@@ -378,7 +381,10 @@ class CodeCache:
         if self.used + size > self.limit:
             return
         data = {"vals": vals.float().contiguous(), "idx": idx.int().contiguous(), "rows": rows.int().contiguous()}
-        atomic_write(self.dir / f"codes-{ids[0]:012d}-{ids[-1]:012d}.safetensors", safetensors_bytes(data))
+        path = self.dir / f"codes-{ids[0]:012d}-{ids[-1]:012d}.safetensors"
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_bytes(safetensors_bytes(data))
+        os.replace(tmp, path)  # atomic, not fsynced: a cache; a shard that does not load is recomputed
         self.used += size
 
     def get(self, sid: int) -> tuple[Tensor, Tensor] | None:
@@ -392,7 +398,10 @@ class CodeCache:
             if j < 0 or self.index[j][1] < sid:
                 return None
             first, last, path = self.index[j]
-            t = load_file(path)
+            try:
+                t = load_file(path)
+            except Exception:  # safetensors' own error type for a damaged file: run the model instead
+                return None
             self.current = (first, last, t["vals"], t["idx"].long(), _offsets(t["rows"]))
         first, _, vals, idx, offsets = self.current
         lo, hi = int(offsets[sid - first]), int(offsets[sid - first + 1])
