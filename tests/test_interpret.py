@@ -184,6 +184,7 @@ def test_openai_batch_output_and_error_files(feats, server):
     (upload,) = [x for x in server.state.files.values() if b'"method": "POST"' in x]
     line = json.loads(upload.splitlines()[0])
     assert line["url"] == "/v1/chat/completions" and line["body"]["model"] == "gpt-4o-mini"
+    assert line["body"]["max_completion_tokens"] == 300 and line["body"]["temperature"] == 0.0
     assert server.calls("POST", "/v1/batches") == 1 and server.calls("POST", "/v1/files") == 1
 
 
@@ -229,6 +230,14 @@ def test_chat_concurrent_each_request_once(feats, server):
     assert server.calls("POST", "/v1/chat/completions") == len(f.live_latents())
     ids = [r["custom_id"] for r in _journal(f) if r["kind"] == "result"]
     assert len(ids) == len(set(ids))
+
+
+def test_openai_limits_per_server_and_model():
+    from llama_sae.interpret.backends import openai_limits
+
+    assert openai_limits("llama3", 50, 0.0, official=False) == {"max_tokens": 50, "temperature": 0.0}
+    assert openai_limits("gpt-4o", 50, 0.0, official=True) == {"max_completion_tokens": 50, "temperature": 0.0}
+    assert openai_limits("gpt-5-mini", 50, 0.0, official=True) == {"max_completion_tokens": 50}
 
 
 def test_rate_limiter_spaces_requests():

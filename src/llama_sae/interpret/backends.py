@@ -207,8 +207,9 @@ class ChatBackend(SyncBackend):
     def complete(self, request: Request) -> str:
         o = self.openai
         try:
-            resp = self.client.chat.completions.create(model=self.model, messages=request.prompt.messages(),
-                                                       max_tokens=request.max_tokens, temperature=self.temperature)
+            resp = self.client.chat.completions.create(
+                model=self.model, messages=request.prompt.messages(),
+                **openai_limits(self.model, request.max_tokens, self.temperature, official=self.paid))
         except (o.RateLimitError, o.InternalServerError, o.APIConnectionError) as e:
             raise RetryableError(str(e), _retry_after(e)) from e
         except o.APIStatusError as e:
@@ -224,6 +225,16 @@ class ChatBackend(SyncBackend):
         if not isinstance(text, str):
             raise MalformedReply(f"the server's reply has no message text: {str(resp)[:200]!r}")
         return text
+
+
+def openai_limits(model: str, max_tokens: int, temperature: float, *, official: bool) -> dict[str, Any]:
+    """Length and temperature parameters for a chat completion. OpenAI's own API takes
+    ``max_completion_tokens`` (its reasoning models refuse ``max_tokens`` and any temperature but the
+    default); self-hosted servers (vLLM, llama.cpp, Ollama) take ``max_tokens``."""
+    if not official:
+        return {"max_tokens": max_tokens, "temperature": temperature}
+    reasoning = model.startswith(("o1", "o3", "o4", "gpt-5"))
+    return {"max_completion_tokens": max_tokens, **({} if reasoning else {"temperature": temperature})}
 
 
 def _retry_after(e: Exception) -> float | None:

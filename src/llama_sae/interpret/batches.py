@@ -24,7 +24,7 @@ from pathlib import Path
 
 from llama_sae.errors import UserError
 from llama_sae.fileio import atomic_write
-from llama_sae.interpret.backends import Backend, Request, env_key, sdk
+from llama_sae.interpret.backends import Backend, Request, env_key, openai_limits, sdk
 from llama_sae.interpret.journal import Journal
 
 Outcome = tuple[str, str | None, str | None]  # (status, text, error)
@@ -247,7 +247,7 @@ class OpenAIBatchBackend(BatchBackend):
     def create(self, requests: Sequence[Request], local_id: str) -> str:
         lines = [json.dumps({"custom_id": r.custom_id, "method": "POST", "url": "/v1/chat/completions",
                              "body": {"model": self.model, "messages": r.prompt.messages(),
-                                      "max_tokens": r.max_tokens, "temperature": self.temperature}})
+                                      **openai_limits(self.model, r.max_tokens, self.temperature, official=True)}})
                  for r in requests]
         upload = self.client.files.create(file=(f"llama-sae-{local_id}.jsonl", "\n".join(lines).encode()),
                                           purpose="batch")
