@@ -118,6 +118,25 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
         torch.testing.assert_close(b._t[name], t, msg=name, atol=1e-5, rtol=1e-5)
 
 
+def test_interrupted_build_of_another_sae_is_discarded(setup, tmp_path):
+    model, tok, sae, _ = setup
+    other = small_sae(model, seed=2)
+
+    def kill(done, total):
+        if done >= 64:
+            raise KeyboardInterrupt
+
+    kw = dict(sentences=96, top_n=4, reservoir=4, pool=16, n_quantiles=2, batch_size=16, checkpoint_every=32)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(model, tok, sae, SOURCE, tmp_path / "a", progress=kill, **kw)
+    build_features(model, tok, other, SOURCE, tmp_path / "a", **kw)  # same directory, another SAE
+    build_features(model, tok, other, SOURCE, tmp_path / "b", **kw)  # a clean build
+    a, b = load_features(tmp_path / "a"), load_features(tmp_path / "b")
+    assert a.sae_fingerprint == sae_fingerprint(other)
+    for name, t in b._t.items():
+        assert torch.equal(a._t[name], t), name
+
+
 def test_bad_input(setup, tmp_path):
     model, tok, sae, out = setup
     f = load_features(out)

@@ -310,9 +310,14 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if _check_out(out, settings, overwrite):
         return out
     partial = out / PARTIAL_DIR
+    marker = partial / "settings.json"
+    if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
+        shutil.rmtree(partial)  # an interrupted build with other settings (or SAE): its state and codes are void
     partial.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        atomic_write_json(marker, settings)
     state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
-    if (partial / "state.json").exists() and json.loads((partial / "state.json").read_text())["settings"] == settings:
+    if (partial / "state.json").exists():
         state.load_(partial)
     corpus = Corpus(corpus_source)
     cache = CodeCache(partial, cache_bytes)
