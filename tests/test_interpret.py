@@ -330,6 +330,8 @@ def test_balanced_accuracy_and_interval():
 
 def test_offline_explain_and_score_end_to_end(feats):
     f = feats
+    with pytest.raises(UserError, match="no explanations to score.*llama-sae explain"):
+        score(f, make_backend("offline", f), say=lambda s: None)
     out = explain(f, make_backend("offline", f), say=lambda s: None)
     assert out["explained"] == len(f.live_latents())
     res = score(f, make_backend("offline", f), n=5, say=lambda s: None)

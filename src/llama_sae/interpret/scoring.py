@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from llama_sae.errors import UserError
 from llama_sae.features import SCORES_FILE, Example, Features, hash01
 from llama_sae.fileio import atomic_write
 from llama_sae.interpret.backends import Backend, Request
@@ -112,6 +113,8 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     """
     f.reload_explanations()
     explanations = {l: e.text for l, e in f.explanations().items()}
+    if not explanations:
+        raise UserError(f"{f.path} holds no explanations to score: run `llama-sae explain {f.path}` first")
     latents = sorted(explanations)
 
     shuffled = derangement(latents)
