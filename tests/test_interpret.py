@@ -320,6 +320,18 @@ def test_parsing_is_tolerant_and_strict_where_it_matters():
         "The <<chef baked>> bread<<.>>"
 
 
+def test_spearman_against_scipy_free_reference():
+    from llama_sae.interpret.scoring import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [0, 1.5, 1.5, 3], y ranks [0, 1, 2, 3] -> Pearson of the ranks
+    rx, ry = torch.tensor([0, 1.5, 1.5, 3.0]), torch.tensor([0, 1, 2, 3.0])
+    ref = float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+    assert spearman([1, 2, 2, 5], [1, 2, 3, 4]) == pytest.approx(ref)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
+
+
 def test_balanced_accuracy_and_interval():
     ba, lo, hi = balanced_accuracy([1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0])
     assert ba == pytest.approx((2 / 3 + 2 / 3) / 2) and lo < ba < hi

@@ -148,6 +148,10 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids),
                      "unscorable": len(explanations) - len({journal.state.requests[c]["latent"] for c in ids}),
                      "scored": len(scored)}
+    certainty = {l: e.certainty for l, e in f.explanations().items() if e.certainty is not None}
+    det = {row["latent"]: row["balanced_accuracy"] for row in rows if row["method"] == "detection"
+           and not row["control"] and row["latent"] in certainty}
+    summary["certainty_vs_detection"] = spearman([certainty[l] for l in det], list(det.values()))
     for method in METHODS:
         for ctrl in (False, True):
             vals = [row["balanced_accuracy"] for row in rows if row["method"] == method and row["control"] == ctrl]
@@ -155,6 +159,26 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
             summary[name] = sum(vals) / len(vals) if vals else None
             summary[f"{name}_ci"] = _mean_ci(vals)
     return summary
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None below 3 pairs or for a constant input.
+
+    Is the explainer's self-reported certainty worth anything? Compare it with the measured score.
+    """
+    if len(a) < 3:
+        return None
+
+    def ranks(x: Sequence[float]) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.float64)
+        _, inv, counts = torch.unique(t, return_inverse=True, return_counts=True)
+        upper = torch.cumsum(counts, 0).double()
+        return ((upper - (counts - 1) / 2.0) - 1)[inv]  # average rank of each tie group, 0-based
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else None
 
 
 def _mean_ci(vals: list[float]) -> tuple[float, float] | None:
