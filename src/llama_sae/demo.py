@@ -54,7 +54,7 @@ def _generation(console: Console, model, tokenizer) -> None:
     console.print()
 
 
-DEMO_HOOK = "resid_post.2"  # the middle of the tiny model's 6 blocks
+DEMO_HOOK = "resid_post.3"  # past the middle of the 6 blocks: where most planted concepts have a latent
 
 
 def _capture(console: Console, out: Path) -> Path:
@@ -77,8 +77,9 @@ def _train(console: Console, store: Path, out: Path):
     from llama_sae.sae import load
     from llama_sae.sae.train import load_config, train
 
-    console.rule("[bold]6. train a TopK SAE (2,048 latents, k = 16) on the store")
-    cfg = load_config(d_sae=2048, k=16, batch_size=2048, epochs=3, bf16=True, log_every=25, checkpoint_every=200,
+    # Chosen by a sweep on concept recovery (BENCHMARKS.md): resid_post.1/.2/.3, 1,024-4,096 latents, k 8-32.
+    console.rule("[bold]6. train a TopK SAE (1,024 latents, k = 32) on the store")
+    cfg = load_config(d_sae=1024, k=32, batch_size=2048, epochs=6, bf16=True, log_every=25, checkpoint_every=200,
                       dead_tokens_threshold=200_000, plots=False)
     (sae_dir,) = train(store, out / "sae", cfg)
     return load(sae_dir), sae_dir

@@ -60,7 +60,7 @@ def _best(scores: torch.Tensor, labels: torch.Tensor, select: torch.Tensor) -> t
     return j, auroc(scores[~select, j], labels[~select])
 
 
-def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 2000, seed: int = 7, threshold: float = 0.95
+def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 4000, seed: int = 7, threshold: float = 0.95
                      ) -> dict:
     """For every planted concept: the best latent, its held-out AUROC, and the best-neuron baseline.
 
