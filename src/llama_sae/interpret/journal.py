@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class Journal:
     def __init__(self, path: Path, header: dict, *, fresh: bool = False):
         self.path = Path(path)
         self.state = JournalState()
+        self.lock = threading.Lock()
         if fresh and self.path.exists():
             self.path.replace(self.path.with_name(self.path.name + f".{int(time.time())}.old"))
         if self.path.exists():
@@ -90,12 +92,13 @@ class Journal:
         if not records:
             return
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        for r in records:
-            self.state.apply(r)
+        with self.lock:  # concurrent chat requests record their results from several threads
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            for r in records:
+                self.state.apply(r)
 
     def record_result(self, custom_id: str, status: str, text: str | None = None, error: str | None = None,
                       **extra: Any) -> None:
