@@ -320,6 +320,16 @@ def test_parsing_is_tolerant_and_strict_where_it_matters():
         "The <<chef baked>> bread<<.>>"
 
 
+def test_held_out_examples_are_never_shown_to_the_explainer(feats):
+    from llama_sae.interpret.scoring import held_out
+
+    f = feats
+    for latent in f.live_latents():
+        shown = {e.sentence for e in f.examples(latent, "max", 10) + f.examples(latent, "quantile")[0::2]}
+        for sample in ("top", "quantile"):
+            assert not shown & {e.sentence for e in held_out(f, latent, 4, sample)}
+
+
 def test_spearman_against_scipy_free_reference():
     from llama_sae.interpret.scoring import spearman
 

@@ -61,14 +61,16 @@ def derangement(latents: Sequence[int]) -> dict[int, int]:
 
 def held_out(f: Features, latent: int, n: int, sample: str = "top", n_top: int = 10) -> list[Example]:
     """Activating examples the explainer did not see: the top sentences after its ``n_top`` ("top"), or
-    the odd-numbered quantile samples, evenly across the quantiles ("quantile", also the fallback when
-    the artifact keeps fewer than n_top + 2 top sentences)."""
-    if sample == "top":
-        top = f.examples(latent, "max", n_top + n)[n_top:]
-        if len(top) >= 2:
-            return top
-    odd = f.examples(latent, "quantile")[1::2]
-    return odd[::max(1, len(odd) // n)][:n] if odd else []
+    the odd-numbered quantile samples that it was not shown, evenly across the quantiles ("quantile", also
+    the fallback when the artifact keeps fewer than n_top + 2 top sentences). Empty for a latent that
+    fires on too few sentences to hold any out."""
+    top, quantiles = f.examples(latent, "max", n_top + n), f.examples(latent, "quantile")
+    seen = {e.sentence for e in top[:n_top] + quantiles[0::2]}  # what the explainer was shown
+    top = [e for e in top[n_top:] if e.sentence not in seen]
+    if sample == "top" and len(top) >= 2:
+        return top
+    odd = [e for e in quantiles[1::2] if e.sentence not in seen]
+    return odd[::max(1, len(odd) // n)][:n]
 
 
 def score_requests(f: Features, explanations: dict[int, str], source: dict[int, int], *, n: int = 10,
