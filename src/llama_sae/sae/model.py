@@ -83,7 +83,7 @@ def denormalize(y: torch.Tensor, mu: torch.Tensor | None, std: torch.Tensor | No
 
 
 # --------------------------------------------------------------------------- sparse kernels
-def select_topk(pre: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU(TopK(pre)) along the last dim: (values [M, k], indices [M, k]), unsorted; exact, and faster
     than one topk over wide rows.
 
@@ -92,6 +92,8 @@ def select_topk(pre: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tenso
     larger value), so one cheap max pass and a topk over the block maxima leave k * group candidates.
     """
     M, n = pre.shape
+    if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
+        group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
     if n % group or 4 * k * group > n:
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         return vals.relu_(), idx
