@@ -330,6 +330,21 @@ def test_held_out_examples_are_never_shown_to_the_explainer(feats):
             assert not shown & {e.sentence for e in held_out(f, latent, 4, sample)}
 
 
+def test_scorer_holds_out_past_the_top_sentences_the_explainer_was_shown(feats, monkeypatch):
+    from llama_sae.interpret import scoring
+
+    f = feats
+    explain(f, make_backend("offline", f), n_top=6, say=lambda s: None)  # shown: the top 6, not the default 10
+    asked = []
+    real = scoring.held_out
+    monkeypatch.setattr(scoring, "held_out", lambda *a, **k: asked.append(k.get("n_top")) or real(*a, **k))
+    score(f, make_backend("offline", f), n=4, say=lambda s: None)
+    assert asked and set(asked) == {6}
+    for latent in f.live_latents():
+        shown = {e.sentence for e in f.examples(latent, "max", 6)}
+        assert not shown & {e.sentence for e in real(f, latent, 4, "top", n_top=6)}
+
+
 def test_spearman_against_scipy_free_reference():
     from llama_sae.interpret.scoring import spearman
 

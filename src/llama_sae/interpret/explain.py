@@ -53,7 +53,8 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
             continue
         text, certainty = parse_explanation(res["text"])
         rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": text, "certainty": certainty,
-                     "backend": backend.name, "model": backend.model, "custom_id": cid, "raw": res["text"]})
+                     "backend": backend.name, "model": backend.model, "custom_id": cid, "raw": res["text"],
+                     "n_top": n_top})  # the scorer holds out only top sentences past these
     _merge_write(f, rows)
     f.reload_explanations()
     return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids)}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llama_sae.errors import UserError
-from llama_sae.features import SCORES_FILE, Example, Features, hash01
+from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features, hash01, read_jsonl
 from llama_sae.fileio import atomic_write
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
@@ -74,12 +74,14 @@ def held_out(f: Features, latent: int, n: int, sample: str = "top", n_top: int =
 
 
 def score_requests(f: Features, explanations: dict[int, str], source: dict[int, int], *, n: int = 10,
-                   control: bool = False, sample: str = "top") -> list[Request]:
+                   control: bool = False, sample: str = "top", n_tops: dict[int, int] | None = None
+                   ) -> list[Request]:
     """Detection and fuzzing requests for the latents of ``source`` (latent -> the latent whose explanation
-    it is scored with: itself, or another for the control), with held-out activating examples."""
+    it is scored with: itself, or another for the control), with held-out activating examples: none of the
+    ``n_tops[latent]`` top sentences (default 10) that the latent's explainer was shown."""
     out = []
     for latent in sorted(source):
-        pos = held_out(f, latent, n, sample)
+        pos = held_out(f, latent, n, sample, n_top=(n_tops or {}).get(latent, 10))
         neg = f.examples(latent, "random", n=n)
         if not pos or not neg:
             continue
@@ -118,6 +120,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     if not explanations:
         raise UserError(f"{f.path} holds no explanations to score: run `llama-sae explain {f.path}` first")
     latents = sorted(explanations)
+    n_tops = {int(r["latent"]): int(r.get("n_top", 10)) for r in read_jsonl(f.path / EXPLANATIONS_FILE)}
 
     shuffled = derangement(latents)
 
@@ -125,7 +128,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
         for ctrl in (False, True) if control else (False,):
             for i in range(0, len(latents), chunk):
                 source = {l: shuffled[l] if ctrl else l for l in latents[i:i + chunk] if not ctrl or l in shuffled}
-                yield score_requests(f, explanations, source, n=n, control=ctrl, sample=sample)
+                yield score_requests(f, explanations, source, n=n, control=ctrl, sample=sample, n_tops=n_tops)
 
     settings = {"n": n, "sample": sample, "prompt_version": PROMPT_VERSION}
     total = 2 * len(latents) * (2 if control else 1)
