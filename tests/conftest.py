@@ -56,3 +56,12 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(path)
         out[shape] = (model, path)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: small kernels, and no OpenMP stalls when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

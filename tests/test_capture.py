@@ -39,15 +39,6 @@ def tiny(tmp_path_factory) -> Path:
     return save_hf(model, root / "model", tokenizer_dir=root / "tok")
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch for loops of tiny forwards (a thread pool only adds waiting on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(model: Path, out: Path, **kw) -> CaptureConfig:
     base = dict(model=str(model), corpus=CORPUS, hooks=HOOKS, tokens=6000, out=str(out), context=64,
                 batch_tokens=1024, shard_rows=700, progress=False)

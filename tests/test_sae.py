@@ -14,14 +14,7 @@ from llama_sae.sae import SAE, SAEConfig, load
 from llama_sae.sae.formats import load_sparsity, save
 from llama_sae.sae.model import LN_EPS, gather_dot, normalize, scatter_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: small kernels, and no OpenMP stalls when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for small kernels
 
 
 def make_sae(d=24, n=96, k=5, norm="layer_norm", seed=0, dtype=torch.float64) -> tuple[SAE, torch.Tensor]:

@@ -29,14 +29,7 @@ from llama_sae.sae.train import (
     validated,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny kernels, and no OpenMP stalls when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for small kernels
 
 
 def dictionary_data(n_tokens: int, d: int = 32, n_atoms: int = 64, active: int = 3, seed: int = 0):
