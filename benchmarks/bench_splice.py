@@ -1,12 +1,14 @@
 """Cost of running the tiny model with an SAE spliced in, against the plain forward, and evaluation throughput.
 
-At the demo SAE's size (d_in 256, 2,048 latents, k 16, at resid_post.2 of the shipped tinyworld model, in the
-checkpoint's dtype): median seconds of one forward over a [B, T] batch of tinyworld text, interleaved with the
+At the demo SAE's size (d_in 256, 1,024 latents, k 32, at resid_post.3 of the shipped tinyworld model, in the
+checkpoint's dtype, bf16): median seconds of one forward over a [B, T] batch of tinyworld text, interleaved with the
 plain forward (same process, same batch), for each splice mode:
 
 * exact        error term, no edit: adds exactly zero (the logits are checked equal to the plain forward's)
 * recon-only   error_term=False: the model runs on x̂ (the "CE spliced" path of evaluation)
+* recon-bf16   the same with compute_dtype=bfloat16: the encoder GEMM in bf16, values recomputed exactly
 * edit         error term plus an edit that adds 2.0 to one latent (the steering path)
+* edit-bf16    the same with compute_dtype=bfloat16
 * edit-dense   error term plus an edit that rescales every latent (the worst case for the decoder)
 * wrapper      SplicedModel(model, sae) with an edit, through its __call__ (should cost what "edit" costs)
 
@@ -46,7 +48,7 @@ def demo_sized_sae(model, tokens, hook: str):
     from llama_sae.sae import SAE, SAEConfig
     from llama_sae.sae.model import normalize
 
-    sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=2048, k=16, hook_name=hook))
+    sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=1024, k=32, hook_name=hook))
     x = model.capture(tokens, [hook])[hook].flatten(0, 1)
     sae.init_(normalize(x, "layer_norm")[0], generator=torch.Generator().manual_seed(0))
     return sae.eval()
@@ -88,8 +90,11 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             return wrapper(tokens)
 
-    fns = {"plain": plain, "exact": mode(), "recon-only": mode(error_term=False), "edit": mode(edit=add_one),
-           "edit-dense": mode(edit=lambda h: h * 1.5), "wrapper": wrapped}
+    bf16 = torch.bfloat16
+    fns = {"plain": plain, "exact": mode(), "recon-only": mode(error_term=False),
+           "recon-bf16": mode(error_term=False, compute_dtype=bf16), "edit": mode(edit=add_one),
+           "edit-bf16": mode(edit=add_one, compute_dtype=bf16), "edit-dense": mode(edit=lambda h: h * 1.5),
+           "wrapper": wrapped}
     info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     med, _, last = interleaved(fns, a.repeats, clock=clock)

@@ -279,3 +279,43 @@ def test_saelens_loads_our_files_and_agrees(tmp_path, norm):
     feats = theirs.encode(x)
     torch.testing.assert_close(feats, sae.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.decode(feats), sae(x), rtol=1e-5, atol=1e-4)
+
+
+def test_top_k_positions_ties_and_nan_rows_match_torch_topk():
+    import numpy as np
+
+    from llama_sae.sae.model import top_k_positions
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 6, (50, 40), generator=g).float()  # many ties at the k-th value
+    a[3, 7] = float("nan")  # NaN ranks above every number, as in torch.topk
+    a[4] = float("nan")
+    pos = torch.from_numpy(top_k_positions(a.numpy(), 9))
+    got, want = a.gather(1, pos), a.topk(9, dim=-1).values
+    assert torch.equal(got.nan_to_num(99).sort(1).values, want.nan_to_num(99).sort(1).values)
+    assert (pos.sort(1).values.diff(dim=1) > 0).all()  # distinct positions
+    clean = torch.randn(64, 300, generator=g, dtype=torch.float64)  # float64 is selected without rounding
+    p = top_k_positions(clean.numpy(), 17)
+    assert np.array_equal(np.sort(p, 1), clean.topk(17, dim=-1).indices.sort(1).values.numpy())
+
+
+def test_inference_sees_weight_changes_and_bf16_selection_recomputes_values():
+    sae, x = make_sae(d=32, n=256, k=8, dtype=torch.float32)
+    before = sae(x)
+    with torch.no_grad():
+        sae.W_enc.mul_(-1)  # in place: the cached [W_enc | b_enc] must be rebuilt
+    flipped = sae(x)
+    assert not torch.allclose(before, flipped, atol=1e-3)
+    fresh = SAE(sae.cfg)
+    fresh.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(flipped, fresh(x), atol=0, rtol=0)
+    x_norm = normalize(x, "layer_norm")[0] - sae.b_dec
+    vals32, idx32 = sae.select(x_norm)
+    vals16, idx16 = sae.select(x_norm, torch.bfloat16)
+    assert vals16.dtype == torch.float32
+    exact = (x_norm @ sae.W_enc.T + sae.b_enc).relu()  # [N, n] float32 reference
+    torch.testing.assert_close(vals16, exact.gather(1, idx16), atol=1e-5, rtol=0)  # values are exact
+    same = (idx16.sort(1).values == idx32.sort(1).values).all(1)
+    assert same.float().mean() > 0.8  # bf16 chooses differently only at near-ties ...
+    kth = exact.topk(9, dim=-1).values  # ... where the k-th and (k+1)-th lie within bf16 rounding
+    assert ((kth[~same, 7] - kth[~same, 8]) < 0.02 * kth[~same, 7].abs().clamp_min(1)).all()

@@ -136,3 +136,20 @@ def test_spliced_model_wrapper_behaves_like_the_model(model):
     assert rows[0] == rows[1]  # generation through the wrapper, cached and uncached agree
     with pytest.raises(UserError, match="two SAEs read resid_post.0"):
         SplicedModel(model, [saes[0], saes[0]])
+
+
+def test_bf16_encoder_option_threads_through_and_stays_close(model):
+    sae = _sae(model, "resid_post.1", d_sae=256, k=8)
+    tokens = _tokens()
+    clean = model(tokens)
+    with spliced(model, sae, compute_dtype=torch.bfloat16):
+        assert torch.equal(model(tokens), clean)  # unedited with the error term: still exact
+    with spliced(model, sae, error_term=False):
+        want = model.capture(tokens, ["resid_post.1"])["resid_post.1"]
+    with spliced(model, sae, error_term=False, compute_dtype=torch.bfloat16):
+        got = model.capture(tokens, ["resid_post.1"])["resid_post.1"]
+        logits = model(tokens)
+    rows_same = ((got - want).norm(dim=-1) <= 1e-5 * want.norm(dim=-1)).float().mean()
+    assert rows_same > 0.7  # most tokens pick the same latents, whose values are recomputed in float32
+    assert (got - want).norm() < 0.1 * want.norm()  # the rest swap a near-tied latent
+    assert torch.equal(SplicedModel(model, sae, error_term=False, compute_dtype=torch.bfloat16)(tokens), logits)

@@ -35,21 +35,21 @@ LatentEdit = Callable[[Tensor], Tensor]
 PreBias = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]
 
 
-def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: PreBias | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: PreBias | None = None,
+                compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
     """The SAE's reconstruction of x [..., d_in], and what an edit changes in it.
 
     ``edit`` receives the dense latents [..., d_sae] (zero outside each token's top k) and returns
     the latents to decode; ``pre_bias`` re-encodes the chosen tokens with a bias on the pre-activation
     (TopK then picks among the biased values), and ``edit`` sees those latents. Returns (x̂ [..., d_in],
     x̂_edited − x̂ [..., d_in] or None), float32. The difference is decoded from the changed latents
-    alone, so an edit that changes nothing gives exactly zero.
+    alone, so an edit that changes nothing gives exactly zero. ``compute_dtype``: see :meth:`SAE.select`.
     """
     shape = x.shape
     flat = x.reshape(-1, sae.cfg.d_in)
     x_norm, mu, std = normalize(flat, sae.cfg.normalize_activations)
     xc = x_norm - sae.b_dec
-    vals, idx, _, _ = encode_select(xc, sae.W_enc, sae.b_enc, sae.cfg.k)
+    vals, idx = sae.select(xc, compute_dtype)
     clean = denormalize(F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec, mu, std)
     bias = None if pre_bias is None else pre_bias(x)
     if bias is not None and not bias[1].any():
@@ -61,7 +61,7 @@ def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: P
     if bias is not None:
         b, where = bias
         rows = where.reshape(-1).nonzero().flatten()  # the biased tokens
-        b_vals, b_idx, _, _ = encode_select(xc[rows], sae.W_enc, sae.b_enc + b, sae.cfg.k)
+        b_vals, b_idx, _, _ = encode_select(xc[rows], sae.W_enc, sae.b_enc + b, sae.cfg.k, compute_dtype=compute_dtype)
         latents[rows] = torch.zeros(len(rows), sae.cfg.d_sae, device=flat.device).scatter_(1, b_idx, b_vals)
     if edit is not None:
         latents = edit(latents.view(*shape[:-1], sae.cfg.d_sae)).reshape(-1, sae.cfg.d_sae).float()
@@ -74,14 +74,14 @@ def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: P
 
 
 def splice_fn(sae: SAE, *, error_term: bool = True, edit: LatentEdit | None = None,
-              pre_bias: PreBias | None = None) -> Callable[[Tensor], Tensor]:
+              pre_bias: PreBias | None = None, compute_dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor]:
     """The replacement function for the SAE's hook point (see the module docstring)."""
 
     @torch.no_grad()
     def replace(x: Tensor) -> Tensor:
         if error_term and edit is None and pre_bias is None:
             return x  # x̂ + (x − x̂) with nothing edited: the SAE need not run at all
-        clean, delta = reconstruct(sae, x, edit, pre_bias)
+        clean, delta = reconstruct(sae, x, edit, pre_bias, compute_dtype)
         if not error_term:
             return (clean if delta is None else clean + delta).to(x.dtype)
         if delta is None:
@@ -106,7 +106,8 @@ def check_fits(model: Transformer, sae: SAE) -> str:
 
 def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
                edit: LatentEdit | dict[str, LatentEdit] | None = None,
-               pre_bias: PreBias | dict[str, PreBias] | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
+               pre_bias: PreBias | dict[str, PreBias] | None = None,
+               compute_dtype: torch.dtype | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
     """{hook name: replacement function} for the SAE(s), each checked to fit ``model`` (see :func:`spliced`)."""
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     fns = {}
@@ -116,14 +117,15 @@ def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_te
             raise UserError(f"two SAEs read {hook}: splice one SAE per hook point")
         sae_edit = edit.get(hook) if isinstance(edit, dict) else edit
         sae_bias = pre_bias.get(hook) if isinstance(pre_bias, dict) else pre_bias
-        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit, pre_bias=sae_bias)
+        fns[hook] = splice_fn(sae, error_term=error_term, edit=sae_edit, pre_bias=sae_bias, compute_dtype=compute_dtype)
     return fns
 
 
 @contextmanager
 def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
             edit: LatentEdit | dict[str, LatentEdit] | None = None,
-            pre_bias: PreBias | dict[str, PreBias] | None = None) -> Iterator[Transformer]:
+            pre_bias: PreBias | dict[str, PreBias] | None = None,
+            compute_dtype: torch.dtype | None = None) -> Iterator[Transformer]:
     """Within the block, ``model`` runs with the SAE(s) at their hook points (one SAE per hook point).
 
     Args:
@@ -131,8 +133,13 @@ def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term:
         edit: a function of the dense latents [..., d_sae] applied between encode and decode, or a
             dict {hook name: function} when several SAEs are spliced.
         pre_bias: a bias on the encoder pre-activation before TopK (see :data:`PreBias`), or such a dict.
+        compute_dtype: the encoder GEMM's dtype (default the SAE's, exact); ``torch.bfloat16`` is several
+            times faster on AMX CPUs and GPUs, and may swap near-tied latents at the k-th place
+            (:meth:`SAE.select`).
     """
-    with model.hooked(splice_fns(model, sae_or_saes, error_term=error_term, edit=edit, pre_bias=pre_bias)):
+    fns = splice_fns(model, sae_or_saes, error_term=error_term, edit=edit, pre_bias=pre_bias,
+                     compute_dtype=compute_dtype)
+    with model.hooked(fns):
         yield model
 
 
@@ -149,14 +156,15 @@ class SplicedModel:
     """
 
     def __init__(self, model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-                 edit: LatentEdit | dict[str, LatentEdit] | None = None):
+                 edit: LatentEdit | dict[str, LatentEdit] | None = None, compute_dtype: torch.dtype | None = None):
         self.model = model
         self.saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
-        self.error_term, self.edit = error_term, edit
+        self.error_term, self.edit, self.compute_dtype = error_term, edit, compute_dtype
         splice_fns(model, self.saes)  # check now: a bad SAE fails at construction, not at the first call
 
     def _fns(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return splice_fns(self.model, self.saes, error_term=self.error_term, edit=self.edit)
+        return splice_fns(self.model, self.saes, error_term=self.error_term, edit=self.edit,
+                          compute_dtype=self.compute_dtype)
 
     def __call__(self, *args, **kwargs) -> Tensor:
         with self.model.hooked(self._fns()):

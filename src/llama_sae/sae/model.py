@@ -84,25 +84,57 @@ def denormalize(y: torch.Tensor, mu: torch.Tensor | None, std: torch.Tensor | No
 
 # --------------------------------------------------------------------------- sparse kernels
 def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ReLU(TopK(pre)) along the last dim: (values [M, k], indices [M, k]), unsorted; exact, and faster
-    than one topk over wide rows.
+    """ReLU(TopK(pre)) along the last dim: (values [M, k] in pre's dtype, indices [M, k]), unsorted; exact
+    (ties broken arbitrarily), and faster than one topk over wide rows.
 
     The n latents form n / group blocks of ``group`` strided latents {j, j + n/group, ...}. A latent in the
     top k lies in one of the k blocks with the largest maxima (otherwise k other blocks would each hold a
-    larger value), so one cheap max pass and a topk over the block maxima leave k * group candidates.
+    larger value), so one cheap max pass and a top-k over the block maxima leave k * group candidates.
+    On the CPU both top-k steps are numpy selections (:func:`top_k_positions`), 2-3x faster than torch.topk.
     """
     M, n = pre.shape
     if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
         group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
+    top = _top_k_cpu if pre.device.type == "cpu" else _top_k_torch
     if n % group or 4 * k * group > n:
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        return vals.relu_(), idx
+        pos = top(pre, k)
+        return pre.gather(1, pos).relu_(), pos
     m = n // group
     grouped = pre.view(M, group, m)  # latent t·m + j sits at [:, t, j]
-    blocks = grouped.amax(1).topk(k, dim=-1, sorted=False).indices  # [M, k]
-    cand = grouped.gather(2, blocks[:, None, :].expand(M, group, k))  # [M, group, k]
-    vals, pos = cand.view(M, group * k).topk(k, dim=-1, sorted=False)  # pos = t·k + slot
-    return vals.relu_(), blocks.gather(1, pos % k) + (pos // k) * m
+    blocks = top(grouped.amax(1), k)  # [M, k]
+    cand = grouped.gather(2, blocks[:, None, :].expand(M, group, k)).view(M, group * k)  # [M, group, k]
+    pos = top(cand, k)  # pos = t·k + slot
+    return cand.gather(1, pos).relu_(), blocks.gather(1, pos % k) + (pos // k) * m
+
+
+def _top_k_torch(a: torch.Tensor, k: int) -> torch.Tensor:
+    return a.topk(k, dim=-1, sorted=False).indices
+
+
+def _top_k_cpu(a: torch.Tensor, k: int) -> torch.Tensor:
+    a = a.detach()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()  # numpy has no bfloat16; float32 holds bf16 and fp16 values exactly
+    return torch.from_numpy(top_k_positions(a.numpy(), k))
+
+
+def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
+    """Positions [M, k] (int64, ascending within a row) of the k largest entries of each row of a [M, w].
+
+    numpy's introselect finds each row's k-th largest value (values only: ~3x cheaper than argpartition),
+    and the entries at or above it are the top k. Rows where that is not exactly k entries (ties at the
+    k-th value, NaN) take a full argpartition; NaN ranks above every number, as in torch.topk.
+    """
+    M, w = a.shape
+    mask = a >= np.partition(a, w - k, axis=-1)[:, w - k, None]  # [M, w]
+    mask |= np.isnan(a)  # NaN compares False: count it, so that its row takes the argpartition
+    ok = np.count_nonzero(mask, axis=1) == k
+    if ok.all():
+        return (np.flatnonzero(mask) % w).reshape(M, k)
+    out = np.empty((M, k), dtype=np.int64)
+    out[ok] = (np.flatnonzero(mask[ok]) % w).reshape(-1, k)
+    out[~ok] = np.argpartition(a[~ok], w - k, axis=-1)[:, w - k:]
+    return out
 
 
 def scratch_buffer(scratch: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -123,7 +155,7 @@ def scratch_buffer(scratch: dict | None, name: str, shape: tuple[int, ...], dtyp
 @torch.no_grad()
 def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                   dead: torch.Tensor | None = None, k_aux: int = 0, compute_dtype: torch.dtype | None = None,
-                  scratch: dict | None = None):
+                  scratch: dict | None = None, W_aug: torch.Tensor | None = None):
     """The dense encoder GEMM fused with the top-k selections, one row block at a time.
 
     b_enc rides in the GEMM as an extra input column of ones (K = d + 1), which saves a pass over the
@@ -132,13 +164,16 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     the latents: their values are recomputed in W_enc's dtype (N·(k + k_aux)·d multiply-adds).
 
     Args: xc [N, d] input minus b_dec; W_enc [n, d]; b_enc [n]; dead [n_dead] indices of dead latents;
-    scratch a dict that keeps the large buffers for the next call (see :func:`scratch_buffer`).
+    scratch a dict that keeps the large buffers for the next call (see :func:`scratch_buffer`); W_aug
+    [n, d + 1] the [W_enc | b_enc] matrix already built in ``compute_dtype`` (see :meth:`SAE.encoder_matrix`).
     Returns: top_acts [N, k], top_indices [N, k], aux_acts [N, k_aux], aux_indices [N, k_aux].
     """
     (N, d), n, device = xc.shape, W_enc.shape[0], xc.device
     compute_dtype = compute_dtype or W_enc.dtype
-    W = scratch_buffer(scratch, "W", (n, d + 1), compute_dtype, device)  # [n, d + 1] = [W_enc | b_enc]
-    W[:, :d], W[:, d] = W_enc, b_enc
+    W = W_aug
+    if W is None:
+        W = scratch_buffer(scratch, "W", (n, d + 1), compute_dtype, device)  # [n, d + 1] = [W_enc | b_enc]
+        W[:, :d], W[:, d] = W_enc, b_enc
     xq = scratch_buffer(scratch, "xq", (N, d + 1), compute_dtype, device)  # [N, d + 1] = [xc | 1]
     xq[:, :d], xq[:, d] = xc, 1
     k_aux = 0 if dead is None else min(k_aux, dead.numel())
@@ -377,11 +412,35 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
+    def encoder_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[W_enc | b_enc] as one [d_sae, d_in + 1] matrix in ``dtype`` (default W_enc's), kept until the
+        weights change (in place or replaced): inference builds it once, not on every call."""
+        dtype = dtype or self.W_enc.dtype
+        key = (self.W_enc.data_ptr(), self.W_enc._version, self.b_enc.data_ptr(), self.b_enc._version, dtype)
+        cache = self.__dict__.setdefault("_encoder_matrices", {})
+        if cache.get(dtype, (None,))[0] != key:
+            cache[dtype] = (key, torch.cat([self.W_enc, self.b_enc[:, None]], 1).to(dtype))
+        return cache[dtype][1]
+
+    @torch.no_grad()
+    def select(self, xc: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK of the pre-activations of xc [N, d_in] (normalized input minus b_dec): (values [N, k] in
+        W_enc's dtype, indices [N, k]).
+
+        ``compute_dtype`` bfloat16 runs the encoder GEMM in bf16 (AMX, tensor cores) and recomputes the chosen
+        latents' values exactly: several times faster, but where the k-th and (k+1)-th pre-activations lie
+        within bf16 rounding of each other (about 1 token in 10 for the demo SAE) it may keep the other one.
+        """
+        dtype = compute_dtype or self.W_enc.dtype
+        vals, idx, _, _ = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=dtype,
+                                        W_aug=self.encoder_matrix(dtype))
+        return vals, idx
+
+    @torch.no_grad()
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents of each token: (values [N, k] float32, indices [N, k]). x [N, d_in]."""
         x_norm, _, _ = normalize(x.reshape(-1, self.cfg.d_in), self.cfg.normalize_activations)
-        vals, idx, _, _ = encode_select(x_norm - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
-        return vals, idx
+        return self.select(x_norm - self.b_dec)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +467,7 @@ class SAE(nn.Module):
         """Reconstruction of x [..., d_in] (same shape, float32), through the k active latents only."""
         flat = x.reshape(-1, self.cfg.d_in)
         x_norm, mu, std = normalize(flat, self.cfg.normalize_activations)
-        vals, idx, _, _ = encode_select(x_norm - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        vals, idx = self.select(x_norm - self.b_dec)
         y = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec  # [N, d_in]
         return denormalize(y, mu, std).view(x.shape)
 
