@@ -19,12 +19,14 @@ The SAE: ``--sae DIR`` (e.g. runs/demo/sae/...), else a random one at that size 
 (its cost does not depend on training).
 
     python benchmarks/bench_splice.py                    # B=8, T=128, 1 thread, CPU time of this process
-    python benchmarks/bench_splice.py --sae runs/demo/sae/resid_post.2 --repeats 30
+    python benchmarks/bench_splice.py --sae runs/demo/sae --repeats 30
+    python benchmarks/bench_splice.py --shape seed --batch 1 --seq 256 --repeats 5   # the seed's shape, ~10 GB
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -41,7 +43,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: this process's CPU time (steady on a shared machine; use with --threads 1)")
     p.add_argument("--eval-texts", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=48,
+                   help="also time greedy generation with the KV cache: this many new tokens after a 16-token "
+                        "prompt, batch 1 (the UI's and steering's path); 0 skips it")
+    p.add_argument("--shape", choices=["demo", "seed"], default="demo",
+                   help="seed: a random-weight bf16 model of Llama 3.2-3B's shape with the seed's SAE (65,536 "
+                        "latents, k 64, at attn_in.23) on [batch, seq] random tokens; ~10 GB of RAM, no evaluation")
     return p.parse_args(argv)
+
+
+def seed_shaped(seq: int, batch: int):
+    """(model, tokens, sae): Llama 3.2-3B's shape in bf16 with random weights, and an SAE of the seed's shape (the
+    costs do not depend on the weights)."""
+    from llama_sae.llama.model import ModelArgs, Transformer, rope_inv_freq
+    from llama_sae.sae import SAE, SAEConfig
+
+    args = ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
+                     multiple_of=256, tie_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
+    model.inv_freq = rope_inv_freq(args)
+    sae = SAE(SAEConfig(d_in=args.dim, d_sae=65536, k=64, hook_name="attn_in.23"))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, args.dim ** -0.5, generator=g)
+        sae.W_dec.copy_(sae.W_enc)
+        sae.normalize_decoder_()
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
+    return model, tokens, sae.eval()
 
 
 def demo_sized_sae(model, tokens, hook: str):
@@ -54,6 +87,25 @@ def demo_sized_sae(model, tokens, hook: str):
     return sae.eval()
 
 
+def generation_costs(model, prompt: list[int], sae, edit, new_tokens: int, repeats: int, clock) -> dict:
+    """Median ms per generated token (prefill included, amortized) of greedy cached generation, plain and spliced."""
+    from llama_sae.llama.generate import generate_tokens
+    from llama_sae.splice import spliced
+
+    def run(**kw):
+        def go():
+            with torch.inference_mode(), spliced(model, sae, **kw) if kw else contextlib.nullcontext():
+                return [int(t[0]) for t, _ in generate_tokens(model, [prompt], max_new_tokens=new_tokens,
+                                                              stop_ids=set())]
+        return go
+
+    fns = {"plain": run(), "exact": run(error_term=True), "recon-only": run(error_term=False),
+           "recon-bf16": run(error_term=False, compute_dtype=torch.bfloat16), "edit (steering)": run(edit=edit)}
+    med, _, last = interleaved(fns, repeats, clock=clock)
+    assert last["exact"] == last["plain"]
+    return {n: round(t * 1e3 / new_tokens, 3) for n, t in med.items()}
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -64,10 +116,13 @@ def main(argv=None) -> dict:
     from llama_sae.sae.evaluate import activation_metrics, model_metrics, token_batches
     from llama_sae.splice import SplicedModel, spliced
 
-    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
-    stream = [t for r in tinyworld.sentences(400, split="heldout") for t in tok.encode(r.text, bos=True)]
-    tokens = torch.tensor(stream[: a.batch * a.seq]).view(a.batch, a.seq)
-    sae = load(a.sae) if a.sae else demo_sized_sae(model, tokens, DEMO_HOOK)
+    if a.shape == "seed":
+        model, tokens, sae = seed_shaped(a.seq, a.batch)
+    else:
+        model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+        stream = [t for r in tinyworld.sentences(400, split="heldout") for t in tok.encode(r.text, bos=True)]
+        tokens = torch.tensor(stream[: a.batch * a.seq]).view(a.batch, a.seq)
+        sae = load(a.sae) if a.sae else demo_sized_sae(model, tokens, DEMO_HOOK)
     acts = model.capture(tokens, [sae.cfg.hook_name])[sae.cfg.hook_name].flatten(0, 1)  # [B·T, d_in]
     latent = int(sae.encode(acts).sum(0).argmax())  # the most active latent: the one the edit boosts
 
@@ -95,31 +150,43 @@ def main(argv=None) -> dict:
            "recon-bf16": mode(error_term=False, compute_dtype=bf16), "edit": mode(edit=add_one),
            "edit-bf16": mode(edit=add_one, compute_dtype=bf16), "edit-dense": mode(edit=lambda h: h * 1.5),
            "wrapper": wrapped}
+    if a.shape == "seed":  # the dense-edit rows would add [N, 65,536] tensors; the wrapper is "edit" again
+        fns = {n: f for n, f in fns.items() if n not in ("edit-dense", "wrapper")}
     info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     med, _, last = interleaved(fns, a.repeats, clock=clock)
     assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
     assert not torch.equal(last["recon-only"], last["plain"]) and not torch.equal(last["edit"], last["plain"])
-    assert torch.equal(last["wrapper"], last["edit"])
+    assert a.shape == "seed" or torch.equal(last["wrapper"], last["edit"])
     n_tok = a.batch * a.seq
     rows = [[name, f"{med[name] * 1e3:.1f}", f"{n_tok / med[name]:,.0f}", f"{med[name] / med['plain']:.3f}"]
             for name in fns]
+    result = {"machine": info, "clock": a.clock, "batch": a.batch, "seq": a.seq, "shape": a.shape,
+              "sae": a.sae or f"random, {a.shape} size", "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+              "hook": sae.cfg.hook_name, "median_ms": {n: round(t * 1e3, 2) for n, t in med.items()},
+              "ratio_vs_plain": {n: round(t / med["plain"], 3) for n, t in med.items()}}
+    print_machine(info)
+    print(f"[{a.batch}, {a.seq}] tokens ({'random' if a.shape == 'seed' else 'tinyworld text'}); SAE "
+          f"{result['sae']}: d_in {sae.cfg.d_in}, {sae.cfg.d_sae} latents, k {sae.cfg.k}, at {sae.cfg.hook_name}")
+    print(f"clock: {a.clock} time, {a.threads} thread(s); median of {a.repeats} interleaved rounds")
+    print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
+    if a.gen_tokens and a.shape == "demo":
+        result["generation"] = generation_costs(model, tokens[0, :16].tolist(), sae, add_one, a.gen_tokens,
+                                                a.repeats, clock)
+        gen = result["generation"]
+        print(f"greedy generation, batch 1, 16-token prompt + {a.gen_tokens} new tokens, KV cache:")
+        print_table(["mode", "ms / new token", "x plain"],
+                    [[n, f"{t:.2f}", f"{t / gen['plain']:.3f}"] for n, t in gen.items()])
+    if a.shape == "seed":
+        print_json(result)
+        return result
 
     t_act, _ = timed(lambda: activation_metrics(sae, [acts[i:i + 512] for i in range(0, len(acts), 512)]), clock)
     texts = [r.text for r in tinyworld.sentences(a.eval_texts, split="heldout")]
     t_model, rep = timed(lambda: model_metrics(model, sae, token_batches(tok, texts, batch_size=16)), clock)
-    result = {"machine": info, "clock": a.clock, "batch": a.batch, "seq": a.seq, "sae": a.sae or "random, demo size",
-              "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "hook": sae.cfg.hook_name,
-              "median_ms": {n: round(t * 1e3, 2) for n, t in med.items()},
-              "ratio_vs_plain": {n: round(t / med["plain"], 3) for n, t in med.items()},
-              "activation_metrics_tokens_per_s": round(len(acts) / t_act),
-              "model_metrics_tokens_per_s": round(rep["predicted_tokens"] / t_model),
-              "model_metrics_predicted_tokens": rep["predicted_tokens"]}
-    print_machine(info)
-    print(f"[{a.batch}, {a.seq}] tokens of tinyworld text; SAE {result['sae']}: d_in {sae.cfg.d_in}, "
-          f"{sae.cfg.d_sae} latents, k {sae.cfg.k}, at {sae.cfg.hook_name}")
-    print(f"clock: {a.clock} time, {a.threads} thread(s); median of {a.repeats} interleaved rounds")
-    print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
+    result.update(activation_metrics_tokens_per_s=round(len(acts) / t_act),
+                  model_metrics_tokens_per_s=round(rep["predicted_tokens"] / t_model),
+                  model_metrics_predicted_tokens=rep["predicted_tokens"])
     print(f"evaluation: activation_metrics {result['activation_metrics_tokens_per_s']:,} tokens/s; model_metrics "
           f"(3 forwards per batch) {result['model_metrics_tokens_per_s']:,} predicted tokens/s")
     print_json(result)

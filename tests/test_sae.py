@@ -284,6 +284,16 @@ def test_saelens_loads_our_files_and_agrees(tmp_path, norm):
     torch.testing.assert_close(theirs.decode(feats), sae(x), rtol=1e-5, atol=1e-4)
 
 
+def test_select_topk_few_rows_uses_one_topk_and_agrees():
+    from llama_sae.sae.model import SMALL_SELECT, select_topk
+
+    pre = torch.randn(3, 1024, generator=torch.Generator().manual_seed(1))
+    assert pre.numel() <= SMALL_SELECT
+    vals, idx = select_topk(pre, 32)
+    assert torch.equal(vals.sort(1).values, pre.topk(32, dim=-1).values.relu().sort(1).values)
+    assert torch.equal(pre.gather(1, idx).relu(), vals)
+
+
 def test_top_k_positions_ties_and_nan_rows_match_torch_topk():
     import numpy as np
 

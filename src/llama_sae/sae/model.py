@@ -21,6 +21,7 @@ from torch import nn
 
 LN_EPS = 1e-5  # SAELens's layer_norm eps; the seed used 1e-6. Matching SAELens keeps the format exact.
 PRE_BUFFER_BYTES = 256 << 20  # the encoder works on row blocks whose pre-activations fit in this
+SMALL_SELECT = 1 << 16  # select_topk runs a plain topk over at most this many pre-activations
 AUX_DENSE_RATIO = 16  # aux-k runs dense over the dead latents when n_dead <= this x k_aux (>= 1/16 selected)
 
 
@@ -96,6 +97,9 @@ def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[to
     M, n = pre.shape
     if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
         group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
+    if M * n <= SMALL_SELECT:  # a few tokens (generation steps): one topk call, no per-call overheads
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        return vals.relu_(), idx
     top = _top_k_cpu if pre.device.type == "cpu" and torch.get_num_threads() == 1 else _top_k_torch
     if n % group or 4 * k * group > n:
         pos = top(pre, k)
