@@ -43,6 +43,9 @@ def test_parse_specs_and_round_trip():
     s = parse_steer("resid_post.2@5:bias:2.5:generated")
     assert s == Steer(5, "bias", 2.5, "generated", "resid_post.2")
     assert parse_steer(s.spec) == s
+    for positions in ("last", "last+3", "prompt+1"):
+        s = parse_steer(f"5:add:2:{positions}")
+        assert s.positions == positions and parse_steer(s.spec) == s
     assert [x.latent for x in parse_steers("1:add:1, 2:clamp:0")] == [1, 2]
 
 
@@ -55,6 +58,9 @@ def test_parse_specs_and_round_trip():
     ("12:add:nan", "finite"),
     ("12:add:1:sometimes", "positions 'sometimes'"),
     ("1:2:3:4:5", "has 5 field"),
+    ("12:add:1:all+2", "positions 'all\\+2'"),
+    ("12:add:1:last+", "positions 'last\\+'"),
+    ("12:add:1:last-1", "last\\+N or prompt\\+N"),
 ])
 def test_parser_rejects_malformed_specs(spec, message):
     with pytest.raises(UserError, match=message):
@@ -113,7 +119,8 @@ def test_positions_prompt_and_generated(model, sae):
     tokens = _tokens()
     clean = model.capture(tokens, [HOOK])[HOOK]
     T = 12  # pretend the first 12 slots are the prompt
-    for positions, edited in (("prompt", slice(0, T)), ("generated", slice(T - 1, None))):
+    for positions, edited in (("prompt", slice(0, T)), ("generated", slice(T - 1, None)), ("last", slice(T - 1, T)),
+                              ("last+2", slice(T - 1, T + 2)), ("prompt+1", slice(0, T + 1))):
         with _steering(sae, [f"5:add:3:{positions}"]).apply(model, prompt_len=T):
             x = model.capture(tokens, [HOOK])[HOOK]
         changed = (x - clean).abs().amax(-1).amax(0) > 0  # [T] positions that moved at the hook itself
@@ -125,7 +132,8 @@ def test_positions_prompt_and_generated(model, sae):
             pass
 
 
-@pytest.mark.parametrize("specs", [["5:add:4"], ["9:clamp:3:generated", "5:bias:6:prompt"], ["2:bias:5:generated"]])
+@pytest.mark.parametrize("specs", [["5:add:4"], ["9:clamp:3:generated", "5:bias:6:prompt"], ["2:bias:5:generated"],
+                                   ["5:add:4:last+2", "9:add:2:prompt+3"]])
 def test_cached_and_uncached_steered_generation_agree(model, sae, specs):
     prompts = [_tokens()[0, :7].tolist(), _tokens()[1, :11].tolist()]
     steering = _steering(sae, specs)

@@ -10,10 +10,12 @@ A steer is ``[HOOK@]LATENT:KIND:STRENGTH[:POSITIONS]``:
 
 A unit is the latent's typical maximum activation (``typical_max`` of the features artifact, or a
 quick estimate over a few hundred sentences), so "+5" is the same push for every latent. POSITIONS is
-``all`` (default), ``prompt`` (the prompt's tokens) or ``generated`` (the last prompt token and every
-generated token: the positions whose predictions are sampled). Every edit is a latent edit of the splice
-(:func:`llama_sae.splice.splice_fn`), which keeps the error term of the unedited input: an edit that changes
-no latent leaves the model's output exactly as it was.
+``all`` (default), ``prompt`` (the prompt's tokens), ``generated`` (the last prompt token and every
+generated token: the positions whose predictions are sampled), ``last`` (the last prompt token only: a push
+on the first generated word that leaves the rest of the text to the model), or ``last+N`` / ``prompt+N``
+(those and the next N positions: a push that stops after N more generated tokens). Every edit is a latent
+edit of the splice (:func:`llama_sae.splice.splice_fn`), which keeps the error term of the unedited input: an
+edit that changes no latent leaves the model's output exactly as it was.
 
     >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
     >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
@@ -36,9 +38,11 @@ from torch import Tensor
 from llama_sae.errors import UserError
 
 KINDS = ("clamp", "add", "bias")
-POSITIONS = ("all", "prompt", "generated")
+POSITIONS = ("all", "prompt", "generated", "last")  # and last+N, prompt+N (see positions_window)
 ABSURD_STRENGTH = 50.0  # units: beyond this the edit dwarfs anything the latent does on real text
-SPEC_HELP = "LATENT:KIND:STRENGTH[:POSITIONS] with KIND clamp|add|bias and POSITIONS all|prompt|generated"
+SPEC_HELP = ("LATENT:KIND:STRENGTH[:POSITIONS] with KIND clamp|add|bias and POSITIONS "
+             "all|prompt|generated|last|last+N|prompt+N")
+_POSITIONS_RE = re.compile(r"^(?P<base>all|prompt|generated|last)(?:\+(?P<n>\d+))?$")
 _SPEC_RE = re.compile(r"^(?:(?P<hook>[a-z_]+\.\d+)@)?(?P<rest>.*)$")
 
 
@@ -79,9 +83,31 @@ def parse_steer(text: str) -> Steer:
         raise UserError(f"steering spec {text!r}: strength {strength!r} is not a number (e.g. 8 or -2.5)") from None
     if not math.isfinite(value):
         raise UserError(f"steering spec {text!r}: strength must be a finite number")
-    if positions not in POSITIONS:
-        raise UserError(f"steering spec {text!r}: positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    check_positions(positions, f"steering spec {text!r}")
     return Steer(int(latent), kind, value, positions, m["hook"])
+
+
+def check_positions(positions: str, where: str = "steer") -> None:
+    """UserError unless ``positions`` is one of :data:`POSITIONS`, ``last+N`` or ``prompt+N``."""
+    m = _POSITIONS_RE.match(positions)
+    if m is None or (m["n"] is not None and m["base"] not in ("last", "prompt")):
+        raise UserError(f"{where}: positions {positions!r} is not one of {', '.join(POSITIONS)}, last+N or "
+                        "prompt+N (N generated tokens more, e.g. last+2)")
+
+
+def positions_window(positions: str, prompt_len: int) -> tuple[int, int | None]:
+    """The absolute positions [lo, hi) a steer on ``positions`` edits (hi None: no end). Position
+    prompt_len - 1 is the last prompt token, whose output predicts the first generated token; ``+N``
+    extends a window over the next N positions (the predictions of N more generated tokens)."""
+    m = _POSITIONS_RE.match(positions)
+    base, extra = m["base"], int(m["n"] or 0)
+    if base == "all":
+        return 0, None
+    if base == "generated":
+        return prompt_len - 1, None
+    if base == "last":
+        return prompt_len - 1, prompt_len + extra
+    return 0, prompt_len + extra  # prompt
 
 
 def parse_steers(texts: Sequence[str] | str) -> list[Steer]:
@@ -254,12 +280,11 @@ class _PositionTracker:
         """[B, T] bool: the tokens a steer on ``positions`` edits."""
         B, T = self.tokens.shape
         pos = torch.arange(self.start, self.start + T, device=device)  # [T]
-        if positions == "prompt":
-            keep = pos < self.prompt_len
-        elif positions == "generated":
-            keep = pos >= self.prompt_len - 1
-        else:
+        if positions == "all":
             keep = torch.ones(T, dtype=torch.bool, device=device)
+        else:
+            lo, hi = positions_window(positions, self.prompt_len)
+            keep = (pos >= lo) if hi is None else (pos >= lo) & (pos < hi)
         keep = keep[None, :].expand(B, T)
         if self.skip:
             keep = keep & ~torch.isin(self.tokens.to(device), torch.tensor(self.skip, device=device))

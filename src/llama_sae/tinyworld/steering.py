@@ -82,22 +82,41 @@ def topic_candidates(model, tokenizer, sae, topics: list[str], *, n: int = 10, n
     return out
 
 
-def steering_score(r: dict, max_ppl_ratio: float = 1.5) -> tuple:
-    """Order of preference among steering runs: fluent first (perplexity ratio within the goal), then on-topic
-    minus off-target."""
-    return (r["ppl_ratio"] <= max_ppl_ratio, r["on_topic"] - r["off_target"])
+GOAL_ON, GOAL_OFF, GOAL_PPL = 0.8, 0.1, 1.5  # issue 9: on-topic >= 80%, off-target <= 10%, perplexity <= 1.5x
 
 
-def pick_steering_latent(model, tokenizer, saes: dict, units: dict, topic: str, candidates: list[int],
-                         base_perplexity: float, *, strength: float = 12.0, positions: str = "prompt",
-                         seed: int = 0, key=steering_score, **sampling) -> tuple[int, list[dict]]:
-    """The candidate whose ``add`` steer best makes neutral prompts about ``topic`` (by ``key`` of its run,
-    default :func:`steering_score`), and every candidate's run. Choose on one seed and report on another."""
+def meets_goals(r: dict) -> bool:
+    """Whether a run (with ``ppl_ratio``) meets all three steering goals."""
+    return r["on_topic"] >= GOAL_ON and r["off_target"] <= GOAL_OFF and r["ppl_ratio"] <= GOAL_PPL
+
+
+def goal_margin(r: dict) -> float:
+    """The room a run leaves on its tightest goal, each goal scaled by its range (on-topic 80-100%, off-target
+    10-0%, perplexity ratio 1.5-1.0): > 0 exactly when all three are met, and the run to prefer when choosing
+    settings, since it is the one least likely to miss a goal on another seed."""
+    return min((r["on_topic"] - GOAL_ON) / (1 - GOAL_ON), (GOAL_OFF - r["off_target"]) / GOAL_OFF,
+               (GOAL_PPL - r["ppl_ratio"]) / (GOAL_PPL - 1))
+
+
+def pick_steer(model, tokenizer, saes: dict, units: dict, topic: str, candidates: list[int], base_perplexity: float,
+               *, strengths: tuple[float, ...] = (6, 8, 12, 16, 20), screen_strength: float = 12.0,
+               finalists: int = 3, kind: str = "add", positions: str = "last", seed: int = 0, key=goal_margin,
+               **sampling) -> tuple[dict, list[dict]]:
+    """The steer (latent and strength) that best makes neutral prompts about ``topic``: every candidate is run at
+    ``screen_strength``, the ``finalists`` best (by ``key`` of the run, default :func:`goal_margin`) over
+    ``strengths``, and the best run of all wins. Returns it (with ``latent``, ``strength``, ``spec``) and every
+    run. Choose on one sampling seed and report on another: the choice inflates the figures of its own seed."""
     from llama_sae.steer import Steering, parse_steers
 
-    runs = []
-    for latent in candidates:
-        steering = Steering(saes, parse_steers([f"{latent}:add:{strength:g}:{positions}"]), units)
-        r = measure(model, tokenizer, tinyworld.neutral_prompts(), steering, topic, seed=seed, **sampling)
-        runs.append({"latent": latent, **r, "ppl_ratio": r["perplexity"] / base_perplexity})
-    return max(runs, key=key)["latent"], runs
+    def run(latent: int, strength: float, stage: str) -> dict:
+        spec = f"{latent}:{kind}:{strength:g}:{positions}"
+        r = measure(model, tokenizer, tinyworld.neutral_prompts(), Steering(saes, parse_steers([spec]), units),
+                    topic, seed=seed, **sampling)
+        return {"latent": latent, "strength": strength, "spec": spec, "stage": stage, **r,
+                "ppl_ratio": r["perplexity"] / base_perplexity}
+
+    screen = [run(latent, screen_strength, "screen") for latent in candidates]
+    runs = list(screen)
+    for first in sorted(screen, key=key, reverse=True)[:finalists]:
+        runs += [run(first["latent"], s, "sweep") for s in strengths if s != screen_strength]
+    return max(runs, key=key), runs

@@ -10,9 +10,10 @@ DEMO_TOPICS = ("astronomy", "law")
 
 
 def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, out: Path, *,
-          topics: tuple[str, ...] = DEMO_TOPICS, strength: float = 12.0) -> dict:
-    """Steer ``topics`` (each through the best steering latent among its 5 best readers), show unsteered vs steered
-    text and the on-topic rates, write the dashboard under out/dashboard. Returns the figures for report.json."""
+          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (8.0, 12.0, 16.0)) -> dict:
+    """Steer ``topics`` (each through the steer on the last prompt token, among its 5 best readers and
+    ``strengths``, with the most room on the three goals), show unsteered vs steered text and the on-topic rates,
+    write the dashboard under out/dashboard. Returns the figures for report.json."""
     from rich.table import Table
 
     from llama_sae import tinyworld
@@ -21,7 +22,8 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     from llama_sae.tinyworld.steering import (
         continuation_nll,
         measure,
-        pick_steering_latent,
+        meets_goals,
+        pick_steer,
         sample_continuations,
         topic_candidates,
     )
@@ -41,10 +43,9 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     plain = generate(model, tokenizer, shown, None, max_new_tokens=16)
     results = {}
     for topic in topics:
-        latent, _ = pick_steering_latent(model, tokenizer, saes, units, topic, candidates[topic], base_ppl,
-                                         strength=strength, samples=4, seed=0,
-                                         key=lambda r: r["on_topic"] - r["off_target"])  # the clearest push
-        spec = f"{latent}:add:{strength:g}:prompt"
+        best, _ = pick_steer(model, tokenizer, saes, units, topic, candidates[topic], base_ppl, strengths=strengths,
+                             finalists=2, positions="last", samples=4, seed=0)  # chosen on seed 0, shown on seed 1
+        latent, spec = best["latent"], best["spec"]
         steering = Steering(saes, parse_steers([spec]), units)
         steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
         r = measure(model, tokenizer, prompts, steering, topic, samples=4, seed=1)
@@ -60,6 +61,9 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
                       f"unsteered model x{r['perplexity'] / r0['perplexity']:.2f}")
         results[topic] = {"latent": latent, "spec": spec, "on_topic": r["on_topic"], "off_target": r["off_target"],
                           "unsteered_on_topic": r0["on_topic"], "ppl_ratio": r["perplexity"] / r0["perplexity"]}
+        results[topic]["meets_goals"] = meets_goals(results[topic])
+        console.print(f"  goals (>= 80% on-topic, <= 10% other topics, perplexity <= x1.5): "
+                      f"{'all met' if results[topic]['meets_goals'] else 'not all met'}")
     index = write_dashboard(out / "dashboard", features, sae, model, tokenizer)
     console.print(f"dashboard ({len(features.live_latents()):,} latents): {index.resolve()} (opens from disk)")
     command = f"llama-sae ui --sae {shlex.quote(str(sae_dir))} --features {shlex.quote(str(features_path))}"
