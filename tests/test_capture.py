@@ -46,10 +46,11 @@ def _cfg(model: Path, out: Path, **kw) -> CaptureConfig:
 
 
 def _rows(path: Path) -> dict[str, torch.Tensor]:
-    """Every shard of a store concatenated, sorted by (sentence_id, position)."""
+    """Every shard of a store concatenated, sorted by (sentence_id, position); ``shard`` is each row's shard."""
     store = ActivationStore(path)
     parts = [store.read(i, store.hooks[0]) for i in range(len(store.shards))]
     out = {k: torch.cat([p[k] for p in parts]) for k in ("sentence_id", "position", "token_id")}
+    out["shard"] = torch.cat([torch.full((len(p["sentence_id"]),), i) for i, p in enumerate(parts)])
     for h in store.hooks:
         out[h] = torch.cat([store.read(i, h)["acts"] for i in range(len(store.shards))])
     order = torch.argsort(out["sentence_id"] * 10_000 + out["position"])
@@ -169,10 +170,25 @@ def _committed(out: Path) -> int:
         return 0
 
 
-def _assert_same_store(a: Path, b: Path) -> None:
+def _differences(a: Path, ra: dict[str, torch.Tensor], rb: dict[str, torch.Tensor], key: str) -> str:
+    """Which rows of store ``a`` differ from ``rb`` at ``key``: count, size, shards (with their start cursors)."""
+    x, y = ra[key], rb[key]
+    if x.shape != y.shape:
+        return f"{tuple(x.shape)} vs {tuple(y.shape)}"
+    rows = (x != y).reshape(len(x), -1).any(1).nonzero().flatten()
+    diff = (x[rows].double() - y[rows].double()).abs().max().item() if len(rows) else 0.0
+    shards = ActivationStore(a).shards
+    starts = {int(i): shards[int(i)]["start"] for i in ra["shard"][rows].unique()}
+    first = [(int(ra["sentence_id"][i]), int(ra["position"][i])) for i in rows[:5]]
+    return (f"{len(rows)} of {len(x)} rows differ (max |diff| {diff:.3g}); (sentence, position) {first}; "
+            f"shards of {a.name} and their start cursors {starts}")
+
+
+def _assert_same_store(a: Path, b: Path, context: str = "") -> None:
     ra, rb = _rows(a), _rows(b)
     for key in ra:
-        assert torch.equal(ra[key], rb[key]), key
+        if key != "shard":
+            assert torch.equal(ra[key], rb[key]), f"{key}: {_differences(a, ra, rb, key)}{context}"
     ma, mb = ActivationStore(a).manifest, ActivationStore(b).manifest
     assert [e["sha256"] for e in ma["shards"]] == [e["sha256"] for e in mb["shards"]]
     assert ma["stats"] == mb["stats"]
@@ -190,8 +206,9 @@ def test_kill_9_mid_run_then_same_command_gives_identical_store(tiny, reference,
     assert proc.returncode == -signal.SIGKILL, "the capture finished before it could be killed"
     committed = _committed(out)
     assert 2 <= committed < 9
+    killed_at = f"; killed after {committed} shards, cursor {read_progress(out, 0)['cursor']}"
     capture(_cfg(tiny, out))  # the same command again
-    _assert_same_store(out, reference)
+    _assert_same_store(out, reference, killed_at)
     assert not (out / "progress").exists()
 
 
