@@ -323,6 +323,13 @@ def test_inference_sees_weight_changes_and_bf16_selection_recomputes_values():
     fresh.load_state_dict(sae.state_dict())
     torch.testing.assert_close(flipped, fresh(x), atol=0, rtol=0)
     x_norm = normalize(x, "layer_norm")[0] - sae.b_dec
+    _, idx_a = sae.select(x_norm, torch.bfloat16)
+    sae.W_enc.data.mul_(-1)  # like fused AdamW: no version bump, so the cached bf16 matrix is stale ...
+    sae.weights_changed()  # ... until the trainer says so
+    _, idx_b = sae.select(x_norm, torch.bfloat16)
+    assert not torch.equal(idx_a, idx_b)
+    sae.W_enc.data.mul_(-1)
+    sae.weights_changed()
     vals32, idx32 = sae.select(x_norm)
     vals16, idx16 = sae.select(x_norm, torch.bfloat16)
     assert vals16.dtype == torch.float32

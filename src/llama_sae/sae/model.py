@@ -171,16 +171,20 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     Args: xc [N, d] input minus b_dec; W_enc [n, d]; b_enc [n]; dead [n_dead] indices of dead latents;
     scratch a dict that keeps the large buffers for the next call (see :func:`scratch_buffer`); W_aug
     [n, d + 1] the [W_enc | b_enc] matrix already built in ``compute_dtype`` (see :meth:`SAE.encoder_matrix`).
+    Without scratch or W_aug at W_enc's own dtype (inference), the GEMM is an addmm on W_enc itself: no copy
+    of the weights per call.
     Returns: top_acts [N, k], top_indices [N, k], aux_acts [N, k_aux], aux_indices [N, k_aux].
     """
     (N, d), n, device = xc.shape, W_enc.shape[0], xc.device
     compute_dtype = compute_dtype or W_enc.dtype
-    W = W_aug
+    direct = W_aug is None and scratch is None and compute_dtype == W_enc.dtype
+    W = W_enc if direct else W_aug
     if W is None:
         W = scratch_buffer(scratch, "W", (n, d + 1), compute_dtype, device)  # [n, d + 1] = [W_enc | b_enc]
         W[:, :d], W[:, d] = W_enc, b_enc
-    xq = scratch_buffer(scratch, "xq", (N, d + 1), compute_dtype, device)  # [N, d + 1] = [xc | 1]
-    xq[:, :d], xq[:, d] = xc, 1
+    if not direct:
+        xq = scratch_buffer(scratch, "xq", (N, d + 1), compute_dtype, device)  # [N, d + 1] = [xc | 1]
+        xq[:, :d], xq[:, d] = xc, 1
     k_aux = 0 if dead is None else min(k_aux, dead.numel())
     # Below full precision, a small dead set gets its own GEMM in W_enc's dtype: exact aux-k values at once,
     # cheaper than gathering its columns and recomputing the chosen ones row by row.
@@ -190,7 +194,8 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
     parts = []
     for s in range(0, N, rows):
-        pre = torch.mm(xq[s:s + rows], W.t(), out=buf[:min(rows, N - s)])  # [rows, n]
+        out = buf[:min(rows, N - s)]
+        pre = torch.addmm(b_enc, xc[s:s + rows], W.t(), out=out) if direct else torch.mm(xq[s:s + rows], W.t(), out=out)
         vals, idx = select_topk(pre, k)
         if not k_aux:
             aux_vals, aux_idx = vals[:, :0], idx[:, :0]
@@ -417,15 +422,19 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def encoder_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """[W_enc | b_enc] as one [d_sae, d_in + 1] matrix in ``dtype`` (default W_enc's), kept until the
-        weights change (in place or replaced): inference builds it once, not on every call."""
-        dtype = dtype or self.W_enc.dtype
+    def encoder_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """[W_enc | b_enc] as one [d_sae, d_in + 1] matrix in ``dtype`` (bf16 inference), kept until the weights
+        change: replaced, or changed in place by an op that bumps their version counter. torch's fused AdamW
+        does not bump it, so an optimizer step must call :meth:`weights_changed` (the trainer does)."""
         key = (self.W_enc.data_ptr(), self.W_enc._version, self.b_enc.data_ptr(), self.b_enc._version, dtype)
         cache = self.__dict__.setdefault("_encoder_matrices", {})
         if cache.get(dtype, (None,))[0] != key:
             cache[dtype] = (key, torch.cat([self.W_enc, self.b_enc[:, None]], 1).to(dtype))
         return cache[dtype][1]
+
+    def weights_changed(self) -> None:
+        """Drop the cached encoder matrices (see :meth:`encoder_matrix`)."""
+        self.__dict__.pop("_encoder_matrices", None)
 
     @torch.no_grad()
     def select(self, xc: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,9 +445,9 @@ class SAE(nn.Module):
         latents' values exactly: several times faster, but where the k-th and (k+1)-th pre-activations lie
         within bf16 rounding of each other (about 1 token in 10 for the demo SAE) it may keep the other one.
         """
-        dtype = compute_dtype or self.W_enc.dtype
-        vals, idx, _, _ = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=dtype,
-                                        W_aug=self.encoder_matrix(dtype))
+        low = compute_dtype not in (None, self.W_enc.dtype)  # float32 reads W_enc itself: nothing to cache
+        vals, idx, _, _ = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=compute_dtype,
+                                        W_aug=self.encoder_matrix(compute_dtype) if low else None)
         return vals, idx
 
     @torch.no_grad()

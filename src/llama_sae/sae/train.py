@@ -411,6 +411,7 @@ def optimizer_step_(run: Run, lr: float) -> None:
         group["lr"] = lr
     run.opt.step()
     run.sae.normalize_decoder_()
+    run.sae.weights_changed()  # fused AdamW leaves the version counters alone
 
 
 # --------------------------------------------------------------------------- checkpoints
