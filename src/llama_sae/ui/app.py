@@ -23,7 +23,7 @@ from llama_sae.errors import UserError
 
 N_SLOTS = 3
 KIND_CHOICES = ["add", "clamp", "bias"]
-POSITION_CHOICES = ["all", "prompt", "generated"]
+POSITION_CHOICES = ["all", "prompt", "last", "generated"]
 STRENGTH_RANGE = (-12.0, 12.0)
 
 
