@@ -30,11 +30,11 @@ def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int 
         flat = x[valid]  # [M, d]
         vals, idx = sae.encode_topk(flat)
         dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)  # [M, n]
-        owner = valid.nonzero()[:, 0]  # sentence of each token row
-        lat = torch.zeros(len(tokens), sae.cfg.d_sae, device=dense.device).index_reduce_(0, owner, dense, "amax",
-                                                                                      include_self=True)
-        neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).index_reduce_(
-            0, owner, flat, "amax")
+        owner = valid.nonzero()[:, :1]  # [M, 1] sentence of each token row
+        lat = torch.zeros(len(tokens), sae.cfg.d_sae, device=dense.device).scatter_reduce_(
+            0, owner.expand_as(dense), dense, "amax")  # latents are >= 0: the zeros stand for "never fired"
+        neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).scatter_reduce_(
+            0, owner.expand_as(flat), flat, "amax")
         lat_rows.append(lat.cpu())
         neu_rows.append(neu.cpu())
     return torch.cat(lat_rows), torch.cat(neu_rows)
