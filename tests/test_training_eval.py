@@ -82,6 +82,14 @@ def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):
     assert {"ce_recovered", "kl", "kl_by_position"} <= set(report)
     assert "CE recovered" in result.output
     assert "frequency" not in report  # no activation metrics without --store: no histogram either
+    assert report["encoder_dtype"] == "float32"
+    result = CliRunner().invoke(app, ["evaluate", "--sae", str(tmp_path / "sae"), "--corpus", "tinyworld:8:heldout",
+                                      "--n-texts", "8", "--bf16-encoder", "--out", str(tmp_path / "bf16.json")])
+    assert result.exit_code == 0, result.output
+    fast = json.loads((tmp_path / "bf16.json").read_text())
+    assert fast["encoder_dtype"] == "bfloat16" and fast["ce_clean"] == report["ce_clean"]
+    assert fast["ce_spliced"] != report["ce_spliced"]  # the bf16 encoder ran ...
+    assert fast["ce_recovered"] == pytest.approx(report["ce_recovered"], abs=0.02)  # ... and changes little
     from llama_sae.sae.evaluate import activation_metrics, plot_frequency
 
     rep = activation_metrics(sae, [acts])

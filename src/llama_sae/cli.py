@@ -391,10 +391,14 @@ def evaluate(
                                                   "beside it, NAME_frequency.png)")] = None,
     k: Annotated[int | None, typer.Option(help="k, where the SAE file lacks it (the seed's .pth: 64)")] = None,
     hook: Annotated[str | None, typer.Option(help="hook point, where the SAE file lacks it")] = None,
+    bf16_encoder: Annotated[bool, typer.Option(help="spliced CE/KL with the encoder GEMM in bf16: faster on AMX "
+                                                    "CPUs and GPUs; may swap near-tied latents at the k-th place")
+                            ] = False,
 ) -> None:
     """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, CE loss recovered and KL in the model."""
     from itertools import islice
 
+    import torch
     from rich.table import Table
 
     from llama_sae.fileio import atomic_write_json
@@ -416,7 +420,9 @@ def evaluate(
 
         llama, tok = _load(model, None, "cpu")
         texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
-        report.update(model_metrics(llama, net, token_batches(tok, texts)))
+        report.update(model_metrics(llama, net, token_batches(tok, texts),
+                                    compute_dtype=torch.bfloat16 if bf16_encoder else None))
+        report["encoder_dtype"] = "bfloat16" if bf16_encoder else str(net.W_enc.dtype).removeprefix("torch.")
     table = Table("metric", "value", title=f"evaluation of {sae}")
     for key, value in summary_rows(report):
         table.add_row(key, value)

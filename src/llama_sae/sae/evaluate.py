@@ -74,11 +74,13 @@ def _ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]]) -> dict:
+def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]],
+                  compute_dtype: torch.dtype | None = None) -> dict:
     """CE clean / spliced / zero-ablated, CE recovered and KL, over batches of (tokens [B, T], mask [B, T]).
 
     ``mask`` marks real tokens (right padding is False); a position's loss counts when its target is real.
     Returns totals plus ``kl_by_position`` (mean KL at each position, for a per-position plot).
+    ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`).
     """
     from llama_sae.splice import check_fits, spliced
 
@@ -90,7 +92,7 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     for tokens, mask in token_batches:
         mask = mask.to(torch.float32)
         clean = model(tokens)
-        with spliced(model, sae, error_term=False):
+        with spliced(model, sae, error_term=False, compute_dtype=compute_dtype):
             recon = model(tokens)
         with model.hooked({hook: torch.zeros_like}):
             zero = model(tokens)
