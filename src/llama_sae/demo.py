@@ -55,6 +55,7 @@ def _generation(console: Console, model, tokenizer) -> None:
 
 
 DEMO_HOOK = "resid_post.3"  # past the middle of the 6 blocks: where most planted concepts have a latent
+STEER_HOOK = "resid_post.5"  # the last block: its latents steer best (BENCHMARKS.md, steering)
 
 
 def _capture(console: Console, out: Path) -> Path:
@@ -62,8 +63,9 @@ def _capture(console: Console, out: Path) -> Path:
     from llama_sae.capture import capture as run_capture
     from llama_sae.capture import capture_config
 
-    console.rule(f"[bold]5. capture {DEMO_HOOK} activations of tinyworld sentences into a sharded store")
-    cfg = capture_config(model=str(tinyworld.model_path()), corpus="tinyworld:60000", hooks=[DEMO_HOOK],
+    console.rule(f"[bold]5. capture {DEMO_HOOK} and {STEER_HOOK} activations of tinyworld sentences into a sharded "
+                 "store")
+    cfg = capture_config(model=str(tinyworld.model_path()), corpus="tinyworld:60000", hooks=[DEMO_HOOK, STEER_HOOK],
                          tokens=600_000, out=str(out / "store"), context=128, batch_tokens=8192)
     summary = run_capture(cfg, console=console)
     table = Table(show_header=False)
@@ -73,15 +75,15 @@ def _capture(console: Console, out: Path) -> Path:
     return summary.path
 
 
-def _train(console: Console, store: Path, out: Path):
+def _train(console: Console, store: Path, out: Path, hook: str = DEMO_HOOK, title: str | None = None):
     from llama_sae.sae import load
     from llama_sae.sae.train import load_config, train
 
     # Chosen by a sweep on concept recovery (BENCHMARKS.md): resid_post.1/.2/.3, 1,024-4,096 latents, k 8-32.
-    console.rule("[bold]6. train a TopK SAE (1,024 latents, k = 32) on the store")
+    console.rule(title or f"[bold]6. train a TopK SAE (1,024 latents, k = 32) on the store's {hook}")
     cfg = load_config(d_sae=1024, k=32, batch_size=2048, epochs=6, bf16=True, log_every=25, checkpoint_every=200,
-                      dead_tokens_threshold=200_000, plots=False)
-    (sae_dir,) = train(store, out / "sae", cfg)
+                      dead_tokens_threshold=200_000, plots=False, hook=hook)
+    (sae_dir,) = train(store, out / ("sae" if hook == DEMO_HOOK else f"sae_{hook}"), cfg)
     return load(sae_dir), sae_dir
 
 
@@ -109,7 +111,8 @@ def _evaluate(console: Console, model, tokenizer, sae, store: Path) -> dict:
     from llama_sae.store import ActivationStore
 
     console.rule("[bold]8. the SAE spliced into the model: what does the model lose?")
-    acts = ActivationStore(store).loader(4096, shuffle=False, split="val", epochs=1, drop_last=False)
+    acts = ActivationStore(store).loader(4096, shuffle=False, split="val", epochs=1, drop_last=False,
+                                           hook=DEMO_HOOK)
     report = activation_metrics(sae, acts)
     texts = [d.text for d in tinyworld.documents(200, seed=5, split="heldout")]
     report.update(model_metrics(model, sae, token_batches(tokenizer, texts)))
@@ -152,7 +155,10 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     report = _evaluate(console, model, tokenizer, sae, store)
     _export(console, sae_dir, report, out)
     interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
-    steering = steer_stage(console, model, tokenizer, sae, sae_dir, Path(interpretation["features"]), out)
+    steer_sae, _ = _train(console, store, out, STEER_HOOK, f"[bold]10. steering: a second SAE, at {STEER_HOOK} "
+                          "(reading is best mid-model, writing at the last block)")
+    steering = steer_stage(console, model, tokenizer, sae, sae_dir, Path(interpretation["features"]), out,
+                           steer_sae=steer_sae)
     report.pop("frequency")
     atomic_write_json(out / "report.json", {"recovery": recovery, "evaluation": report,
                                             "interpretation": interpretation, "steering": steering})

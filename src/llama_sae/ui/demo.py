@@ -10,10 +10,13 @@ DEMO_TOPICS = ("astronomy", "law")
 
 
 def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, out: Path, *,
-          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (8.0, 12.0, 16.0)) -> dict:
+          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (8.0, 12.0, 16.0),
+          steer_sae=None) -> dict:
     """Steer ``topics`` (each through the steer on the last prompt token, among its 5 best readers and
     ``strengths``, with the most room on the three goals), show unsteered vs steered text and the on-topic rates,
-    write the dashboard under out/dashboard. Returns the figures for report.json."""
+    write the dashboard of ``sae`` under out/dashboard. ``steer_sae`` (default ``sae``) is the SAE steered; its
+    units come from ``sae``'s features artifact when it is ``sae``, else from a quick estimate. Returns the
+    figures for report.json."""
     from rich.table import Table
 
     from llama_sae import tinyworld
@@ -30,15 +33,17 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     from llama_sae.ui.dashboard import write_dashboard
 
     console.rule("[bold]10. steer: push a topic's latent and read what the model writes; the dashboard; the UI")
-    hook = sae.cfg.hook_name
     features = load_features(features_path)
-    saes = {hook: sae}
-    units = build_steering(model, tokenizer, saes, [], features={hook: features}).units
+    steer_sae = steer_sae or sae
+    hook = steer_sae.cfg.hook_name
+    saes = {hook: steer_sae}
+    own = steer_sae is sae  # the features artifact describes sae's latents only
+    units = build_steering(model, tokenizer, saes, [], features={hook: features} if own else None).units
     prompts = tinyworld.neutral_prompts()
     base = sample_continuations(model, tokenizer, prompts, None, samples=4, seed=0)
     nll, n = continuation_nll(model, base)
     base_ppl = math.exp(nll / n)
-    candidates = topic_candidates(model, tokenizer, sae, list(topics), n=5, n_sentences=600)
+    candidates = topic_candidates(model, tokenizer, steer_sae, list(topics), n=5, n_sentences=600)
     shown = prompts[:4]
     plain = generate(model, tokenizer, shown, None, max_new_tokens=16)
     results = {}
@@ -50,17 +55,18 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
         steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
         r = measure(model, tokenizer, prompts, steering, topic, samples=4, seed=1)
         r0 = measure(model, tokenizer, prompts, None, topic, samples=4, seed=1)
-        e = features.explanation(latent)
-        table = Table("prompt", "unsteered", f"steered --steer {spec}",
-                      title=f"{topic}: latent {latent} ({'no explanation' if e is None else e.text[:60]})")
+        e = features.explanation(latent) if own else None
+        table = Table("prompt", "unsteered", f"steered --steer {hook}@{spec}",
+                      title=f"{topic}: latent {latent} of the SAE at {hook}" + (f" ({e.text[:60]})" if e else ""))
         for p, a, b in zip(shown, plain, steered):
             table.add_row(p, a.text, b.text)
         console.print(table)
         console.print(f"{topic}: {r['on_topic']:.0%} of sampled continuations of the 12 neutral prompts mention it "
                       f"(unsteered {r0['on_topic']:.0%}); other topics {r['off_target']:.0%}; perplexity under the "
                       f"unsteered model x{r['perplexity'] / r0['perplexity']:.2f}")
-        results[topic] = {"latent": latent, "spec": spec, "on_topic": r["on_topic"], "off_target": r["off_target"],
-                          "unsteered_on_topic": r0["on_topic"], "ppl_ratio": r["perplexity"] / r0["perplexity"]}
+        results[topic] = {"hook": hook, "latent": latent, "spec": spec, "on_topic": r["on_topic"],
+                          "off_target": r["off_target"], "unsteered_on_topic": r0["on_topic"],
+                          "ppl_ratio": r["perplexity"] / r0["perplexity"]}
         results[topic]["meets_goals"] = meets_goals(results[topic])
         console.print(f"  goals (>= 80% on-topic, <= 10% other topics, perplexity <= x1.5): "
                       f"{'all met' if results[topic]['meets_goals'] else 'not all met'}")
