@@ -92,7 +92,8 @@ def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[to
     top k lies in one of the k blocks with the largest maxima (otherwise k other blocks would each hold a
     larger value), so one cheap max pass and a top-k over the block maxima leave k * group candidates.
     With one CPU thread both top-k steps are numpy selections (:func:`top_k_positions`), 1.2-1.7x faster than
-    torch.topk; with more threads torch.topk's row-parallel loop wins, and runs.
+    torch.topk on float32 (on bf16 from 1.2x faster to 7% slower); with more threads torch.topk's row-parallel
+    loop wins, and runs.
     """
     M, n = pre.shape
     if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
@@ -124,7 +125,7 @@ def _top_k_cpu(a: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
-    """Positions [M, k] (int64, ascending within a row) of the k largest entries of each row of a [M, w].
+    """Positions [M, k] (int64, in no particular order) of the k largest entries of each row of a [M, w].
 
     numpy's introselect finds each row's k-th largest value (values only: ~3x cheaper than argpartition),
     and the entries at or above it are the top k. Rows where that is not exactly k entries (ties at the
