@@ -11,6 +11,9 @@ plain forward (same process, same batch), for each splice mode:
 * edit-bf16    the same with compute_dtype=bfloat16
 * edit-dense   error term plus an edit that rescales every latent (the worst case for the decoder)
 * wrapper      SplicedModel(model, sae) with an edit, through its __call__ (should cost what "edit" costs)
+* steer-last   a :class:`llama_sae.steer.Steering` with one ``add`` and one ``clamp`` steer on the ``last``
+               position (prompt_len = T: one token per row is steered), through Steering.apply
+* steer-add    one ``add`` steer on every position (``all``): the steering path that needs no encode
 
 and the evaluation throughput in tokens/s: ``activation_metrics`` (FVU, L0, dead, ... over activations) and
 ``model_metrics`` (CE clean / spliced / zero-ablated and KL: three forwards per batch).
@@ -87,20 +90,40 @@ def demo_sized_sae(model, tokens, hook: str):
     return sae.eval()
 
 
-def generation_costs(model, prompt: list[int], sae, edit, new_tokens: int, repeats: int, clock) -> dict:
-    """Median ms per generated token (prefill included, amortized) of greedy cached generation, plain and spliced."""
+def steering(sae, specs: list[str]):
+    """A :class:`llama_sae.steer.Steering` of ``specs`` on ``sae``, with unit 1 for every latent."""
+    from llama_sae.steer import Steering, parse_steers
+
+    hook = sae.cfg.hook_name
+    return Steering({hook: sae}, parse_steers(specs), {hook: torch.ones(sae.cfg.d_sae)})
+
+
+def steer_specs(sae, latent: int, positions: str) -> list[str]:
+    """One add and one clamp steer on ``positions`` (the clamp on the next latent)."""
+    return [f"{latent}:add:2:{positions}", f"{(latent + 1) % sae.cfg.d_sae}:clamp:3:{positions}"]
+
+
+def generation_costs(model, prompt: list[int], sae, edit, latent: int, new_tokens: int, repeats: int, clock) -> dict:
+    """Median ms per generated token (prefill included, amortized) of greedy cached generation, plain, spliced
+    and steered (:class:`llama_sae.steer.Steering`: add + clamp on the ``last`` prompt token, and on every
+    ``generated`` position)."""
     from llama_sae.llama.generate import generate_tokens
     from llama_sae.splice import spliced
 
-    def run(**kw):
+    def run(positions=None, **kw):
+        steer = None if positions is None else steering(sae, steer_specs(sae, latent, positions))
+
         def go():
-            with torch.inference_mode(), spliced(model, sae, **kw) if kw else contextlib.nullcontext():
+            ctx = steer.apply(model, prompt_len=len(prompt)) if steer else spliced(model, sae, **kw) if kw \
+                else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
                 return [int(t[0]) for t, _ in generate_tokens(model, [prompt], max_new_tokens=new_tokens,
                                                               stop_ids=set())]
         return go
 
     fns = {"plain": run(), "exact": run(error_term=True), "recon-only": run(error_term=False),
-           "recon-bf16": run(error_term=False, compute_dtype=torch.bfloat16), "edit (steering)": run(edit=edit)}
+           "recon-bf16": run(error_term=False, compute_dtype=torch.bfloat16), "edit (steering)": run(edit=edit),
+           "steer last": run("last"), "steer generated": run("generated")}
     med, _, last = interleaved(fns, repeats, clock=clock)
     assert last["exact"] == last["plain"]
     return {n: round(t * 1e3 / new_tokens, 3) for n, t in med.items()}
@@ -140,6 +163,14 @@ def main(argv=None) -> dict:
         return run
 
     wrapper = SplicedModel(model, sae, edit=add_one)
+    steer_last = steering(sae, steer_specs(sae, latent, "last"))
+    steer_add = steering(sae, [f"{latent}:add:2"])
+
+    def steered(s):
+        def run():
+            with torch.inference_mode(), s.apply(model, prompt_len=a.seq):
+                return model(tokens)
+        return run
 
     def wrapped():
         with torch.inference_mode():
@@ -149,7 +180,7 @@ def main(argv=None) -> dict:
     fns = {"plain": plain, "exact": mode(), "recon-only": mode(error_term=False),
            "recon-bf16": mode(error_term=False, compute_dtype=bf16), "edit": mode(edit=add_one),
            "edit-bf16": mode(edit=add_one, compute_dtype=bf16), "edit-dense": mode(edit=lambda h: h * 1.5),
-           "wrapper": wrapped}
+           "wrapper": wrapped, "steer-last": steered(steer_last), "steer-add": steered(steer_add)}
     if a.shape == "seed":  # the dense-edit rows would add [N, 65,536] tensors; the wrapper is "edit" again
         fns = {n: f for n, f in fns.items() if n not in ("edit-dense", "wrapper")}
     info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
@@ -158,6 +189,8 @@ def main(argv=None) -> dict:
     assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
     assert not torch.equal(last["recon-only"], last["plain"]) and not torch.equal(last["edit"], last["plain"])
     assert a.shape == "seed" or torch.equal(last["wrapper"], last["edit"])
+    steered_rows = (last["steer-last"] != last["plain"]).flatten(2).any(-1).any(0)  # [T] positions that moved
+    assert steered_rows[-1] and not steered_rows[:-1].any(), "steer-last must change the last position only"
     n_tok = a.batch * a.seq
     rows = [[name, f"{med[name] * 1e3:.1f}", f"{n_tok / med[name]:,.0f}", f"{med[name] / med['plain']:.3f}"]
             for name in fns]
@@ -171,7 +204,7 @@ def main(argv=None) -> dict:
     print(f"clock: {a.clock} time, {a.threads} thread(s); median of {a.repeats} interleaved rounds")
     print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
     if a.gen_tokens and a.shape == "demo":
-        result["generation"] = generation_costs(model, tokens[0, :16].tolist(), sae, add_one, a.gen_tokens,
+        result["generation"] = generation_costs(model, tokens[0, :16].tolist(), sae, add_one, latent, a.gen_tokens,
                                                 a.repeats, clock)
         gen = result["generation"]
         print(f"greedy generation, batch 1, 16-token prompt + {a.gen_tokens} new tokens, KV cache:")

@@ -153,3 +153,99 @@ def test_bf16_encoder_option_threads_through_and_stays_close(model):
     assert rows_same > 0.7  # most tokens pick the same latents, whose values are recomputed in float32
     assert (got - want).norm() < 0.1 * want.norm()  # the rest swap a near-tied latent
     assert torch.equal(SplicedModel(model, sae, error_term=False, compute_dtype=torch.bfloat16)(tokens), logits)
+
+
+def _near(got, want, rel=1e-5):
+    """Per token: |got - want| <= rel·|want| (rows of the last dim)."""
+    return bool(((got - want).norm(dim=-1) <= rel * want.norm(dim=-1)).all())
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "none"])
+def test_rows_run_the_sae_on_the_chosen_tokens_only(model, norm):
+    sae = _sae(model, "resid_post.1", norm=norm)
+    tokens, hook = _tokens(), "resid_post.1"
+    x = model.capture(tokens, [hook])[hook]
+    latent, rare = 5, int((sae.encode(x.flatten(0, 1)) > 0).sum(0).argmin())
+    bias = torch.zeros(sae.cfg.d_sae)
+    bias[rare] = 30.0
+
+    def boost(h):  # in place: an add and a clamp
+        h[..., latent] += 4.0
+        h[..., 7] = 0.5
+        return h
+
+    def pre_bias(x):  # every token; rows cut it down to the chosen ones
+        return bias, torch.ones(x.shape[:-1], dtype=torch.bool)
+
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[0, 3] = mask[2, -1] = True
+    mask[1, 10:14] = True
+    with spliced(model, sae, edit=boost, pre_bias=pre_bias):
+        full = model.capture(tokens, [hook])[hook]
+    shapes = []
+
+    def seen(h):
+        shapes.append(tuple(h.shape))
+        return boost(h)
+
+    with spliced(model, sae, edit=seen, pre_bias=pre_bias, rows=lambda x: mask):
+        got = model.capture(tokens, [hook])[hook]
+    assert shapes == [(int(mask.sum()), sae.cfg.d_sae)]  # the edit saw the chosen tokens' latents only
+    assert torch.equal(got[~mask], x[~mask])  # every other token passes through bit for bit
+    assert not torch.equal(got[mask], x[mask])
+    # the chosen tokens as in the splice over all tokens; the encoder GEMM over fewer rows may round differently
+    assert _near(got[mask], full[mask])
+    with spliced(model, sae, edit=boost, rows=lambda x: None):  # None: all tokens, the plain path exactly
+        none_rows = model.capture(tokens, [hook])[hook]
+    with spliced(model, sae, edit=boost):
+        assert torch.equal(none_rows, model.capture(tokens, [hook])[hook])
+    with spliced(model, sae, edit=boost, rows=lambda x: torch.ones(x.shape[:-1], dtype=torch.bool)):
+        assert _near(model.capture(tokens, [hook])[hook], none_rows)  # every token chosen
+    # error_term=False ignores rows: every token is reconstructed
+    with spliced(model, sae, error_term=False, edit=boost):
+        want = model(tokens)
+    assert torch.equal(SplicedModel(model, sae, error_term=False, edit=boost, rows=lambda x: mask)(tokens), want)
+
+
+def test_rows_with_no_token_run_no_sae(model, monkeypatch):
+    sae = _sae(model, "resid_post.1")
+    tokens = _tokens()
+    clean = model(tokens)
+    calls = []
+    monkeypatch.setattr(sae, "select", lambda *a, **kw: calls.append(1))
+    with spliced(model, sae, edit=lambda h: h * 2, rows=lambda x: torch.zeros(x.shape[:-1], dtype=torch.bool)):
+        assert torch.equal(model(tokens), clean)
+    assert calls == []
+    with pytest.raises(ValueError, match="mask of shape"):
+        with spliced(model, sae, edit=lambda h: h, rows=lambda x: torch.ones(3, dtype=torch.bool)):
+            model(tokens)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "none"])
+def test_reconstruct_delta_without_x_hat_and_edits_own_tensors(model, norm):
+    from llama_sae.sae.model import normalize
+    from llama_sae.splice import reconstruct
+
+    sae = _sae(model, "resid_post.1", norm=norm)
+    x = model.capture(_tokens(), ["resid_post.1"])["resid_post.1"].flatten(0, 1)
+
+    def boost(h):
+        h[:, 3] += 2.0
+        h[::2, 9] = 1.5
+        return h
+
+    clean, delta = reconstruct(sae, x, boost)
+    skipped, same = reconstruct(sae, x, boost, need_clean=False)
+    assert skipped is None and torch.equal(same, delta)  # the error-term path skips x̂ and loses nothing
+    torch.testing.assert_close(clean, sae(x), atol=1e-5, rtol=1e-5)
+    # the old computation: (edited - unedited) dense latents, decoded, denormalized by the token's std
+    h = sae.encode(x)
+    std = normalize(x, norm)[2]
+    want = (boost(h.clone()) - h) @ sae.W_dec
+    torch.testing.assert_close(delta, want if std is None else want * std, atol=1e-5, rtol=1e-5)
+    kept = boost(h.clone())  # an edit that returns a tensor of its own: the splice must not change it
+    copy = kept.clone()
+    _, foreign = reconstruct(sae, x, lambda _: kept, need_clean=False)
+    assert torch.equal(kept, copy) and torch.equal(foreign, delta)
+    assert reconstruct(sae, x, lambda h: h)[1] is None  # an edit that changes nothing: no change at all
+    assert reconstruct(sae, x, lambda h: h.clone())[1] is None

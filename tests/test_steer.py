@@ -251,3 +251,107 @@ def test_streamed_steered_generation_equals_batch(model, sae):
     batch = generate(model, Tok(), ["abc"], steering, **kw)[0].tokens
     streamed = [c.token for c in generate(model, Tok(), ["abc"], steering, stream=True, **kw) if c.token >= 0]
     assert streamed == batch and batch != generate(model, Tok(), ["abc"], None, **kw)[0].tokens
+
+
+def _window(shape, positions, prompt_len):
+    """[B, T] bool: the tokens a steer on ``positions`` edits (no skipped tokens)."""
+    from llama_sae.steer import positions_window
+
+    lo, hi = positions_window(positions, prompt_len)
+    pos = torch.arange(shape[1])
+    keep = (pos >= lo) if hi is None else (pos >= lo) & (pos < hi)
+    return keep.expand(shape)
+
+
+def _reference(model, sae, tokens, steering, prompt_len):
+    """The hook activation under ``steering`` computed the old way: every token encoded, the edits masked
+    afterwards (a bias through biased_latents over all tokens), the splice over all tokens."""
+    from llama_sae.splice import spliced
+    from llama_sae.steer import biased_latents
+
+    x = model.capture(tokens, [HOOK])[HOOK]
+    bias = torch.zeros(sae.cfg.d_sae)
+    for s in steering.steers:
+        if s.kind == "bias":
+            bias[s.latent] += steering.value(s)
+
+    def edit(h):
+        for s in steering.steers:
+            mask = _window(h.shape[:2], s.positions, prompt_len)
+            if s.kind == "bias":
+                h[mask] = biased_latents(sae, x, bias).view(h.shape)[mask]
+        for s in steering.steers:
+            mask = _window(h.shape[:2], s.positions, prompt_len)
+            if s.kind == "clamp":
+                h[mask, s.latent] = steering.value(s)
+            elif s.kind == "add":
+                h[mask, s.latent] += steering.value(s)
+        return h
+
+    with spliced(model, sae, edit=edit):
+        return x, model.capture(tokens, [HOOK])[HOOK]
+
+
+@pytest.mark.parametrize("specs", [["5:clamp:2:last", "9:add:3:last"], ["9:clamp:0:prompt+2"],
+                                   ["7:bias:20:prompt", "5:clamp:1:last"], ["3:bias:15:last+1"],
+                                   ["5:add:3:prompt", "9:add:-2:last+1", "5:add:1:last"], ["5:add:2"]])
+def test_steering_changes_the_steered_tokens_only_as_before(model, sae, specs):
+    tokens, T = _tokens(), 12
+    steering = _steering(sae, specs, unit=0.5)
+    x, want = _reference(model, sae, tokens, steering, T)
+    with steering.apply(model, prompt_len=T):
+        got = model.capture(tokens, [HOOK])[HOOK]
+    steered = torch.zeros(tokens.shape, dtype=torch.bool)
+    for s in steering.steers:
+        steered |= _window(tokens.shape, s.positions, T)
+    assert torch.equal(got[~steered], x[~steered])  # the other tokens pass through bit for bit
+    assert not torch.equal(got[steered], x[steered])
+    # the steered tokens: the encoder GEMM over fewer rows may round differently, and add steers skip the encode
+    # (v·W_dec where the old path decoded (h + v) - h): 1e-5 of each token's change
+    assert (((got - want)[steered]).norm(dim=-1) <= 1e-5 * (want - x)[steered].norm(dim=-1)).all()
+
+
+def _count_encodes(monkeypatch, sae):
+    """Rows encoded per call (the plain encode and a bias's re-encode), recorded as they happen."""
+    import llama_sae.splice as splice_mod
+
+    calls = []
+    select, encode_select = sae.select, splice_mod.encode_select
+    monkeypatch.setattr(sae, "select", lambda xc, *a: calls.append(len(xc)) or select(xc, *a))
+    monkeypatch.setattr(splice_mod, "encode_select",
+                        lambda xc, *a, **kw: calls.append(("bias", len(xc))) or encode_select(xc, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("specs, encodes", [
+    (["5:clamp:2:last"], [2]),  # the prefill's last token of each row, then no decoding step runs the SAE
+    (["5:clamp:2:last+2", "9:add:1:last"], [2, 2, 2]),
+    (["2:bias:5:last"], [2, ("bias", 2)]),
+    (["5:add:3:last", "9:add:-1"], []),  # add steers alone never encode
+])
+def test_steering_encodes_only_steered_tokens(model, sae, monkeypatch, specs, encodes):
+    prompts = [_tokens()[0, :7].tolist(), _tokens()[1, :11].tolist()]
+    steering = _steering(sae, specs)
+    calls = _count_encodes(monkeypatch, sae)
+    with steering.apply(model, prompt_len=11):
+        out = [tok.tolist() for tok, _ in generate_tokens(model, prompts, max_new_tokens=6, stop_ids=set())]
+    assert calls == encodes
+    assert out != [tok.tolist() for tok, _ in generate_tokens(model, prompts, max_new_tokens=6, stop_ids=set())]
+
+
+def test_steering_without_error_term_reconstructs_every_token(model, sae):
+    from llama_sae.splice import spliced
+
+    tokens = _tokens()
+    steering = _steering(sae, ["5:clamp:2:last", "9:add:3:last"], error_term=False)
+    mask = _window(tokens.shape, "last", 12)
+
+    def edit(h):
+        h[mask, 5] = 2.0
+        h[mask, 9] += 3.0
+        return h
+
+    with spliced(model, sae, error_term=False, edit=edit):
+        want = model(tokens)
+    with steering.apply(model, prompt_len=12):
+        assert torch.equal(model(tokens), want)

@@ -15,7 +15,9 @@ generated token: the positions whose predictions are sampled), ``last`` (the las
 on the first generated word that leaves the rest of the text to the model), or ``last+N`` / ``prompt+N``
 (those and the next N positions: a push that stops after N more generated tokens). Every edit is a latent
 edit of the splice (:func:`llama_sae.splice.splice_fn`), which keeps the error term of the unedited input: an
-edit that changes no latent leaves the model's output exactly as it was.
+edit that changes no latent leaves the model's output exactly as it was. The SAE runs on the steered tokens
+alone (the others pass through untouched, and a decoding step no steer reaches runs no SAE), and ``add`` steers
+alone need no encode at all: they add v·W_dec[latent] (times the token's std for a normalizing SAE).
 
     >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
     >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
@@ -215,35 +217,58 @@ class Steering:
 
     def _hook_fn(self, hook: str, where: _PositionTracker):
         """The hook point's replacement: the splice (error term of the unedited input) with this SAE's steers
-        as its latent edit. A bias re-encodes the steered tokens with b_enc + bias before TopK."""
+        as its latent edit, a bias as its ``pre_bias`` (the steered tokens re-encoded with b_enc + bias before
+        TopK). With the error term the SAE runs on the steered tokens alone (the splice's ``rows``: the union
+        of the steers' positions), and steers that are all ``add`` need no encode at all (:func:`_add_only`)."""
         from llama_sae.splice import splice_fn
 
         sae = self.saes[hook]
-        edits = [(s, self.value(s)) for s in self.steers if s.hook == hook and s.kind != "bias"]
-        biased = [s for s in self.steers if s.hook == hook and s.kind == "bias"]
-        bias = torch.zeros(sae.cfg.d_sae)
+        steers = [(s, self.value(s)) for s in self.steers if s.hook == hook]
+        steers = [(s, v) for s, v in steers if v != 0 or s.kind == "clamp"]  # a zero add or bias changes nothing
+        edits = [(s, v) for s, v in steers if s.kind != "bias"]
+        biased = [s for s, _ in steers if s.kind == "bias"]
+        bias = torch.zeros(sae.cfg.d_sae, device=sae.b_enc.device)
         for s in biased:
             bias[s.latent] += self.value(s)
-        use_bias = bool(bias.any())
-        seen: dict[str, Tensor] = {}
+        if not bias.any():
+            biased = []
+        positions = sorted({s.positions for s, _ in edits} | {s.positions for s in biased})
+        if not positions:
+            return _unchanged
+        state: dict[str, object] = {}
 
-        def edit(h: Tensor) -> Tensor:  # h [B, T, d_sae]; the splice compares the result with h: no in-place
-            h = h.clone()
-            if use_bias:
-                mask = where.mask(biased[0].positions, h.device)  # [B, T]
-                h[mask] = biased_latents(sae, seen["x"], bias.to(h.device)).view(h.shape)[mask]
+        def steered(x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+            """Each position set's mask [B, T] and their union for this forward pass."""
+            masks = {p: where.mask(p, x.device) for p in positions}
+            union = masks[positions[0]]
+            for m in list(masks.values())[1:]:
+                union = union | m
+            return masks, union
+
+        if self.error_term and all(s.kind == "add" for s, _ in steers):
+            return _add_only(sae, edits, steered)
+
+        def edit(h: Tensor) -> Tensor:  # h [m, d_sae] the steered tokens' latents, or [B, T, d_sae] all of them
             for s, v in edits:
-                mask = where.mask(s.positions, h.device)  # [B, T]
+                mask = state["masks"][s.positions]
                 if s.kind == "clamp":
                     h[mask, s.latent] = v
                 else:
                     h[mask, s.latent] += v
             return h
 
-        fn = splice_fn(sae, error_term=self.error_term, edit=edit if edits or use_bias else None)
+        def pre_bias(x: Tensor) -> tuple[Tensor, Tensor]:
+            return bias, state["full"][biased[0].positions]
+
+        fn = splice_fn(sae, error_term=self.error_term, edit=edit if edits else None,
+                       pre_bias=pre_bias if biased else None, rows=lambda x: state["union"])
 
         def replace(x: Tensor) -> Tensor:
-            seen["x"] = x
+            masks, union = steered(x)
+            # with the error term the edit sees the steered tokens alone, in the order x[union] lists them;
+            # a steer on every one of them indexes with ... (a decoding step: no boolean-mask indexing)
+            cut = {p: m[union] for p, m in masks.items()} if self.error_term else masks
+            state.update(full=masks, union=union, masks={p: ... if m.all() else m for p, m in cut.items()})
             return fn(x)
 
         return replace
@@ -258,12 +283,45 @@ class Steering:
 @torch.no_grad()
 def biased_latents(sae, x: Tensor, bias: Tensor) -> Tensor:
     """Dense latents [N, d_sae] of x [..., d_in] encoded with ``bias`` [d_sae] added to the pre-activation
-    before TopK (the seed's h_bias): a biased latent can enter the top k and evict another."""
+    before TopK (the seed's h_bias): a biased latent can enter the top k and evict another. Pass only the
+    tokens you want biased: every row of x is encoded (a bias steer encodes its steered tokens alone,
+    through the splice's ``pre_bias``)."""
     from llama_sae.sae.model import encode_select, normalize
 
     x_norm, _, _ = normalize(x.reshape(-1, sae.cfg.d_in), sae.cfg.normalize_activations)
     vals, idx, _, _ = encode_select(x_norm - sae.b_dec, sae.W_enc, sae.b_enc + bias, sae.cfg.k)
     return torch.zeros(vals.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    return x
+
+
+def _add_only(sae, edits: list[tuple[Steer, float]], steered):
+    """The hook replacement for ``add`` steers alone, with the error term: no encode. x + Σ v·W_dec[latent] at
+    each steer's tokens (times the token's std when the SAE normalizes its input), which is what the splice
+    decodes from latents changed by +v, up to the rounding of (h + v) − h."""
+    from llama_sae.sae.model import normalize
+    from llama_sae.splice import add_at_rows, decode_change, pick_rows
+
+    latents = sorted({s.latent for s, _ in edits})
+    col = {latent: j for j, latent in enumerate(latents)}
+    cols = torch.tensor(latents, device=sae.W_dec.device)
+
+    @torch.no_grad()
+    def replace(x: Tensor) -> Tensor:
+        masks, union = steered(x)
+        sel, xs = pick_rows(x, union)  # the steered tokens [m, d_in]
+        if not len(xs):
+            return x
+        change = torch.zeros(len(xs), len(latents), device=x.device)  # [m, latents]
+        for s, v in edits:
+            mask = masks[s.positions].reshape(-1)
+            change[:, col[s.latent]] += (mask if sel is None else mask[sel]) * v
+        _, _, std = normalize(xs, sae.cfg.normalize_activations)
+        return add_at_rows(x, sel, decode_change(sae, change, cols, std))
+
+    return replace
 
 
 class _PositionTracker:
