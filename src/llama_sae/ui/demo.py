@@ -7,13 +7,17 @@ import shlex
 from pathlib import Path
 
 DEMO_TOPICS = ("astronomy", "law")
+# Continuations of each of the 12 neutral prompts per setting. With 4 the perplexity ratio moved by 0.2-0.5 from
+# one sampling seed to the next (BENCHMARKS.md, issue 9); 8 halves the variance at twice the generation.
+STEER_SAMPLES = 8
 
 
 def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, out: Path, *,
-          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (8.0, 12.0, 16.0),
-          steer_sae=None) -> dict:
-    """Steer ``topics`` (each through the steer on the last prompt token, among its 5 best readers and
-    ``strengths``, with the most room on the three goals), show unsteered vs steered text and the on-topic rates,
+          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (6.0, 8.0, 12.0, 16.0),
+          steer_sae=None, samples: int = STEER_SAMPLES) -> dict:
+    """Steer ``topics`` (each through the steer on the last prompt token, among its 3 best readers screened at 12
+    units and the best one's ``strengths``, with the most room on the three goals; ``samples`` continuations of
+    each neutral prompt per setting), show unsteered vs steered text and the on-topic rates,
     write the dashboard of ``sae`` under out/dashboard. ``steer_sae`` (default ``sae``) is the SAE steered; its
     units come from ``sae``'s features artifact when it is ``sae``, else from a quick estimate. Returns the
     figures for report.json."""
@@ -40,21 +44,21 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     own = steer_sae is sae  # the features artifact describes sae's latents only
     units = build_steering(model, tokenizer, saes, [], features={hook: features} if own else None).units
     prompts = tinyworld.neutral_prompts()
-    base = sample_continuations(model, tokenizer, prompts, None, samples=4, seed=0)
+    base = sample_continuations(model, tokenizer, prompts, None, samples=samples, seed=0)
     nll, n = continuation_nll(model, base)
     base_ppl = math.exp(nll / n)
-    candidates = topic_candidates(model, tokenizer, steer_sae, list(topics), n=5, n_sentences=600)
+    candidates = topic_candidates(model, tokenizer, steer_sae, list(topics), n=3, n_sentences=600)
     shown = prompts[:4]
     plain = generate(model, tokenizer, shown, None, max_new_tokens=16)
     results = {}
     for topic in topics:
         best, _ = pick_steer(model, tokenizer, saes, units, topic, candidates[topic], base_ppl, strengths=strengths,
-                             finalists=2, positions="last", samples=4, seed=0)  # chosen on seed 0, shown on seed 1
+                             finalists=1, positions="last", samples=samples, seed=0)  # chosen on seed 0, shown on 1
         latent, spec = best["latent"], best["spec"]
         steering = Steering(saes, parse_steers([spec]), units)
         steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
-        r = measure(model, tokenizer, prompts, steering, topic, samples=4, seed=1)
-        r0 = measure(model, tokenizer, prompts, None, topic, samples=4, seed=1)
+        r = measure(model, tokenizer, prompts, steering, topic, samples=samples, seed=1)
+        r0 = measure(model, tokenizer, prompts, None, topic, samples=samples, seed=1)
         e = features.explanation(latent) if own else None
         table = Table("prompt", "unsteered", f"steered --steer {hook}@{spec}",
                       title=f"{topic}: latent {latent} of the SAE at {hook}" + (f" ({e.text[:60]})" if e else ""))
