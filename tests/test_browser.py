@@ -77,7 +77,7 @@ def test_ui_chat_steer_and_token_features(browser):
         # steer: a latent into slot 1, then drag its strength slider (the release re-runs the last message)
         latent = browser.find_element(By.CSS_SELECTOR, "#latent-0 textarea")
         latent.send_keys(Keys.CONTROL, "a")
-        latent.send_keys("1804", Keys.TAB)
+        latent.send_keys("969", Keys.TAB)
         slider = browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=range]")
         ActionChains(browser).click_and_hold(slider).move_by_offset(slider.size["width"] // 3, 0).release().perform()
         strength = float(browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=number]").get_attribute("value"))
@@ -107,7 +107,7 @@ def test_ui_chat_steer_and_token_features(browser):
         record = json.loads(browser.execute_script(
             "return document.querySelector('#record .cm-content')?.innerText || '{}'") or "{}")
         if record:  # the record panel is collapsed; when rendered it names the steer
-            assert record["steers"][0]["latent"] == 1804
+            assert record["steers"][0]["latent"] == 969
 
         # feature search by explanation text; a result row goes into the first slot
         search = browser.find_element(By.CSS_SELECTOR, "#search textarea")
@@ -130,8 +130,8 @@ def test_ui_chat_steer_and_token_features(browser):
         browser.save_screenshot(str(ARTIFACTS / "ui-5-completion.png"))
 
         # the dashboard's link: ?steer=SPEC fills the first slot
-        browser.get(f"http://127.0.0.1:{port}/?steer=628:clamp:5:prompt")
-        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == "628")
+        browser.get(f"http://127.0.0.1:{port}/?steer=766:clamp:5:prompt")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#latent-0 textarea").get_attribute("value") == "766")
         strength = browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=number]").get_attribute("value")
         assert float(strength) == 5
     finally:

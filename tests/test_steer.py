@@ -179,13 +179,13 @@ def test_cli_steered_generate_records_and_replays(tmp_path):
     sae = str(tinyworld.sae_path())
     feats = str(tinyworld.features_path())
     rec = tmp_path / "rec.json"
-    out = _cli("generate", "The", "Yesterday,", "--sae", sae, "--features", feats, "--steer", "628:add:12:prompt",
+    out = _cli("generate", "The", "Yesterday,", "--sae", sae, "--features", feats, "--steer", "969:add:6:prompt",
                "-n", "12", "--record", str(rec))
     assert out.exit_code == 0, out.output
     plain = _cli("generate", "The", "Yesterday,", "-n", "12")
     record = json.loads(rec.read_text())
-    assert record["steers"][0]["spec"] == "resid_post.2@628:add:12:prompt"
-    assert record["steers"][0]["unit"] > 0 and record["saes"]["resid_post.2"]["units"].startswith("features:")
+    assert record["steers"][0]["spec"] == "resid_post.5@969:add:6:prompt"
+    assert record["steers"][0]["unit"] > 0 and record["saes"]["resid_post.5"]["units"].startswith("features:")
     assert record["outputs"][0] in out.output and record["outputs"][0] not in plain.output  # the steer changed it
     replay = _cli("generate", "--replay", str(rec))
     assert replay.exit_code == 0 and "match the record" in replay.output
@@ -203,12 +203,12 @@ def test_cli_show_features_and_bad_input(tmp_path):
     out = _cli("generate", "--prompts-file", str(prompts), "--sae", sae, "--features", str(tinyworld.features_path()),
                "--show-features", "-n", "4")
     assert out.exit_code == 0, out.output
-    assert out.output.count("features at resid_post.2") == 2 and "' chef'" in out.output
+    assert out.output.count("features at resid_post.5") == 2 and "' chef'" in out.output
     for args, message in ((["--steer", "9999:add:1"], "out of range"), (["--steer", "5:add"], "has 2 field"),
                           (["--steer", "resid_post.4@5:add:1"], "none is loaded there")):
         bad = _cli("generate", "The", "--sae", sae, *args)
         assert bad.exit_code != 0 and message in str(bad.exception), (args, bad.output)
-    assert _cli("generate", "The", "--steer", "1804:add:6", "-n", "4", "--record", str(tmp_path / "d")).exit_code == 0
+    assert _cli("generate", "The", "--steer", "969:add:6", "-n", "4", "--record", str(tmp_path / "d")).exit_code == 0
     assert "need an SAE of this model" in str(_cli("generate", "The", "--model", str(tinyworld.model_path()),
                                                    "--steer", "5:add:1").exception)
     absurd = _cli("generate", "The", "--sae", sae, "--steer", "5:add:80", "-n", "3", "--record", str(tmp_path / "r"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import socket
 
 import pytest
@@ -30,8 +31,8 @@ def test_slots_build_the_shared_spec():
 
 
 def test_session_defaults_steer_and_search(session):
-    assert session.hook == "resid_post.2" and session.saes[session.hook].cfg.d_sae == 2048
-    assert session.units[session.hook].shape == (2048,) and (session.units[session.hook] > 0).all()
+    assert session.hook == "resid_post.5" and session.saes[session.hook].cfg.d_sae == 1024
+    assert session.units[session.hook].shape == (1024,) and (session.units[session.hook] > 0).all()
     with pytest.raises(UserError, match="out of range"):
         session.steering(["5000:add:4"])
     with pytest.raises(UserError, match="none is loaded there"):
@@ -48,7 +49,7 @@ def test_stream_and_token_view(session):
     sampling = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     plain = list(session.stream("The", None, chat=False, sampling=sampling))
     text, prompt_tokens, new = plain[-1]
-    steered = list(session.stream("The", session.steering(["1642:add:8"]), chat=False, sampling=sampling))[-1]
+    steered = list(session.stream("The", session.steering(["969:add:8"]), chat=False, sampling=sampling))[-1]
     assert text and steered[0] != text  # a strong push on a topic latent changes the greedy text
     view = session.token_view(prompt_tokens, new)
     assert len(view) == len(new) and all(len(v["latents"]) <= 5 for v in view)
@@ -86,7 +87,7 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     assert index.count("<tr data-id=") == 4 and "id='search'" in index
     f = load_features(tinyworld.features_path())
     page = (out / "latents" / "11.html").read_text()
-    assert f.explanation(11).text.replace('"', "&quot;") in page
+    assert html.escape(f.explanation(11).text) in page
     assert "aria-label='activation histogram'" in page and page.count("class='pos num'") == 10
     assert "?steer=11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "5000"])

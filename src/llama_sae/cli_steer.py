@@ -35,7 +35,7 @@ def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feat
 
     Without --sae on the shipped tiny model, the shipped tinyworld SAE (and its features artifact) is used."""
     from llama_sae import tinyworld
-    from llama_sae.steer import build_steering, load_saes, match_features, parse_steers
+    from llama_sae.steer import ESTIMATE_SENTENCES, build_steering, load_saes, match_features, parse_steers
 
     steers = parse_steers(specs)  # malformed specs fail before anything loads
     feature_paths = list(feature_paths or [])
@@ -53,8 +53,9 @@ def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feat
     if steers:
         missing = [h for h in saes if h not in features]
         if missing:
-            err_console.print(f"note: no features artifact for {', '.join(missing)}: estimating each latent's typical "
-                              "max activation over 256 sentences (pass --features DIR for the real one)",
+            err_console.print(f"note: no features artifact for {', '.join(missing)}: estimating each latent's "
+                              f"typical max activation over {ESTIMATE_SENTENCES:,} tinyworld sentences (pass "
+                              "--features DIR for one built on your corpus)",
                               style="yellow", markup=False, highlight=False)
         steering = build_steering(model, tokenizer, saes, steers, sources=sources, features=features)
         for line in steering.warnings:

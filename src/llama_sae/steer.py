@@ -41,6 +41,7 @@ from llama_sae.errors import UserError
 
 KINDS = ("clamp", "add", "bias")
 POSITIONS = ("all", "prompt", "generated", "last")  # and last+N, prompt+N (see positions_window)
+ESTIMATE_SENTENCES = 2000  # the quick unit estimate reads as many sentences as the shipped features artifact (top 8)
 ABSURD_STRENGTH = 50.0  # units: beyond this the edit dwarfs anything the latent does on real text
 SPEC_HELP = ("LATENT:KIND:STRENGTH[:POSITIONS] with KIND clamp|add|bias and POSITIONS "
              "all|prompt|generated|last|last+N|prompt+N")
@@ -120,16 +121,20 @@ def parse_steers(texts: Sequence[str] | str) -> list[Steer]:
 
 
 # --------------------------------------------------------------------------- units
-def estimate_units(model, tokenizer, sae, *, n_sentences: int = 256, top: int = 20, seed: int = 11) -> Tensor:
-    """A quick typical max activation per latent [d_sae]: the mean of its top ``top`` per-sentence maxima
-    over ``n_sentences`` held-out tinyworld sentences (plain English; build a features artifact for a
-    real corpus). Latents that never fire get the median unit of the others."""
+def estimate_units(model, tokenizer, sae, *, n_sentences: int = ESTIMATE_SENTENCES, top: int = 8,
+                   seed: int = 11) -> Tensor:
+    """A quick typical max activation per latent [d_sae]: the statistic of a features artifact's ``typical_max``
+    (the mean of a latent's ``top`` largest per-sentence maxima, over the sentences where it fires), over
+    ``n_sentences`` held-out tinyworld sentences (plain English; build a features artifact for a real corpus).
+    Latents that never fire get the median unit of the others."""
     from llama_sae import tinyworld
     from llama_sae.tinyworld.recovery import sentence_activations
 
     texts = [r.text for r in tinyworld.sentences(n_sentences, seed=seed, split="heldout")]
-    latents, _ = sentence_activations(model, tokenizer, sae, texts)  # [N, d_sae] per-sentence max
-    return fill_dead_units(latents.topk(min(top, len(texts)), dim=0).values.mean(0))
+    latents, _ = sentence_activations(model, tokenizer, sae, texts)  # [N, d_sae] per-sentence max (0: silent)
+    best = latents.topk(min(top, len(texts)), dim=0).values  # [top, d_sae]
+    fired = (best > 0).sum(0)
+    return fill_dead_units(best.sum(0) / fired.clamp_min(1))
 
 
 def fill_dead_units(units: Tensor) -> Tensor:
@@ -425,7 +430,7 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object]) -> dict
 
 def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[Steer], *,
                    sources: dict[str, dict] | None = None, features: dict[str, object] | None = None,
-                   estimate_sentences: int = 256) -> Steering:
+                   estimate_sentences: int = ESTIMATE_SENTENCES) -> Steering:
     """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate."""
     sources = {h: dict((sources or {}).get(h, {})) for h in saes}
     units = {}

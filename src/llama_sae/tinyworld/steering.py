@@ -99,7 +99,7 @@ def goal_margin(r: dict) -> float:
 
 
 def pick_steer(model, tokenizer, saes: dict, units: dict, topic: str, candidates: list[int], base_perplexity: float,
-               *, strengths: tuple[float, ...] = (6, 8, 12, 16, 20), screen_strength: float = 12.0,
+               *, strengths: tuple[float, ...] = (2, 3, 4, 6, 8), screen_strength: float = 5.0,
                finalists: int = 3, kind: str = "add", positions: str = "last", seed: int = 0, key=goal_margin,
                **sampling) -> tuple[dict, list[dict]]:
     """The steer (latent and strength) that best makes neutral prompts about ``topic``: every candidate is run at

@@ -13,9 +13,9 @@ STEER_SAMPLES = 8
 
 
 def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, out: Path, *,
-          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (6.0, 8.0, 12.0, 16.0),
+          topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0),
           steer_sae=None, samples: int = STEER_SAMPLES) -> dict:
-    """Steer ``topics`` (each through the steer on the last prompt token, among its 3 best readers screened at 12
+    """Steer ``topics`` (each through the steer on the last prompt token, among its 3 best readers screened at 5
     units and the best one's ``strengths``, with the most room on the three goals; ``samples`` continuations of
     each neutral prompt per setting), show unsteered vs steered text and the on-topic rates,
     write the dashboard of ``sae`` under out/dashboard. ``steer_sae`` (default ``sae``) is the SAE steered; its
