@@ -21,7 +21,8 @@ instead of the last one, and the generated tokens (at the chosen strength); the 
 (``concept_recovery``'s best reader); prompting (tinyworld's topic prompts, "The chef", ..., unsteered); the
 unsteered base rate.
 
-    python benchmarks/bench_steer.py --sae runs/demo/sae --features runs/demo/features   # 10 topics
+    python benchmarks/bench_steer.py                  # the shipped SAE (resid_post.5) and its features artifact
+    python benchmarks/bench_steer.py --sae runs/demo/sae_resid_post.5                     # units: a quick estimate
     python benchmarks/bench_steer.py --topics all                                         # all 30 topics
 
 Prints a per-topic table and the comparison, then one JSON line with every measurement.
@@ -47,7 +48,8 @@ DEFAULT_TOPICS = "diplomacy,football,cooking,astronomy,medicine,finance,programm
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sae", help="SAE directory trained on the tiny model; default: the shipped one")
-    ap.add_argument("--features", help="features artifact of the SAE (units); default: a quick estimate")
+    ap.add_argument("--features", help="features artifact of the SAE (units); default: the shipped one for the "
+                    "shipped SAE, else a quick estimate")
     ap.add_argument("--topics", default=DEFAULT_TOPICS, help="'all' or a comma list of topics")
     ap.add_argument("--strengths", default="2,3,4,6,8", help="comma list, units of typical max")
     ap.add_argument("--screen-strength", type=float, default=5.0, help="add strength that screens the candidates")
@@ -81,7 +83,8 @@ def main() -> None:
     model, tok = load_model(path), load_tokenizer(path)
     saes, sources = load_saes(model, [args.sae or tinyworld.sae_path()])
     (hook, sae), = saes.items()
-    features = match_features([args.features] if args.features else [], saes)
+    feature_paths = [args.features] if args.features else [] if args.sae else [tinyworld.features_path()]
+    features = match_features(feature_paths, saes)
     base_steering = build_steering(model, tok, saes, [], sources=sources, features=features)
     units, sources = base_steering.units, base_steering.sources
     recovery = {r["concept"]: r for r in concept_recovery(model, tok, sae)["rows"] if r["kind"] == "topic"}

@@ -3,7 +3,8 @@
 bench_steer.py chooses every setting on seed 0 and reports seed 1. This script reads its JSON line (the last
 line of its output), takes one method's chosen steer per topic (default: the ``add`` steer on the last prompt
 token), and measures it again with the same SAE, units and protocol on ``--seeds`` (neither 0 nor 1), each
-against the unsteered continuations of that seed.
+against the unsteered continuations of that seed. Units come from the features artifact the bench used
+(``--features``), else from the quick estimate (whose statistic changed in session 4: re-run older logs' bench).
 
     python benchmarks/bench_steer.py --sae SAE | tee steer.log
     python benchmarks/bench_steer_confirm.py steer.log --seeds 2,3
@@ -44,7 +45,7 @@ def main() -> None:
 
     from llama_sae import tinyworld
     from llama_sae.llama import load_model, load_tokenizer
-    from llama_sae.steer import Steering, build_steering, load_saes, parse_steers
+    from llama_sae.steer import Steering, build_steering, load_saes, match_features, parse_steers
     from llama_sae.tinyworld.steering import continuation_nll, measure, meets_goals, sample_continuations
 
     info = machine_info(args.threads)
@@ -53,7 +54,9 @@ def main() -> None:
     path = tinyworld.model_path()
     model, tok = load_model(path), load_tokenizer(path)
     saes, sources = load_saes(model, [bench["sae"]])
-    units = build_steering(model, tok, saes, [], sources=sources).units  # the bench's own units (same estimate)
+    source = bench.get("units") or ""  # the bench's units: its features artifact, or the quick estimate
+    features = match_features([source.removeprefix("features:")], saes) if source.startswith("features:") else None
+    units = build_steering(model, tok, saes, [], sources=sources, features=features).units
     prompts, samples = tinyworld.neutral_prompts(), bench["samples"]
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
