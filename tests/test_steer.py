@@ -355,3 +355,22 @@ def test_steering_without_error_term_reconstructs_every_token(model, sae):
         want = model(tokens)
     with steering.apply(model, prompt_len=12):
         assert torch.equal(model(tokens), want)
+
+
+def test_quick_unit_estimate_matches_the_features_artifact(one_thread):
+    """Without --features, units come from estimate_units: it must compute the artifact's typical_max statistic,
+    so that "+4" is the same push with or without the artifact (the old estimate read about 2x low)."""
+    from llama_sae import tinyworld
+    from llama_sae.features import load_features
+    from llama_sae.llama import load_tokenizer
+    from llama_sae.sae import load
+    from llama_sae.steer import estimate_units
+
+    path = tinyworld.model_path()
+    model, tok, sae = load_model(path), load_tokenizer(path), load(tinyworld.sae_path())
+    artifact = torch.as_tensor(load_features(tinyworld.features_path()).typical_max)
+    estimate = estimate_units(model, tok, sae)  # a different sample of 2,000 held-out sentences
+    live = artifact > 0
+    ratio = estimate[live] / artifact[live]
+    assert 0.95 < float(ratio.median()) < 1.05  # the same statistic: no systematic scale between the two
+    assert float(((ratio - 1).abs() < 0.25).float().mean()) > 0.9  # and close latent by latent
