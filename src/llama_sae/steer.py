@@ -233,8 +233,9 @@ class Steering:
         edits = [(s, v) for s, v in steers if s.kind != "bias"]
         biased = [s for s, _ in steers if s.kind == "bias"]
         bias = torch.zeros(sae.cfg.d_sae, device=sae.b_enc.device)
-        for s in biased:
-            bias[s.latent] += self.value(s)
+        for s, v in steers:
+            if s.kind == "bias":
+                bias[s.latent] += v
         if not bias.any():
             biased = []
         positions = sorted({s.positions for s, _ in edits} | {s.positions for s in biased})

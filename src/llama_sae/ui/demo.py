@@ -28,6 +28,7 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     from llama_sae.steer import Steering, build_steering, generate, parse_steers
     from llama_sae.tinyworld.steering import (
         continuation_nll,
+        label_rates,
         measure,
         meets_goals,
         pick_steer,
@@ -44,21 +45,25 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     own = steer_sae is sae  # the features artifact describes sae's latents only
     units = build_steering(model, tokenizer, saes, [], features={hook: features} if own else None).units
     prompts = tinyworld.neutral_prompts()
-    base = sample_continuations(model, tokenizer, prompts, None, samples=samples, seed=0)
-    nll, n = continuation_nll(model, base)
-    base_ppl = math.exp(nll / n)
+
+    def unsteered(seed: int):  # continuations and perplexity; seed 0 chooses the steers, seed 1 shows them
+        outs = sample_continuations(model, tokenizer, prompts, None, samples=samples, seed=seed)
+        nll, n = continuation_nll(model, outs)
+        return outs, math.exp(nll / n)
+
+    (_, select_ppl), (held_out, held_out_ppl) = unsteered(0), unsteered(1)  # generated once, for every topic
     candidates = topic_candidates(model, tokenizer, steer_sae, list(topics), n=3, n_sentences=600)
     shown = prompts[:4]
     plain = generate(model, tokenizer, shown, None, max_new_tokens=16)
     results = {}
     for topic in topics:
-        best, _ = pick_steer(model, tokenizer, saes, units, topic, candidates[topic], base_ppl, strengths=strengths,
+        best, _ = pick_steer(model, tokenizer, saes, units, topic, candidates[topic], select_ppl, strengths=strengths,
                              finalists=1, positions="last", samples=samples, seed=0)  # chosen on seed 0, shown on 1
         latent, spec = best["latent"], best["spec"]
         steering = Steering(saes, parse_steers([spec]), units)
         steered = generate(model, tokenizer, shown, steering, max_new_tokens=16)
         r = measure(model, tokenizer, prompts, steering, topic, samples=samples, seed=1)
-        r0 = measure(model, tokenizer, prompts, None, topic, samples=samples, seed=1)
+        r0 = label_rates(held_out, topic)
         e = features.explanation(latent) if own else None
         table = Table("prompt", "unsteered", f"steered --steer {hook}@{spec}",
                       title=f"{topic}: latent {latent} of the SAE at {hook}" + (f" ({e.text[:60]})" if e else ""))
@@ -67,10 +72,10 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
         console.print(table)
         console.print(f"{topic}: {r['on_topic']:.0%} of sampled continuations of the 12 neutral prompts mention it "
                       f"(unsteered {r0['on_topic']:.0%}); other topics {r['off_target']:.0%}; perplexity under the "
-                      f"unsteered model x{r['perplexity'] / r0['perplexity']:.2f}")
+                      f"unsteered model x{r['perplexity'] / held_out_ppl:.2f}")
         results[topic] = {"hook": hook, "latent": latent, "spec": spec, "on_topic": r["on_topic"],
                           "off_target": r["off_target"], "unsteered_on_topic": r0["on_topic"],
-                          "ppl_ratio": r["perplexity"] / r0["perplexity"]}
+                          "ppl_ratio": r["perplexity"] / held_out_ppl}
         results[topic]["meets_goals"] = meets_goals(results[topic])
         console.print(f"  goals (>= 80% on-topic, <= 10% other topics, perplexity <= x1.5): "
                       f"{'all met' if results[topic]['meets_goals'] else 'not all met'}")
