@@ -15,8 +15,9 @@ plain forward (same process, same batch), for each splice mode:
                position (prompt_len = T: one token per row is steered), through Steering.apply
 * steer-add    one ``add`` steer on every position (``all``): the steering path that needs no encode
 
-and the evaluation throughput in tokens/s: ``activation_metrics`` (FVU, L0, dead, ... over activations) and
-``model_metrics`` (CE clean / spliced / zero-ablated and KL: three forwards per batch).
+and the evaluation throughput in tokens/s: ``activation_metrics`` (FVU, L0, dead, ... over activations), as a
+ratio to one reconstruction pass over the same activations, and ``model_metrics`` (CE clean / spliced /
+zero-ablated and KL), as a ratio to three whole forwards per batch (see :func:`evaluation_costs`).
 
 The SAE: ``--sae DIR`` (e.g. runs/demo/sae/...), else a random one at that size initialized on real activations
 (its cost does not depend on training).
@@ -33,7 +34,7 @@ import contextlib
 import time
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table, timed
+from _common import interleaved, machine_info, print_json, print_machine, print_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,7 +137,6 @@ def main(argv=None) -> dict:
     from llama_sae.demo import DEMO_HOOK
     from llama_sae.llama import load_model, load_tokenizer
     from llama_sae.sae import load
-    from llama_sae.sae.evaluate import activation_metrics, model_metrics, token_batches
     from llama_sae.splice import SplicedModel, spliced
 
     if a.shape == "seed":
@@ -214,16 +214,55 @@ def main(argv=None) -> dict:
         print_json(result)
         return result
 
-    t_act, _ = timed(lambda: activation_metrics(sae, [acts[i:i + 512] for i in range(0, len(acts), 512)]), clock)
-    texts = [r.text for r in tinyworld.sentences(a.eval_texts, split="heldout")]
-    t_model, rep = timed(lambda: model_metrics(model, sae, token_batches(tok, texts, batch_size=16)), clock)
-    result.update(activation_metrics_tokens_per_s=round(len(acts) / t_act),
-                  model_metrics_tokens_per_s=round(rep["predicted_tokens"] / t_model),
-                  model_metrics_predicted_tokens=rep["predicted_tokens"])
-    print(f"evaluation: activation_metrics {result['activation_metrics_tokens_per_s']:,} tokens/s; model_metrics "
-          f"(3 forwards per batch) {result['model_metrics_tokens_per_s']:,} predicted tokens/s")
+    result.update(evaluation_costs(model, tok, sae, acts, a.eval_texts, max(3, a.repeats // 3), clock))
+    ev = result["evaluation"]
+    print("evaluation (medians, interleaved with their references):")
+    print_table(["pass", "tokens/s", "x reference", "reference"],
+                [["activation_metrics", f"{ev['activation_metrics_tokens_per_s']:,}",
+                  f"{ev['activation_metrics_vs_reconstruction']:.3f}", "one reconstruction pass (sae(x))"],
+                 ["model_metrics", f"{ev['model_metrics_tokens_per_s']:,}",
+                  f"{ev['model_metrics_vs_three_forwards']:.3f}", "three whole forwards (clean, spliced, zero)"]])
     print_json(result)
     return result
+
+
+def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -> dict:
+    """Evaluation throughput, each pass next to the least it could cost done naively, in the same rounds:
+    ``activation_metrics`` against one reconstruction pass over the same activations, and ``model_metrics``
+    (CE clean / spliced / zero-ablated and KL) against three whole forwards per batch (what it ran before
+    its forwards shared the blocks before the hook's)."""
+    from llama_sae import tinyworld
+    from llama_sae.sae.evaluate import activation_metrics, model_metrics, token_batches
+    from llama_sae.splice import spliced
+
+    chunks = [acts[i:i + 512] for i in range(0, len(acts), 512)]
+    texts = [r.text for r in tinyworld.sentences(n_texts, split="heldout")]
+    batches = list(token_batches(tok, texts, batch_size=16))
+    hook = sae.cfg.hook_name
+
+    def three_forwards():
+        with torch.inference_mode():
+            for tokens, _ in batches:
+                model(tokens)
+                with spliced(model, sae, error_term=False):
+                    model(tokens)
+                with model.hooked({hook: torch.zeros_like}):
+                    model(tokens)
+
+    def reconstruction():
+        with torch.inference_mode():
+            return [sae(c) for c in chunks]
+
+    fns = {"activation_metrics": lambda: activation_metrics(sae, chunks), "reconstruction": reconstruction,
+           "model_metrics": lambda: model_metrics(model, sae, batches), "three_forwards": three_forwards}
+    med, _, last = interleaved(fns, repeats, clock=clock)
+    predicted = last["model_metrics"]["predicted_tokens"]
+    return {"evaluation": {
+        "repeats": repeats, "texts": n_texts, "predicted_tokens": predicted,
+        "activation_metrics_tokens_per_s": round(len(acts) / med["activation_metrics"]),
+        "activation_metrics_vs_reconstruction": round(med["activation_metrics"] / med["reconstruction"], 3),
+        "model_metrics_tokens_per_s": round(predicted / med["model_metrics"]),
+        "model_metrics_vs_three_forwards": round(med["model_metrics"] / med["three_forwards"], 3)}}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB
@@ -9,6 +10,7 @@ from test_splice import _sae
 
 from llama_sae.llama import load_model
 from llama_sae.sae.evaluate import activation_metrics, model_metrics
+from llama_sae.splice import spliced
 
 
 def test_activation_metrics_match_float64(hf_checkpoints):
@@ -28,9 +30,10 @@ def test_activation_metrics_match_float64(hf_checkpoints):
     assert report["tokens"] == 150 and len(report["frequency"]) == sae.cfg.d_sae
 
 
-def test_model_metrics_ce_and_kl(hf_checkpoints):
+@pytest.mark.parametrize("hook", ["resid_post.1", "resid_post.2", "attn_in.0"])  # a block later, the last, inner
+def test_model_metrics_ce_and_kl(hf_checkpoints, hook):
     model = load_model(hf_checkpoints["gqa-tied-f32"][1])
-    sae = _sae(model, "resid_post.1")
+    sae = _sae(model, hook)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (2, 12), generator=g)
     mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -42,9 +45,15 @@ def test_model_metrics_ce_and_kl(hf_checkpoints):
         return ((ce.view(2, -1) * mask[:, 1:]).sum() / mask[:, 1:].sum()).item()
 
     assert abs(report["ce_clean"] - mean_ce(model(tokens))) < 1e-5
-    with model.hooked({"resid_post.1": torch.zeros_like}):
+    with model.hooked({hook: torch.zeros_like}):
         assert abs(report["ce_zero_ablated"] - mean_ce(model(tokens))) < 1e-5
     assert report["kl"] > 0 and report["ce_spliced"] != report["ce_clean"]
+    with spliced(model, sae, error_term=False):  # the whole spliced forward, no shared prefix
+        recon = model(tokens)
+    assert abs(report["ce_spliced"] - mean_ce(recon)) < 1e-5
+    logp, logq = F.log_softmax(model(tokens).double(), -1), F.log_softmax(recon.double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, T] float64
+    assert abs(report["kl"] - (kl * mask).sum().item() / mask.sum().item()) < 1e-6
     rec = (report["ce_zero_ablated"] - report["ce_spliced"]) / (report["ce_zero_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered"] - rec) < 1e-12
     assert report["predicted_tokens"] == 11 + 7 and len(report["kl_by_position"]) == 12

@@ -130,6 +130,29 @@ def test_edit_replaces_hook_point(hf_checkpoints):
     assert torch.equal(ours(tokens), clean)  # the edit is gone after the block
 
 
+def test_resumed_forward_equals_the_whole_forward(hf_checkpoints):
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    ours = load_model(path)
+    tokens = _tokens()
+    clean = ours(tokens)
+    calls = []
+    for layer in ours.layers:
+        layer.register_forward_pre_hook(lambda m, a: calls.append(m.layer_id))
+    for L in range(ours.args.n_layers):
+        calls.clear()
+        x = ours.residual_before(tokens, L)
+        assert calls == list(range(L))  # the prefix stops before block L
+        calls.clear()
+        assert torch.equal(ours(tokens, resume=(L, x)), clean), L
+        assert calls == list(range(L, ours.args.n_layers))  # the resumed run skips blocks 0..L-1
+        with ours.hooked({f"attn_in.{L}": torch.zeros_like}):  # an edit inside the first resumed block
+            assert torch.equal(ours(tokens, resume=(L, x)), ours(tokens))
+    with pytest.raises(ValueError, match="resume at block"):
+        ours(tokens, resume=(ours.args.n_layers, x))
+    with pytest.raises(ValueError, match="resume at block"):
+        ours(tokens[:1], resume=(0, x))
+
+
 def test_meta_checkpoint_two_shards_loads_to_same_logits(hf_checkpoints, tmp_path):
     for shape in ("gqa-tied-f32", "mha-untied-f8"):
         ref, path = hf_checkpoints[shape]

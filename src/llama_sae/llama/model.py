@@ -278,6 +278,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         mask: Tensor | None = None,
         capture: set[str] | None = None,
+        resume: tuple[int, Tensor] | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """Run the model on tokens [B, T].
 
@@ -287,6 +288,10 @@ class Transformer(nn.Module):
             mask: boolean attention mask [B, 1, T, S] (True = attend); default causal.
             capture: hook point names to record; the forward then ends after the last block needed
                 and returns ``{name: [B, T, d]}`` instead of logits.
+            resume: (L, x): start at block L with x [B, T, dim], the residual stream entering it
+                (``resid_pre.L``, from :meth:`residual_before`), skipping the embedding and blocks 0..L-1.
+                Several runs that differ only from block L on (a clean and a spliced forward) share
+                that prefix, and each gives the logits of a whole forward, bit for bit.
 
         Returns:
             logits [B, T, vocab_size] in the model's dtype, or the captured dict.
@@ -298,9 +303,16 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         run = _HookRun(self.edits, capture or set())
-        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        first = 0
+        if resume is None:
+            x = self.tok_embeddings(tokens)  # [B, T, dim]
+        else:
+            first, x = resume
+            if not 0 <= first < self.args.n_layers or x.shape != (B, T, self.args.dim):
+                raise ValueError(f"resume at block {first} with a {tuple(x.shape)} residual: expected a block in "
+                                 f"0..{self.args.n_layers - 1} and shape {(B, T, self.args.dim)}")
         cos, sin = self.rope(positions, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers[first:]:
             x = layer(x, cos, sin, mask, start, run)
             if stop_after is not None and layer.layer_id >= stop_after:
                 return run.captured
@@ -311,6 +323,13 @@ class Transformer(nn.Module):
         if not names:
             raise UserError("capture needs at least one hook point name, e.g. resid_post.0")
         return self(tokens, capture=set(names), **kw)
+
+    def residual_before(self, tokens: Tensor, layer: int, **kw) -> Tensor:
+        """The residual stream entering block ``layer`` [B, T, dim] (``resid_pre.{layer}``), computed without
+        running that block: what ``resume=(layer, x)`` of :meth:`forward` starts from."""
+        if layer == 0:
+            return self.tok_embeddings(tokens)
+        return self.capture(tokens, [f"resid_post.{layer - 1}"], **kw)[f"resid_post.{layer - 1}"]
 
     @contextmanager
     def hooked(self, edits: dict[str, Edit]) -> Iterator[Transformer]:

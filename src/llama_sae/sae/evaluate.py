@@ -7,6 +7,7 @@ Activation metrics (held-out rows of a store, or any batches [N, d_in]):
 Model metrics (token batches through the Llama with the SAE spliced in at its hook point):
     CE clean, CE spliced (the model runs on x̂, no error term), CE zero-ablated (the hook point set to 0),
     CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), and KL(clean ‖ spliced) per position.
+    The three forwards share the blocks before the hook's: those run once per batch.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
     tokens = 0
     for x in batches:
         x = x.float()
-        vals, idx = sae.encode_topk(x)
-        x_hat = sae(x)
+        x_hat, vals, idx = sae.forward_topk(x)
         active = vals > 0
         fires.index_add_(0, idx[active], torch.ones(int(active.sum()), dtype=torch.float64))
         l0 += float(active.sum())
@@ -67,10 +67,9 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
             "frequency": freq.tolist()}
 
 
-def _ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-    """Next-token cross-entropy per position [B, T-1] (0 where mask is False)."""
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    return ce.view(tokens.shape[0], -1) * mask[:, 1:]
+def _nll(logp: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Next-token cross-entropy per position [B, T-1] from log-probabilities [B, T, V] (0 where mask is False)."""
+    return -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]
 
 
 @torch.no_grad()
@@ -82,24 +81,30 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     Returns totals plus ``kl_by_position`` (mean KL at each position, for a per-position plot).
     ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`).
     """
-    from llama_sae.splice import check_fits, spliced
+    from llama_sae.llama.model import parse_hook_name
+    from llama_sae.splice import check_fits, splice_fn
 
     hook = check_fits(model, sae)
+    kind, layer = parse_hook_name(hook, model.args.n_layers)
+    point = hook
+    if kind == "resid_post" and layer + 1 < model.args.n_layers:
+        layer, point = layer + 1, f"resid_pre.{layer + 1}"  # the same tensor, one block later
+    splice = splice_fn(sae, error_term=False, compute_dtype=compute_dtype)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     kl_pos = torch.zeros(0, dtype=torch.float64)
     count_pos = torch.zeros(0, dtype=torch.float64)
     n = 0.0
     for tokens, mask in token_batches:
         mask = mask.to(torch.float32)
-        clean = model(tokens)
-        with spliced(model, sae, error_term=False, compute_dtype=compute_dtype):
-            recon = model(tokens)
-        with model.hooked({hook: torch.zeros_like}):
-            zero = model(tokens)
-        sums["clean"] += float(_ce(clean, tokens, mask).sum())
-        sums["spliced"] += float(_ce(recon, tokens, mask).sum())
-        sums["zero"] += float(_ce(zero, tokens, mask).sum())
-        logp, logq = F.log_softmax(clean.float(), -1), F.log_softmax(recon.float(), -1)
+        # The three forwards differ only from block `layer` on: the blocks before it run once.
+        resume = (layer, model.residual_before(tokens, layer))
+        logp = F.log_softmax(model(tokens, resume=resume).float(), -1)  # [B, T, V] clean
+        with model.hooked({point: splice}):
+            logq = F.log_softmax(model(tokens, resume=resume).float(), -1)  # spliced
+        with model.hooked({point: torch.zeros_like}):
+            sums["zero"] += float(_nll(F.log_softmax(model(tokens, resume=resume).float(), -1), tokens, mask).sum())
+        sums["clean"] += float(_nll(logp, tokens, mask).sum())
+        sums["spliced"] += float(_nll(logq, tokens, mask).sum())
         kl = (logp.exp() * (logp - logq)).sum(-1) * mask  # [B, T]
         sums["kl"] += float(kl.sum())
         n += float(mask[:, 1:].sum())

@@ -481,11 +481,17 @@ class SAE(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of x [..., d_in] (same shape, float32), through the k active latents only."""
+        return self.forward_topk(x)[0]
+
+    @torch.no_grad()
+    def forward_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One encode, both results: (the reconstruction :meth:`forward` gives, the (values [N, k], indices
+        [N, k]) :meth:`encode_topk` gives), N the tokens of x [..., d_in]."""
         flat = x.reshape(-1, self.cfg.d_in)
         x_norm, mu, std = normalize(flat, self.cfg.normalize_activations)
         vals, idx = self.select(x_norm - self.b_dec)
         y = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec  # [N, d_in]
-        return denormalize(y, mu, std).view(x.shape)
+        return denormalize(y, mu, std).view(x.shape), vals, idx
 
     def save(self, path, **metadata) -> None:
         """Write this SAE to directory ``path`` in the SAELens v6 layout (see formats.save)."""
