@@ -307,6 +307,16 @@ def test_top_k_positions_ties_and_nan_rows_match_torch_topk():
     got, want = a.gather(1, pos), a.topk(9, dim=-1).values
     assert torch.equal(got.nan_to_num(99).sort(1).values, want.nan_to_num(99).sort(1).values)
     assert (pos.sort(1).values.diff(dim=1) > 0).all()  # distinct positions
+    b = torch.randn(2, 40, generator=g)  # one row one short (a NaN), one row one over (a tie): M·k in total
+    b[0, 5], b[1, :2] = float("nan"), b[1].max() + 1
+    b[1, 2:10] = b[1].max() + 2  # row 1: eight above the tied pair; with k 9 the k-th value is tied
+    pos = torch.from_numpy(top_k_positions(b.numpy(), 9))
+    got, want = b.gather(1, pos), b.topk(9, dim=-1).values
+    assert torch.equal(got.nan_to_num(99).sort(1).values, want.nan_to_num(99).sort(1).values)
+    assert (pos.sort(1).values.diff(dim=1) > 0).all()
+    wide = torch.randn(8, 700, generator=g)  # wider than SORT_WIDTH: the k-th value by partition
+    p = top_k_positions(wide.numpy(), 40)
+    assert np.array_equal(np.sort(p, 1), wide.topk(40, dim=-1).indices.sort(1).values.numpy())
     clean = torch.randn(64, 300, generator=g, dtype=torch.float64)  # float64 is selected without rounding
     p = top_k_positions(clean.numpy(), 17)
     assert np.array_equal(np.sort(p, 1), clean.topk(17, dim=-1).indices.sort(1).values.numpy())
