@@ -171,9 +171,20 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     assert load(tmp_path / "s", k=5).cfg.k == 5
     assert load(tmp_path / "s" / "cfg.json", k=5).cfg.k == 5  # a file of the directory names the directory
     weights = (tmp_path / "s" / "sae_weights.safetensors").read_bytes()
+    rows = dict(describe(tmp_path / "s"))  # `sae info` reads the header: tensors and shapes, no notes
+    assert rows["weights"] == "sae_weights.safetensors: W_dec [96, 24], W_enc [24, 96], b_dec [24], b_enc [96]"
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(UserError, match="not a readable safetensors file .* truncated or not an SAE"):
         load(tmp_path / "s", k=5)
+    assert dict(describe(tmp_path / "s"))["weights"].startswith("unreadable: ")  # info shows the config, and this
+    cfg["d_sae"] = 95
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(weights)
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    notes = [v for key, v in describe(tmp_path / "s") if key == "note"]
+    assert "weights: W_enc should be [24, 95] by cfg.json, found [24, 96]: the weights and cfg.json do not " \
+           "belong together" in notes and len(notes) == 5  # W_enc, b_enc, W_dec; no k, no hook point
+    cfg["d_sae"] = 96
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     torch.save(seed_state(), tmp_path / "seed.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "seed.pth").read_bytes()[:3000])
     with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):

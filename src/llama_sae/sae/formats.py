@@ -148,6 +148,21 @@ def _safetensors(file: Path) -> Weights:
                         "export or download it again") from e
 
 
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor: shape} from a safetensors file's header, no tensor data read (a truncated file fails here too)."""
+    from safetensors import safe_open
+
+    if not file.exists():
+        raise UserError(f"{file} is missing: the SAE directory is incomplete; export or download it again")
+    try:
+        with safe_open(file, "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # as in _safetensors
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{file}: not a readable safetensors file ({msg}): it is truncated or not an SAE; "
+                        "export or download it again") from e
+
+
 def _k_of(raw: dict) -> int | None:
     k = raw.get("k")
     if k is None:
@@ -360,7 +375,30 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
         log_rate = load_sparsity(found.path)  # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
         rows.append(("sparsity", f"{SPARSITY_FILE}: median firing rate {10 ** float(log_rate.median()):.2g}, "
                                  f"{int((log_rate <= -9.99).sum())} latents never fired"))
+    rows += _weights_rows(found)
     rows += [("note", note) for note in found.notes]
+    return rows
+
+
+def _weights_rows(found: Found) -> list[tuple[str, str]]:
+    """The ``weights`` row of :func:`describe` (tensors and shapes from the file's header) and a note for each
+    tensor its config does not account for; nothing for the seed's .pth (read whole by :func:`find`)."""
+    if found.format == "seed":
+        return []
+    file = found.path / (WEIGHTS_FILE if found.format == "saelens" else SPARSIFY_WEIGHTS)
+    try:
+        shapes = _header_shapes(file)
+    except UserError as e:
+        return [("weights", f"unreadable: {e}")]
+    rows = [("weights", f"{file.name}: " + ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items()))]
+    d, n = found.values.get("d_in"), found.values.get("d_sae")
+    enc, enc_b = ("W_enc", "b_enc") if found.format == "saelens" else ("encoder.weight", "encoder.bias")
+    want = {enc: (d, n) if found.format == "saelens" else (n, d), enc_b: (n,), "W_dec": (n, d), "b_dec": (d,)}
+    for name, shape in want.items():
+        if shapes.get(name) != shape:
+            got = list(shapes[name]) if name in shapes else "missing"
+            rows.append(("note", f"weights: {name} should be {list(shape)} by {CFG_FILE}, found {got}: the weights "
+                                 f"and {CFG_FILE} do not belong together"))
     return rows
 
 
