@@ -29,6 +29,22 @@ def test_help_lists_every_stage():
         assert stage in out
 
 
+def test_every_command_renders_its_help():
+    import typer.main
+
+    def paths(group, prefix=()):  # every command of the app, sub-apps included
+        for name, cmd in group.commands.items():
+            yield (*prefix, name)
+            if hasattr(cmd, "commands"):
+                yield from paths(cmd, (*prefix, name))
+
+    commands = list(paths(typer.main.get_command(app)))
+    assert ("sae", "info") in commands and ("evaluate",) in commands
+    for path in commands:  # option texts are rich markup: a stray "[/x]" fails only when help is shown
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (path, result.exception)
+
+
 def test_info_shows_shape(hf_checkpoints):
     _, path = hf_checkpoints["gqa-tied-f32"]
     result = runner.invoke(app, ["info", "--model", str(path)])

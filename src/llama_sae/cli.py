@@ -382,7 +382,7 @@ def train(
 
 @app.command()
 def evaluate(
-    sae: Annotated[str, typer.Option(help="SAE: SAELens or sparsify directory, seed .pth, hf://org/repo[/dir]")],
+    sae: Annotated[str, typer.Option(help="SAE: SAELens or sparsify directory, seed .pth, hf://org/repo\\[/dir]")],
     store: Annotated[Path | None, typer.Option(help="activation store: metrics on its val split")] = None,
     corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL)")] = None,
     model: ModelOpt = None,

@@ -11,7 +11,7 @@ from rich.console import Console
 sae_app = typer.Typer(no_args_is_help=True, help="SAE files: info, convert (SAELens, sparsify, seed .pth), push, pull.")
 console = Console()
 
-PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo[/dir]")]
+PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo\\[/dir]")]
 KOpt = Annotated[int | None, typer.Option(help="k, where the file lacks it (the seed's .pth: 64)")]
 HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file lacks it (e.g. attn_in.23)")]
 
@@ -67,7 +67,7 @@ def push(
 
 @sae_app.command("pull")
 def pull(
-    uri: Annotated[str, typer.Argument(help="hf://org/repo[/subdir][@revision]")],
+    uri: Annotated[str, typer.Argument(help="hf://org/repo\\[/subdir]\\[@revision]")],
     out: Annotated[Path, typer.Argument(help="directory to copy the SAE into")],
 ) -> None:
     """Download an SAE from the Hugging Face hub into a directory."""
