@@ -22,6 +22,7 @@ from torch import nn
 LN_EPS = 1e-5  # SAELens's layer_norm eps; the seed used 1e-6. Matching SAELens keeps the format exact.
 PRE_BUFFER_BYTES = 256 << 20  # the encoder works on row blocks whose pre-activations fit in this
 SMALL_SELECT = 1 << 16  # select_topk runs a plain topk over at most this many pre-activations
+NUMPY_SELECT_THREADS = 2  # select_topk's numpy path beats torch.topk up to this many torch threads
 SORT_WIDTH = 512  # top_k_positions sorts rows up to this wide to find the k-th value, and partitions wider ones
 AUX_DENSE_RATIO = 16  # aux-k runs dense over the dead latents when n_dead <= this x k_aux (>= 1/16 selected)
 
@@ -92,9 +93,9 @@ def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[to
     The n latents form n / group blocks of ``group`` strided latents {j, j + n/group, ...}. A latent in the
     top k lies in one of the k blocks with the largest maxima (otherwise k other blocks would each hold a
     larger value), so one cheap max pass and a top-k over the block maxima leave k * group candidates.
-    With one CPU thread both top-k steps are numpy selections (:func:`top_k_positions`), 1.2-1.7x faster than
-    torch.topk on float32 (on bf16 from 1.2x faster to 7% slower); with more threads torch.topk's row-parallel
-    loop wins, and runs.
+    With up to NUMPY_SELECT_THREADS CPU threads both top-k steps are numpy selections (:func:`top_k_positions`,
+    single-threaded): faster than torch.topk on float32 with one thread, and than its row-parallel loop on two
+    (13-29% at the shapes measured); with more threads torch.topk runs.
     """
     M, n = pre.shape
     if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
@@ -102,7 +103,7 @@ def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[to
     if M * n <= SMALL_SELECT:  # a few tokens (generation steps): one topk call, no per-call overheads
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         return vals.relu_(), idx
-    top = _top_k_cpu if pre.device.type == "cpu" and torch.get_num_threads() == 1 else _top_k_torch
+    top = _top_k_cpu if pre.device.type == "cpu" and torch.get_num_threads() <= NUMPY_SELECT_THREADS else _top_k_torch
     if n % group or 4 * k * group > n:
         pos = top(pre, k)
         return pre.gather(1, pos).relu_(), pos
