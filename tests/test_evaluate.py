@@ -57,3 +57,16 @@ def test_model_metrics_ce_and_kl(hf_checkpoints, hook):
     rec = (report["ce_zero_ablated"] - report["ce_spliced"]) / (report["ce_zero_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered"] - rec) < 1e-12
     assert report["predicted_tokens"] == 11 + 7 and len(report["kl_by_position"]) == 12
+
+
+def test_model_metrics_in_logit_chunks_equal_one_chunk(hf_checkpoints, monkeypatch):
+    from llama_sae.sae import evaluate
+
+    model = load_model(hf_checkpoints["gqa-tied-f32"][1])
+    sae = _sae(model, "resid_post.1")
+    tokens = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    whole = model_metrics(model, sae, [(tokens, mask)])
+    monkeypatch.setattr(evaluate, "LOGIT_CHUNK", VOCAB * 7)  # 7 of the 30 positions per chunk, the last one short
+    assert model_metrics(model, sae, [(tokens, mask)]) == whole
+

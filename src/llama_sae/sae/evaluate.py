@@ -28,6 +28,7 @@ from llama_sae.sae.model import SAE
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens is "dense"
 EVAL_LOG = "eval.jsonl"  # the trainer's periodic spliced evaluations, one record per SAE and evaluation
 EVAL_REPORT = "evaluation.json"  # the final evaluation, next to the SAE's weights
+LOGIT_CHUNK = 1 << 24  # float32 logits per chunk of the CE / KL math (64 MiB: 130 positions of a 128k vocabulary)
 
 
 @torch.no_grad()
@@ -67,9 +68,25 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
             "frequency": freq.tolist()}
 
 
-def _nll(logp: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-    """Next-token cross-entropy per position [B, T-1] from log-probabilities [B, T, V] (0 where mask is False)."""
-    return -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+def position_metrics(clean: Tensor, recon: Tensor, zero: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Per position, from logits [B, T, V] of the clean, spliced and zero-ablated model on tokens [B, T]: the
+    next-token NLL of each, [3, B, T-1], and KL(clean ‖ spliced), [B, T], float32.
+
+    The softmax math runs in float32 over at most LOGIT_CHUNK logits at a time: with Llama 3's 128k vocabulary a
+    whole batch in float32 would be several copies of 1 GB.
+    """
+    B, T, V = clean.shape
+    targets = F.pad(tokens[:, 1:], (0, 1)).reshape(-1, 1)  # [B·T, 1]; the last position's target is a dummy
+    logits = [t.reshape(B * T, V) for t in (clean, recon, zero)]
+    nll, kl = torch.empty(3, B * T), torch.empty(B * T)
+    step = max(1, LOGIT_CHUNK // V)
+    for s in range(0, B * T, step):
+        rows = slice(s, s + step)
+        logp, logq, logz = (F.log_softmax(t[rows].float(), -1) for t in logits)
+        for i, lp in enumerate((logp, logq, logz)):
+            nll[i, rows] = -lp.gather(-1, targets[rows])[:, 0]
+        kl[rows] = (logp.exp() * (logp - logq)).sum(-1)
+    return nll.view(3, B, T)[:, :, :-1], kl.view(B, T)
 
 
 @torch.no_grad()
@@ -98,14 +115,15 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
         mask = mask.to(torch.float32)
         # The three forwards differ only from block `layer` on: the blocks before it run once.
         resume = (layer, model.residual_before(tokens, layer))
-        logp = F.log_softmax(model(tokens, resume=resume).float(), -1)  # [B, T, V] clean
+        clean = model(tokens, resume=resume)  # [B, T, V]
         with model.hooked({point: splice}):
-            logq = F.log_softmax(model(tokens, resume=resume).float(), -1)  # spliced
+            recon = model(tokens, resume=resume)
         with model.hooked({point: torch.zeros_like}):
-            sums["zero"] += float(_nll(F.log_softmax(model(tokens, resume=resume).float(), -1), tokens, mask).sum())
-        sums["clean"] += float(_nll(logp, tokens, mask).sum())
-        sums["spliced"] += float(_nll(logq, tokens, mask).sum())
-        kl = (logp.exp() * (logp - logq)).sum(-1) * mask  # [B, T]
+            zero = model(tokens, resume=resume)
+        nll, kl = position_metrics(clean, recon, zero, tokens)
+        for name, row in zip(("clean", "spliced", "zero"), nll * mask[:, 1:]):
+            sums[name] += float(row.sum())
+        kl = kl * mask  # [B, T]
         sums["kl"] += float(kl.sum())
         n += float(mask[:, 1:].sum())
         T = tokens.shape[1]
