@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_tokenizer import meta_tokenizer_model_path
 from typer.testing import CliRunner
@@ -58,6 +59,24 @@ def test_user_errors_are_one_line_with_status_2(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_device_torch_cannot_use_is_a_one_line_error(tmp_path):
+    from llama_sae.errors import UserError, check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="unknown device 'gpu': use cpu, cuda or cuda:N"):
+        check_device("gpu")
+    if not torch.cuda.is_available():  # the machines tests run on; with a GPU, asks for one it lacks
+        with pytest.raises(UserError, match="sees no CUDA GPU; use --device cpu"):
+            check_device("cuda")
+    else:
+        with pytest.raises(UserError, match="CUDA GPU"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    for args in (["generate", "hi", "--device", "gpu"], ["evaluate", "--sae", "x", "--corpus", "tinyworld:2",
+                                                          "--device", "gpu"]):
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, UserError) and "unknown device 'gpu'" in str(result.exception), args
 
 
 def test_convert_meta_to_hf_loads_in_transformers(hf_checkpoints, tmp_path):

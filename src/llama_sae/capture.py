@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from llama_sae import __version__
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_device
 from llama_sae.fileio import atomic_write, atomic_write_json
 from llama_sae.store import (
     FORMAT,
@@ -354,12 +354,12 @@ class _Dist:
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(device))
         self.owned = False
-        if self.device.type == "cuda" and self.world > 1 and self.device.index is None:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda" and self.device.index is None:  # torchrun: this rank's GPU; alone: the current
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # (set_device refuses a device without an index)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
             self.owned = True

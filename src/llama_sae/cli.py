@@ -394,6 +394,7 @@ def evaluate(
     bf16_encoder: Annotated[bool, typer.Option(help="spliced CE/KL with the encoder GEMM in bf16: faster on AMX "
                                                     "CPUs and GPUs; may swap near-tied latents at the k-th place")
                             ] = False,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, CE loss recovered and KL in the model."""
     from itertools import islice
@@ -405,7 +406,7 @@ def evaluate(
     from llama_sae.sae import load
     from llama_sae.sae.evaluate import activation_metrics, model_metrics, plot_frequency, summary_rows, token_batches
 
-    net = load(sae, k=k, hook_name=hook)
+    net = load(sae, device=device, k=k, hook_name=hook)
     if store is None and corpus is None:
         raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
     report: dict = {}
@@ -418,7 +419,7 @@ def evaluate(
     if corpus is not None:
         from llama_sae.corpus import iter_sentences
 
-        llama, tok = _load(model, None, "cpu")
+        llama, tok = _load(model, None, device)
         texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
         report.update(model_metrics(llama, net, token_batches(tok, texts),
                                     compute_dtype=torch.bfloat16 if bf16_encoder else None))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_device
 from llama_sae.fileio import atomic_write, atomic_write_json, atomic_writer
 from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
@@ -307,6 +307,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, device="cpu", rope_factor
     """
     path = Path(path)
     dtype = resolve_dtype(dtype)
+    check_device(str(device))
     fmt, args = read_args(path, rope_factor=rope_factor)
     state = hf_state_dict(path, args) if fmt == "hf" else meta_state_dict(path, args)
     if fmt == "meta" and "output.weight" not in state:

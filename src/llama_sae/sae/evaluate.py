@@ -36,19 +36,20 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
     """Reconstruction metrics of ``sae`` over batches of activations [N, d_in].
 
     Returns a dict: tokens, fvu, mse, cosine, l0, dead/dense counts and fractions (with thresholds),
-    and ``frequency`` (per-latent firing frequency, a list of d_sae floats).
+    and ``frequency`` (per-latent firing frequency, a list of d_sae floats). Batches on another device than
+    the SAE are moved to the SAE's.
     """
-    n_lat = sae.cfg.d_sae
-    fires = torch.zeros(n_lat, dtype=torch.float64)
+    n_lat, device = sae.cfg.d_sae, sae.W_enc.device
+    fires = torch.zeros(n_lat, dtype=torch.float64, device=device)
     sq_err = cos = l0 = 0.0
-    sum_x_vec = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
-    sum_sq_vec = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    sum_x_vec = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
+    sum_sq_vec = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
     tokens = 0
     for x in batches:
-        x = x.float()
+        x = x.to(device, torch.float32)
         x_hat, vals, idx = sae.forward_topk(x)
         active = vals > 0
-        fires.index_add_(0, idx[active], torch.ones(int(active.sum()), dtype=torch.float64))
+        fires.index_add_(0, idx[active], torch.ones(int(active.sum()), dtype=torch.float64, device=device))
         l0 += float(active.sum())
         sq_err += float((x - x_hat).double().pow(2).sum())
         sum_x_vec += x.double().sum(0)
@@ -65,7 +66,7 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
             "dead": dead, "dead_fraction": dead / n_lat, "dead_rule": f"no activation in {tokens:,} tokens",
             "dense": dense, "dense_fraction": dense / n_lat, "dense_threshold": dense_threshold,
             "dense_rule": f"fires on > {dense_threshold:.0%} of tokens",
-            "frequency": freq.tolist()}
+            "frequency": freq.cpu().tolist()}
 
 
 def position_metrics(clean: Tensor, recon: Tensor, zero: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,7 +79,7 @@ def position_metrics(clean: Tensor, recon: Tensor, zero: Tensor, tokens: Tensor)
     B, T, V = clean.shape
     targets = F.pad(tokens[:, 1:], (0, 1)).reshape(-1, 1)  # [B·T, 1]; the last position's target is a dummy
     logits = [t.reshape(B * T, V) for t in (clean, recon, zero)]
-    nll, kl = torch.empty(3, B * T), torch.empty(B * T)
+    nll, kl = torch.empty(3, B * T, device=clean.device), torch.empty(B * T, device=clean.device)
     step = max(1, LOGIT_CHUNK // V)
     for s in range(0, B * T, step):
         rows = slice(s, s + step)
@@ -95,7 +96,8 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     """CE clean / spliced / zero-ablated, CE recovered and KL, over batches of (tokens [B, T], mask [B, T]).
 
     ``mask`` marks real tokens (right padding is False); a position's loss counts when its target is real.
-    Returns totals plus ``kl_by_position`` (mean KL at each position, for a per-position plot).
+    Batches move to the model's device; the SAE must be on it. Returns totals plus ``kl_by_position`` (mean KL
+    at each position, for a per-position plot).
     ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`).
     """
     from llama_sae.llama.model import parse_hook_name
@@ -112,7 +114,7 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     count_pos = torch.zeros(0, dtype=torch.float64)
     n = 0.0
     for tokens, mask in token_batches:
-        mask = mask.to(torch.float32)
+        tokens, mask = tokens.to(model.device), mask.to(model.device, torch.float32)
         # The three forwards differ only from block `layer` on: the blocks before it run once.
         resume = (layer, model.residual_before(tokens, layer))
         clean = model(tokens, resume=resume)  # [B, T, V]
@@ -130,8 +132,8 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
         if kl_pos.numel() < T:
             kl_pos = F.pad(kl_pos, (0, T - kl_pos.numel()))
             count_pos = F.pad(count_pos, (0, T - count_pos.numel()))
-        kl_pos[:T] += kl.sum(0).double()
-        count_pos[:T] += mask.sum(0).double()
+        kl_pos[:T] += kl.sum(0).double().cpu()  # the per-position sums stay on the CPU, whatever the model's device
+        count_pos[:T] += mask.sum(0).double().cpu()
     ce = {k: sums[k] / n for k in ("clean", "spliced", "zero")}
     recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablated": ce["zero"],

@@ -47,7 +47,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_device
 from llama_sae.fileio import atomic_write, atomic_write_json
 from llama_sae.llama.model import HOOK_KINDS
 from llama_sae.sae.model import SAE, SAEConfig
@@ -336,6 +336,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int 
         >>> sae = load("runs/sae"); latents = sae.encode(x)
         >>> sae = load("seed/model.pth", k=64, hook_name="attn_in.23")
     """
+    check_device(str(device))
     found = find(path)
     cfg = _config(found, k=k, hook_name=hook_name)
     weights = found.weights()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_device
 from llama_sae.fileio import atomic_write, atomic_writer
 from llama_sae.sae import formats
 from llama_sae.sae.model import SAE, SAEConfig, TrainOutput, normalize
@@ -209,6 +209,7 @@ class World:
 
 def init_world(device: str) -> World:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or a group already initialized."""
+    check_device(device)
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
