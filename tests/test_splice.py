@@ -110,6 +110,10 @@ def test_splice_bad_inputs(model):
     with pytest.raises(UserError, match="hook_name is empty"):
         with spliced(model, _sae(model, None)):
             pass
+    elsewhere = SAE(SAEConfig(d_in=model.args.dim, d_sae=64, k=4, hook_name="resid_post.0"), device="meta")
+    with pytest.raises(UserError, match="the SAE is on meta but the model on cpu: load it with"):
+        with spliced(model, elsewhere):  # (a CUDA SAE next to a CPU model fails the same way)
+            pass
 
 
 def test_spliced_model_wrapper_behaves_like_the_model(model):

@@ -356,7 +356,7 @@ class _Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device(check_device(device))
         self.owned = False
-        if self.device.type == "cuda" and self.device.index is None:  # torchrun: this rank's GPU; alone: the current
+        if self.device.type == "cuda" and (self.world > 1 or self.device.index is None):  # torchrun: this rank's GPU
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # (set_device refuses a device without an index)

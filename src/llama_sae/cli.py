@@ -114,7 +114,7 @@ def generate(
     if replay is not None:
         from llama_sae.cli_steer import run_replay
 
-        return run_replay(replay, console)
+        return run_replay(replay, console, device=device, dtype=dtype)
     prompts = list(prompt or [])
     if prompts_file is not None:
         if not prompts_file.exists():

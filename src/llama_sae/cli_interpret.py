@@ -79,16 +79,17 @@ FreshOpt = Annotated[bool, typer.Option(help="start a new journal (the old one i
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="batch backends: submit and return; run again later "
                                                           "to collect")]
 PollOpt = Annotated[float, typer.Option(help="batch backends: seconds between status checks")]
+LocalDeviceOpt = Annotated[str, typer.Option(help="local backend: where the checkpoint runs (cpu, cuda, cuda:1, ...)")]
 
 
-def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model):
+def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device):
     from llama_sae.interpret import make_backend
 
     llama = tok = None
     if backend == "local":
         from llama_sae.cli import _load
 
-        llama, tok = _load(model, None, "cpu")
+        llama, tok = _load(model, None, device)
     return make_backend(backend, f, model=llm_model, base_url=base_url, api_key_env=api_key_env,
                         concurrency=concurrency, per_minute=per_minute, poll_interval=poll, wait=not no_wait,
                         llama=llama, tokenizer=tok)
@@ -116,6 +117,7 @@ def explain(
     no_wait: NoWaitOpt = False,
     poll: PollOpt = 30.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
+    device: LocalDeviceOpt = "cpu",
 ) -> None:
     """Explain every live latent (journaled: a killed run started again neither re-sends nor loses)."""
     from llama_sae.features import load_features
@@ -123,7 +125,7 @@ def explain(
 
     f = load_features(path)
     chosen = [int(x) for x in latents.split(",")] if latents else None
-    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model)
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device)
     out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
                       retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print)
     console.print(f"{out['explained']:,} of {out['requests']:,} latents explained; outcomes: {out['outcomes']}; "
@@ -149,6 +151,7 @@ def score(
     no_wait: NoWaitOpt = False,
     poll: PollOpt = 30.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
+    device: LocalDeviceOpt = "cpu",
 ) -> None:
     """Score every explanation: detection and fuzzing balanced accuracy per latent, and the shuffled control."""
     from llama_sae.errors import UserError
@@ -156,7 +159,7 @@ def score(
     from llama_sae.interpret import score as run_score
 
     f = load_features(path)
-    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model)
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device)
     if sample not in ("top", "quantile"):
         raise UserError(f"--sample must be 'top' or 'quantile', not {sample!r}")
     out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,

@@ -79,7 +79,7 @@ def write_record(rec: dict, record: Path | None) -> Path:
     return record
 
 
-def run_replay(path: Path, console: Console) -> None:
+def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str | None = None) -> None:
     """``--replay FILE``: generate the recorded prompts again and say whether the outputs match."""
     from llama_sae.steer import replay
 
@@ -89,7 +89,7 @@ def run_replay(path: Path, console: Console) -> None:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"record {path} is not valid JSON ({e}): pass a file written by llama-sae") from None
-    outs = replay(rec)
+    outs = replay(rec, device=device, dtype=dtype)
     same = outs == rec["outputs"]
     for prompt, out in zip(rec["prompts"] if not rec["chat"] else [rec["prompts"][-1]["content"]], outs):
         console.print(prompt, end="", style="bold", markup=False, highlight=False)

@@ -168,6 +168,9 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     if sae.cfg.d_in != model.args.dim:
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
                         f"{model.args.dim} wide: the SAE belongs to another model")
+    if sae.W_enc.device != model.device:
+        raise UserError(f"the SAE is on {sae.W_enc.device} but the model on {model.device}: load it with "
+                        f"sae.load(path, device=model.device), or move it with sae.to(model.device)")
     return hook
 
 

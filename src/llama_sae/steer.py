@@ -446,12 +446,13 @@ def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[S
     return Steering(saes, list(steers), units, sources=sources)
 
 
-def replay(rec: dict, *, device: str = "cpu") -> list[str]:
-    """Run a recorded generation again (same model, SAEs, steers, units and sampling); its outputs."""
+def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[str]:
+    """Run a recorded generation again (same model, SAEs, steers, units and sampling); its outputs. Sampled
+    outputs repeat on the device and dtype they were made with (a CUDA generator draws other numbers)."""
     from llama_sae.features import sae_fingerprint
     from llama_sae.llama import load_model, load_tokenizer
 
-    model, tok = load_model(rec["model"], device=device), load_tokenizer(rec["model"])
+    model, tok = load_model(rec["model"], dtype=dtype, device=device), load_tokenizer(rec["model"])
     steering = None
     if rec["saes"]:
         saes, sources = load_saes(model, [info["path"] for info in rec["saes"].values()])

@@ -456,7 +456,7 @@ def load_checkpoint(path: Path, runs: list[Run], cfg: TrainConfig, d_in: int) ->
         run.since_fired.copy_(saved["since_fired"])
         run.fire_counts.copy_(saved["fire_counts"])
         run.fire_tokens = saved["fire_tokens"]
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())  # map_location moved it to the SAEs' device; the CPU generator's state
     return state["step"], state["extra"]
 
 

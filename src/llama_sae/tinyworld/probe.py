@@ -67,9 +67,9 @@ def sentence_features(model: Transformer, tokenizer, texts: list[str], batch: in
         valid = mask.clone()
         valid[:, 0] = False  # BOS is not part of the sentence
         last = mask.sum(1) - 1  # [B]
-        acts = model.capture(tokens, names)  # right padding: causal attention never sees it
+        acts = model.capture(tokens.to(model.device), names)  # right padding: causal attention never sees it
         for layer, name in enumerate(names):
-            a = acts[name].float()  # [B, T, d]
+            a = acts[name].float().cpu()  # [B, T, d], on the CPU with the masks and the probes' labels
             mean = (a * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
             feats.setdefault(f"L{layer} mean", []).append(mean)
             feats.setdefault(f"L{layer} last", []).append(a[torch.arange(len(tokens)), last])
