@@ -479,3 +479,19 @@ def test_cli_batch_backend_no_wait_then_collect(feats, server):
     assert f"{n} of {n} latents explained" in r.output and len(server.state.anthropic) == 1
     r = CliRunner(env={"ANTHROPIC_API_KEY": ""}).invoke(app, args)
     assert isinstance(r.exception, UserError) and "ANTHROPIC_API_KEY" in str(r.exception)
+
+
+def test_journal_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    from llama_sae.interpret.journal import Journal
+
+    path = tmp_path / "explain.journal.jsonl"
+    header = {"task": "explain", "backend": "offline", "model": None, "features_build": "b"}
+    Journal(path, header).append({"kind": "request", "custom_id": "a", "latent": 1})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"kind": "result", "custom_id": "a", "sta')  # killed mid-write
+    journal = Journal(path, header)  # its writer cuts the torn line ...
+    journal.record_result("a", "succeeded", text="cats")  # ... so this record is a line of its own
+    again = Journal(path, header)
+    assert again.state.succeeded("a") and again.state.results["a"]["text"] == "cats"
+    assert len(path.read_text().splitlines()) == 3  # header, request, result
+

@@ -242,3 +242,32 @@ def test_info_reports_rows_and_bytes_per_token(store):
     assert info["rows"] == f"{len(store):,}" and info["status"] == "complete"
     per_token = store.manifest["bytes"] / len(store)
     assert info["bytes per token"].startswith(f"{per_token:,.1f}")
+
+
+def test_progress_journal_survives_a_torn_line_and_reads_an_old_progress_file(tmp_path):
+    from llama_sae.store import progress_path, read_progress
+
+    path = tmp_path / "s"
+    path.mkdir()
+    writer = StoreWriter(path, [HOOK], 4, shard_rows=10, dtype=torch.float32)
+    n = 25
+    writer.add({HOOK: torch.randn(n, 4)}, torch.arange(n), torch.ones(n, dtype=torch.long),
+               torch.zeros(n, dtype=torch.long), {"batch": 0, "skip": 0})
+    writer.finish({"batch": 1, "skip": 0})
+    journal = progress_path(path, 0)
+    done = read_progress(path, 0)
+    assert [e["rows"] for e in done["shards"]] == [10, 10, 5] and done["finished"]
+    assert done["cursor"] == {"batch": 1, "skip": 0} and len(journal.read_text().splitlines()) == 4
+    with open(journal, "a") as f:
+        f.write('{"shard": {"name": "rank00-0000')  # killed mid-append
+    assert read_progress(path, 0) == done  # a reader skips the torn line (and leaves the file alone)
+    StoreWriter(path, [HOOK], 4, shard_rows=10).finish({"batch": 2, "skip": 0})  # the owner cuts it, then appends
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1]) == {"finished": True, "cursor": {"batch": 2, "skip": 0}}
+    journal.unlink()  # an earlier version's whole-file progress, left by an unfinished capture
+    (path / "progress" / "rank00.json").write_text(json.dumps({**done, "finished": False}))
+    assert read_progress(path, 0)["shards"] == done["shards"]
+    StoreWriter(path, [HOOK], 4, shard_rows=10).abort()  # carried over into the journal
+    assert not (path / "progress" / "rank00.json").exists()
+    assert read_progress(path, 0) == {**done, "finished": False}
+

@@ -1,7 +1,9 @@
 """Atomic file writes: a temp file in the same directory, fsync, then rename over the target.
 
 A reader (or a process restarted after ``kill -9``) sees either the old file or the whole new one,
-never a half-written file.
+never a half-written file. Journals (append-only JSONL, one record per line) are the exception that
+grows in place: each append is fsynced, a reader skips a torn last line, and the file's owner cuts that
+line off before appending again (:func:`append_jsonl`, :func:`read_jsonl`, :func:`cut_torn_tail`).
 """
 
 from __future__ import annotations
@@ -54,3 +56,49 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append ``records`` to the journal ``path``, one JSON line each, flushed and fsynced before returning."""
+    path = Path(path)
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        _fsync_dir(path.parent)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a journal; a torn last line (a kill mid-write) and non-object lines are skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def cut_torn_tail(path: str | os.PathLike) -> None:
+    """Cut a journal's torn last line (no final newline: a kill mid-write) off the file, so that the next
+    append starts a line of its own. Only the journal's writer may call this, never a reader."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        end = f.read().rfind(b"\n") + 1
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from llama_sae.errors import UserError
-from llama_sae.fileio import atomic_write, atomic_write_json
+from llama_sae.fileio import append_jsonl, atomic_write, atomic_write_json, cut_torn_tail, read_jsonl
 
 __all__ = [
     "FORMAT",
@@ -300,10 +300,26 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def progress_path(directory: str | os.PathLike, rank: int) -> Path:
+    """A rank's progress journal: one JSON line per committed shard ({"shard": entry, "cursor": ...}), and
+    {"finished": true, "cursor": ...} at the end. Appending a line per shard keeps a long capture's
+    bookkeeping linear (rewriting one JSON file after every shard grew with the square of the shards)."""
+    return Path(directory) / PROGRESS_DIR / f"rank{rank:02d}.jsonl"
+
+
 def read_progress(directory: str | os.PathLike, rank: int) -> dict[str, Any] | None:
-    """A rank's progress file (committed shards, resume cursor) or None if it has committed nothing."""
-    path = Path(directory) / PROGRESS_DIR / f"rank{rank:02d}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """A rank's progress (committed shards, resume cursor, finished) or None if it has committed nothing."""
+    path = progress_path(directory, rank)
+    old = path.with_suffix(".json")  # the whole-file format of earlier versions: a capture they left unfinished
+    if not path.exists():
+        return json.loads(old.read_text()) if old.exists() else None
+    progress = {"rank": rank, "shards": [], "cursor": None, "finished": False}
+    for rec in read_jsonl(path):
+        if "shard" in rec:
+            progress["shards"].append(rec["shard"])
+        progress["finished"] = progress["finished"] or bool(rec.get("finished"))
+        progress["cursor"] = rec.get("cursor", progress["cursor"])
+    return progress
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,8 +363,16 @@ class StoreWriter:
                  queue_shards: int = 2):
         self.directory, self.hooks, self.d, self.rank = Path(directory), list(hooks), d, rank
         self.shard_rows, self.dtype, self.val_percent = shard_rows, dtype, val_percent
+        self._journal = progress_path(directory, rank)
+        self._journal.parent.mkdir(exist_ok=True)
+        cut_torn_tail(self._journal)  # a kill mid-append: the next line must start on a line of its own
         self.progress = read_progress(directory, rank) or {"rank": rank, "shards": [], "cursor": None,
                                                            "finished": False}
+        old = self._journal.with_suffix(".json")
+        if old.exists():  # an earlier version's progress file: carry it over into the journal
+            append_jsonl(self._journal, [{"shard": e} for e in self.progress["shards"]]
+                         + [{"cursor": self.progress["cursor"], "finished": self.progress["finished"]}])
+            old.unlink()
         self._cleanup()
         self._shard = self._new_shard(len(self.progress["shards"]))
         self._queue: queue.Queue = queue.Queue(maxsize=queue_shards)
@@ -433,9 +457,9 @@ class StoreWriter:
                 if kind == "shard":
                     self._write(shard, cursor)
                 else:
+                    append_jsonl(self._journal, [{"finished": True, "cursor": cursor}])
                     self.progress["finished"] = True
                     self.progress["cursor"] = cursor
-                    self._write_progress()
             except OSError as e:
                 self._error = self._disk_error(e)
             except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
@@ -444,13 +468,9 @@ class StoreWriter:
     def _write(self, shard: _Shard, cursor: dict[str, Any]) -> None:
         data, entry = serialize_shard(shard, self.hooks, self.rank, self.val_percent)
         _write_shard_file(self.directory / entry["name"], data)
+        append_jsonl(self._journal, [{"shard": entry, "cursor": cursor}])  # the shard counts from here on
         self.progress["shards"].append(entry)
         self.progress["cursor"] = cursor
-        self._write_progress()
-
-    def _write_progress(self) -> None:
-        (self.directory / PROGRESS_DIR).mkdir(exist_ok=True)
-        atomic_write_json(self.directory / PROGRESS_DIR / f"rank{self.rank:02d}.json", self.progress)
 
     def _disk_error(self, e: OSError) -> UserError:
         kept = len(self.progress["shards"])
@@ -556,7 +576,8 @@ def finalize_store(directory: str | os.PathLike, **fields: Any) -> dict[str, Any
         manifest["outliers_dropped"] = manifest["tokens"] - rows
     atomic_write_json(directory / MANIFEST, manifest)
     for rank in range(world):
-        (directory / PROGRESS_DIR / f"rank{rank:02d}.json").unlink(missing_ok=True)
+        progress_path(directory, rank).unlink(missing_ok=True)
+        progress_path(directory, rank).with_suffix(".json").unlink(missing_ok=True)
     if (directory / PROGRESS_DIR).exists() and not any((directory / PROGRESS_DIR).iterdir()):
         (directory / PROGRESS_DIR).rmdir()
     return manifest

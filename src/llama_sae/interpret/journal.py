@@ -18,8 +18,6 @@ A torn last line (killed mid-write) is ignored. API keys are never passed to the
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_sae.errors import UserError
+from llama_sae.fileio import append_jsonl, cut_torn_tail, read_jsonl
 
 OK = "succeeded"
 FAILED = ("errored", "canceled", "expired", "malformed", "missing")
@@ -81,7 +80,8 @@ class Journal:
         if fresh and self.path.exists():
             self.path.replace(self.path.with_name(self.path.name + f".{int(time.time())}.old"))
         if self.path.exists():
-            for rec in _read_lines(self.path):
+            cut_torn_tail(self.path)  # a kill mid-write: the next record must start a line of its own
+            for rec in read_jsonl(self.path):
                 self.state.apply(rec)
             _check_header(self.path, self.state.header, header)
         if self.state.header is None:
@@ -91,12 +91,8 @@ class Journal:
         """Write records (one line each), flush and fsync, then fold them into the state."""
         if not records:
             return
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with self.lock:  # concurrent chat requests record their results from several threads
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(self.path, list(records))
             for r in records:
                 self.state.apply(r)
 
@@ -104,18 +100,6 @@ class Journal:
                       **extra: Any) -> None:
         self.append({"kind": "result", "custom_id": custom_id, "status": status, "text": text, "error": error,
                      **extra})
-
-
-def _read_lines(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a kill mid-write
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 # What makes a journal another run's. Prompt settings are not among them: a request's custom_id carries
