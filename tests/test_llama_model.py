@@ -147,6 +147,9 @@ def test_resumed_forward_equals_the_whole_forward(hf_checkpoints):
         assert calls == list(range(L, ours.args.n_layers))  # the resumed run skips blocks 0..L-1
         with ours.hooked({f"attn_in.{L}": torch.zeros_like}):  # an edit inside the first resumed block
             assert torch.equal(ours(tokens, resume=(L, x)), ours(tokens))
+    last = ours(tokens, last_only=True)  # generation's prefill: the last position's logits only
+    assert last.shape == (tokens.shape[0], 1, ours.args.vocab_size)
+    torch.testing.assert_close(last, clean[:, -1:], rtol=0, atol=1e-5)  # the head's GEMM over fewer rows
     with pytest.raises(ValueError, match="resume at block"):
         ours(tokens, resume=(ours.args.n_layers, x))
     with pytest.raises(ValueError, match="resume at block"):

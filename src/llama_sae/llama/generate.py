@@ -83,7 +83,7 @@ class _Batch:
 def prefill(model: Transformer, batch: _Batch) -> Tensor:
     """Run the prompts through the model (filling the cache); logits of each row's last token [B, V]."""
     T = batch.tokens.shape[1]
-    logits = model(batch.tokens, start=0, positions=batch.positions(0, T), mask=batch.mask(0, T))
+    logits = model(batch.tokens, start=0, positions=batch.positions(0, T), mask=batch.mask(0, T), last_only=True)
     return logits[:, -1]
 
 
@@ -97,7 +97,7 @@ def decode_one(model: Transformer, batch: _Batch, token: Tensor, pos: int) -> Te
 def _forward_all(model: Transformer, batch: _Batch, seq: Tensor) -> Tensor:
     """Without a cache: the whole sequence [B, S] again; logits of the last position [B, V]."""
     S = seq.shape[1]
-    return model(seq, positions=batch.positions(0, S), mask=batch.mask(0, S))[:, -1]
+    return model(seq, positions=batch.positions(0, S), mask=batch.mask(0, S), last_only=True)[:, -1]
 
 
 @torch.inference_mode()

@@ -279,6 +279,7 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         capture: set[str] | None = None,
         resume: tuple[int, Tensor] | None = None,
+        last_only: bool = False,
     ) -> Tensor | dict[str, Tensor]:
         """Run the model on tokens [B, T].
 
@@ -292,6 +293,8 @@ class Transformer(nn.Module):
                 (``resid_pre.L``, from :meth:`residual_before`), skipping the embedding and blocks 0..L-1.
                 Several runs that differ only from block L on (a clean and a spliced forward) share
                 that prefix, and each gives the logits of a whole forward, bit for bit.
+            last_only: logits of the last position only, [B, 1, vocab_size] (generation's prefill: with
+                Llama 3's 128k vocabulary the whole [B, T, vocab_size] of a long prompt is gigabytes).
 
         Returns:
             logits [B, T, vocab_size] in the model's dtype, or the captured dict.
@@ -316,6 +319,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, start, run)
             if stop_after is not None and layer.layer_id >= stop_after:
                 return run.captured
+        if last_only:
+            x = x[:, -1:]
         return self.output(self.norm(x))  # [B, T, vocab_size]
 
     def capture(self, tokens: Tensor, names: list[str] | tuple[str, ...], **kw) -> dict[str, Tensor]:
