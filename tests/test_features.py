@@ -198,3 +198,27 @@ def test_cli_builds_and_reports(setup, tmp_path):
     f = load_features(tmp_path / "f")
     assert f.meta["sentences"] == 40 and f.meta["sae_path"] == str(tmp_path / "sae")
     assert f"{f.meta['live_latents']} of 48 latents fired" in result.output.replace("\n", " ")
+
+
+def test_fingerprint_is_kept_until_the_weights_change(setup):
+    import hashlib
+    import json
+
+    from llama_sae.sae import SAE
+
+    _, _, sae, _ = setup
+    fresh = SAE(sae.cfg)
+    fresh.load_state_dict(sae.state_dict())
+    digest = hashlib.sha256(json.dumps(fresh.cfg.model_dump(), sort_keys=True).encode())
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        digest.update(getattr(fresh, name).detach().numpy().tobytes())
+    assert sae_fingerprint(fresh) == sae_fingerprint(fresh) == digest.hexdigest()[:16]  # the format is unchanged
+    with torch.no_grad():
+        fresh.b_dec.add_(1.0)  # in place, version bumped: recomputed
+    changed = sae_fingerprint(fresh)
+    assert changed != digest.hexdigest()[:16]
+    fresh.b_enc.data.add_(1.0)  # no version bump (like fused AdamW): stale until weights_changed()
+    assert sae_fingerprint(fresh) == changed
+    fresh.weights_changed()
+    assert sae_fingerprint(fresh) != changed
+

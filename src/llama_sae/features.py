@@ -93,12 +93,22 @@ class Explanation:
 
 
 def sae_fingerprint(sae) -> str:
-    """sha256 hex (first 16 digits) of the SAE's config and weights: names exactly which SAE was used."""
+    """sha256 hex (first 16 digits) of the SAE's config and weights: names exactly which SAE was used.
+
+    Kept on the SAE until its weights change (as :meth:`SAE.encoder_matrix` is): at Llama scale the weights
+    are 2 GiB, and the UI fingerprints its SAE for every reply's record.
+    """
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    key = (sae.cfg, *((getattr(sae, n).data_ptr(), getattr(sae, n)._version) for n in names))
+    cached = sae.__dict__.get("_fingerprint")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256(json.dumps(sae.cfg.model_dump(), sort_keys=True).encode())
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    for name in names:
         t = getattr(sae, name).detach().float().cpu().contiguous()
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()[:16]
+        digest.update(t.numpy())  # the array's buffer itself: no copy of the bytes
+    sae.__dict__["_fingerprint"] = (key, digest.hexdigest()[:16])
+    return sae.__dict__["_fingerprint"][1]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -442,8 +442,10 @@ class SAE(nn.Module):
         return cache[dtype][1]
 
     def weights_changed(self) -> None:
-        """Drop the cached encoder matrices (see :meth:`encoder_matrix`)."""
+        """Drop what is cached from the weights: the encoder matrices (see :meth:`encoder_matrix`) and the
+        fingerprint (:func:`llama_sae.features.sae_fingerprint`)."""
         self.__dict__.pop("_encoder_matrices", None)
+        self.__dict__.pop("_fingerprint", None)
 
     @torch.no_grad()
     def select(self, xc: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
