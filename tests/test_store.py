@@ -270,4 +270,8 @@ def test_progress_journal_survives_a_torn_line_and_reads_an_old_progress_file(tm
     StoreWriter(path, [HOOK], 4, shard_rows=10).abort()  # carried over into the journal
     assert not (path / "progress" / "rank00.json").exists()
     assert read_progress(path, 0) == {**done, "finished": False}
+    (path / "progress" / "rank00.json").write_text(json.dumps({**done, "finished": False}))  # a kill before unlink
+    StoreWriter(path, [HOOK], 4, shard_rows=10).abort()
+    assert read_progress(path, 0) == {**done, "finished": False}  # not carried over twice
+    assert not (path / "progress" / "rank00.json").exists()
 

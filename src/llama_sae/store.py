@@ -369,9 +369,10 @@ class StoreWriter:
         self.progress = read_progress(directory, rank) or {"rank": rank, "shards": [], "cursor": None,
                                                            "finished": False}
         old = self._journal.with_suffix(".json")
-        if old.exists():  # an earlier version's progress file: carry it over into the journal
-            append_jsonl(self._journal, [{"shard": e} for e in self.progress["shards"]]
-                         + [{"cursor": self.progress["cursor"], "finished": self.progress["finished"]}])
+        if old.exists():  # an earlier version's progress file: carried over into the journal in one append
+            if not self._journal.exists():  # (if both exist, a kill came between that append and the unlink)
+                append_jsonl(self._journal, [{"shard": e} for e in self.progress["shards"]]
+                             + [{"cursor": self.progress["cursor"], "finished": self.progress["finished"]}])
             old.unlink()
         self._cleanup()
         self._shard = self._new_shard(len(self.progress["shards"]))
