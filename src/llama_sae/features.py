@@ -49,7 +49,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from llama_sae.errors import UserError
-from llama_sae.fileio import atomic_write, atomic_write_json
+from llama_sae.fileio import atomic_write, atomic_write_json, read_jsonl
 
 META_FILE = "features.json"
 TENSORS_FILE = "features.safetensors"
@@ -546,21 +546,6 @@ def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces:
 
 # ---------------------------------------------------------------------------------------------------
 # Load
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn or malformed line is skipped (files are appended line by line)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 class Features:

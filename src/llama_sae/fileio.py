@@ -71,9 +71,13 @@ def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a journal; a torn last line (a kill mid-write) and non-object lines are skipped."""
+    """The records of a journal ([] if there is no file); a torn last line (a kill mid-write) and non-object
+    lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

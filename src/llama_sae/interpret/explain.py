@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from llama_sae.features import EXPLANATIONS_FILE, Features, read_jsonl
-from llama_sae.fileio import atomic_write
+from llama_sae.features import EXPLANATIONS_FILE, Features
+from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import explain_prompt, parse_explanation
 from llama_sae.interpret.run import outcome_counts, run_requests

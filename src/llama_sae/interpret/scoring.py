@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llama_sae.errors import UserError
-from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features, hash01, read_jsonl
-from llama_sae.fileio import atomic_write
+from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features, hash01
+from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
 from llama_sae.interpret.run import outcome_counts, run_requests
