@@ -136,3 +136,25 @@ def test_auroc_columns_equals_per_column_auroc():
     expected = torch.tensor([auroc(scores[:, j], labels) for j in range(6)], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     assert got[0] == 0.5
+
+
+def test_sentence_activations_are_each_sentences_max_over_its_tokens(shipped):
+    from llama_sae import tinyworld
+    from llama_sae.sae import load
+    from llama_sae.sae.evaluate import token_batches
+    from llama_sae.tinyworld.recovery import sentence_activations
+
+    _, model, tok = shipped
+    sae = load(tinyworld.sae_path())
+    texts = [r.text for r in tinyworld.sentences(12, seed=3, split="heldout")]
+    latents, neurons = sentence_activations(model, tok, sae, texts, batch=5)  # batches of 5, 5 and 2
+    hook, i = sae.cfg.hook_name, 0
+    for tokens, mask in token_batches(tok, texts, batch_size=5):  # the same batches, dense latents per sentence
+        acts = model.capture(tokens, [hook])[hook].float()
+        mask[:, 0] = False  # BOS left out
+        dense = sae.encode(acts[mask])  # [tokens of the batch, d_sae], encoded together as the function does
+        lengths = mask.sum(1).tolist()
+        for x, h in zip(acts[mask].split(lengths), dense.split(lengths)):
+            assert torch.equal(latents[i], h.amax(0)) and torch.equal(neurons[i], x.amax(0)), i
+            i += 1
+    assert i == len(texts) == len(latents)

@@ -28,11 +28,12 @@ def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int 
         valid[:, 0] = False  # BOS is never a feature of the sentence
         x = model.capture(tokens, [hook])[hook].float()  # [B, T, d]
         flat = x[valid]  # [M, d]
-        vals, idx = sae.encode_topk(flat)
-        dense = torch.zeros(flat.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)  # [M, n]
+        vals, idx = sae.encode_topk(flat)  # [M, k]
         owner = valid.nonzero()[:, :1]  # [M, 1] sentence of each token row
-        lat = torch.zeros(len(tokens), sae.cfg.d_sae, device=dense.device).scatter_reduce_(
-            0, owner.expand_as(dense), dense, "amax")  # latents are >= 0: the zeros stand for "never fired"
+        n = sae.cfg.d_sae  # each token's k values go straight to (its sentence, latent): no dense [M, n] latents
+        lat = torch.zeros(len(tokens) * n, device=vals.device).scatter_reduce_(
+            0, (owner * n + idx).flatten(), vals.flatten(), "amax").view(len(tokens), n)
+        # (latents are >= 0: the zeros stand for "never fired")
         neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).scatter_reduce_(
             0, owner.expand_as(flat), flat, "amax")
         lat_rows.append(lat.cpu())
