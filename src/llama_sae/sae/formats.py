@@ -137,30 +137,31 @@ def _read_json(file: Path) -> dict:
     return raw
 
 
-def _safetensors(file: Path) -> Weights:
+def _read_safetensors(file: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(file)``, with a missing, truncated or foreign file as a one-line UserError."""
     if not file.exists():
         raise UserError(f"{file} is missing: the SAE directory is incomplete; export or download it again")
     try:
-        return load_file(file)
+        return read(file)
     except Exception as e:  # safetensors raises its own error types for truncated or foreign bytes
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{file}: not a readable safetensors file ({msg}): it is truncated or not an SAE; "
                         "export or download it again") from e
 
 
+def _safetensors(file: Path) -> Weights:
+    return _read_safetensors(file, load_file)
+
+
 def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """{tensor: shape} from a safetensors file's header, no tensor data read (a truncated file fails here too)."""
     from safetensors import safe_open
 
-    if not file.exists():
-        raise UserError(f"{file} is missing: the SAE directory is incomplete; export or download it again")
-    try:
-        with safe_open(file, "pt") as f:
+    def shapes(path: Path) -> dict[str, tuple[int, ...]]:
+        with safe_open(path, "pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as e:  # as in _safetensors
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{file}: not a readable safetensors file ({msg}): it is truncated or not an SAE; "
-                        "export or download it again") from e
+
+    return _read_safetensors(file, shapes)
 
 
 def _k_of(raw: dict) -> int | None:
