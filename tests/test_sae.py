@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from llama_sae.errors import UserError
 from llama_sae.sae import SAE, SAEConfig, load
 from llama_sae.sae.formats import load_sparsity, save
-from llama_sae.sae.model import LN_EPS, gather_dot, normalize, scatter_rows
+from llama_sae.sae.model import LN_EPS, LatentRows, gather_dot, normalize, scatter_rows, stable_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for small kernels
 
@@ -163,6 +164,30 @@ def test_kernels_against_dense_products():
     torch.testing.assert_close(scatter_rows(idx, coef, src, 30), dense.T @ src)
     table = torch.randn(30, 7, generator=g, dtype=torch.float64)
     torch.testing.assert_close(gather_dot(idx, table, src), (table[idx] * src[:, None]).sum(-1))
+
+
+@pytest.mark.parametrize("n", [30, 65536, 70000, 2**33])
+def test_stable_order_is_a_stable_sort(n):
+    """The radix sort behind LatentRows (one 16-bit pass up to 65,536 latents, more above) against numpy's own
+    stable sort, and against torch's stable sort (the accelerator path): the same permutation, ties in order."""
+    rng = np.random.default_rng(n % 1000)
+    keys = rng.integers(0, n, size=5000)
+    keys[::7] = keys[0]  # many ties
+    order = stable_order(keys, n)
+    assert np.array_equal(order, np.argsort(keys, kind="stable"))
+    if n < 2**31:
+        assert torch.equal(torch.from_numpy(order), torch.sort(torch.from_numpy(keys).int(), stable=True).indices)
+
+
+def test_latent_rows_pattern_is_latent_major_with_tokens_ascending():
+    """Main and aux-k blocks share one CSR pattern: row i lists the tokens that selected latent i, in order."""
+    g = torch.Generator().manual_seed(5)
+    main, aux = torch.randint(0, 40, (9, 3), generator=g), torch.randint(0, 40, (9, 5), generator=g)
+    rows = LatentRows([main, aux], 40)
+    expect = [[t for t in range(18) for j in (main[t] if t < 9 else aux[t - 9]).tolist() if j == i]
+              for i in range(40)]
+    got = [rows.tokens[rows.crow[i]:rows.crow[i + 1]].tolist() for i in range(40)]
+    assert got == expect and rows.shape == (40, 18)
 
 
 def test_decoder_stays_unit_norm_and_its_gradient_is_projected():
