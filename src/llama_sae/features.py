@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -551,16 +552,15 @@ def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces:
 class Features:
     """A features artifact, read back (see ``load_features``)."""
 
-    def __init__(self, path: Path, meta: dict, tensors: dict[str, Tensor]):
+    def __init__(self, path: Path, meta: dict, columns: dict[str, np.ndarray]):
         self.path = path
         self.meta = meta
         self.d_sae: int = meta["d_sae"]
         self.sae_fingerprint: str = meta["sae_fingerprint"]
-        self._t = tensors
-        self.frequency: Tensor = tensors["frequency"]
-        self.typical_max: Tensor = tensors["typical_max"]
+        self._t = columns  # read-only numpy views of the memory-mapped file: pages are read as they are used
+        self.frequency: Tensor = torch.from_numpy(columns["frequency"].copy())
+        self.typical_max: Tensor = torch.from_numpy(columns["typical_max"].copy())
         self._explanations: dict[int, Explanation] | None = None
-        self._cache: dict[str, Any] = {}
 
     def _latent(self, latent: int) -> int:
         if not 0 <= latent < self.d_sae:
@@ -580,8 +580,8 @@ class Features:
 
     def histogram(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """(bin edges [n + 1], counts [n]) of the latent's nonzero token activations (log bins, trimmed)."""
-        counts = self._t["hist"][self._latent(latent)].numpy()
-        edges = self._t["hist_edges"].numpy()
+        counts = np.array(self._t["hist"][self._latent(latent)])
+        edges = np.array(self._t["hist_edges"])
         nz = np.nonzero(counts)[0]
         if len(nz) == 0:
             return edges[:1], counts[:0]
@@ -590,24 +590,17 @@ class Features:
 
     def _text(self, slot: int) -> str:
         lo, hi = self._np("sent_text_offsets")[slot:slot + 2]
-        return self._bytes("sent_text")[lo:hi].decode("utf-8")
+        return self._np("sent_text")[lo:hi].tobytes().decode("utf-8")
 
     def _pieces(self, slot: int) -> list[str]:
         lo, hi = self._np("sent_piece_offsets")[slot:slot + 2]
-        po, blob = self._np("piece_offsets")[lo:hi + 1].tolist(), self._bytes("piece")
-        return [blob[a:b].decode("utf-8") for a, b in zip(po[:-1], po[1:])]
+        po = self._np("piece_offsets")[lo:hi + 1].tolist()
+        blob = self._np("piece")[po[0]:po[-1]].tobytes()
+        return [blob[a - po[0]:b - po[0]].decode("utf-8") for a, b in zip(po[:-1], po[1:])]
 
     def _np(self, name: str) -> np.ndarray:
-        """A column as a numpy array (cached: slicing numpy is much cheaper than slicing tensors)."""
-        if name not in self._cache:
-            self._cache[name] = self._t[name].numpy()
-        return self._cache[name]
-
-    def _bytes(self, name: str) -> bytes:
-        key = name + ":bytes"
-        if key not in self._cache:
-            self._cache[key] = self._t[name].numpy().tobytes()
-        return self._cache[key]
+        """A column: a read-only numpy view of the memory-mapped file."""
+        return self._t[name]
 
     def _example(self, row: int, kind: str) -> Example:
         slot = int(self._np("ex_sentence")[row])
@@ -683,8 +676,6 @@ class Features:
 
 def load_features(path: str | Path) -> Features:
     """Read a features artifact directory (UserError if it is missing, unfinished or corrupt)."""
-    from safetensors import safe_open
-
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.exists():
@@ -694,14 +685,42 @@ def load_features(path: str | Path) -> Features:
                         "`llama-sae features --sae SAE --out DIR`")
     try:
         meta = json.loads(meta_file.read_text())
-        with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
-            build_id = (f.metadata() or {}).get("build_id")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # OSError, JSON errors and safetensors' own error type
+        columns, metadata = map_safetensors(path / TENSORS_FILE)
+        build_id = metadata.get("build_id")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing, truncated or garbled file
         raise UserError(f"{path} holds a corrupt features artifact ({type(e).__name__}: {e}): rebuild it with "
                         "`llama-sae features ... --overwrite`") from e
     if build_id != meta.get("build_id") or meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: {TENSORS_FILE} and {META_FILE} are from different builds (or an old format): "
                         "rebuild with `llama-sae features ... --overwrite`")
-    return Features(path, meta, tensors)
+    return Features(path, meta, columns)
+
+
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as a read-only numpy view of the memory-mapped file, and the file's
+    metadata: opening reads the header alone, and each tensor's pages are read when it is used (a features
+    artifact of a 65,536-latent SAE is over a gigabyte; a steer reads one column of it).
+
+    The layout is the safetensors format's: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range in the data that follows. ValueError for a truncated or garbled file.
+    """
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n)) if 0 < n < 1 << 27 else None
+    if not isinstance(header, dict):
+        raise ValueError("no safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    size, start = file.stat().st_size, 8 + n
+    data = np.memmap(file, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    columns = {}
+    for name, spec in header.items():
+        (lo, hi), dtype, shape = spec["data_offsets"], np.dtype(NUMPY_DTYPES[spec["dtype"]]), spec["shape"]
+        if not 0 <= lo <= hi <= size - start or hi - lo != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
+        columns[name] = data[start + lo:start + hi].view(dtype).reshape(shape)
+    return columns, metadata
 
