@@ -191,6 +191,30 @@ def test_merge_top_keeps_best_per_row_with_stable_ties():
     assert ids.tolist() == [[11, 10], [-1, -1], [15, 13]] and score[2].tolist() == [6.0, 5.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_top_matches_a_stable_sort_of_each_row(dtype):
+    """Many rounds of tie-heavy candidates: each row ends as a stable sort (best first, older entries first,
+    then candidates in their given order) of everything it was offered, cut to N."""
+    g = torch.Generator().manual_seed(7)
+    R, N = 12, 4
+    score, ids, acts = torch.full((R, N), float("-inf"), dtype=dtype), torch.full((R, N), -1), torch.zeros(R, N)
+    offered: list[list[tuple[float, int, float]]] = [[] for _ in range(R)]
+    for round_ in range(30):
+        P = int(torch.randint(0, 25, (1,), generator=g))
+        rows = torch.randint(0, R, (P,), generator=g)
+        new_score = torch.randint(0, 6, (P,), generator=g).float()  # few values: many ties
+        new_ids, new_acts = torch.arange(P) + 100 * round_, torch.rand(P, generator=g)
+        merge_top_(score, [ids, acts], rows, new_score, [new_ids, new_acts])
+        for r, sc, i, a in zip(rows.tolist(), new_score.tolist(), new_ids.tolist(), new_acts.tolist()):
+            offered[r].append((sc, i, a))
+        for r in range(R):
+            best = sorted(offered[r], key=lambda e: -e[0])[:N]  # Python's sort is stable
+            best += [(float("-inf"), -1, None)] * (N - len(best))
+            assert score[r].tolist() == [e[0] for e in best] and ids[r].tolist() == [e[1] for e in best]
+            assert [a for a, e in zip(acts[r].tolist(), best) if e[2] is not None] == \
+                [e[2] for e in best if e[2] is not None]
+
+
 def test_cli_builds_and_reports(setup, tmp_path):
     from typer.testing import CliRunner
 

@@ -126,31 +126,37 @@ def hash01(a: Tensor, b: Tensor | int, seed: int) -> Tensor:
 
 def merge_top_(score: Tensor, payload: list[Tensor], rows: Tensor, new_score: Tensor, new_payload: list[Tensor]
                ) -> None:
-    """Keep, per row, the N entries with the highest score: score [R, N] (empty slots −inf) and each
-    payload [R, N] are updated in place with candidates (rows [P], new_score [P], new_payload [P] each).
+    """Keep, per row, the N entries with the highest score: score [R, N] (sorted best first, empty slots −inf)
+    and each payload [R, N] are updated in place with candidates (rows [P], new_score [P], new_payload [P] each).
 
-    Ties keep the older entry first, then candidates in their given order (deterministic).
+    Ties keep the older entry first, then candidates in their given order (deterministic). Only the P
+    candidates are sorted: each row's merged order follows from counting, for every candidate, the old
+    entries that stay ahead of it, and for every old entry, the candidates that overtake it (O(P·N + U·N)
+    for U touched rows, not a sort of their U·N old entries).
     """
     keep = new_score.to(score.dtype) > score[rows, -1]  # a candidate not above a row's N-th best cannot enter
-    rows, new_score, new_payload = rows[keep], new_score[keep], [q[keep] for q in new_payload]
+    rows, new_score, new_payload = rows[keep], new_score[keep].to(score.dtype), [q[keep] for q in new_payload]
     if rows.numel() == 0:
         return
     N = score.shape[1]
-    touched = rows.unique()  # [U]
-    all_rows = torch.cat([touched.repeat_interleave(N), rows])
-    all_score = torch.cat([score[touched].flatten(), new_score.to(score.dtype)])
-    all_pay = [torch.cat([p[touched].flatten(), q.to(p.dtype)]) for p, q in zip(payload, new_payload)]
-    order = torch.argsort(all_score, descending=True, stable=True)
-    order = order[torch.argsort(all_rows[order], stable=True)]  # grouped by row, best first within a row
-    sorted_rows = all_rows[order]
-    _, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order)) - starts.repeat_interleave(counts)
-    keep = rank < N
-    r, k, o = sorted_rows[keep], rank[keep], order[keep]
-    score[r, k] = all_score[o]
-    for p, q in zip(payload, all_pay):
-        p[r, k] = q[o]
+    order = torch.argsort(new_score, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]  # grouped by row, best first, ties in given order
+    rows, new_score, new_payload = rows[order], new_score[order], [q[order] for q in new_payload]
+    touched, u, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)  # [U], [P], [U]
+    old = score[touched]  # [U, N]
+    ahead = (old[u] >= new_score[:, None]).sum(1)  # [P] old entries that stay ahead of each candidate
+    cand_pos = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[u] + ahead  # [P] merged position
+    overtaken = torch.zeros(len(touched), N + 1, dtype=torch.long).index_put_(
+        (u, ahead), torch.ones_like(u), accumulate=True).cumsum_(1)[:, :N]  # [U, N] candidates above old entry i
+    width = N + 1  # one more column takes whatever falls out of the top N
+    base = torch.arange(len(touched))[:, None] * width  # [U, 1]
+    old_dest = (base + (torch.arange(N) + overtaken).clamp_max_(N)).view(-1)  # [U·N] merged slot of each old entry
+    cand_dest = base[u, 0] + cand_pos.clamp_max_(N)  # [P]
+    for table, new in zip([score, *payload], [new_score, *new_payload]):
+        merged = table.new_empty(len(touched), width)  # every slot of the first N is written below
+        merged.view(-1).index_copy_(0, old_dest, table[touched].view(-1))
+        merged.view(-1).index_copy_(0, cand_dest, new.to(table.dtype))
+        table[touched] = merged[:, :N]
 
 
 def _sentence_aggregates(vals: Tensor, idx: Tensor, owner: Tensor, last_row: Tensor, n_tok: Tensor, d_sae: int
