@@ -193,6 +193,31 @@ def test_save_hf_roundtrip_loads_in_transformers(hf_checkpoints, tmp_path):
         assert (again(tokens).logits - ref(tokens).logits).abs().max() <= 1e-5
 
 
+def test_save_hf_writes_shards_with_an_index_and_removes_stale_weight_files(hf_checkpoints, tmp_path):
+    """Weights over max_shard_bytes go to model-0000i-of-0000N.safetensors files listed in the index (as
+    transformers writes them); transformers and our loader both read them back; saving again as one file
+    removes the shards and the index, which a loader would otherwise read instead."""
+    from transformers import LlamaForCausalLM
+
+    ref, path = hf_checkpoints["mha-untied-f8"]
+    ours = load_model(path)
+    out = save_hf(ours, tmp_path / "hf", max_shard_bytes=64 << 10)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(f.name for f in out.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors" and not list(out.glob(".*tmp*"))
+    tokens = _tokens()
+    with torch.no_grad():
+        again = LlamaForCausalLM.from_pretrained(out).eval()
+        assert (again(tokens).logits - ref(tokens).logits).abs().max() <= 1e-5
+        assert torch.equal(load_model(out)(tokens), ours(tokens))
+    save_hf(ours, out)  # one file now
+    assert sorted(f.name for f in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(tokens), ours(tokens))
+
+
 def test_presets_have_published_parameter_counts():
     counts = {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248}
     for name, count in counts.items():

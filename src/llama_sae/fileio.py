@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +45,26 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Write ``path`` atomically with a writer that takes a file name (safetensors' ``save_file``, which streams
+    the tensors instead of building the file's bytes in memory): ``write(tmp)`` creates a temp file beside
+    ``path``, which is then fsynced and renamed to ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -18,10 +18,12 @@ import torch
 from torch import Tensor
 
 from llama_sae.errors import UserError, check_device
-from llama_sae.fileio import atomic_write, atomic_write_json, atomic_writer
+from llama_sae.fileio import atomic_write, atomic_write_file, atomic_write_json, atomic_writer
 from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_SHARD_BYTES = 5 * 10**9  # save_hf: weights per file at most (beyond one tensor), transformers' default
+HF_INDEX = "model.safetensors.index.json"
 
 # Hugging Face key -> our (Meta) key; {} is the layer index.
 _HF_TO_META = {
@@ -174,7 +176,7 @@ def hf_to_meta_qk(w: Tensor, n_heads: int) -> Tensor:
 
 # --------------------------------------------------------------------------- state dicts
 def _hf_shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / HF_INDEX
     if index.exists():
         names = sorted(set(_read_json(index)["weight_map"].values()))
         files = [path / n for n in names]
@@ -346,22 +348,42 @@ def _check_state(state: dict[str, Tensor], model: Transformer, path: Path) -> No
 
 
 # --------------------------------------------------------------------------- writing
-def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
-            ) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) in ``out``."""
-    from safetensors.torch import save
+def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int = HF_SHARD_BYTES) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint in ``out``: config.json and model.safetensors, or shards of
+    at most ``max_shard_bytes`` (model-00001-of-0000N.safetensors, listed in model.safetensors.index.json) when
+    the weights are larger, as transformers writes them. Each file is written straight from the weights (no
+    copy of them in memory: an 8B model converts in the memory it loads in) and atomically; weight files of an
+    earlier save that the new one does not list are removed (a loader would otherwise read them too)."""
+    from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = model.args
-    tensors = {}
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
     for key, value in model.state_dict().items():
         if key == "output.weight" and args.tie_embeddings:
             continue
-        tensors[_rename(key, _META_TO_HF)] = value.contiguous()
-    config = hf_config_from_args(args, model.dtype)
-    atomic_write(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_json(out / "config.json", config)
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][_rename(key, _META_TO_HF)] = value.contiguous()
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, part in zip(names, shards):
+        atomic_write_file(out / name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for part in shards for t in part.values())
+        atomic_write_json(out / HF_INDEX, {"metadata": {"total_size": total},
+                                           "weight_map": {k: n for n, part in zip(names, shards) for k in part}})
+    stale = [f for f in out.glob("model*.safetensors") if f.name not in names]
+    stale += [out / HF_INDEX] if len(shards) == 1 and (out / HF_INDEX).exists() else []
+    for f in stale:
+        f.unlink()
+    atomic_write_json(out / "config.json", hf_config_from_args(args, model.dtype))
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), out)
     return out
