@@ -45,10 +45,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from llama_sae.errors import UserError, check_device
-from llama_sae.fileio import atomic_write, atomic_write_json
+from llama_sae.fileio import atomic_write_file, atomic_write_json
 from llama_sae.llama.model import HOOK_KINDS
 from llama_sae.sae.model import SAE, SAEConfig
 
@@ -416,10 +415,13 @@ def sae_lens_cfg(cfg: SAEConfig, **metadata: Any) -> dict:
             "reshape_activations": "none", "rescale_acts_by_decoder_norm": False, "metadata": meta}
 
 
-def _tensors(sae: SAE, names: dict[str, str]) -> bytes:
-    """safetensors bytes of ``sae``'s parameters renamed by ``names`` {theirs: ours}; W_enc keeps our layout."""
-    out = {theirs: getattr(sae, ours).detach().float().cpu().contiguous() for theirs, ours in names.items()}
-    return safetensors_bytes(out)
+def _write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as float32 safetensors to ``file`` atomically, straight from their memory (safetensors'
+    save_file: no second copy of a 65,536-latent SAE's 1.6 GB of weights as bytes)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write_file(file, lambda tmp: save_file(tensors, tmp))
 
 
 def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = None, **metadata: Any) -> Path:
@@ -437,12 +439,10 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = {"W_enc": sae.W_enc.detach().T, "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-               "b_dec": sae.b_dec.detach()}
-    weights = {name: t.float().cpu().contiguous() for name, t in weights.items()}
-    atomic_write(path / WEIGHTS_FILE, safetensors_bytes(weights))
+    _write_tensors(path / WEIGHTS_FILE, {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
+                                         "b_dec": sae.b_dec})
     if sparsity is not None:
-        atomic_write(path / SPARSITY_FILE, safetensors_bytes({"sparsity": sparsity.float().cpu().contiguous()}))
+        _write_tensors(path / SPARSITY_FILE, {"sparsity": sparsity})
     atomic_write_json(path / CFG_FILE, sae_lens_cfg(sae.cfg, **metadata))
     return path
 
@@ -458,8 +458,8 @@ def save_sparsify(sae: SAE, path: str | os.PathLike) -> Path:
                         "export it with --to saelens (or train with normalize_activations none)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / SPARSIFY_WEIGHTS, _tensors(sae, {"encoder.weight": "W_enc", "encoder.bias": "b_enc",
-                                                        "W_dec": "W_dec", "b_dec": "b_dec"}))
+    _write_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
+                                             "b_dec": sae.b_dec})  # W_enc keeps our layout: sparsify's too
     ours = {key: getattr(cfg, key) for key in METADATA_KEYS} | {"hf_hook_name": hf_module_name(cfg.hook_name)}
     atomic_write_json(path / CFG_FILE, {
         "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": True,
