@@ -1,0 +1,26 @@
+"""Atomic writes: a failed write leaves the old file and no temp file behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llama_sae.fileio import atomic_write_file
+
+
+def test_atomic_write_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3)}, target)
+
+    def fails(tmp):
+        tmp.write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_file(target, fails)
+    assert torch.equal(load_file(target)["a"], torch.zeros(3))  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left
+    atomic_write_file(target, lambda tmp: save_file({"a": torch.ones(3)}, tmp))
+    assert torch.equal(load_file(target)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
