@@ -117,3 +117,86 @@ def test_pipeline_capture_store_train_evaluate(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["fvu"] < 1 and report["l0"] <= 8 and report["ce_zero_ablated"] > report["ce_clean"]
     assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["evaluate", "--sae", "x", "--corpus", "c", "--n-texts", "0"], "--n-texts"),
+    (["features", "--sae", "x", "--out", "y", "--top-n", "0"], "--top-n"),
+    (["features", "--sae", "x", "--out", "y", "--max-tokens", "1"], "--max-tokens"),
+    (["generate", "hi", "-n", "-1"], "-n"),
+    (["generate", "hi", "--top-p", "2"], "--top-p"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature"),
+    (["ui", "--port", "70000"], "--port"),
+    (["capture", "--out", "y", "--val-percent", "100"], "--val-percent"),
+    (["explain", "x", "--n-top", "0"], "--n-top"),
+    (["score", "x", "--n", "0"], "--n"),
+])
+def test_numbers_out_of_range_are_usage_errors(args, option):
+    """Counts and sizes that make no sense stop before any work, naming the option (click's usage error, status 2)."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+
+
+def test_bad_paths_and_values_are_one_line_errors(tmp_path):
+    from llama_sae.errors import UserError
+
+    (tmp_path / "f").write_text("not a directory")
+    cases = [
+        (["evaluate", "--sae", "x", "--corpus", "c", "--out", str(tmp_path)], "is a directory"),
+        (["evaluate", "--sae", "x", "--corpus", "c", "--out", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["generate", "--prompts-file", str(tmp_path)], "not a file"),
+        (["generate", "--replay", str(tmp_path)], "not a file"),
+        (["generate", "hi", "--replay", str(tmp_path / "f")], "drop the PROMPT"),
+        (["generate", "hi", "--record", str(tmp_path)], "is a directory"),
+        (["sae", "convert", "x", "--to", "saelens", "--out", str(tmp_path / "f")], "is a file"),
+        (["dashboard", "--out", str(tmp_path / "f")], "is a file"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, UserError) and message in str(result.exception), (args, result.output)
+
+
+def test_explain_arguments_are_checked(tmp_path):
+    from llama_sae import tinyworld
+    from llama_sae.errors import UserError
+
+    features = str(tinyworld.features_path())
+    for args, message in ((["--latents", "abc"], "latent numbers separated by commas"),
+                          (["--retry-failed", "--fresh"], "pass one of them")):
+        result = runner.invoke(app, ["explain", features, *args])
+        assert isinstance(result.exception, UserError) and message in str(result.exception)
+
+
+def test_a_run_where_every_request_failed_exits_1():
+    import typer
+
+    from llama_sae.cli_interpret import _fail_if_nothing_came_back
+
+    with pytest.raises(typer.Exit) as e:
+        _fail_if_nothing_came_back({"outcomes": {"errored": 2}, "first_error": "errored: Connection error"}, "explain")
+    assert e.value.exit_code == 1
+    _fail_if_nothing_came_back({"outcomes": {"unanswered": 2}}, "explain")  # submitted with --no-wait: not a failure
+    _fail_if_nothing_came_back({"outcomes": {"succeeded": 1, "errored": 1}}, "explain")
+
+
+def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
+    """The entry point's safety net: an OSError about a path is one line and status 2, not a traceback."""
+    import llama_sae.cli as cli
+
+    def write_into_a_directory():
+        raise IsADirectoryError(21, "Is a directory", "/runs/report")
+
+    monkeypatch.setattr(cli, "app", write_into_a_directory)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "error: /runs/report is a directory: pass a file path there"
+
+
+def test_rich_output_keeps_colons_in_user_text():
+    """':100:' and ':clamp:' are not emoji codes in what the CLI prints."""
+    from llama_sae.cli import console
+
+    with console.capture() as cap:
+        console.print("tinyworld:100:train 123:clamp:8")
+    assert cap.get().strip() == "tinyworld:100:train 123:clamp:8"

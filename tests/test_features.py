@@ -151,6 +151,13 @@ def test_bad_input(setup, tmp_path):
         f.check_sae(other)
     with pytest.raises(UserError, match="other settings"):
         build_features(model, tok, other, SOURCE, out, sentences=200)
+    with pytest.raises(UserError, match="top_n must be at least 1, not 0"):
+        build_features(model, tok, sae, SOURCE, tmp_path / "new", sentences=200, top_n=0)
+    (tmp_path / "an_sae").mkdir()
+    (tmp_path / "an_sae" / "cfg.json").write_text("{}")
+    with pytest.raises(UserError, match="holds other files and no features artifact"):
+        build_features(model, tok, sae, SOURCE, tmp_path / "an_sae", sentences=200)
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]
     with pytest.raises(UserError, match="out of range"):
         f.examples(10_000)
     with pytest.raises(UserError, match="unknown example kind"):

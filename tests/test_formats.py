@@ -218,8 +218,22 @@ def test_cli_info_and_convert(tmp_path):
     back = load(tmp_path / "lens2")
     assert back.cfg == sae.cfg
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
-    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "onnx", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "onnx", "--out", str(tmp_path / "o")
+                                 ])
     assert isinstance(result.exception, UserError) and "use --to saelens or --to sparsify" in str(result.exception)
+    # an existing SAE directory is not written over without --overwrite
+    before = (tmp_path / "lens2" / "sae_weights.safetensors").read_bytes()
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens", "--out", str(tmp_path)])
+    assert isinstance(result.exception, UserError) and "not empty" in str(result.exception)
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens",
+                                 "--out", str(tmp_path / "lens2"), "--overwrite"])
+    assert result.exit_code == 0 and (tmp_path / "lens2" / "sae_weights.safetensors").read_bytes() == before
+    assert "verdict loads" in " ".join(runner.invoke(app, ["sae", "info", str(tmp_path / "lens2")]).output.replace(
+        "│", " ").split())
+    weights = tmp_path / "lens2" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: info says why it will not load, exit status 1
+    result = runner.invoke(app, ["sae", "info", str(tmp_path / "lens2")])
+    assert result.exit_code == 1 and "does not load" in result.output
 
 
 # --------------------------------------------------------------------------- the hub (a fake server on 127.0.0.1)

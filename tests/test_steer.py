@@ -374,3 +374,10 @@ def test_quick_unit_estimate_matches_the_features_artifact(one_thread):
     ratio = estimate[live] / artifact[live]
     assert 0.95 < float(ratio.median()) < 1.05  # the same statistic: no systematic scale between the two
     assert float(((ratio - 1).abs() < 0.25).float().mean()) > 0.9  # and close latent by latent
+
+
+def test_replay_of_a_record_that_is_not_ours_is_one_line():
+    from llama_sae.steer import replay
+
+    with pytest.raises(UserError, match="the record lacks saes, steers"):
+        replay({"model": "x", "prompts": [], "outputs": [], "chat": False, "sampling": {}, "error_term": True})

@@ -14,26 +14,27 @@ import typer
 from rich.console import Console
 
 from llama_sae.cli_sae import sae_app
-from llama_sae.errors import UserError
+from llama_sae.errors import PATH_ERRORS, UserError, check_output_file, path_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory (Meta or Hugging Face "
                                                                    "format); default: the shipped tinyworld model")]
 DtypeOpt = Annotated[str | None, typer.Option(help="bfloat16, float16 or float32; default: the checkpoint's")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="tokens to generate per prompt")]
-TempOpt = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")]
-TopPOpt = Annotated[float, typer.Option(help="nucleus sampling: keep the smallest set of tokens with this mass")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="tokens to generate per prompt")]
+TempOpt = Annotated[float, typer.Option(min=0, help="sampling temperature; 0 = greedy")]
+TopPOpt = Annotated[float, typer.Option(min=0, max=1, help="nucleus sampling: keep the smallest set "
+                                                                         "of tokens with this mass")]
 SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (repeatable output)")]
 SaeOpt = Annotated[list[Path] | None, typer.Option("--sae", help="SAE directory to splice in (repeatable, one per "
                                                                "hook point); default: the shipped tinyworld SAE")]
 SteerOpt = Annotated[list[str] | None, typer.Option("--steer", help="[HOOK@]LATENT:clamp|add|bias:STRENGTH[:all|"
-                                                                  "prompt|generated], strength in units of the "
-                                                                  "latent's typical max (repeatable)")]
+                                                                  "prompt|generated|last|last+N|prompt+N], strength "
+                                                                  "in units of the latent's typical max (repeatable)")]
 FeaturesOpt = Annotated[list[Path] | None, typer.Option("--features", help="features artifact of a loaded SAE: "
                                                                          "steering units and explanations")]
 RecordOpt = Annotated[Path | None, typer.Option(help="write the steering record (JSON) here; default "
@@ -103,8 +104,8 @@ def generate(
     steer: SteerOpt = None,
     features: FeaturesOpt = None,
     show_features: Annotated[bool, typer.Option(help="print each token's top latents and their explanations "
-                                                     "(needs --sae)")] = False,
-    top: Annotated[int, typer.Option(help="latents per token for --show-features")] = 3,
+                                                     "(of --sae, default the shipped SAE)")] = False,
+    top: Annotated[int, typer.Option(min=1, help="latents per token for --show-features")] = 3,
     record: RecordOpt = None,
     replay: Annotated[Path | None, typer.Option(help="run a steering record again and check the outputs match")] = None,
 ) -> None:
@@ -114,11 +115,16 @@ def generate(
     if replay is not None:
         from llama_sae.cli_steer import run_replay
 
+        if prompt or steer:
+            raise UserError("--replay runs the recorded prompts and steers: drop the PROMPT and --steer arguments")
         return run_replay(replay, console, device=device, dtype=dtype)
     prompts = list(prompt or [])
+    if record is not None:
+        check_output_file(record)
     if prompts_file is not None:
-        if not prompts_file.exists():
-            raise UserError(f"prompts file {prompts_file} does not exist: pass a text file, one prompt per line")
+        if not prompts_file.is_file():
+            raise UserError(f"prompts file {prompts_file} does not exist or is not a file: pass a text file, one "
+                            "prompt per line")
         prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
@@ -287,7 +293,7 @@ def capture(
     shard_rows: Annotated[int | None, typer.Option(help="rows per shard; default: about 64 MiB per shard")] = None,
     outlier_factor: Annotated[float | None, typer.Option(help="drop tokens whose norm is above this x the "
                                                               "batch median (attention sinks); off by default")] = None,
-    val_percent: Annotated[int, typer.Option(help="percent of sentences in the validation split")] = 5,
+    val_percent: Annotated[int, typer.Option(min=0, max=99, help="percent of sentences in the validation split")] = 5,
     device: DeviceOpt = "cpu",
     progress: Annotated[bool, typer.Option(help="progress bar with tokens/s and ETA (rank 0)")] = True,
     repair: Annotated[bool, typer.Option(help="finished store: recompute shards that fail verification")] = False,
@@ -386,10 +392,11 @@ def evaluate(
     store: Annotated[Path | None, typer.Option(help="activation store: metrics on its val split")] = None,
     corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL)")] = None,
     model: ModelOpt = None,
-    n_texts: Annotated[int, typer.Option(help="texts of the corpus for the model metrics")] = 200,
+    n_texts: Annotated[int, typer.Option(min=1, help="texts of the corpus for the model metrics")] = 200,
     out: Annotated[Path | None, typer.Option(help="write the JSON report here (and the frequency histogram "
                                                   "beside it, NAME_frequency.png)")] = None,
-    k: Annotated[int | None, typer.Option(help="k, where the SAE file lacks it (the seed's .pth: 64)")] = None,
+    k: Annotated[int | None, typer.Option(min=1, help="k to evaluate at (default: the SAE file's; the seed's .pth "
+                                                      "has none: 64)")] = None,
     hook: Annotated[str | None, typer.Option(help="hook point, where the SAE file lacks it")] = None,
     bf16_encoder: Annotated[bool, typer.Option(help="spliced CE/KL with the encoder GEMM in bf16: faster on AMX "
                                                     "CPUs and GPUs; may swap near-tied latents at the k-th place")
@@ -406,6 +413,8 @@ def evaluate(
     from llama_sae.sae import load
     from llama_sae.sae.evaluate import activation_metrics, model_metrics, plot_frequency, summary_rows, token_batches
 
+    if out is not None:
+        check_output_file(out)
     net = load(sae, device=device, k=k, hook_name=hook)
     if store is None and corpus is None:
         raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
@@ -414,6 +423,9 @@ def evaluate(
         from llama_sae.store import ActivationStore
 
         src = ActivationStore(store)
+        if src.d != net.cfg.d_in:
+            raise UserError(f"the SAE reads {net.cfg.d_in}-wide activations but store {store} holds {src.d}-wide ones: "
+                            "the SAE belongs to another model (or layer kind); pass its own store")
         report.update(activation_metrics(net, src.loader(4096, shuffle=False, split="val", epochs=1, drop_last=False,
                                                          hook=net.cfg.hook_name)))
     if corpus is not None:
@@ -456,11 +468,15 @@ _register_stages()
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    """Console-script entry point: user errors (and errors about paths) become one line on stderr, exit status 2."""
     try:
         app()
     except UserError as e:
         err_console.print(f"error: {e}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except PATH_ERRORS as e:  # a path no check caught earlier (a file where a directory goes, ...)
+        err_console.print(f"error: {path_error_message(e)}", style="bold red", markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(2)
 
 

@@ -13,7 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
+from llama_sae.errors import UserError
+
+console = Console(emoji=False)
 
 FeaturesArg = Annotated[Path, typer.Argument(help="features artifact directory (from `llama-sae features`)")]
 
@@ -22,18 +24,20 @@ def features(
     sae: Annotated[Path, typer.Option(help="SAE directory (SAELens v6 layout)")],
     out: Annotated[Path, typer.Option(help="output directory of the features artifact")],
     corpus: Annotated[str, typer.Option(help="SOURCE of the sentences")] = "tinyworld:20000:heldout",
-    sentences: Annotated[int, typer.Option(help="sentences to read from the corpus")] = 20_000,
-    top_n: Annotated[int, typer.Option(help="top sentences kept per latent and aggregation (max, mean, last)")] = 20,
-    reservoir: Annotated[int, typer.Option(help="activating sentences sampled per latent for quantile bins")] = 40,
-    n_quantiles: Annotated[int, typer.Option(help="quantile bins of the sampled sentences")] = 10,
-    pool: Annotated[int, typer.Option(help="random sentences for the non-activating examples")] = 512,
-    batch_size: Annotated[int, typer.Option(help="sentences per forward pass")] = 64,
-    max_tokens: Annotated[int, typer.Option(help="tokens per sentence, BOS included (longer: truncated)")] = 128,
+    sentences: Annotated[int, typer.Option(min=1, help="sentences to read from the corpus")] = 20_000,
+    top_n: Annotated[int, typer.Option(min=1, help="top sentences kept per latent and aggregation (max, mean, "
+                                                   "last)")] = 20,
+    reservoir: Annotated[int, typer.Option(min=1, help="activating sentences sampled per latent for quantile "
+                                                       "bins")] = 40,
+    n_quantiles: Annotated[int, typer.Option(min=1, help="quantile bins of the sampled sentences")] = 10,
+    pool: Annotated[int, typer.Option(min=1, help="random sentences for the non-activating examples")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="sentences per forward pass")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=2, help="tokens per sentence, BOS included (longer: truncated)")] = 128,
     model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory; default: the "
                                                                      "shipped tinyworld model")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the random samples")] = 0,
-    cache_gb: Annotated[float, typer.Option(help="disk for pass 1's sparse codes, which spare pass 2 the model "
+    cache_gb: Annotated[float, typer.Option(min=0, help="disk for pass 1's sparse codes, which spare pass 2 the model "
                                                  "(GiB; 0 = run the model again)")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="rebuild when OUT holds an artifact with other settings")] = False,
 ) -> None:
@@ -63,13 +67,14 @@ def features(
 BackendOpt = Annotated[str, typer.Option(help="offline (default, no key), chat (any OpenAI-compatible server), "
                                               "anthropic (Message Batches), openai-batch (Batch API), local (the "
                                               "Llama itself)")]
-LlmModelOpt = Annotated[str | None, typer.Option(help="explainer model name (anthropic default: claude-haiku-4-5; "
+LlmModelOpt = Annotated[str | None, typer.Option(help="LLM model name (anthropic default: claude-haiku-4-5; "
                                                       "openai-batch: gpt-4o-mini; chat: required)")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="server base URL, e.g. http://localhost:8000/v1 (vLLM)")]
 KeyEnvOpt = Annotated[str | None, typer.Option(help="environment variable holding the chat server's key "
                                                     "(default OPENAI_API_KEY; keys are never read from options)")]
-ConcurrencyOpt = Annotated[int, typer.Option(help="chat backend: requests in flight at once")]
-PerMinuteOpt = Annotated[float | None, typer.Option(help="chat backend: at most this many requests per minute")]
+ConcurrencyOpt = Annotated[int, typer.Option(min=1, help="chat backend: requests in flight at once")]
+PerMinuteOpt = Annotated[float | None, typer.Option(min=0.001, help="chat backend: at most this many requests "
+                                                                   "per minute")]
 ThresholdOpt = Annotated[float, typer.Option("--confirm-above", help="ask before sending when the estimated "
                                                                      "cost exceeds this many US dollars")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="send without asking, whatever the estimate")]
@@ -78,7 +83,7 @@ RetryOpt = Annotated[bool, typer.Option(help="re-send only the requests that fai
 FreshOpt = Annotated[bool, typer.Option(help="start a new journal (the old one is kept beside it)")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="batch backends: submit and return; run again later "
                                                           "to collect")]
-PollOpt = Annotated[float, typer.Option(help="batch backends: seconds between status checks")]
+PollOpt = Annotated[float, typer.Option(min=0, help="batch backends: seconds between status checks")]
 LocalDeviceOpt = Annotated[str, typer.Option(help="local backend: where the checkpoint runs (cpu, cuda, cuda:1, ...)")]
 
 
@@ -99,6 +104,27 @@ def _confirm(yes: bool):
     return (lambda question: True) if yes else (lambda question: typer.confirm(question, default=False))
 
 
+def _latent_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--latents {text!r}: give latent numbers separated by commas, e.g. 3,17,250") from None
+
+
+def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
+    """Exit 1 with the reason when every request sent this run failed (a wrong URL, key or model name)."""
+    from llama_sae.interpret.journal import FAILED
+
+    outcomes = out.get("outcomes") or {}
+    failed = sum(n for kind, n in outcomes.items() if kind in FAILED)
+    if failed and not outcomes.get("succeeded"):
+        why = f": {out['first_error']}" if out.get("first_error") else ""
+        console.print(f"error: every {stage} request failed ({failed}){why}; the journal has each one; fix the "
+                      "backend settings and run again with --retry-failed", style="bold red", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
 def explain(
     path: FeaturesArg,
     backend: BackendOpt = "offline",
@@ -106,8 +132,9 @@ def explain(
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
     latents: Annotated[str | None, typer.Option(help="comma list of latents; default: every live latent")] = None,
-    n_top: Annotated[int, typer.Option(help="top sentences shown per latent (plus half the quantile samples)")] = 10,
-    max_tokens: Annotated[int, typer.Option(help="reply tokens per request")] = 300,
+    n_top: Annotated[int, typer.Option(min=1, help="top sentences shown per latent (plus half the quantile "
+                                                   "samples)")] = 10,
+    max_tokens: Annotated[int, typer.Option(min=1, help="reply tokens per request")] = 300,
     concurrency: ConcurrencyOpt = 8,
     per_minute: PerMinuteOpt = None,
     confirm_above: ThresholdOpt = 5.0,
@@ -124,12 +151,16 @@ def explain(
     from llama_sae.interpret import explain as run_explain
 
     f = load_features(path)
-    chosen = [int(x) for x in latents.split(",")] if latents else None
+    chosen = _latent_list(latents) if latents else None
+    if retry_failed and fresh:
+        raise UserError("--retry-failed re-sends what failed in the current journal and --fresh starts a new one: "
+                        "pass one of them")
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device)
     out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
                       retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print)
     console.print(f"{out['explained']:,} of {out['requests']:,} latents explained; outcomes: {out['outcomes']}; "
                   f"{path / 'explanations.jsonl'}")
+    _fail_if_nothing_came_back(out, "explain")
 
 
 def score(
@@ -138,7 +169,8 @@ def score(
     llm_model: LlmModelOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
-    n: Annotated[int, typer.Option(help="held-out activating and as many non-activating sentences per latent")] = 10,
+    n: Annotated[int, typer.Option(min=1, help="held-out activating and as many non-activating sentences per "
+                                               "latent")] = 10,
     sample: Annotated[str, typer.Option(help="held-out activating sentences: 'top' (the top sentences the explainer "
                                              "did not see) or 'quantile' (across activation quantiles)")] = "top",
     control: Annotated[bool, typer.Option(help="also score shuffled explanations (should give ~0.5)")] = True,
@@ -175,6 +207,7 @@ def score(
     console.print(f"{out['scored']:,} of {out['latents']:,} explained latents scored ({out['unscorable']:,} "
                   f"unscorable: no held-out activating or no non-activating sentence); outcomes: "
                   f"{out['outcomes']}; {path / 'scores.jsonl'}")
+    _fail_if_nothing_came_back(out, "score")
 
 
 def register(app: typer.Typer) -> None:

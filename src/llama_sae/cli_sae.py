@@ -9,24 +9,28 @@ import typer
 from rich.console import Console
 
 sae_app = typer.Typer(no_args_is_help=True, help="SAE files: info, convert (SAELens, sparsify, seed .pth), push, pull.")
-console = Console()
+console = Console(emoji=False)
 
 PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo\\[/dir]")]
-KOpt = Annotated[int | None, typer.Option(help="k, where the file lacks it (the seed's .pth: 64)")]
+KOpt = Annotated[int | None, typer.Option(min=1, help="k (default: the file's; the seed's .pth has none: 64)")]
 HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file lacks it (e.g. attn_in.23)")]
 
 
 @sae_app.command("info")
 def info(path: PathArg) -> None:
-    """What an SAE file says: format, shape, k, normalization, hook point, and what is missing."""
+    """What an SAE file says: format, shape, k, normalization, hook point, what is missing, and whether it loads
+    (exit status 1 when it does not)."""
     from rich.table import Table
 
     from llama_sae.sae.formats import describe
 
     table = Table("field", "value", title=str(path))
-    for key, value in describe(path):
+    rows = describe(path)
+    for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    if dict(rows)["verdict"].startswith("does not load"):
+        raise typer.Exit(1)
 
 
 @sae_app.command("convert")
@@ -36,10 +40,17 @@ def convert(
     out: Annotated[Path, typer.Option(help="output directory")],
     k: KOpt = None,
     hook: HookOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="write into a non-empty --out directory")] = False,
 ) -> None:
     """Rewrite an SAE in another format (reads SAELens, sparsify, the seed's .pth; writes SAELens or sparsify)."""
+    from llama_sae.errors import UserError
     from llama_sae.sae.formats import convert as run_convert
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty: choose a new directory, or pass --overwrite to write the SAE "
+                        "files into it")
     done = run_convert(path, to, out, k=k, hook_name=hook)
     console.print(f"wrote {to} SAE to {done}")
     if to == "sparsify":

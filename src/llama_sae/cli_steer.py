@@ -83,8 +83,9 @@ def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str 
     """``--replay FILE``: generate the recorded prompts again and say whether the outputs match."""
     from llama_sae.steer import replay
 
-    if not path.exists():
-        raise UserError(f"record {path} does not exist: pass a JSON file written by a steered generate or chat")
+    if not path.is_file():
+        raise UserError(f"record {path} does not exist or is not a file: pass a JSON file written by a steered "
+                        "generate or chat")
     try:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError as e:

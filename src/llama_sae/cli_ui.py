@@ -22,6 +22,8 @@ def parse_latents(text: str | None, d_sae: int) -> list[int] | None:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
             raise UserError(f"--latents {text!r}: write ids and ranges like 3,17,40-49 (or 'live')")
+        if hi and int(hi) < int(lo):
+            raise UserError(f"--latents {text!r}: the range {part.strip()} runs backwards: write it low-high")
         out += list(range(int(lo), int(hi or lo) + 1))
     bad = [i for i in out if i >= d_sae]
     if bad:
@@ -50,7 +52,7 @@ def dashboard(
     latents: Annotated[str | None, typer.Option(help="latents to show: ids and ranges (3,17,40-49); default: "
                                                      "every latent that fired")] = None,
     corpus: Annotated[str, typer.Option(help="SOURCE for a features artifact built here")] = "tinyworld:5000:heldout",
-    sentences: Annotated[int, typer.Option(help="sentences for a features artifact built here")] = 5000,
+    sentences: Annotated[int, typer.Option(min=1, help="sentences for a features artifact built here")] = 5000,
     ui_url: Annotated[str, typer.Option(help="where `llama-sae ui` serves, for the steer links")] = (
         "http://127.0.0.1:7860"),
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
@@ -62,6 +64,8 @@ def dashboard(
     from llama_sae.sae import load
     from llama_sae.ui.dashboard import write_dashboard
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory for the dashboard")
     sae, features = resolve_sae(model, sae, features)
     llama, tok = _load(model, None, device)
     net = load(sae, device=device)
@@ -80,7 +84,7 @@ def ui(
                                                         "tinyworld SAE")] = None,
     features: Annotated[list[Path] | None, typer.Option(help="features artifact of a loaded SAE (repeatable)")] = None,
     host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the UI to your network")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to serve on")] = 7860,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to serve on")] = 7860,
     open_browser: Annotated[bool, typer.Option("--open", help="open a browser tab")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:

@@ -144,7 +144,7 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     from llama_sae.interpret.groundtruth import stage as interpret_stage
     from llama_sae.ui.demo import stage as steer_stage
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     out.mkdir(parents=True, exist_ok=True)
     _world(console)
     model, tokenizer = _model(console)

@@ -23,3 +23,31 @@ def check_device(device: str) -> str:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r}: this machine has no Apple GPU; use --device cpu")
     return device
+
+
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def path_error_message(e: OSError) -> str:
+    """One line for an OSError about a path (the CLI's safety net for paths no check caught earlier)."""
+    name = e.filename if e.filename is not None else "a path"
+    if isinstance(e, IsADirectoryError):
+        return f"{name} is a directory: pass a file path there"
+    if isinstance(e, NotADirectoryError):
+        return f"{name}: part of this path is a file, not a directory: pass a directory path there"
+    if isinstance(e, FileExistsError):
+        return f"{name} already exists and is in the way: choose another path"
+    if isinstance(e, FileNotFoundError):
+        return f"{name} does not exist: check the path (a new file's directory must exist)"
+    return f"no permission for {name}: choose a path you can read and write"
+
+
+def check_output_file(path) -> None:
+    """UserError before any work is done if a result cannot be written to the file ``path``."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: pass a file path, e.g. {path / 'report.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: its directory {path.parent} does not exist (create it first)")

@@ -323,6 +323,17 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
 
     check_fits(model, sae)
     out = Path(out)
+    for name, value, least in (("sentences", sentences, 1), ("top_n", top_n, 1), ("reservoir", reservoir, 1),
+                               ("pool", pool, 1), ("n_quantiles", n_quantiles, 1), ("batch_size", batch_size, 1),
+                               ("max_tokens", max_tokens, 2), ("cache_bytes", cache_bytes, 0)):
+        if value < least:
+            raise UserError(f"features: {name} must be at least {least}, not {value}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory for the features artifact")
+    if out.is_dir() and any(p.name not in (META_FILE, TENSORS_FILE, PARTIAL_DIR, EXPLANATIONS_FILE, SCORES_FILE)
+                            and not p.name.endswith(".jsonl") for p in out.iterdir()) \
+            and not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():
+        raise UserError(f"--out {out} holds other files and no features artifact: choose an empty or new directory")
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed)
     if _check_out(out, settings, overwrite):
         return out
@@ -577,8 +588,10 @@ class Features:
         """UserError unless this artifact was built from ``sae`` (same weights and config)."""
         got = sae_fingerprint(sae)
         if got != self.sae_fingerprint:
+            built_from = self.meta.get("sae_path")
+            fix = f"pass that SAE (--sae {built_from}), or " if built_from else ""
             raise UserError(f"{self.path} was built from another SAE (fingerprint {self.sae_fingerprint}, this SAE "
-                            f"is {got}): rebuild it with `llama-sae features --sae SAE --out DIR`")
+                            f"is {got}): {fix}rebuild it with `llama-sae features --sae SAE --out DIR`")
 
     def live_latents(self) -> list[int]:
         """Latents that fired at least once in the corpus."""

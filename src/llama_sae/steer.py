@@ -446,12 +446,19 @@ def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[S
     return Steering(saes, list(steers), units, sources=sources)
 
 
+RECORD_KEYS = ("model", "saes", "steers", "error_term", "prompts", "outputs", "chat", "sampling")
+
+
 def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[str]:
     """Run a recorded generation again (same model, SAEs, steers, units and sampling); its outputs. Sampled
     outputs repeat on the device and dtype they were made with (a CUDA generator draws other numbers)."""
     from llama_sae.features import sae_fingerprint
     from llama_sae.llama import load_model, load_tokenizer
 
+    missing = [key for key in RECORD_KEYS if key not in rec] if isinstance(rec, dict) else ["all"]
+    if missing:
+        raise UserError(f"the record lacks {', '.join(missing)}: it was not written by llama-sae generate or chat "
+                        "(or was edited); make a new one")
     model, tok = load_model(rec["model"], dtype=dtype, device=device), load_tokenizer(rec["model"])
     steering = None
     if rec["saes"]:
@@ -461,9 +468,9 @@ def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[
                 raise UserError(f"the SAE at {info['path']} changed since the record was made (fingerprint "
                                 f"{sae_fingerprint(saes[hook])}, recorded {info['fingerprint']})")
         units = {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()}
-        for d in rec["steers"]:
-            units[d["hook"]][d["latent"]] = d["unit"]
-        steering = Steering(saes, [parse_steer(d["spec"]) for d in rec["steers"]], units, rec["error_term"],
-                            sources=sources)
+        steers = [replace(parse_steer(d["spec"]), hook=d.get("hook")) for d in rec["steers"]]
+        steering = Steering(saes, steers, units, rec["error_term"], sources=sources)  # checks hooks and latents
+        for s, d in zip(steering.steers, rec["steers"]):
+            units[s.hook][s.latent] = d["unit"]
     outs = generate(model, tok, rec["prompts"], steering, chat=rec["chat"], **rec["sampling"])
     return [o.text for o in outs]

@@ -13,7 +13,7 @@ from llama_sae.features import EXPLANATIONS_FILE, Features
 from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import explain_prompt, parse_explanation
-from llama_sae.interpret.run import outcome_counts, run_requests
+from llama_sae.interpret.run import first_error, outcome_counts, run_requests
 
 PROMPT_VERSION = 1
 
@@ -37,7 +37,8 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
             say: Callable[[str], None] = print) -> dict:
     """Explain ``latents`` (default: every live one) and (re)write explanations.jsonl from the journal.
 
-    ``chunk`` latents' prompts are built at a time. Returns {"explained", "requests", "outcomes": {status: count}}.
+    ``chunk`` latents' prompts are built at a time. Returns {"explained", "requests", "outcomes": {status: count},
+    "first_error": the first failed request's status and error, or None}.
     """
     latents = f.live_latents() if latents is None else list(latents)
     chunks = (explain_requests(f, latents[i:i + chunk], n_top=n_top, max_tokens=max_tokens)
@@ -57,7 +58,8 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
                      "n_top": n_top})  # the scorer holds out only top sentences past these
     _merge_write(f, rows)
     f.reload_explanations()
-    return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids)}
+    return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids),
+            "first_error": first_error(journal, ids)}
 
 
 def _merge_write(f: Features, rows: list[dict]) -> None:

@@ -118,6 +118,15 @@ def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: 
                             f"(${threshold:g}); pass --yes to send anyway")
 
 
+def first_error(journal: Journal, custom_ids: Sequence[str]) -> str | None:
+    """The error of the first of these requests that failed (what to fix when all of them did), or None."""
+    for cid in custom_ids:
+        res = journal.state.results.get(cid, {})
+        if res.get("status") not in (None, "succeeded"):
+            return f"{res['status']}: {res.get('error') or 'no reason given'}"
+    return None
+
+
 def outcome_counts(journal: Journal, custom_ids: Sequence[str]) -> dict[str, int]:
     """How many of the requests ended in each status ("unanswered" for none yet)."""
     counts: dict[str, int] = {}

@@ -26,7 +26,7 @@ from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features
 from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
-from llama_sae.interpret.run import outcome_counts, run_requests
+from llama_sae.interpret.run import first_error, outcome_counts, run_requests
 
 METHODS = ("detection", "fuzzing")
 PROMPT_VERSION = 1
@@ -151,6 +151,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     f.reload_explanations()
     scored = {row["latent"] for row in rows if not row["control"]}
     summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids),
+                     "first_error": first_error(journal, ids),
                      "unscorable": len(explanations) - len({journal.state.requests[c]["latent"] for c in ids}),
                      "scored": len(scored)}
     certainty = {l: e.certainty for l, e in f.explanations().items() if e.certainty is not None}

@@ -373,12 +373,29 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
             ("HF module", hf_module_name(v.get("hook_name")) or "-")]
     rows += [(key, str(v[key])) for key in ("model_name", "context_size", "prepend_bos") if key in v]
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
-        log_rate = load_sparsity(found.path)  # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
-        rows.append(("sparsity", f"{SPARSITY_FILE}: median firing rate {10 ** float(log_rate.median()):.2g}, "
-                                 f"{int((log_rate <= -9.99).sum())} latents never fired"))
-    rows += _weights_rows(found)
+        try:
+            log_rate = load_sparsity(found.path)  # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
+            rows.append(("sparsity", f"{SPARSITY_FILE}: median firing rate {10 ** float(log_rate.median()):.2g}, "
+                                     f"{int((log_rate <= -9.99).sum())} latents never fired"))
+        except UserError as e:
+            rows.append(("sparsity", f"unreadable (optional; loading ignores it): {e}"))
+    weights = _weights_rows(found)
+    rows += weights
     rows += [("note", note) for note in found.notes]
-    return rows
+    return rows + [("verdict", _verdict(found, weights))]
+
+
+def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
+    """"loads", or "does not load: why" (the config :func:`load` would build, and the weights' header)."""
+    missing_k = found.values.get("k") is None
+    try:
+        _config(found, k=1 if missing_k else None)  # a placeholder k when the file has none: the rest is checked
+    except UserError as e:
+        return f"does not load: {e}"
+    bad = [value for key, value in weights if key == "note" or value.startswith("unreadable")]
+    if bad:
+        return f"does not load: {bad[0]}"
+    return "loads with --k K (the file has no k)" if missing_k else "loads"
 
 
 def _weights_rows(found: Found) -> list[tuple[str, str]]:
@@ -393,6 +410,8 @@ def _weights_rows(found: Found) -> list[tuple[str, str]]:
         return [("weights", f"unreadable: {e}")]
     rows = [("weights", f"{file.name}: " + ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items()))]
     d, n = found.values.get("d_in"), found.values.get("d_sae")
+    if not isinstance(d, int) or not isinstance(n, int):
+        return rows  # the config is damaged: the verdict says so
     enc, enc_b = ("W_enc", "b_enc") if found.format == "saelens" else ("encoder.weight", "encoder.bias")
     want = {enc: (d, n) if found.format == "saelens" else (n, d), enc_b: (n,), "W_dec": (n, d), "b_dec": (d,)}
     for name, shape in want.items():
@@ -474,6 +493,9 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
     if to not in ("saelens", "sparsify"):
         raise UserError(f"cannot write format {to!r}: use --to saelens or --to sparsify")
     sae = load(src, k=k, hook_name=hook_name)
+    if sae.cfg.hook_name is None and find(src).format == "seed":  # its .pth never says; the converted SAE must
+        raise UserError(f"{src} is a seed checkpoint, which does not say which hook point it reads: pass --hook "
+                        "(attn_in.23 for the seed's Llama 3.2-3B run)")
     if to == "sparsify":
         return save_sparsify(sae, out)
     sparsity = load_sparsity(src) if Path(src, SPARSITY_FILE).exists() else None

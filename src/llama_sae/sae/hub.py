@@ -97,6 +97,9 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
         api.upload_folder(repo_id=repo_id, folder_path=str(path), path_in_repo=subdir or "",
                           commit_message=message or f"Upload {found.format} SAE ({found.values.get('hook_name')})",
                           ignore_patterns=[".*", "checkpoint.pt"])  # the optimizer state stays home
+    except hub.errors.OfflineModeIsEnabled:
+        raise UserError(f"upload to {repo_id}: the hub is in offline mode (HF_HUB_OFFLINE is set): unset it "
+                        "to upload") from None
     except hub.errors.HfHubHTTPError as e:
         raise UserError(f"upload to {repo_id} failed ({str(e).splitlines()[0][:160]}): check HF_TOKEN has write "
                         "access") from e

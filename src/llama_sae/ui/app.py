@@ -160,13 +160,24 @@ def all_specs(extra: str, slots: list) -> list[str]:
 
 
 def check_port(host: str, port: int) -> None:
-    """UserError naming the fix when ``host:port`` is taken."""
+    """UserError naming the fix when ``host:port`` cannot be served: a port out of range, an address that is not
+    this machine's, or a port that is taken."""
+    import errno
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"port {port} is out of range: pass --port between 1 and 65535 (default 7860)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
-        except OSError:
-            raise UserError(f"port {port} on {host} is in use (another llama-sae ui?): pass --port N, "
-                            "or stop the other server") from None
+        except socket.gaierror:
+            raise UserError(f"{host!r} is not an address or host name: pass --host 127.0.0.1 (this machine only) or "
+                            "0.0.0.0 (every interface)") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use (another llama-sae ui?): pass --port N, "
+                                "or stop the other server") from None
+            raise UserError(f"cannot serve on {host}:{port} ({e.strerror}): pass --host 127.0.0.1, or an address of "
+                            "this machine") from None
 
 
 def build_app(session: Session):
