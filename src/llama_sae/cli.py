@@ -19,7 +19,7 @@ from llama_sae.errors import PATH_ERRORS, UserError, check_output_file, path_err
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
 console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)  # one line per message, whatever the width
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory (Meta or Hugging Face "
                                                                    "format); default: the shipped tinyworld model")]
@@ -47,6 +47,11 @@ def _model_path(model: str | None) -> str:
     from llama_sae.tinyworld import model_path
 
     return str(model_path())
+
+
+def _check_record_path(record: Path | None) -> None:
+    if record is not None and record.is_dir():
+        raise UserError(f"--record {record} is a directory: pass a file path, e.g. {record / 'steer.json'}")
 
 
 def _load(model: str | None, dtype: str | None, device: str):
@@ -119,8 +124,7 @@ def generate(
             raise UserError("--replay runs the recorded prompts and steers: drop the PROMPT and --steer arguments")
         return run_replay(replay, console, device=device, dtype=dtype)
     prompts = list(prompt or [])
-    if record is not None:
-        check_output_file(record)
+    _check_record_path(record)
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise UserError(f"prompts file {prompts_file} does not exist or is not a file: pass a text file, one "
@@ -166,6 +170,7 @@ def chat(
     """Chat with the model in the Llama 3 chat format (interactive, or one-shot with --message); --steer steers it."""
     from llama_sae.steer import generate as run_generate
 
+    _check_record_path(record)
     net, tok = _load(model, dtype, device)
     history = [{"role": "system", "content": system}] if system else []
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -188,8 +193,12 @@ def chat(
             from llama_sae.steer import record as make_record
 
             nonlocal record
+            first = record is None
             record = write_record(make_record(steering, _model_path(model), list(history), [answer], kw, chat=True),
                                   record)
+            if first:
+                console.print(f"record: {record} (rewritten after every reply; llama-sae generate --replay {record})",
+                              style="dim", markup=False, highlight=False)
         history.append({"role": "assistant", "content": answer})
 
     if message is not None:
@@ -378,6 +387,10 @@ def train(
     """Train TopK SAE(s) on an activation store (resumes from out/checkpoint.pt; torchrun for several ranks)."""
     from llama_sae.sae.train import load_config, parse_int_list
     from llama_sae.sae.train import train as run_train
+
+    if tokens is not None and epochs is not None:
+        raise UserError("pass --tokens or --epochs, not both: --tokens sets the length exactly, --epochs in passes "
+                        "over the training split")
 
     cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
                       tokens=tokens, epochs=epochs, lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb,

@@ -162,8 +162,8 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     """The SAE's hook point, after checking the model has it and its width matches d_in."""
     hook = sae.cfg.hook_name
     if hook is None:
-        raise UserError("the SAE does not say which hook point it reads (cfg hook_name is empty): "
-                        "set metadata.hook_name in its cfg.json, e.g. resid_post.3")
+        raise UserError("the SAE does not name a hook point of ours (cfg hook_name is empty, or not KIND.LAYER; "
+                        "`llama-sae sae info` shows it): set metadata.hook_name in its cfg.json, e.g. resid_post.3")
     parse_hook_name(hook, model.args.n_layers)
     if sae.cfg.d_in != model.args.dim:
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "

@@ -319,7 +319,10 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
     try:
         return SAEConfig(**values)
     except ValidationError as e:
-        raise UserError(f"{found.path}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from e
+        err = e.errors()[0]
+        field_name = ".".join(str(part) for part in err["loc"])
+        raise UserError(f"{found.path}: {field_name + ': ' if field_name else ''}"
+                        f"{err['msg'].removeprefix('Value error, ')}") from e
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int | None = None,

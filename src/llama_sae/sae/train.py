@@ -134,8 +134,11 @@ def validated(data: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(part) for part in err["loc"]) or "config"
-        raise UserError(f"training config: {where}: {err['msg']} (got {err.get('input')!r})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields: its message names them, and the input is the whole config
+            raise UserError(f"training config: {msg}") from None
+        where = ".".join(str(part) for part in err["loc"])
+        raise UserError(f"training config: {where}: {msg} (got {err.get('input')!r})") from None
 
 
 def parse_int_list(text: str | None) -> int | list[int] | None:
