@@ -16,6 +16,7 @@ from rich.console import Console
 from llama_sae.errors import UserError
 
 console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 FeaturesArg = Annotated[Path, typer.Argument(help="features artifact directory (from `llama-sae features`)")]
 
@@ -119,9 +120,9 @@ def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
     failed = sum(n for kind, n in outcomes.items() if kind in FAILED)
     if failed and not outcomes.get("succeeded"):
         why = f": {out['first_error']}" if out.get("first_error") else ""
-        console.print(f"error: every {stage} request failed ({failed}){why}; the journal has each one; fix the "
-                      "backend settings and run again with --retry-failed", style="bold red", markup=False,
-                      highlight=False, soft_wrap=True)
+        err_console.print(f"error: every {stage} request failed ({failed}){why}; the journal has each one; fix the "
+                          "backend settings and run again with --retry-failed", style="bold red", markup=False,
+                          highlight=False)
         raise typer.Exit(1)
 
 
