@@ -374,6 +374,14 @@ def test_quick_unit_estimate_matches_the_features_artifact(one_thread):
     ratio = estimate[live] / artifact[live]
     assert 0.95 < float(ratio.median()) < 1.05  # the same statistic: no systematic scale between the two
     assert float(((ratio - 1).abs() < 0.25).float().mean()) > 0.9  # and close latent by latent
+    # the running top 8 (one batch of sentences at a time) equals the top 8 of every sentence's row at once
+    from llama_sae.steer import fill_dead_units
+    from llama_sae.tinyworld.recovery import sentence_activations
+
+    texts = [r.text for r in tinyworld.sentences(300, seed=11, split="heldout")]
+    best = sentence_activations(model, tok, sae, texts)[0].topk(8, dim=0).values
+    dense = fill_dead_units(best.sum(0) / (best > 0).sum(0).clamp_min(1))
+    assert torch.equal(estimate_units(model, tok, sae, n_sentences=300), dense)
 
 
 def test_replay_of_a_record_that_is_not_ours_is_one_line():

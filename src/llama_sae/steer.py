@@ -128,11 +128,13 @@ def estimate_units(model, tokenizer, sae, *, n_sentences: int = ESTIMATE_SENTENC
     ``n_sentences`` held-out tinyworld sentences (plain English; build a features artifact for a real corpus).
     Latents that never fire get the median unit of the others."""
     from llama_sae import tinyworld
-    from llama_sae.tinyworld.recovery import sentence_activations
+    from llama_sae.tinyworld.recovery import iter_sentence_activations
 
     texts = [r.text for r in tinyworld.sentences(n_sentences, seed=seed, split="heldout")]
-    latents, _ = sentence_activations(model, tokenizer, sae, texts)  # [N, d_sae] per-sentence max (0: silent)
-    best = latents.topk(min(top, len(texts)), dim=0).values  # [top, d_sae]
+    best = torch.zeros(0, sae.cfg.d_sae)  # [<= top, d_sae] the largest per-sentence maxima so far (0: silent)
+    for latents, _ in iter_sentence_activations(model, tokenizer, sae, texts):  # [B, d_sae] one batch at a time
+        merged = torch.cat([best, latents])
+        best = merged.topk(min(top, len(merged)), dim=0).values
     fired = (best > 0).sum(0)
     return fill_dead_units(best.sum(0) / fired.clamp_min(1))
 

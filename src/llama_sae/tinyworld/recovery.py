@@ -9,6 +9,8 @@ the same with the model's own neurons (each residual dimension, either sign) at 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from llama_sae.tinyworld.probe import auroc
@@ -18,10 +20,21 @@ from llama_sae.tinyworld.probe import auroc
 def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int = 64
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sentence max over tokens of (SAE latents [N, d_sae], model neurons [N, d_in]) at the SAE's hook."""
+    lat_rows, neu_rows = [], []
+    for lat, neu in iter_sentence_activations(model, tokenizer, sae, texts, batch=batch):
+        lat_rows.append(lat)
+        neu_rows.append(neu)
+    return torch.cat(lat_rows), torch.cat(neu_rows)
+
+
+@torch.no_grad()
+def iter_sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int = 64
+                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sentence_activations` one batch of sentences at a time, on the host: (latents [B, d_sae],
+    neurons [B, d_in]) per batch, for callers that keep a summary rather than every row."""
     from llama_sae.sae.evaluate import token_batches
 
     hook = sae.cfg.hook_name
-    lat_rows, neu_rows = [], []
     for tokens, mask in token_batches(tokenizer, texts, batch_size=batch, max_tokens=model.args.max_seq_len):
         tokens, mask = tokens.to(model.device), mask.to(model.device)
         valid = mask.clone()
@@ -36,9 +49,7 @@ def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int 
         # (latents are >= 0: the zeros stand for "never fired")
         neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).scatter_reduce_(
             0, owner.expand_as(flat), flat, "amax")
-        lat_rows.append(lat.cpu())
-        neu_rows.append(neu.cpu())
-    return torch.cat(lat_rows), torch.cat(neu_rows)
+        yield lat.cpu(), neu.cpu()
 
 
 def auroc_columns(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
