@@ -389,3 +389,32 @@ def test_replay_of_a_record_that_is_not_ours_is_one_line():
 
     with pytest.raises(UserError, match="the record lacks saes, steers"):
         replay({"model": "x", "prompts": [], "outputs": [], "chat": False, "sampling": {}, "error_term": True})
+
+
+def test_clamp_and_add_decode_only_the_steered_latents_exactly(model, sae, monkeypatch):
+    """Clamp and add steers never build dense [tokens, d_sae] latents, and give the splice's numbers bit for bit
+    (the same edit on dense latents of the same steered tokens)."""
+    import llama_sae.splice as splice_mod
+    from llama_sae.splice import spliced
+
+    tokens, T = _tokens(), 12
+    steering = _steering(sae, ["5:clamp:2:last", "9:add:3:prompt+1", "5:add:1:last", "7:clamp:0"], unit=0.5)
+    union = torch.zeros(tokens.shape, dtype=torch.bool)
+    for s in steering.steers:
+        union |= _window(tokens.shape, s.positions, T)
+
+    def edit(h):  # h [m, d_sae]: the steered tokens' latents, in x[union] order
+        for s in steering.steers:
+            mask = _window(tokens.shape, s.positions, T)[union]
+            if s.kind == "clamp":
+                h[mask, s.latent] = steering.value(s)
+            else:
+                h[mask, s.latent] += steering.value(s)
+        return h
+
+    with spliced(model, sae, edit=edit, rows=lambda x: union):
+        want = model.capture(tokens, [HOOK])[HOOK]
+    monkeypatch.setattr(splice_mod, "reconstruct", lambda *a, **kw: pytest.fail("dense latents built"))
+    with steering.apply(model, prompt_len=T):
+        got = model.capture(tokens, [HOOK])[HOOK]
+    assert torch.equal(got, want)

@@ -17,7 +17,9 @@ on the first generated word that leaves the rest of the text to the model), or `
 edit of the splice (:func:`llama_sae.splice.splice_fn`), which keeps the error term of the unedited input: an
 edit that changes no latent leaves the model's output exactly as it was. The SAE runs on the steered tokens
 alone (the others pass through untouched, and a decoding step no steer reaches runs no SAE), and ``add`` steers
-alone need no encode at all: they add v·W_dec[latent] (times the token's std for a normalizing SAE).
+alone need no encode at all: they add v·W_dec[latent] (times the token's std for a normalizing SAE). Clamp and
+add steers decode the steered latents' changes only (no dense [tokens, d_sae] latents, which a long prompt at
+65,536 latents would make a gigabyte); bias steers re-encode their tokens through the splice's ``pre_bias``.
 
     >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
     >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
@@ -255,6 +257,8 @@ class Steering:
 
         if self.error_term and all(s.kind == "add" for s, _ in steers):
             return _add_only(sae, edits, steered)
+        if self.error_term and not biased:
+            return _clamp_and_add(sae, edits, steered)
 
         def edit(h: Tensor) -> Tensor:  # h [m, d_sae] the steered tokens' latents, or [B, T, d_sae] all of them
             for s, v in edits:
@@ -328,6 +332,44 @@ def _add_only(sae, edits: list[tuple[Steer, float]], steered):
             change[:, col[s.latent]] += (mask if sel is None else mask[sel]) * v
         _, _, std = normalize(xs, sae.cfg.normalize_activations)
         return add_at_rows(x, sel, decode_change(sae, change, cols, std))
+
+    return replace
+
+
+def _clamp_and_add(sae, edits: list[tuple[Steer, float]], steered):
+    """The hook replacement for clamp and add steers (no bias) with the error term: the steered tokens are encoded
+    and only the steered latents' changes are decoded, never dense [tokens, d_sae] latents (256 KiB per token at
+    65,536 latents). The numbers are the splice's with the same edit on dense latents: the same changes
+    (h' − h per steered latent, 0 when a clamp keeps the value) decoded by the same product."""
+    from llama_sae.sae.model import normalize
+    from llama_sae.splice import add_at_rows, decode_change, pick_rows
+
+    latents = sorted({s.latent for s, _ in edits})
+    col = {latent: j for j, latent in enumerate(latents)}
+    cols = torch.tensor(latents, device=sae.W_dec.device)
+
+    @torch.no_grad()
+    def replace(x: Tensor) -> Tensor:
+        masks, union = steered(x)
+        sel, xs = pick_rows(x, union)  # the steered tokens [m, d_in]
+        if not len(xs):
+            return x
+        cut = {p: m[union] for p, m in masks.items()}  # each steer's tokens among the steered ones
+        rows = {p: ... if m.all() else m for p, m in cut.items()}
+        x_norm, _, std = normalize(xs, sae.cfg.normalize_activations)
+        vals, idx = sae.select(x_norm - sae.b_dec)  # [m, k]
+        now = torch.stack([torch.where(idx == latent, vals, 0).sum(1) for latent in latents], 1)  # [m, c]
+        new = now.clone()
+        for s, v in edits:
+            if s.kind == "clamp":
+                new[rows[s.positions], col[s.latent]] = v
+            else:
+                new[rows[s.positions], col[s.latent]] += v
+        change = new - now
+        keep = ((change.amax(0) != 0) | (change.amin(0) != 0)).nonzero().flatten()  # latents some token changed
+        if not len(keep):
+            return x
+        return add_at_rows(x, sel, decode_change(sae, change[:, keep], cols[keep], std))
 
     return replace
 
