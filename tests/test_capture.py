@@ -411,3 +411,19 @@ def test_info_of_an_unfinished_store(tiny, reference, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     info = store_info(out)
     assert info["status"] == "capturing" and info["rows"] == "1,400" and info["shards"] == 2
+
+
+def test_model_fingerprint_sees_a_change_anywhere_in_the_weights(tmp_path):
+    """A tensor changed in the middle of a weight file (an edited layer, a merged LoRA) is another model: a store
+    of the first must not resume with the second."""
+    from safetensors.torch import save_file
+
+    from llama_sae.capture import model_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    tensors = {f"layers.{i}.w": torch.full((1024, 1024), float(i)) for i in range(4)}  # 16 MiB
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = model_fingerprint(tmp_path)
+    tensors["layers.1.w"][500, 500] += 1  # a single value, megabytes from either end of the file
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert model_fingerprint(tmp_path) != before
