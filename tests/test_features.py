@@ -259,3 +259,20 @@ def test_fingerprint_is_kept_until_the_weights_change(setup):
     fresh.weights_changed()
     assert sae_fingerprint(fresh) != changed
 
+
+
+def test_overwrite_sets_the_old_explanations_aside(setup, tmp_path):
+    """A rebuild with --overwrite must not show the old build's explanations and scores as the new one's."""
+    import shutil
+
+    model, tok, sae, out = setup
+    shutil.copytree(out, tmp_path / "f")
+    (tmp_path / "f" / "explanations.jsonl").write_text(json.dumps({"latent": 0, "explanation": "old"}) + "\n")
+    (tmp_path / "f" / "scores.jsonl").write_text(json.dumps({"latent": 0, "balanced_accuracy": 0.9}) + "\n")
+    old_build = load_features(tmp_path / "f").meta["build_id"]
+    assert load_features(tmp_path / "f").explanation(0).text == "old"
+    build_features(model, tok, sae, SOURCE, tmp_path / "f", sentences=40, top_n=3, overwrite=True)
+    f = load_features(tmp_path / "f")
+    assert f.meta["sentences"] == 40 and f.explanation(0) is None
+    assert (tmp_path / "f" / f"explanations.{old_build}.jsonl").exists()
+    assert (tmp_path / "f" / f"scores.{old_build}.jsonl").exists()

@@ -337,6 +337,11 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed)
     if _check_out(out, settings, overwrite):
         return out
+    if (out / META_FILE).exists():  # --overwrite: the old build's explanations and scores are set aside, not shown
+        old_build = json.loads((out / META_FILE).read_text()).get("build_id") or "old"
+        for name in (EXPLANATIONS_FILE, SCORES_FILE):
+            if (out / name).exists():
+                os.replace(out / name, out / f"{Path(name).stem}.{old_build}.jsonl")
     partial = out / PARTIAL_DIR
     marker = partial / "settings.json"
     if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
