@@ -268,6 +268,11 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
     assert (tmp_path / "pulled" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "sae" / "sae_weights.safetensors").read_bytes()
     assert all(r.startswith(("GET", "HEAD", "POST")) for r in fake_hub.requests)
+    with pytest.raises(UserError, match="not empty: pull into a new directory, or pass --overwrite"):
+        hub.pull("hf://org/llama-saes/resid_post.3", tmp_path / "pulled")
+    with pytest.raises(UserError, match="its SAEs are in resid_post.3; pull hf://org/llama-saes/resid_post.3"):
+        hub.pull("hf://org/llama-saes", tmp_path / "top")  # the SAE sits in a folder of the repo
+    assert not (tmp_path / "top").exists()
     # the cache serves later loads with the hub offline
     import huggingface_hub.constants
 
@@ -283,8 +288,9 @@ def test_hub_errors(fake_hub):
     from llama_sae.sae.hub import parse_uri
 
     assert parse_uri("hf://a/b/c/d@v1") == ("a/b", "c/d", "v1")
-    with pytest.raises(UserError, match="write hf://org/repo"):
-        parse_uri("hf://only-one")
+    for bad in ("hf://only-one", "hf://a b/c", "hf://org/re$po"):
+        with pytest.raises(UserError, match="write hf://org/repo"):
+            parse_uri(bad)
     with pytest.raises(UserError, match="no such repo"):
         load("hf://org/missing")
 

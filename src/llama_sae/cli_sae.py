@@ -80,8 +80,9 @@ def push(
 def pull(
     uri: Annotated[str, typer.Argument(help="hf://org/repo\\[/subdir]\\[@revision]")],
     out: Annotated[Path, typer.Argument(help="directory to copy the SAE into")],
+    overwrite: Annotated[bool, typer.Option(help="copy into a non-empty directory")] = False,
 ) -> None:
     """Download an SAE from the Hugging Face hub into a directory."""
     from llama_sae.sae.hub import pull as run_pull
 
-    console.print(f"downloaded to {run_pull(uri, out)}")
+    console.print(f"downloaded to {run_pull(uri, out, overwrite=overwrite)}")

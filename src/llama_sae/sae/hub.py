@@ -11,6 +11,7 @@ serves from the local cache only: all read by huggingface_hub itself.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,14 +25,18 @@ class HubRef(NamedTuple):
     revision: str | None
 
 
+REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # the hub's rule for an org or repo name
+
+
 def parse_uri(uri: str) -> HubRef:
     """Split ``hf://org/repo[/subdir][@revision]``; a one-line error for anything else."""
     rest = uri.removeprefix("hf://")
     rest, _, revision = rest.partition("@")
     parts = [p for p in rest.split("/") if p]
-    if not uri.startswith("hf://") or len(parts) < 2 or any(p in (".", "..") for p in parts):
+    if not uri.startswith("hf://") or len(parts) < 2 or any(p in (".", "..") for p in parts) \
+            or not all(REPO_PART.fullmatch(p) for p in parts[:2]):
         raise UserError(f"{uri!r} is not a hub reference: write hf://org/repo, hf://org/repo/subdir or "
-                        "hf://org/repo/subdir@revision")
+                        "hf://org/repo/subdir@revision (org and repo: letters, digits, '-', '_', '.')")
     return HubRef("/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None)
 
 
@@ -57,18 +62,31 @@ def download(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     except hub.errors.RevisionNotFoundError as e:
         raise UserError(f"{uri}: revision {ref.revision!r} does not exist: use a branch, tag or commit") from e
     except (hub.errors.LocalEntryNotFoundError, OSError) as e:
-        raise UserError(f"{uri}: cannot download ({str(e).splitlines()[0][:160]}): check the network, or "
-                        "unset HF_HUB_OFFLINE if it is set") from e
+        raise UserError(f"{uri}: cannot download ({_first_line(e)}): check the network, or unset HF_HUB_OFFLINE "
+                        "if it is set") from e
     path = Path(root) / ref.subdir if ref.subdir else Path(root)
     if not path.is_dir():
         raise UserError(f"{uri}: the repo has no folder {ref.subdir!r}: list its folders on the hub and pick one")
     return path
 
 
-def pull(uri: str, out: str | os.PathLike) -> Path:
-    """Download the SAE at ``uri`` and copy its files into the directory ``out`` (each file written atomically)."""
-    src = download(uri)
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Download the SAE at ``uri`` and copy its files into the directory ``out`` (each file written atomically;
+    a non-empty ``out`` only with ``overwrite``)."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise UserError(f"{out} is {'a file' if not out.is_dir() else 'not empty'}: pull into a new directory"
+                        + ("" if not out.is_dir() else ", or pass --overwrite"))
+    src = download(uri)
+    if not any((src / name).is_file() for name in ("cfg.json", "sae.safetensors", "sae_weights.safetensors")):
+        inner = sorted(p.parent.name for p in src.glob("*/cfg.json"))
+        hint = f": its SAEs are in {', '.join(inner)}; pull {uri.split('@')[0].rstrip('/')}/{inner[0]}" if inner else ""
+        raise UserError(f"{uri} holds no SAE (no cfg.json){hint}")
     out.mkdir(parents=True, exist_ok=True)
     for file in sorted(src.iterdir()):
         if file.is_file():
@@ -101,6 +119,8 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
         raise UserError(f"upload to {repo_id}: the hub is in offline mode (HF_HUB_OFFLINE is set): unset it "
                         "to upload") from None
     except hub.errors.HfHubHTTPError as e:
-        raise UserError(f"upload to {repo_id} failed ({str(e).splitlines()[0][:160]}): check HF_TOKEN has write "
-                        "access") from e
+        raise UserError(f"upload to {repo_id} failed ({_first_line(e)}): check HF_TOKEN has write access") from e
+    except Exception as e:  # the network layer's own errors (connection refused, timeouts, TLS)
+        raise UserError(f"upload to {repo_id} failed ({type(e).__name__}: {_first_line(e)}): check the network "
+                        f"and HF_ENDPOINT ({hub.constants.ENDPOINT})") from e
     return f"hf://{repo_id}" + (f"/{subdir}" if subdir else "")
