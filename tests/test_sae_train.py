@@ -166,6 +166,12 @@ def test_resume_refuses_another_config_another_width_and_a_foreign_directory(tmp
     # a finished run started again with the same command only re-exports
     train_sae(TensorSource(x), small_cfg(log_every=3), out, progress=False)
     assert (out / "sae_weights.safetensors").read_bytes() == before["sae_weights.safetensors"]
+    # a run that failed before its first checkpoint left metrics.jsonl alone: the corrected command starts over
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "metrics.jsonl").write_text('{"step": 1, "stale": true}\n')
+    train_sae(TensorSource(x), small_cfg(), tmp_path / "failed", progress=False)
+    assert (tmp_path / "failed" / "sae_weights.safetensors").read_bytes() == before["sae_weights.safetensors"]
+    assert "stale" not in (tmp_path / "failed" / "metrics.jsonl").read_text()
 
 
 class NaNAt:
@@ -285,3 +291,13 @@ def test_trains_on_a_captured_store(tmp_path):
     assert sae.cfg.model_name == str(Path(model_dir).resolve())
     with pytest.raises(UserError, match="not resid_post.0"):
         train(store, tmp_path / "sae2", cfg.model_copy(update={"hook": "resid_post.0"}), progress=False)
+
+
+@pytest.mark.parametrize("content, message", [(b"k: [1\n", "not readable YAML"), (b"- 1\n- 2\n", "holds a list"),
+                                               (b"k: \xff\xfe\n", "not readable YAML")])
+def test_a_bad_config_file_is_one_line(tmp_path, content, message):
+    from llama_sae.sae.train import load_config
+
+    (tmp_path / "c.yaml").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_config(None, tmp_path / "c.yaml")

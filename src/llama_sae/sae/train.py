@@ -121,9 +121,18 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
     data: dict[str, Any] = {}
     for path in [preset_path(preset) if preset else None, Path(file) if file else None]:
         if path is not None:
-            if not path.exists():
+            if not path.is_file():
                 raise UserError(f"config file {path} does not exist: pass a YAML file of TrainConfig fields")
-            data.update(yaml.safe_load(path.read_text()) or {})
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"config file {path} is not readable YAML ({first}): fix it, or start from "
+                                "`llama-sae train --preset seed`'s fields") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"config file {path} holds a {type(loaded).__name__}, not a mapping of TrainConfig "
+                                "fields (e.g. `k: 32`)")
+            data.update(loaded)
     data.update({key: value for key, value in overrides.items() if value is not None})
     return validated(data)
 
@@ -590,11 +599,14 @@ def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: 
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         return load_checkpoint(ckpt, runs, cfg, d_in)
-    if out.exists() and any(out.iterdir()):
+    found = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if found - {METRICS}:  # only a run that stopped before its first checkpoint leaves metrics.jsonl alone
         raise UserError(f"{out} is not empty and holds no {CHECKPOINT} to resume from: choose a new --out "
                         "(nothing was overwritten)")
     if world.size > 1:
         dist.barrier()  # every rank has looked before rank 0 creates files
+    if METRICS in found and world.rank == 0:  # that run starts over from step 0, and so do its metrics
+        (out / METRICS).unlink()
     out.mkdir(parents=True, exist_ok=True)
     return 0, {}
 
