@@ -276,3 +276,29 @@ def test_bad_inputs_give_one_line_errors(hf_checkpoints, tmp_path):
         model.capture(_tokens(), ["resid.1"])
     for err in (UserError("x"),):
         assert "\n" not in str(err)
+
+
+def test_missing_meta_shards_and_a_bad_rope_factor_are_named(tmp_path):
+    from llama_sae import tinyworld
+    from llama_sae.llama.checkpoint import save_meta
+
+    model = load_model(tinyworld.model_path(), dtype="float32")
+    save_meta(model, tmp_path / "two", shards=2)
+    (tmp_path / "two" / "consolidated.01.pth").unlink()  # the last slice: only the shapes can tell
+    with pytest.raises(UserError, match="2-way model-parallel slice: are consolidated.NN.pth shards missing"):
+        load_model(tmp_path / "two")
+    save_meta(model, tmp_path / "three", shards=3)
+    (tmp_path / "three" / "consolidated.01.pth").unlink()
+    with pytest.raises(UserError, match="shard consolidated.01.pth is missing"):
+        load_model(tmp_path / "three")
+    with pytest.raises(UserError, match="factor must be positive"):
+        load_model(tmp_path / "three", rope_factor=-1.0)
+
+
+def test_a_sweep_lists_each_value_once():
+    from llama_sae.sae.train import parse_int_list
+
+    assert parse_int_list("8,16") == [8, 16] and parse_int_list("32") == 32
+    for bad in ("8,8", "8,,16"):
+        with pytest.raises(UserError):
+            parse_int_list(bad)

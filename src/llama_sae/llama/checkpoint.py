@@ -142,6 +142,9 @@ def infer_rope_factor(params: dict) -> float:
 
 def args_from_meta_params(params: dict, *, rope_factor: float | None = None) -> ModelArgs:
     """ModelArgs from Meta's ``params.json``; the RoPE factor is inferred unless given."""
+    if rope_factor is not None and not rope_factor > 0:
+        raise UserError(f"--rope-factor {rope_factor:g}: the RoPE scaling factor must be positive (Llama 3.1+: 8, "
+                        "3.2 1B/3B: 32)")
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
              "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "rope_scaling_factor"}
     unknown = set(params) - known
@@ -228,6 +231,11 @@ def meta_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path} has params.json but no consolidated.*.pth: download the weights")
+    names = [f.name for f in files]
+    gaps = [f"consolidated.{i:02d}.pth" for i in range(len(files)) if f"consolidated.{i:02d}.pth" not in names]
+    if gaps:  # the slices are numbered 00..N-1
+        raise UserError(f"{path}: model-parallel shard {gaps[0]} is missing (found {', '.join(names)}): download "
+                        "the whole checkpoint again")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     state: dict[str, Tensor] = {}
@@ -343,8 +351,13 @@ def _check_state(state: dict[str, Tensor], model: Transformer, path: Path) -> No
                         "the checkpoint is incomplete or does not match its config")
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise UserError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
-                            f"implies {tuple(shape)}: the weights do not fit the config")
+            got = tuple(state[key].shape)
+            short = [d for d in range(len(shape)) if len(got) == len(shape) and 0 < got[d] < shape[d]
+                     and shape[d] % got[d] == 0]
+            hint = (f" (a {shape[short[0]] // got[short[0]]}-way model-parallel slice: are consolidated.NN.pth "
+                    "shards missing?)") if short and any(path.glob("consolidated.*.pth")) else ""
+            raise UserError(f"{path}: tensor {key!r} has shape {got} but the config implies {tuple(shape)}{hint}: "
+                            "the weights do not fit the config")
 
 
 # --------------------------------------------------------------------------- writing

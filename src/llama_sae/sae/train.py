@@ -155,9 +155,11 @@ def parse_int_list(text: str | None) -> int | list[int] | None:
     if text is None:
         return None
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",")]
     except ValueError:
         raise UserError(f"{text!r} is not an integer or a comma-separated list of integers") from None
+    if len(set(values)) < len(values):
+        raise UserError(f"{text!r} lists a value twice: each SAE of a sweep needs its own settings")
     return values[0] if len(values) == 1 else values
 
 
