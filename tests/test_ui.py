@@ -92,3 +92,8 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     assert "?steer=11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "5000"])
     assert bad.exit_code != 0 and "out of range" in str(bad.exception)
+    (tmp_path / "an_sae").mkdir()
+    (tmp_path / "an_sae" / "cfg.json").write_text("{}")
+    bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "an_sae"), "--latents", "3"])
+    assert "holds other files than a dashboard" in str(bad.exception)
+    assert sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]

@@ -140,6 +140,9 @@ def generate(
         setup = cli_steer.setup(net, tok, sae, steer or [], features, console, err_console, model_given=bool(model))
         return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
                                           show_features=show_features, top=top, record=record, stream=stream, **kw)
+    if record is not None:
+        err_console.print(f"note: nothing written to {record}: records keep steered generations (add --steer)",
+                          style="yellow", markup=False, highlight=False)
     if stream and len(prompts) == 1:
         console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
         for chunk in run_generate(net, tok, prompts, stream=True, **kw):
@@ -171,6 +174,8 @@ def chat(
     from llama_sae.steer import generate as run_generate
 
     _check_record_path(record)
+    if message is not None and not message.strip():
+        raise UserError("--message is empty: give the text to answer (or leave --message out to chat)")
     net, tok = _load(model, dtype, device)
     history = [{"role": "system", "content": system}] if system else []
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -66,6 +66,8 @@ def dashboard(
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a directory for the dashboard")
+    if out.is_dir() and {p.name for p in out.iterdir()} - {"index.html", "latents", "dashboard.json", "features"}:
+        raise UserError(f"--out {out} holds other files than a dashboard: choose an empty or new directory")
     sae, features = resolve_sae(model, sae, features)
     llama, tok = _load(model, None, device)
     net = load(sae, device=device)
