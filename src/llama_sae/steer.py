@@ -478,6 +478,7 @@ def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[S
                    estimate_sentences: int = ESTIMATE_SENTENCES) -> Steering:
     """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate."""
     sources = {h: dict((sources or {}).get(h, {})) for h in saes}
+    Steering(saes, list(steers), {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()})  # bad specs fail first
     units = {}
     for hook, sae in saes.items():
         f = (features or {}).get(hook)
@@ -499,7 +500,10 @@ def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[
     from llama_sae.features import sae_fingerprint
     from llama_sae.llama import load_model, load_tokenizer
 
-    missing = [key for key in RECORD_KEYS if key not in rec] if isinstance(rec, dict) else ["all"]
+    if not isinstance(rec, dict):
+        raise UserError(f"the record is a JSON {type(rec).__name__}, not an object: it was not written by llama-sae "
+                        "generate or chat")
+    missing = [key for key in RECORD_KEYS if key not in rec]
     if missing:
         raise UserError(f"the record lacks {', '.join(missing)}: it was not written by llama-sae generate or chat "
                         "(or was edited); make a new one")
