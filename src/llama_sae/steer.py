@@ -228,7 +228,8 @@ class Steering:
         """The hook point's replacement: the splice (error term of the unedited input) with this SAE's steers
         as its latent edit, a bias as its ``pre_bias`` (the steered tokens re-encoded with b_enc + bias before
         TopK). With the error term the SAE runs on the steered tokens alone (the splice's ``rows``: the union
-        of the steers' positions), and steers that are all ``add`` need no encode at all (:func:`_add_only`)."""
+        of the steers' positions); without a bias, clamp and add steers decode only the steered latents, and
+        steers that are all ``add`` need no encode at all (:func:`_sparse_edits`)."""
         from llama_sae.splice import splice_fn
 
         sae = self.saes[hook]
@@ -255,10 +256,8 @@ class Steering:
                 union = union | m
             return masks, union
 
-        if self.error_term and all(s.kind == "add" for s, _ in steers):
-            return _add_only(sae, edits, steered)
         if self.error_term and not biased:
-            return _clamp_and_add(sae, edits, steered)
+            return _sparse_edits(sae, edits, steered)
 
         def edit(h: Tensor) -> Tensor:  # h [m, d_sae] the steered tokens' latents, or [B, T, d_sae] all of them
             for s, v in edits:
@@ -309,16 +308,22 @@ def _unchanged(x: Tensor) -> Tensor:
     return x
 
 
-def _add_only(sae, edits: list[tuple[Steer, float]], steered):
-    """The hook replacement for ``add`` steers alone, with the error term: no encode. x + Σ v·W_dec[latent] at
-    each steer's tokens (times the token's std when the SAE normalizes its input), which is what the splice
-    decodes from latents changed by +v, up to the rounding of (h + v) − h."""
+def _sparse_edits(sae, edits: list[tuple[Steer, float]], steered):
+    """The hook replacement for clamp and add steers (no bias) with the error term: only the steered latents'
+    changes are decoded, never dense [tokens, d_sae] latents (256 KiB per token at 65,536 latents).
+
+    Add steers alone need no encode: x + Σ v·W_dec[latent] at each steer's tokens (times the token's std when the
+    SAE normalizes its input), what the splice decodes from latents changed by +v up to the rounding of
+    (h + v) − h. With a clamp the steered tokens are encoded, and the numbers are the splice's with the same edit
+    on dense latents: the same changes (h' − h per steered latent, 0 when a clamp keeps the value) decoded by
+    the same product."""
     from llama_sae.sae.model import normalize
     from llama_sae.splice import add_at_rows, decode_change, pick_rows
 
     latents = sorted({s.latent for s, _ in edits})
     col = {latent: j for j, latent in enumerate(latents)}
     cols = torch.tensor(latents, device=sae.W_dec.device)
+    encode = any(s.kind == "clamp" for s, _ in edits)
 
     @torch.no_grad()
     def replace(x: Tensor) -> Tensor:
@@ -326,39 +331,17 @@ def _add_only(sae, edits: list[tuple[Steer, float]], steered):
         sel, xs = pick_rows(x, union)  # the steered tokens [m, d_in]
         if not len(xs):
             return x
-        change = torch.zeros(len(xs), len(latents), device=x.device)  # [m, latents]
-        for s, v in edits:
-            mask = masks[s.positions].reshape(-1)
-            change[:, col[s.latent]] += (mask if sel is None else mask[sel]) * v
-        _, _, std = normalize(xs, sae.cfg.normalize_activations)
-        return add_at_rows(x, sel, decode_change(sae, change, cols, std))
-
-    return replace
-
-
-def _clamp_and_add(sae, edits: list[tuple[Steer, float]], steered):
-    """The hook replacement for clamp and add steers (no bias) with the error term: the steered tokens are encoded
-    and only the steered latents' changes are decoded, never dense [tokens, d_sae] latents (256 KiB per token at
-    65,536 latents). The numbers are the splice's with the same edit on dense latents: the same changes
-    (h' − h per steered latent, 0 when a clamp keeps the value) decoded by the same product."""
-    from llama_sae.sae.model import normalize
-    from llama_sae.splice import add_at_rows, decode_change, pick_rows
-
-    latents = sorted({s.latent for s, _ in edits})
-    col = {latent: j for j, latent in enumerate(latents)}
-    cols = torch.tensor(latents, device=sae.W_dec.device)
-
-    @torch.no_grad()
-    def replace(x: Tensor) -> Tensor:
-        masks, union = steered(x)
-        sel, xs = pick_rows(x, union)  # the steered tokens [m, d_in]
-        if not len(xs):
-            return x
+        x_norm, _, std = normalize(xs, sae.cfg.normalize_activations)
+        if not encode:
+            change = torch.zeros(len(xs), len(latents), device=x.device)  # [m, latents]
+            for s, v in edits:
+                mask = masks[s.positions].reshape(-1)
+                change[:, col[s.latent]] += (mask if sel is None else mask[sel]) * v
+            return add_at_rows(x, sel, decode_change(sae, change, cols, std))
         cut = {p: m[union] for p, m in masks.items()}  # each steer's tokens among the steered ones
         rows = {p: ... if m.all() else m for p, m in cut.items()}
-        x_norm, _, std = normalize(xs, sae.cfg.normalize_activations)
         vals, idx = sae.select(x_norm - sae.b_dec)  # [m, k]
-        now = torch.stack([torch.where(idx == latent, vals, 0).sum(1) for latent in latents], 1)  # [m, c]
+        now = torch.stack([torch.where(idx == latent, vals, 0).sum(1) for latent in latents], 1)  # [m, latents]
         new = now.clone()
         for s, v in edits:
             if s.kind == "clamp":
