@@ -49,22 +49,10 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Write ``path`` atomically with a writer that takes a file name (safetensors' ``save_file``, which streams
-    the tensors instead of building the file's bytes in memory): ``write(tmp)`` creates a temp file beside
-    ``path``, which is then fsynced and renamed to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    the tensors instead of building the file's bytes in memory): ``write(tmp)`` fills the temp file of
+    :func:`atomic_writer` (fsync covers the file, whichever descriptor wrote it)."""
+    with atomic_writer(path, "wb") as f:
+        write(Path(f.name))
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
