@@ -200,3 +200,15 @@ def test_rich_output_keeps_colons_in_user_text():
     with console.capture() as cap:
         console.print("tinyworld:100:train 123:clamp:8")
     assert cap.get().strip() == "tinyworld:100:train 123:clamp:8"
+
+
+def test_train_takes_token_counts_with_suffixes(tmp_path):
+    """--tokens 20k as capture takes it (the store is checked after: a missing one is the error here)."""
+    from llama_sae.errors import UserError
+
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                 "--tokens", "20k"])
+    assert isinstance(result.exception, UserError) and "tokens" not in str(result.exception)
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                 "--tokens", "lots"])
+    assert isinstance(result.exception, UserError) and "bad token count 'lots'" in str(result.exception)

@@ -376,7 +376,8 @@ def train(
     d_sae: Annotated[str | None, typer.Option(help="latents, or a comma list for a sweep (e.g. 4096,8192)")] = None,
     k: Annotated[str | None, typer.Option(help="active latents per token, or a comma list for a sweep")] = None,
     batch_size: Annotated[int | None, typer.Option(help="tokens per optimizer step (all ranks)")] = None,
-    tokens: Annotated[int | None, typer.Option(help="training tokens (default: epochs x the split)")] = None,
+    tokens: Annotated[str | None, typer.Option(help="training tokens, e.g. 500k or 2M (default: epochs x the "
+                                                    "split)")] = None,
     epochs: Annotated[int | None, typer.Option(help="passes over the split when --tokens is not set")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     bf16: Annotated[bool | None, typer.Option(help="bf16 encoder GEMM with fp32 master weights")] = None,
@@ -397,9 +398,12 @@ def train(
         raise UserError("pass --tokens or --epochs, not both: --tokens sets the length exactly, --epochs in passes "
                         "over the training split")
 
+    from llama_sae.capture import parse_count
+
     cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
-                      tokens=tokens, epochs=epochs, lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb,
-                      seed=seed, eval_every=eval_every, eval_model=eval_model, eval_corpus=eval_corpus)
+                      tokens=None if tokens is None else parse_count(tokens), epochs=epochs, lr=lr, bf16=bf16,
+                      hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every, eval_model=eval_model,
+                      eval_corpus=eval_corpus)
     for path in run_train(store, out, cfg):
         console.print(f"SAE: {path}")
 

@@ -147,6 +147,9 @@ def validated(data: dict[str, Any]) -> TrainConfig:
         if not err["loc"]:  # a check across fields: its message names them, and the input is the whole config
             raise UserError(f"training config: {msg}") from None
         where = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"training config: unknown field {where!r}: the fields are "
+                            f"{', '.join(TrainConfig.model_fields)}") from None
         raise UserError(f"training config: {where}: {msg} (got {err.get('input')!r})") from None
 
 
