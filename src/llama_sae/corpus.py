@@ -39,7 +39,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, first_line
 
 __all__ = [
     "PRESETS",
@@ -363,7 +363,7 @@ def _hub_errors(name: str, what: Iterable[Any]) -> Iterator[Any]:
 def _hub_user_error(name: str, e: Exception) -> UserError | None:
     """A one-line UserError for a hub or network failure, or None when ``e`` is something else."""
     kind = type(e).__name__
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else kind
+    reason = first_line(e)
     if kind == "RepositoryNotFoundError" or (
         isinstance(e, FileNotFoundError) and kind != "LocalEntryNotFoundError"  # that one means offline
     ):

@@ -5,6 +5,13 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line of text (its class name if it has none), cut at ``limit`` characters: the
+    part of a library's error that fits in a one-line UserError."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def check_device(device: str) -> str:
     """``device`` if torch can run on it here, else a UserError naming the fix (no CUDA traceback from deep inside)."""
     import torch

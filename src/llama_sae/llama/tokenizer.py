@@ -16,7 +16,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, first_line
 from llama_sae.fileio import atomic_write, atomic_write_json
 
 # Meta's Llama 3 pre-tokenizer split regex.
@@ -379,9 +379,8 @@ class HFTokenizer(LlamaTokenizer):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(
-                f"{path} is not a valid Hugging Face tokenizer.json ({first_line}): "
+                f"{path} is not a valid Hugging Face tokenizer.json ({first_line(e)}): "
                 "pass a checkpoint's tokenizer.json"
             ) from None
         # Treat special-token text inside input as ordinary text, like the tiktoken backend.

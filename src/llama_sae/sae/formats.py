@@ -46,7 +46,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from llama_sae.errors import UserError, check_device
+from llama_sae.errors import UserError, check_device, first_line
 from llama_sae.fileio import atomic_write_file, atomic_write_json
 from llama_sae.llama.model import HOOK_KINDS
 from llama_sae.sae.model import SAE, SAEConfig
@@ -143,8 +143,7 @@ def _read_safetensors(file: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(file)
     except Exception as e:  # safetensors raises its own error types for truncated or foreign bytes
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{file}: not a readable safetensors file ({msg}): it is truncated or not an SAE; "
+        raise UserError(f"{file}: not a readable safetensors file ({first_line(e)}): it is truncated or not an SAE; "
                         "export or download it again") from e
 
 
@@ -250,9 +249,8 @@ def _find_seed(path: Path) -> Found:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle (weights_only refuses its classes), not a torch file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable weights-only torch checkpoint ({msg[:200]}): it is truncated or "
-                        "not the seed's SAE; copy it again") from e
+        raise UserError(f"{path}: not a readable weights-only torch checkpoint ({first_line(e, 200)}): it is "
+                        "truncated or not the seed's SAE; copy it again") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model_state_dict")), dict):
         state = state.get("state_dict", state.get("model_state_dict"))
     if isinstance(state, dict):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, first_line
 from llama_sae.fileio import atomic_write
 
 
@@ -62,17 +62,12 @@ def download(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     except hub.errors.RevisionNotFoundError as e:
         raise UserError(f"{uri}: revision {ref.revision!r} does not exist: use a branch, tag or commit") from e
     except (hub.errors.LocalEntryNotFoundError, OSError) as e:
-        raise UserError(f"{uri}: cannot download ({_first_line(e)}): check the network, or unset HF_HUB_OFFLINE "
+        raise UserError(f"{uri}: cannot download ({first_line(e)}): check the network, or unset HF_HUB_OFFLINE "
                         "if it is set") from e
     path = Path(root) / ref.subdir if ref.subdir else Path(root)
     if not path.is_dir():
         raise UserError(f"{uri}: the repo has no folder {ref.subdir!r}: list its folders on the hub and pick one")
     return path
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -119,8 +114,8 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
         raise UserError(f"upload to {repo_id}: the hub is in offline mode (HF_HUB_OFFLINE is set): unset it "
                         "to upload") from None
     except hub.errors.HfHubHTTPError as e:
-        raise UserError(f"upload to {repo_id} failed ({_first_line(e)}): check HF_TOKEN has write access") from e
+        raise UserError(f"upload to {repo_id} failed ({first_line(e)}): check HF_TOKEN has write access") from e
     except Exception as e:  # the network layer's own errors (connection refused, timeouts, TLS)
-        raise UserError(f"upload to {repo_id} failed ({type(e).__name__}: {_first_line(e)}): check the network "
+        raise UserError(f"upload to {repo_id} failed ({type(e).__name__}: {first_line(e)}): check the network "
                         f"and HF_ENDPOINT ({hub.constants.ENDPOINT})") from e
     return f"hf://{repo_id}" + (f"/{subdir}" if subdir else "")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llama_sae.errors import UserError, check_device
+from llama_sae.errors import UserError, check_device, first_line
 from llama_sae.fileio import atomic_write, atomic_writer
 from llama_sae.sae import formats
 from llama_sae.sae.model import SAE, SAEConfig, TrainOutput, normalize
@@ -126,8 +126,7 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
             try:
                 loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"config file {path} is not readable YAML ({first}): fix it, or start from "
+                raise UserError(f"config file {path} is not readable YAML ({first_line(e)}): fix it, or start from "
                                 "`llama-sae train --preset seed`'s fields") from None
             if not isinstance(loaded, dict):
                 raise UserError(f"config file {path} holds a {type(loaded).__name__}, not a mapping of TrainConfig "
