@@ -155,7 +155,7 @@ def test_bad_input(setup, tmp_path):
         build_features(model, tok, sae, SOURCE, tmp_path / "new", sentences=200, top_n=0)
     (tmp_path / "an_sae").mkdir()
     (tmp_path / "an_sae" / "cfg.json").write_text("{}")
-    with pytest.raises(UserError, match="holds other files and no features artifact"):
+    with pytest.raises(UserError, match="not empty: it holds cfg.json, which is not part of a features artifact"):
         build_features(model, tok, sae, SOURCE, tmp_path / "an_sae", sentences=200)
     assert not (tmp_path / "new").exists() and sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]
     with pytest.raises(UserError, match="out of range"):

@@ -268,7 +268,7 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
     assert (tmp_path / "pulled" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "sae" / "sae_weights.safetensors").read_bytes()
     assert all(r.startswith(("GET", "HEAD", "POST")) for r in fake_hub.requests)
-    with pytest.raises(UserError, match="not empty: pull into a new directory, or pass --overwrite"):
+    with pytest.raises(UserError, match="not empty: it holds .*, or pass --overwrite"):
         hub.pull("hf://org/llama-saes/resid_post.3", tmp_path / "pulled")
     with pytest.raises(UserError, match="its SAEs are in resid_post.3; pull hf://org/llama-saes/resid_post.3"):
         hub.pull("hf://org/llama-saes", tmp_path / "top")  # the SAE sits in a folder of the repo

@@ -95,5 +95,5 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     (tmp_path / "an_sae").mkdir()
     (tmp_path / "an_sae" / "cfg.json").write_text("{}")
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "an_sae"), "--latents", "3"])
-    assert "holds other files than a dashboard" in str(bad.exception)
+    assert "not empty: it holds cfg.json, which is not part of a dashboard" in str(bad.exception)
     assert sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from llama_sae.cli_sae import sae_app
-from llama_sae.errors import PATH_ERRORS, UserError, check_output_file, path_error_message
+from llama_sae.errors import PATH_ERRORS, UserError, check_output_dir, check_output_file, path_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
@@ -231,8 +231,7 @@ def convert(
     """Convert a Meta checkpoint to Hugging Face format (config.json, model.safetensors, tokenizer.json)."""
     from llama_sae.llama.checkpoint import convert_meta_to_hf
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {out} is not empty: choose a new directory")
+    check_output_dir(out, "a Hugging Face checkpoint")
     convert_meta_to_hf(src, out, rope_factor=rope_factor)
     console.print(f"wrote Hugging Face checkpoint to {out}")
 

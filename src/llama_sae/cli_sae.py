@@ -43,14 +43,10 @@ def convert(
     overwrite: Annotated[bool, typer.Option(help="write into a non-empty --out directory")] = False,
 ) -> None:
     """Rewrite an SAE in another format (reads SAELens, sparsify, the seed's .pth; writes SAELens or sparsify)."""
-    from llama_sae.errors import UserError
+    from llama_sae.errors import check_output_dir
     from llama_sae.sae.formats import convert as run_convert
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty: choose a new directory, or pass --overwrite to write the SAE "
-                        "files into it")
+    check_output_dir(out, f"a {to} SAE", overwrite=overwrite)
     done = run_convert(path, to, out, k=k, hook_name=hook)
     console.print(f"wrote {to} SAE to {done}")
     if to == "sparsify":

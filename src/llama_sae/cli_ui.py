@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_output_dir
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory; default: the shipped "
                                                                    "tinyworld model")]
@@ -64,10 +64,7 @@ def dashboard(
     from llama_sae.sae import load
     from llama_sae.ui.dashboard import write_dashboard
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory for the dashboard")
-    if out.is_dir() and {p.name for p in out.iterdir()} - {"index.html", "latents", "dashboard.json", "features"}:
-        raise UserError(f"--out {out} holds other files than a dashboard: choose an empty or new directory")
+    check_output_dir(out, "a dashboard", ours={"index.html", "latents", "dashboard.json", "features"})
     sae, features = resolve_sae(model, sae, features)
     llama, tok = _load(model, None, device)
     net = load(sae, device=device)

@@ -1,5 +1,9 @@
 """Errors shown to users as one line, with the fix."""
 
+from __future__ import annotations
+
+from collections.abc import Collection
+
 
 class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
@@ -47,6 +51,23 @@ def path_error_message(e: OSError) -> str:
     if isinstance(e, FileNotFoundError):
         return f"{name} does not exist: check the path (a new file's directory must exist)"
     return f"no permission for {name}: choose a path you can read and write"
+
+
+def check_output_dir(path, what: str, *, ours: Collection[str] = (), overwrite: bool | None = None) -> None:
+    """UserError before any work is done if ``what`` cannot be written into the directory ``path``: it is a
+    file, or it holds an entry that is not one of ``ours`` (another SAE, a store...). ``overwrite``: None when
+    the command has no --overwrite; True lets a non-empty directory pass."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file: pass a directory for {what}")
+    if not path.is_dir() or overwrite:
+        return
+    other = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    if other:
+        raise UserError(f"{path} is not empty: it holds {other[0]}, which is not part of {what}: choose an empty or "
+                        f"new directory{'' if overwrite is None else ', or pass --overwrite'}")
 
 
 def check_output_file(path) -> None:

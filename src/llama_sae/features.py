@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_output_dir
 from llama_sae.fileio import atomic_write, atomic_write_json, read_jsonl
 
 META_FILE = "features.json"
@@ -328,12 +328,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
                                ("max_tokens", max_tokens, 2), ("cache_bytes", cache_bytes, 0)):
         if value < least:
             raise UserError(f"features: {name} must be at least {least}, not {value}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a directory for the features artifact")
-    if out.is_dir() and any(p.name not in (META_FILE, TENSORS_FILE, PARTIAL_DIR, EXPLANATIONS_FILE, SCORES_FILE)
-                            and not p.name.endswith(".jsonl") for p in out.iterdir()) \
-            and not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():
-        raise UserError(f"--out {out} holds other files and no features artifact: choose an empty or new directory")
+    if not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():  # not (yet) an artifact of ours
+        check_output_dir(out, "a features artifact", ours={TENSORS_FILE})
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed)
     if _check_out(out, settings, overwrite):
         return out

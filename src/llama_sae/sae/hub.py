@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from llama_sae.errors import UserError, first_line
+from llama_sae.errors import UserError, check_output_dir, first_line
 from llama_sae.fileio import atomic_write
 
 
@@ -74,9 +74,7 @@ def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Download the SAE at ``uri`` and copy its files into the directory ``out`` (each file written atomically;
     a non-empty ``out`` only with ``overwrite``)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise UserError(f"{out} is {'a file' if not out.is_dir() else 'not empty'}: pull into a new directory"
-                        + ("" if not out.is_dir() else ", or pass --overwrite"))
+    check_output_dir(out, f"the SAE from {uri}", overwrite=overwrite)
     src = download(uri)
     if not any((src / name).is_file() for name in ("cfg.json", "sae.safetensors", "sae_weights.safetensors")):
         inner = sorted(p.parent.name for p in src.glob("*/cfg.json"))
