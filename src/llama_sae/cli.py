@@ -132,6 +132,9 @@ def generate(
         prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
+    if record is not None and not steer:
+        err_console.print(f"note: nothing will be written to {record}: records keep steered generations (add "
+                          "--steer)", style="yellow", markup=False, highlight=False)
     net, tok = _load(model, dtype, device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if sae or steer or features or show_features:
@@ -140,9 +143,6 @@ def generate(
         setup = cli_steer.setup(net, tok, sae, steer or [], features, console, err_console, model_given=bool(model))
         return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
                                           show_features=show_features, top=top, record=record, stream=stream, **kw)
-    if record is not None:
-        err_console.print(f"note: nothing written to {record}: records keep steered generations (add --steer)",
-                          style="yellow", markup=False, highlight=False)
     if stream and len(prompts) == 1:
         console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
         for chunk in run_generate(net, tok, prompts, stream=True, **kw):

@@ -162,6 +162,3 @@ def steered_generate(console: Console, err_console: Console, model, tokenizer, m
     if setup.steering is not None:
         path = write_record(steer.record(setup.steering, model_path, prompts, outputs, kw), record)
         console.print(f"record: {path} (re-run with llama-sae generate --replay {path})", style="dim", markup=False)
-    elif record is not None:
-        err_console.print(f"note: nothing written to {record}: records keep steered generations (add --steer)",
-                          style="yellow", markup=False, highlight=False)
