@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import EllipsisType
 
 import torch
 from torch import Tensor
@@ -278,8 +279,7 @@ class Steering:
             masks, union = steered(x)
             # with the error term the edit sees the steered tokens alone, in the order x[union] lists them;
             # a steer on every one of them indexes with ... (a decoding step: no boolean-mask indexing)
-            cut = {p: m[union] for p, m in masks.items()} if self.error_term else masks
-            state.update(full=masks, union=union, masks={p: ... if m.all() else m for p, m in cut.items()})
+            state.update(full=masks, union=union, masks=_rows_among(masks, union if self.error_term else None))
             return fn(x)
 
         return replace
@@ -302,6 +302,13 @@ def biased_latents(sae, x: Tensor, bias: Tensor) -> Tensor:
     x_norm, _, _ = normalize(x.reshape(-1, sae.cfg.d_in), sae.cfg.normalize_activations)
     vals, idx, _, _ = encode_select(x_norm - sae.b_dec, sae.W_enc, sae.b_enc + bias, sae.cfg.k)
     return torch.zeros(vals.shape[0], sae.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
+
+
+def _rows_among(masks: dict[str, Tensor], union: Tensor | None) -> dict[str, Tensor | EllipsisType]:
+    """Each position set's tokens among the steered ones (``x[union]``'s order; every token when ``union`` is None),
+    as a bool mask, or ``...`` when it takes them all (a decoding step: no boolean-mask indexing)."""
+    cut = masks if union is None else {p: m[union] for p, m in masks.items()}
+    return {p: ... if m.all() else m for p, m in cut.items()}
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -338,8 +345,7 @@ def _sparse_edits(sae, edits: list[tuple[Steer, float]], steered):
                 mask = masks[s.positions].reshape(-1)
                 change[:, col[s.latent]] += (mask if sel is None else mask[sel]) * v
             return add_at_rows(x, sel, decode_change(sae, change, cols, std))
-        cut = {p: m[union] for p, m in masks.items()}  # each steer's tokens among the steered ones
-        rows = {p: ... if m.all() else m for p, m in cut.items()}
+        rows = _rows_among(masks, union)
         vals, idx = sae.select(x_norm - sae.b_dec)  # [m, k]
         now = torch.stack([torch.where(idx == latent, vals, 0).sum(1) for latent in latents], 1)  # [m, latents]
         new = now.clone()
