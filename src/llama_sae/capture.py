@@ -158,9 +158,9 @@ def parse_count(text: str | int) -> int:
 
 def model_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over a checkpoint's config and tokenizer files and every byte of its weight files (names and
-    sizes included). Reading the weights once costs seconds next to a capture's hours (about 10 s for an 8B
-    checkpoint), and anything less lets a fine-tune that changed a few tensors (a merged LoRA, an edited layer)
-    resume a store of the original model and mix the two models' activations."""
+    sizes included). Reading the weights once costs seconds next to a capture's hours (sha256 ran at 0.74 GiB/s
+    on a 2-core CPU: about 20 s for an 8B checkpoint), and anything less lets a fine-tune that changed a few
+    tensors (a merged LoRA, an edited layer) resume a store of the original model and mix two models' activations."""
     path = Path(path)
     digest = hashlib.sha256()
     small = ["config.json", "params.json", "tokenizer.json", "tokenizer.model"]
