@@ -609,26 +609,22 @@ class Features:
         return edges[lo:hi + 1], counts[lo:hi]
 
     def _text(self, slot: int) -> str:
-        lo, hi = self._np("sent_text_offsets")[slot:slot + 2]
-        return self._np("sent_text")[lo:hi].tobytes().decode("utf-8")
+        lo, hi = self._t["sent_text_offsets"][slot:slot + 2]
+        return self._t["sent_text"][lo:hi].tobytes().decode("utf-8")
 
     def _pieces(self, slot: int) -> list[str]:
-        lo, hi = self._np("sent_piece_offsets")[slot:slot + 2]
-        po = self._np("piece_offsets")[lo:hi + 1].tolist()
-        blob = self._np("piece")[po[0]:po[-1]].tobytes()
+        lo, hi = self._t["sent_piece_offsets"][slot:slot + 2]
+        po = self._t["piece_offsets"][lo:hi + 1].tolist()
+        blob = self._t["piece"][po[0]:po[-1]].tobytes()
         return [blob[a - po[0]:b - po[0]].decode("utf-8") for a, b in zip(po[:-1], po[1:])]
 
-    def _np(self, name: str) -> np.ndarray:
-        """A column: a read-only numpy view of the memory-mapped file."""
-        return self._t[name]
-
     def _example(self, row: int, kind: str) -> Example:
-        slot = int(self._np("ex_sentence")[row])
-        lo, hi = self._np("ex_acts_offsets")[row:row + 2]
-        q = int(self._np("ex_quantile")[row])
-        return Example(text=self._text(slot), tokens=self._pieces(slot), acts=self._np("ex_acts")[lo:hi].tolist(),
-                       activation=float(self._np("ex_activation")[row]), quantile=None if q < 0 else q, kind=kind,
-                       sentence=int(self._np("sent_index")[slot]))
+        slot = int(self._t["ex_sentence"][row])
+        lo, hi = self._t["ex_acts_offsets"][row:row + 2]
+        q = int(self._t["ex_quantile"][row])
+        return Example(text=self._text(slot), tokens=self._pieces(slot), acts=self._t["ex_acts"][lo:hi].tolist(),
+                       activation=float(self._t["ex_activation"][row]), quantile=None if q < 0 else q, kind=kind,
+                       sentence=int(self._t["sent_index"][slot]))
 
     def examples(self, latent: int, kind: str = "max", n: int | None = None) -> list[Example]:
         """Examples of ``latent``: the top sentences under ``max`` / ``mean`` / ``last`` aggregation (best
@@ -638,25 +634,25 @@ class Features:
             raise UserError(f"unknown example kind {kind!r}: use one of {', '.join(KINDS)}")
         if kind == "random":
             return self._random(latent, n)
-        lo, hi = self._np("ex_offsets")[latent:latent + 2]
-        rows = lo + np.flatnonzero(self._np("ex_kind")[lo:hi] == KINDS.index(kind))
+        lo, hi = self._t["ex_offsets"][latent:latent + 2]
+        rows = lo + np.flatnonzero(self._t["ex_kind"][lo:hi] == KINDS.index(kind))
         return [self._example(r, kind) for r in rows[:n].tolist()]
 
     def _random(self, latent: int, n: int | None) -> list[Example]:
-        lo, hi = self._np("pool_fire_offsets")[latent:latent + 2]
-        pool = self._np("pool")
-        quiet = torch.from_numpy(pool[~np.isin(pool, self._np("pool_fire")[lo:hi])])
+        lo, hi = self._t["pool_fire_offsets"][latent:latent + 2]
+        pool = self._t["pool"]
+        quiet = torch.from_numpy(pool[~np.isin(pool, self._t["pool_fire"][lo:hi])])
         if len(quiet) == 0:
             return []
         order = torch.argsort(hash01(quiet, latent, self.meta["settings"]["seed"] + 2))
         n = self.meta["settings"]["top_n"] if n is None else n
         return [Example(text=self._text(s), tokens=(p := self._pieces(s)), acts=[0.0] * len(p), activation=0.0,
-                        quantile=None, kind="random", sentence=int(self._np("sent_index")[s]))
+                        quantile=None, kind="random", sentence=int(self._t["sent_index"][s]))
                 for s in quiet[order][:n].tolist()]
 
     def pool_texts(self) -> list[str]:
         """The random pool's sentences (the background that the offline explainer contrasts with)."""
-        return [self._text(slot) for slot in self._np("pool").tolist()]
+        return [self._text(slot) for slot in self._t["pool"].tolist()]
 
     # ------------------------------------------------------------- explanations and scores
     def explanations(self) -> dict[int, Explanation]:
