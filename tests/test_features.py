@@ -276,3 +276,23 @@ def test_overwrite_sets_the_old_explanations_aside(setup, tmp_path):
     assert f.meta["sentences"] == 40 and f.explanation(0) is None
     assert (tmp_path / "f" / f"explanations.{old_build}.jsonl").exists()
     assert (tmp_path / "f" / f"scores.{old_build}.jsonl").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_piece_blob_is_each_tokens_own_decode(chunk):
+    """The pieces blob equals the UTF-8 of ``decode([id])`` per token, for the Llama 3 tokenizer's byte-level
+    tokens (a token that is part of a character decodes to U+FFFD), across chunk boundaries."""
+    from test_tokenizer import meta_tokenizer_model_path
+
+    from llama_sae.features import piece_blob_of
+    from llama_sae.llama.tokenizer import TiktokenLlama3Tokenizer
+
+    tok = TiktokenLlama3Tokenizer(meta_tokenizer_model_path())
+    ids = tok.encode("naïve café — 東京 🦙 ok", bos=False) + tok.encode(" ok ok", bos=False) + [0]
+    pieces = [tok.decode([t]).encode("utf-8") for t in ids]
+    assert any(b"\xef\xbf\xbd" in p for p in pieces)  # some token is a partial character
+    blob, offsets = piece_blob_of(tok, np.array(ids, dtype=np.int32), chunk=chunk)
+    assert bytes(blob.numpy()) == b"".join(pieces)
+    assert offsets.tolist() == np.cumsum([0] + [len(p) for p in pieces]).tolist()
+    empty_blob, empty_off = piece_blob_of(tok, np.zeros(0, dtype=np.int32))
+    assert len(empty_blob) == 0 and empty_off.tolist() == [0]

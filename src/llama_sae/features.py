@@ -451,19 +451,20 @@ class _Pass2:
         self.start = torch.searchsorted(ex["sentence"], needed).tolist()
         self.end = torch.searchsorted(ex["sentence"], needed, right=True).tolist()
         self.texts: list[str] = [""] * n_slots
-        self.pieces: list[list[str]] = [[] for _ in range(n_slots)]
-        self.acts: list[Tensor] = [torch.zeros(0)] * n_slots
+        empty = np.zeros(0, dtype=np.int32)
+        self.token_ids: list[np.ndarray] = [empty] * n_slots  # int32 ids: 4 bytes a token, not a str pointer
+        self.acts: list[np.ndarray] = [empty.astype(np.float32)] * n_slots
         self.pool_fire: list[Tensor] = []
-        self.piece_cache: dict[int, str] = {}
 
-    def record(self, sid: int, text: str, token_ids: list[int], vals: Tensor, idx: Tensor) -> None:
-        """One sentence: its text, token pieces (BOS excluded), its examples' per-token activations and,
+    def record(self, sid: int, text: str, token_ids: np.ndarray, vals: Tensor, idx: Tensor) -> None:
+        """One sentence: its text, token ids (BOS excluded), its examples' per-token activations and,
         for a pool sentence, the latents that fire on it. vals, idx [n_tokens, k]."""
         i = self.slot[sid]
         self.texts[i] = text
-        self.pieces[i] = [self.piece_cache.setdefault(t, self.tokenizer.decode([t])) for t in token_ids]
+        self.token_ids[i] = token_ids.astype(np.int32)
         lat = self.ex["latent"][self.start[i]:self.end[i]]  # [E]
-        self.acts[i] = (vals[None] * (idx[None] == lat[:, None, None])).sum(-1).flatten()  # [E * n_tokens]
+        acts = (vals[None] * (idx[None] == lat[:, None, None])).sum(-1).flatten()  # [E * n_tokens]
+        self.acts[i] = acts.float().numpy()
         if sid in self.pool:
             fired = idx[vals > 0].unique()
             self.pool_fire.append(torch.stack([fired, torch.full_like(fired, i)]))
@@ -489,9 +490,11 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
         for b, sid in enumerate(ids):
             n = row_start[b + 1] - row_start[b]
             rows = slice(row_start[b], row_start[b + 1])
-            out.record(sid, texts[b], tokens[b, 1:n + 1].tolist(), vals[rows], idx[rows])
-    return _pack(ex, slot, out.texts, [p for ps in out.pieces for p in ps], [len(ps) for ps in out.pieces],
-                 out.acts, pool_ids, out.pool_fire, state, settings, d_sae)
+            out.record(sid, texts[b], tokens[b, 1:n + 1].numpy(), vals[rows], idx[rows])
+    piece_blob, piece_off = piece_blob_of(tokenizer, np.concatenate(out.token_ids))
+    n_pieces = torch.tensor([len(t) for t in out.token_ids], dtype=torch.int64)
+    return _pack(ex, slot, out.texts, (piece_blob, piece_off), n_pieces, out.acts, pool_ids, out.pool_fire, state,
+                 settings, d_sae)
 
 
 def _from_cache(out: _Pass2, cache: CodeCache, sid: int, text: str, max_tokens: int) -> bool:
@@ -499,7 +502,7 @@ def _from_cache(out: _Pass2, cache: CodeCache, sid: int, text: str, max_tokens: 
     codes = cache.get(sid)
     if codes is None:
         return False
-    out.record(sid, text, out.tokenizer.encode(text, bos=True)[:max_tokens][1:], *codes)
+    out.record(sid, text, np.array(out.tokenizer.encode(text, bos=True)[:max_tokens][1:], dtype=np.int32), *codes)
     return True
 
 
@@ -512,18 +515,39 @@ def _blob(strings: list[str]) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(blob), torch.from_numpy(offsets)
 
 
+def piece_blob_of(tokenizer, ids: np.ndarray, chunk: int = 1 << 20) -> tuple[Tensor, Tensor]:
+    """The UTF-8 concatenation uint8 [bytes] and offsets int64 [n + 1] of each token's own piece,
+    ``tokenizer.decode([id])`` (a byte-level token that is part of a character decodes to U+FFFD), for
+    token ids [n]. Each distinct id is decoded once, and the bytes are gathered from that table a chunk
+    of tokens at a time: no Python object per token."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    table = [tokenizer.decode([int(t)]).encode("utf-8") for t in uniq]
+    start = np.zeros(len(table) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in table], out=start[1:])
+    table_bytes = np.frombuffer(b"".join(table), dtype=np.uint8)
+    lengths = (start[1:] - start[:-1])[inv]  # [n] bytes of each token's piece
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for lo in range(0, len(ids), chunk):
+        hi = min(lo + chunk, len(ids))
+        src = np.repeat(start[inv[lo:hi]] - offsets[lo:hi], lengths[lo:hi]) + np.arange(offsets[lo], offsets[hi])
+        blob[offsets[lo]:offsets[hi]] = table_bytes[src]
+    return torch.from_numpy(blob), torch.from_numpy(offsets)
+
+
 def _offsets(lengths: Tensor) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths.long(), 0)])
 
 
-def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces: list[str], n_pieces: list[int],
-          acts_parts: list[Tensor], pool_ids: Tensor, pool_fire: list[Tensor], state: _State, settings: dict,
-          d_sae: int) -> tuple[dict[str, Tensor], dict]:
-    """Sort the examples by (latent, kind, rank), build the CSR offsets, and assemble the tensors and meta."""
+def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces: tuple[Tensor, Tensor],
+          n_tok: Tensor, acts_parts: list[np.ndarray], pool_ids: Tensor, pool_fire: list[Tensor], state: _State,
+          settings: dict, d_sae: int) -> tuple[dict[str, Tensor], dict]:
+    """Sort the examples by (latent, kind, rank), build the CSR offsets, and assemble the tensors and meta.
+    pieces: (blob, offsets) of every stored sentence's token pieces in slot order; n_tok [slots] their counts."""
     t = state.t
-    acts_flat = torch.cat(acts_parts) if acts_parts else torch.zeros(0)
+    acts_flat = torch.from_numpy(np.concatenate(acts_parts)) if acts_parts else torch.zeros(0)
     sent_slot = torch.tensor([slot[int(s)] for s in ex["sentence"]], dtype=torch.int64)
-    n_tok = torch.tensor(n_pieces, dtype=torch.int64)
     ex_len = n_tok[sent_slot] if len(sent_slot) else torch.zeros(0, dtype=torch.int64)
     src_start = _offsets(ex_len)[:-1]
     order = torch.argsort(ex["latent"] * 8 * 65536 + ex["kind"] * 65536 + ex["rank"], stable=True)
@@ -533,7 +557,7 @@ def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces:
     fire = torch.cat(pool_fire, 1) if pool_fire else torch.zeros(2, 0, dtype=torch.int64)
     fire = fire[:, torch.argsort(fire[0] * (len(slot) + 1) + fire[1])]
     text_blob, text_off = _blob(texts)
-    piece_blob, piece_off = _blob(pieces)
+    piece_blob, piece_off = pieces
     sent_index = torch.tensor(sorted(slot), dtype=torch.int64)
     tokens_seen = max(int(t["counts"][1]), 1)
     top_max = t["top_score"][0]
