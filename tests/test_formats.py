@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -170,6 +171,16 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
         load(tmp_path / "s")
     assert load(tmp_path / "s", k=5).cfg.k == 5
     assert load(tmp_path / "s" / "cfg.json", k=5).cfg.k == 5  # a file of the directory names the directory
+    for bad in ("abc", True, [5], 5.5):  # a hand-edited k: refused in one line, shown by `sae info`
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "k": bad}))
+        with pytest.raises(UserError, match=re.escape(f'k is {bad!r}, not a whole number of latents: set "k": N')):
+            load(tmp_path / "s")
+        rows = dict(describe(tmp_path / "s"))
+        assert rows["k"] == str(bad) and rows["verdict"].startswith("does not load: ")
+    for fine in ("5", 5.0):  # a whole number written as a string or a float reads as that number
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "k": fine}))
+        assert load(tmp_path / "s").cfg.k == 5 and dict(describe(tmp_path / "s"))["verdict"] == "loads"
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     weights = (tmp_path / "s" / "sae_weights.safetensors").read_bytes()
     rows = dict(describe(tmp_path / "s"))  # `sae info` reads the header: tensors and shapes, no notes
     assert rows["weights"] == "sae_weights.safetensors: W_dec [96, 24], W_enc [24, 96], b_dec [24], b_enc [96]"

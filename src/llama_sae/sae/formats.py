@@ -162,11 +162,15 @@ def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     return _read_safetensors(file, shapes)
 
 
-def _k_of(raw: dict) -> int | None:
+def _k_of(raw: dict) -> Any:
+    """cfg.json's k (SAELens v6 and sparsify: "k"; older SAELens: activation_fn_kwargs.k), None if absent; a
+    value that is not a whole number is returned as it is, for :func:`_config` to refuse and ``sae info`` to show."""
     k = raw.get("k")
     if k is None:
         k = (raw.get("activation_fn_kwargs") or {}).get("k")
-    return None if k is None else int(k)
+    if isinstance(k, str) and k.strip().isdigit() or isinstance(k, float) and k.is_integer():
+        return int(k)
+    return k
 
 
 def _find_saelens(path: Path) -> Found:
@@ -311,6 +315,9 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
         if hook is None:
             raise UserError(f"{note}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)}")
         values["hook_name"] = hook
+    if isinstance(values["k"], bool) or not isinstance(values["k"], int):
+        raise UserError(f'{found.path}: k is {values["k"]!r}, not a whole number of latents: set "k": N in '
+                        f"{CFG_FILE}, or pass --k N")
     for key in ("d_in", "d_sae"):
         if not isinstance(values.get(key), int):
             raise UserError(f"{found.path}/{CFG_FILE}: {key} is missing or not an integer: the config is damaged")
@@ -368,7 +375,7 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
     found = find(path)
     v = found.values
     rows = [("format", found.format), ("path", str(found.path)), ("d_in", str(v.get("d_in"))),
-            ("d_sae", str(v.get("d_sae"))), ("k", str(v["k"]) if v.get("k") else "missing"),
+            ("d_sae", str(v.get("d_sae"))), ("k", str(v["k"]) if v.get("k") is not None else "missing"),
             ("normalization", v.get("normalize_activations", "none")),
             ("hook point", v.get("hook_name") or "missing"),
             ("HF module", hf_module_name(v.get("hook_name")) or "-")]
