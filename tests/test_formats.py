@@ -180,6 +180,15 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     for fine in ("5", 5.0):  # a whole number written as a string or a float reads as that number
         (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "k": fine}))
         assert load(tmp_path / "s").cfg.k == 5 and dict(describe(tmp_path / "s"))["verdict"] == "loads"
+    for key, value, kind in [("metadata", "x", "a JSON object"), ("d_in", True, "a whole number"),
+                             ("normalize_activations", [1], "a string or true or false"),
+                             ("activation_fn_kwargs", "x", "a JSON object")]:  # hand edits of another type
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(UserError, match=re.escape(f"{key} is {value!r}, not {kind}: the config is damaged")):
+            describe(tmp_path / "s")
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "metadata": {"hook_name": 5}}))
+    with pytest.raises(UserError, match="hook_name is 5, not a string"):
+        load(tmp_path / "s", k=5)
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     weights = (tmp_path / "s" / "sae_weights.safetensors").read_bytes()
     rows = dict(describe(tmp_path / "s"))  # `sae info` reads the header: tensors and shapes, no notes

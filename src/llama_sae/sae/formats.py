@@ -176,6 +176,9 @@ def _k_of(raw: dict) -> Any:
 def _find_saelens(path: Path) -> Found:
     file = path / CFG_FILE
     raw = _read_json(file)
+    _check_types(file, raw, {"d_in": int, "d_sae": int, "metadata": dict, "activation_fn_kwargs": dict,
+                             "normalize_activations": (str, bool), "hook_name": str, "hook_point": str})
+    _check_types(file, raw.get("metadata") or {}, {"hook_name": str, "hook_point": str, "model_name": str})
     act = raw.get("activation_fn", raw.get("activation_fn_str"))
     arch = raw.get("architecture") or ("topk" if act == "topk" else "standard")
     if arch != "topk":
@@ -216,6 +219,9 @@ def _find_saelens(path: Path) -> Found:
 def _find_sparsify(path: Path) -> Found:
     file = path / CFG_FILE
     raw = _read_json(file)
+    _check_types(file, raw, {"d_in": int, "num_latents": int, "expansion_factor": (int, float), "llama_sae": dict,
+                             "activation": str})
+    _check_types(file, raw.get("llama_sae") or {}, {"hook_name": str, "model_name": str})
     if raw.get("activation", "topk") != "topk":
         raise UserError(f"{file}: activation {raw['activation']!r} is not supported: only TopK SAEs load")
     for flag in ("transcode", "skip_connection"):
@@ -294,9 +300,27 @@ def find(path: str | os.PathLike) -> Found:
         subdirs = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).exists())
         hint = f" (it has SAEs in {', '.join(subdirs[:5])}: pass one of them)" if subdirs else ""
         raise UserError(f"{path} holds no {CFG_FILE}: pass an SAE directory (SAELens or sparsify layout){hint}")
-    if (path / WEIGHTS_FILE).exists() or not (path / SPARSIFY_WEIGHTS).exists():
-        return _find_saelens(path)
-    return _find_sparsify(path)
+    read = _find_saelens if (path / WEIGHTS_FILE).exists() or not (path / SPARSIFY_WEIGHTS).exists() \
+        else _find_sparsify
+    try:
+        return read(path)
+    except (TypeError, AttributeError, ValueError, KeyError) as e:  # a hand-edited field of another type
+        raise UserError(f"{path / CFG_FILE}: a field has a type its format does not allow ({first_line(e)}): "
+                        "the config is damaged; compare it with one `llama-sae sae convert` writes") from e
+
+
+JSON_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+                   dict: "a JSON object"}
+
+
+def _check_types(file: Path, raw: dict, types: dict[str, type | tuple[type, ...]]) -> None:
+    """Refuse a cfg.json field of the wrong JSON type (a hand edit), naming the field: ``types`` {key: types}."""
+    for key, want in types.items():
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool) and bool not in
+                                  (want if isinstance(want, tuple) else (want,))):
+            names = " or ".join(JSON_TYPE_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
+            raise UserError(f"{file}: {key} is {value!r}, not {names}: the config is damaged; fix {key} in it")
 
 
 def read_cfg(path: str | os.PathLike) -> tuple[SAEConfig, dict]:
