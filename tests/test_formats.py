@@ -155,6 +155,8 @@ def test_hook_name_translation():
     assert our_hook_name("model.layers.2.self_attn") == ("attn_out.2", None)
     assert our_hook_name("blocks.1.ln1.hook_normalized")[0] == "attn_in.1"  # with a note on folded norms
     assert our_hook_name("blocks.1.attn.hook_z")[0] is None
+    assert our_hook_name("layers.03") == our_hook_name("resid_post.03") == ("resid_post.3", None)  # sparsify dirs
+    assert our_hook_name("blocks.07.hook_mlp_out") == ("mlp_out.7", None)
     assert our_hook_name(hf_module_name("resid_pre.3"))[0] == "resid_post.2"  # the same activation
     for hook in ("resid_pre.0", "attn_in.2", "attn_out.2", "mlp_in.2", "mlp_out.2", "resid_post.2"):
         assert our_hook_name(hf_module_name(hook))[0] == hook

@@ -274,6 +274,10 @@ def test_bad_inputs_give_one_line_errors(hf_checkpoints, tmp_path):
         model.capture(_tokens(), ["resid_post.7"])
     with pytest.raises(UserError, match="unknown hook point"):
         model.capture(_tokens(), ["resid.1"])
+    with pytest.raises(UserError, match="write the layer as a plain number, resid_post.1"):  # would never run
+        model.capture(_tokens(), ["resid_post.01"])
+    with pytest.raises(UserError, match="write the layer as a plain number"), model.hooked({"mlp_out.00": abs}):
+        pass
     for err in (UserError("x"),):
         assert "\n" not in str(err)
 

@@ -20,7 +20,7 @@ def parse_latents(text: str | None, d_sae: int) -> list[int] | None:
     out = []
     for part in text.split(","):
         lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        if not lo.isdecimal() or (hi and not hi.isdecimal()):
             raise UserError(f"--latents {text!r}: write ids and ranges like 3,17,40-49 (or 'live')")
         if hi and int(hi) < int(lo):
             raise UserError(f"--latents {text!r}: the range {part.strip()} runs backwards: write it low-high")

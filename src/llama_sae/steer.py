@@ -79,7 +79,7 @@ def parse_steer(text: str) -> Steer:
         raise UserError(f"steering spec {text!r} has {len(fields)} field(s): write {SPEC_HELP}, e.g. 123:clamp:8")
     latent, kind, strength = fields[:3]
     positions = fields[3] if len(fields) == 4 else "all"
-    if not latent.strip().isdigit():
+    if not latent.strip().isdecimal():
         raise UserError(f"steering spec {text!r}: latent {latent!r} is not a non-negative integer (e.g. 123:add:4)")
     if kind not in KINDS:
         raise UserError(f"steering spec {text!r}: kind {kind!r} is not one of {', '.join(KINDS)}")

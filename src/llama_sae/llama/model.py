@@ -228,9 +228,11 @@ class _HookRun:
 def parse_hook_name(name: str, n_layers: int) -> tuple[str, int]:
     """Split ``"resid_post.12"`` into ("resid_post", 12), with a one-line error for bad names."""
     kind, _, layer = name.partition(".")
-    if kind not in HOOK_KINDS or not layer.isdigit():
+    if kind not in HOOK_KINDS or not layer.isdecimal():
         raise UserError(f"unknown hook point {name!r}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)}"
                         f" (e.g. resid_post.{n_layers // 2})")
+    if layer != str(int(layer)):  # "resid_post.03" would name a hook point no layer runs
+        raise UserError(f"hook point {name!r}: write the layer as a plain number, {kind}.{int(layer)}")
     if int(layer) >= n_layers:
         raise UserError(f"hook point {name!r}: layer {layer} is out of range, this model has layers "
                         f"0..{n_layers - 1}")

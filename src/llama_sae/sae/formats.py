@@ -78,22 +78,22 @@ def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
     if not name:
         return None, "hook point: missing"
     kind, _, layer = name.partition(".")
-    if kind in HOOK_KINDS and layer.isdigit():
-        return name, None
+    if kind in HOOK_KINDS and layer.isdecimal():
+        return f"{kind}.{int(layer)}", None  # "resid_post.03" names layer 3
     if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
         kind = _TL_NAMES.get(m[2])
         if kind is None:
             return None, f"hook point {name!r} (TransformerLens) has no equivalent here"
         note = None
         if kind in ("attn_in", "mlp_in"):
-            note = (f"hook point {name!r} read as {kind}.{m[1]}: TransformerLens folds the RMSNorm weight into the "
-                    "next layer by default, ours includes it; the scales match only for fold_ln=False")
-        return f"{kind}.{m[1]}", note
+            note = (f"hook point {name!r} read as {kind}.{int(m[1])}: TransformerLens folds the RMSNorm weight into "
+                    "the next layer by default, ours includes it; the scales match only for fold_ln=False")
+        return f"{kind}.{int(m[1])}", note
     if m := re.fullmatch(r"(?:model\.)?layers\.(\d+)(?:\.(\w+))?", name):
         kind = _HF_SUFFIX.get(m[2] or "")
         if kind is None:
             return None, f"hook point {name!r} (a Hugging Face module) has no equivalent here"
-        return f"{kind}.{m[1]}", None
+        return f"{kind}.{int(m[1])}", None
     if name in ("embed_tokens", "model.embed_tokens"):
         return "resid_pre.0", None
     return None, f"hook point {name!r} has no equivalent here"
@@ -102,7 +102,7 @@ def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
 def hf_module_name(hook: str | None) -> str | None:
     """The Hugging Face LlamaForCausalLM module whose output is our hook point (None if it is not a hook name)."""
     kind, _, layer = (hook or "").partition(".")
-    if kind not in HOOK_KINDS or not layer.isdigit():
+    if kind not in HOOK_KINDS or not layer.isdecimal():
         return None  # not one of ours (e.g. a bare array's "acts"): no module to name
     if kind == "resid_pre":
         return "model.embed_tokens" if layer == "0" else f"model.layers.{int(layer) - 1}"
@@ -168,7 +168,7 @@ def _k_of(raw: dict) -> Any:
     k = raw.get("k")
     if k is None:
         k = (raw.get("activation_fn_kwargs") or {}).get("k")
-    if isinstance(k, str) and k.strip().isdigit() or isinstance(k, float) and k.is_integer():
+    if isinstance(k, str) and k.strip().isdecimal() or isinstance(k, float) and k.is_integer():
         return int(k)
     return k
 

@@ -64,7 +64,7 @@ class Session:
         query = query.strip()
         f = self.features.get(self.hook)
         d_sae = self.saes[self.hook].cfg.d_sae
-        if query.isdigit():
+        if query.isdecimal():
             if int(query) >= d_sae:
                 raise UserError(f"latent {query} is out of range: this SAE has latents 0..{d_sae - 1}")
             hits = [int(query)]
@@ -146,7 +146,7 @@ def slot_specs(values: list) -> list[str]:
         latent = "" if latent is None else str(latent).strip()
         if not latent or (kind != "clamp" and not strength):
             continue
-        if not latent.isdigit():
+        if not latent.isdecimal():
             raise UserError(f"steering slot {j // 4 + 1}: latent {latent!r} is not a latent id (a whole number)")
         specs.append(f"{int(latent)}:{kind}:{float(strength):g}:{positions}")
     return specs
