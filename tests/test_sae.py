@@ -3,6 +3,7 @@ constraints, the inference API, and the SAELens v6 files (golden bytes, round tr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -374,3 +375,20 @@ def test_inference_sees_weight_changes_and_bf16_selection_recomputes_values():
     assert same.float().mean() > 0.8  # bf16 chooses differently only at near-ties ...
     kth = exact.topk(9, dim=-1).values  # ... where the k-th and (k+1)-th lie within bf16 rounding
     assert ((kth[~same, 7] - kth[~same, 8]) < 0.02 * kth[~same, 7].abs().clamp_min(1)).all()
+
+
+def test_inference_shapes_no_tokens_and_dtype():
+    """decode keeps leading dims ([B, T, d_sae] -> [B, T, d_in]) with each token's own statistics; zero tokens give
+    empty results; an SAE cast away from float32 says what to do instead of failing inside a matmul."""
+    sae, x = make_sae(norm="layer_norm", dtype=torch.float32)
+    x3 = x.view(4, 10, -1)
+    dense = sae.encode(x).view(4, 10, -1)
+    assert sae.decode(dense, x3).shape == (4, 10, x.shape[1])
+    torch.testing.assert_close(sae.decode(dense, x3), sae(x3), rtol=1e-5, atol=1e-5)  # token by token, not mixed
+    with pytest.raises(ValueError, match="x has tokens"):
+        sae.decode(dense, x)
+    empty = x[:0]
+    vals, idx = sae.encode_topk(empty)
+    assert vals.shape == idx.shape == (0, 5) and sae.encode(empty).shape == (0, 96) and sae(empty).shape == (0, 24)
+    with pytest.raises(TypeError, match="SAEs run in float32 here \\(call sae.float\\(\\)"):
+        copy.deepcopy(sae).to(torch.bfloat16)(x)

@@ -165,6 +165,7 @@ def check_fits(model: Transformer, sae: SAE) -> str:
         raise UserError("the SAE does not name a hook point of ours (cfg hook_name is empty, or not KIND.LAYER; "
                         "`llama-sae sae info` shows it): set metadata.hook_name in its cfg.json, e.g. resid_post.3")
     parse_hook_name(hook, model.args.n_layers)
+    sae.check_float32()
     if sae.cfg.d_in != model.args.dim:
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
                         f"{model.args.dim} wide: the SAE belongs to another model")

@@ -213,6 +213,9 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
         else:
             aux_vals, aux_idx = select_topk(pre.index_select(1, dead), k_aux)
         parts.append((vals, idx, aux_vals, dead[aux_idx] if k_aux else aux_idx))  # [rows, k], [rows, k_aux]
+    if not parts:  # no tokens
+        empty = torch.empty(0, k, dtype=W_enc.dtype, device=device)
+        return empty, empty.long(), empty[:, :k_aux], empty[:, :k_aux].long()
     vals, idx, aux_vals, aux_idx = parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)]
     if compute_dtype != W_enc.dtype:  # low precision chose the latents; their values are recomputed exactly
         vals = exact_acts(xc, W_enc, b_enc, idx)
@@ -470,10 +473,18 @@ class SAE(nn.Module):
         where the k-th and (k+1)-th pre-activations lie within bf16 rounding of each other (about 1 token in 10
         for the demo SAE) it may keep the other one.
         """
+        self.check_float32()
         low = compute_dtype not in (None, self.W_enc.dtype)  # float32 reads W_enc itself: nothing to cache
         vals, idx, _, _ = encode_select(xc, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=compute_dtype,
                                         W_aug=self.encoder_matrix(compute_dtype) if low else None)
         return vals, idx
+
+    def check_float32(self) -> None:
+        """Inference keeps the weights in float32 (the values, the reconstruction and the error term are float32
+        math; a lower precision for the encoder GEMM is ``compute_dtype``): say so for an SAE cast to another."""
+        if self.W_enc.dtype != torch.float32 or self.W_dec.dtype != torch.float32:
+            raise TypeError(f"this SAE's weights are {self.W_enc.dtype}: SAEs run in float32 here (call sae.float(); "
+                            "for a bf16 encoder GEMM pass compute_dtype=torch.bfloat16)")
 
     @torch.no_grad()
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,17 +500,21 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction [N, d_in] from dense latents [N, d_sae].
+        """Reconstruction [..., d_in] from dense latents [..., d_sae].
 
-        With layer_norm, pass the input ``x`` [N, d_in] the latents came from: its per-token mean and std
+        With layer_norm, pass the input ``x`` [..., d_in] the latents came from: its per-token mean and std
         undo the normalization (SAELens keeps them from the last encode). Without it, the output stays in
         the normalized space.
         """
-        y = latents.float() @ self.W_dec + self.b_dec  # [N, d_in]
-        if x is None:
-            return y
-        _, mu, std = normalize(x.reshape(-1, self.cfg.d_in), self.cfg.normalize_activations)
-        return denormalize(y, mu, std)
+        self.check_float32()
+        lead = latents.shape[:-1]
+        y = latents.reshape(-1, self.cfg.d_sae).float() @ self.W_dec + self.b_dec  # [N, d_in]
+        if x is not None:
+            if x.shape[:-1] != lead:
+                raise ValueError(f"decode: x has tokens {tuple(x.shape[:-1])} but the latents {tuple(lead)}")
+            _, mu, std = normalize(x.reshape(-1, self.cfg.d_in), self.cfg.normalize_activations)
+            y = denormalize(y, mu, std)
+        return y.view(*lead, self.cfg.d_in)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
