@@ -254,10 +254,20 @@ def test_fingerprint_is_kept_until_the_weights_change(setup):
         fresh.b_dec.add_(1.0)  # in place, version bumped: recomputed
     changed = sae_fingerprint(fresh)
     assert changed != digest.hexdigest()[:16]
-    fresh.b_enc.data.add_(1.0)  # no version bump (like fused AdamW): stale until weights_changed()
-    assert sae_fingerprint(fresh) == changed
-    fresh.weights_changed()
+    fresh.b_enc.data.add_(1.0)  # through .data (or fused AdamW): no version bump, seen by the checksums
     assert sae_fingerprint(fresh) != changed
+    changed = sae_fingerprint(fresh)
+    fresh.W_enc.data[[3, 7]] = fresh.W_enc.data[[7, 3]].clone()  # two latents swapped: the same sum
+    assert sae_fingerprint(fresh) != changed
+    changed = sae_fingerprint(fresh)
+    fresh.W_dec.data[5] = 0  # an ablation, the usual way
+    assert sae_fingerprint(fresh) != changed
+    with torch.no_grad():
+        x = torch.randn(6, sae.cfg.d_in)
+        picks = fresh.select(x, torch.bfloat16)[1]  # builds the cached bf16 encoder matrix
+        lat = int(picks[0, 0])
+        fresh.W_enc.data[lat], fresh.b_enc.data[lat] = 0, -100
+        assert (picks[0] == lat).any() and not (fresh.select(x, torch.bfloat16)[1] == lat).any()
 
 
 

@@ -116,3 +116,46 @@ def test_bad_generation_inputs(llama_vocab_model):
         generate(model, tok, "hi", max_new_tokens=10**6)
     with pytest.raises(UserError, match="at least one token"):
         generate(model, tok, [[]], max_new_tokens=2)
+    with pytest.raises(UserError, match="max_new_tokens is -1: ask for 0 or more"):
+        generate(model, tok, "hi", max_new_tokens=-1)
+    with pytest.raises(UserError, match="token id 128256 is outside this model's vocabulary 0..128255"):
+        generate(model, tok, [[1, 128256]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"tokens of shape \(3,\): the model takes \[batch, seq\]"):
+        model(torch.tensor([1, 2, 3]))
+    assert generate(model, tok, "hi", max_new_tokens=0)[0].tokens == []
+
+
+def test_empty_stop_ids_means_no_stop(hf_checkpoints):
+    """stop_ids=set() runs to max_new_tokens even through the tokenizer's stop tokens; None uses them."""
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    model = load_model(path)
+    free = _run(model, [_prompts()[0]])[0]
+
+    class Tok:
+        bos_id, pad_id, stop_ids = 1, 0, frozenset({free[2]})
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    assert generate(model, Tok(), [_prompts()[0]], max_new_tokens=24, stop_ids=set())[0].tokens == free
+    stopped = generate(model, Tok(), [_prompts()[0]], max_new_tokens=24)[0]
+    assert stopped.stop_reason == "stop" and stopped.tokens == free[:free.index(free[2])]
+
+
+def test_the_model_is_free_between_the_chunks_of_a_stream(hf_checkpoints):
+    """The KV cache is the generation's own: plain forwards between two chunks, in or out of inference mode,
+    neither fail nor change the stream."""
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    model, prompt = load_model(path), _prompts()[1]
+    want = _run(model, [prompt])[0]
+    other = torch.tensor([_prompts()[0]])
+    clean = model(other)
+    got = []
+    for i, (token, _) in enumerate(generate_tokens(model, [prompt], max_new_tokens=24, stop_ids=set())):
+        got.append(int(token[0]))
+        if i % 2:
+            assert torch.equal(model(other), clean)
+        else:
+            with torch.inference_mode():
+                assert torch.equal(model(other), clean)
+    assert got == want

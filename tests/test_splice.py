@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB
@@ -140,6 +142,19 @@ def test_spliced_model_wrapper_behaves_like_the_model(model):
     assert rows[0] == rows[1]  # generation through the wrapper, cached and uncached agree
     with pytest.raises(UserError, match="two SAEs read resid_post.0"):
         SplicedModel(model, [saes[0], saes[0]])
+    sm = SplicedModel(model, saes, error_term=False)
+    assert torch.equal(sm.forward(tokens), sm(tokens)) and not torch.equal(sm.forward(tokens), clean)
+    twin = copy.deepcopy(sm)  # copies (and pickles) like any object: no recursion through __getattr__
+    assert twin.model is not model and torch.equal(twin(tokens), sm(tokens))
+    with pytest.raises(UserError, match="edit names resid_post.3, where no SAE is spliced: the SAEs read "
+                                        "mlp_out.1, resid_post.0"):
+        SplicedModel(model, saes, edit={"resid_post.3": lambda h: h * 0})  # a typo'd hook is not "no change"
+    with pytest.raises(UserError, match="rows names mlp_out.2"), spliced(model, saes, rows={"mlp_out.2": None}):
+        pass
+    with pytest.raises(TypeError, match="the latent edit returned NoneType: it must return the latents"):
+        with spliced(model, saes[0], edit=lambda h: [h.mul_(2)] and None):
+            model(tokens)
+    assert torch.equal(model(tokens), clean)  # and the model is left unspliced after the error
 
 
 def test_bf16_encoder_option_threads_through_and_stays_close(model):

@@ -251,6 +251,26 @@ def test_streamed_steered_generation_equals_batch(model, sae):
     batch = generate(model, Tok(), ["abc"], steering, **kw)[0].tokens
     streamed = [c.token for c in generate(model, Tok(), ["abc"], steering, stream=True, **kw) if c.token >= 0]
     assert streamed == batch and batch != generate(model, Tok(), ["abc"], None, **kw)[0].tokens
+    tokens, stream = _tokens(), generate(model, Tok(), ["abc"], steering, stream=True, **kw)
+    clean, first = model(tokens), next(stream)
+    assert torch.equal(model(tokens), clean) and not model.edits  # unsteered between chunks
+    assert [first.token] + [c.token for c in stream if c.token >= 0] == batch
+
+
+def test_steers_built_in_python_are_checked_like_parsed_ones(sae):
+    units = {HOOK: torch.ones(sae.cfg.d_sae)}
+    for steer, message in [(Steer(5, "Clamp", 0.0), "kind 'Clamp' is not one of clamp, add, bias"),
+                           (Steer(5, "add", 1.0, "Last"), "positions 'Last' is not one of"),
+                           (Steer("5", "add", 1.0), "latent '5' is not a non-negative integer"),
+                           (Steer(5, "add", float("nan")), "strength nan is not a finite number")]:
+        with pytest.raises(UserError, match=message):
+            Steering({HOOK: sae}, [steer], units)
+
+
+def test_spec_keeps_the_whole_strength():
+    for strength in (4.0, -2.5, 4.1234567, 0.1 + 0.2, 1e-7):
+        assert parse_steer(Steer(5, "add", strength).spec).strength == strength
+    assert Steer(5, "add", 4.0).spec == "5:add:4"
 
 
 def _window(shape, positions, prompt_len):

@@ -96,11 +96,11 @@ class Explanation:
 def sae_fingerprint(sae) -> str:
     """sha256 hex (first 16 digits) of the SAE's config and weights: names exactly which SAE was used.
 
-    Kept on the SAE until its weights change (as :meth:`SAE.encoder_matrix` is): at Llama scale the weights
-    are 2 GiB, and the UI fingerprints its SAE for every reply's record.
+    Kept on the SAE until its weights change (:meth:`SAE.weights_key`, as :meth:`SAE.encoder_matrix` is): at
+    Llama scale the weights are 2 GiB, and the UI fingerprints its SAE for every reply's record.
     """
     names = ("W_enc", "b_enc", "W_dec", "b_dec")
-    key = (sae.cfg, *((getattr(sae, n).data_ptr(), getattr(sae, n)._version) for n in names))
+    key = (sae.cfg, sae.weights_key(names))  # a change through .data too
     cached = sae.__dict__.get("_fingerprint")
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -78,7 +78,11 @@ def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: P
                                             compute_dtype=compute_dtype)
         dense[biased[:, 0]] = 0
         dense[biased, b_idx] = b_vals
-    latents = dense if edit is None else edit(dense.view(*shape[:-1], n)).reshape(-1, n)
+    latents = dense if edit is None else edit(dense.view(*shape[:-1], n))
+    if not isinstance(latents, Tensor):
+        raise TypeError(f"the latent edit returned {type(latents).__name__}: it must return the latents "
+                        "(edit(h) -> h, even when it changes h in place)")
+    latents = latents.reshape(-1, n)
     if not (latents.data_ptr() == dense.data_ptr() and latents.shape == dense.shape
             and latents.stride() == dense.stride() and latents.dtype == dense.dtype):
         latents = latents.to(torch.float32, copy=True)  # the edit's own tensor: not ours to change
@@ -181,6 +185,12 @@ def splice_fns(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_te
                compute_dtype: torch.dtype | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
     """{hook name: replacement function} for the SAE(s), each checked to fit ``model`` (see :func:`spliced`)."""
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
+    hooks = {sae.cfg.hook_name for sae in saes}
+    for what, value in (("edit", edit), ("pre_bias", pre_bias), ("rows", rows)):
+        stray = sorted(set(value) - hooks) if isinstance(value, dict) else []
+        if stray:  # a typo would otherwise look like an edit that changes nothing
+            raise UserError(f"{what} names {', '.join(stray)}, where no SAE is spliced: the SAEs read "
+                            f"{', '.join(sorted(h or '?' for h in hooks))}")
     fns = {}
     for sae in saes:
         hook = check_fits(model, sae)
@@ -231,25 +241,31 @@ class SplicedModel:
         sm.edit = lambda h: h * 0                             # change the edit (or error_term) at any time
         sm.rows = lambda x: x.norm(dim=-1) > 10               # edit only these tokens (see :func:`spliced`)
 
-    Calls (forward, capture) run inside ``model.hooked``; every other attribute (args, device, setup_cache,
+    Calls (forward, capture) run inside ``model.hooked``; every other attribute (args, device, new_cache,
     ...) is the model's. The model itself is left unspliced outside the wrapper's calls.
     """
 
     def __init__(self, model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term: bool = True,
-                 edit: LatentEdit | dict[str, LatentEdit] | None = None, rows: Rows | dict[str, Rows] | None = None,
+                 edit: LatentEdit | dict[str, LatentEdit] | None = None,
+                 pre_bias: PreBias | dict[str, PreBias] | None = None, rows: Rows | dict[str, Rows] | None = None,
                  compute_dtype: torch.dtype | None = None):
         self.model = model
         self.saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
-        self.error_term, self.edit, self.rows, self.compute_dtype = error_term, edit, rows, compute_dtype
-        splice_fns(model, self.saes)  # check now: a bad SAE fails at construction, not at the first call
+        self.error_term, self.edit, self.pre_bias, self.rows = error_term, edit, pre_bias, rows
+        self.compute_dtype = compute_dtype
+        self._fns()  # check now: a bad SAE or edit fails at construction, not at the first call
 
     def _fns(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return splice_fns(self.model, self.saes, error_term=self.error_term, edit=self.edit, rows=self.rows,
-                          compute_dtype=self.compute_dtype)
+        return splice_fns(self.model, self.saes, error_term=self.error_term, edit=self.edit, pre_bias=self.pre_bias,
+                          rows=self.rows, compute_dtype=self.compute_dtype)
 
     def __call__(self, *args, **kwargs) -> Tensor:
         with self.model.hooked(self._fns()):
             return self.model(*args, **kwargs)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        """The spliced forward, as calling the wrapper (the model's own ``forward`` would run unspliced)."""
+        return self(*args, **kwargs)
 
     def capture(self, tokens: Tensor, names: list[str] | tuple[str, ...], **kw) -> dict[str, Tensor]:
         """Hook point activations of the spliced model (a hook point with an SAE shows what runs downstream)."""
@@ -257,6 +273,8 @@ class SplicedModel:
             return self.model.capture(tokens, names, **kw)
 
     def __getattr__(self, name: str):
+        if name == "model" or name.startswith("__"):  # not yet set (copy, pickle) or a protocol the class lacks
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def __repr__(self) -> str:

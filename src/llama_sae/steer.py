@@ -65,7 +65,8 @@ class Steer:
     @property
     def spec(self) -> str:
         """The canonical spec string (what :func:`parse_steer` reads back)."""
-        text = f"{self.latent}:{self.kind}:{self.strength:g}"
+        short = f"{self.strength:g}"  # "4", "-2.5"; the full repr where :g would round (a replay reads the spec)
+        text = f"{self.latent}:{self.kind}:{short if float(short) == self.strength else repr(float(self.strength))}"
         if self.positions != "all":
             text += f":{self.positions}"
         return text if self.hook is None else f"{self.hook}@{text}"
@@ -179,6 +180,13 @@ class Steering:
 
     def _check(self, s: Steer) -> Steer:
         loaded = ", ".join(self.saes) or "none"
+        if isinstance(s.latent, bool) or not isinstance(s.latent, int):  # a Steer built in Python, not parsed
+            raise UserError(f"{s!r}: latent {s.latent!r} is not a non-negative integer")
+        if s.kind not in KINDS:
+            raise UserError(f"{s!r}: kind {s.kind!r} is not one of {', '.join(KINDS)}")
+        if isinstance(s.strength, bool) or not isinstance(s.strength, int | float) or not math.isfinite(s.strength):
+            raise UserError(f"{s!r}: strength {s.strength!r} is not a finite number")
+        check_positions(s.positions, f"{s!r}")
         if s.hook is None:
             if len(self.saes) != 1:
                 raise UserError(f"steer {s.spec!r} does not say which SAE: prefix it with the hook point, "
@@ -406,10 +414,17 @@ def generate(model, tokenizer, prompts, steering: Steering | None, *, chat: bool
 
 
 def _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs):
+    """The steered stream: the hooks are on the model only while the stream computes its next chunk, so the
+    model runs unsteered between chunks (the KV cache is the generation's own, see ``Transformer.new_cache``)."""
     from llama_sae.llama import generate as plain_generate
 
-    with steering.apply(model, prompt_len, [tokenizer.bos_id]):
-        yield from plain_generate(model, tokenizer, ids, stream=True, **kwargs)
+    chunks = plain_generate(model, tokenizer, ids, stream=True, **kwargs)
+    while True:
+        with steering.apply(model, prompt_len, [tokenizer.bos_id]):
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
 
 
 def record(steering: Steering | None, model_path: str, prompts, outputs: Sequence[str], sampling: dict,
@@ -506,6 +521,9 @@ def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[
                                 f"{sae_fingerprint(saes[hook])}, recorded {info['fingerprint']})")
         units = {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()}
         steers = [replace(parse_steer(d["spec"]), hook=d.get("hook")) for d in rec["steers"]]
+        # the recorded strength, not the spec's text (earlier records wrote it rounded to 6 digits)
+        steers = [replace(s, strength=float(d["strength"])) if isinstance(d.get("strength"), int | float) else s
+                  for s, d in zip(steers, rec["steers"])]
         steering = Steering(saes, steers, units, rec["error_term"], sources=sources)  # checks hooks and latents
         for s, d in zip(steering.steers, rec["steers"]):
             units[s.hook][s.latent] = d["unit"]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from llama_sae.errors import UserError
-from llama_sae.llama.model import Transformer
+from llama_sae.llama.model import KVCache, Transformer
 
 
 @dataclass
@@ -80,17 +80,18 @@ class _Batch:
         return m[:, None]  # [B, 1, T, S]
 
 
-def prefill(model: Transformer, batch: _Batch) -> Tensor:
+def prefill(model: Transformer, batch: _Batch, cache: list[KVCache]) -> Tensor:
     """Run the prompts through the model (filling the cache); logits of each row's last token [B, V]."""
     T = batch.tokens.shape[1]
-    logits = model(batch.tokens, start=0, positions=batch.positions(0, T), mask=batch.mask(0, T), last_only=True)
+    logits = model(batch.tokens, start=0, positions=batch.positions(0, T), mask=batch.mask(0, T), last_only=True,
+                   cache=cache)
     return logits[:, -1]
 
 
-def decode_one(model: Transformer, batch: _Batch, token: Tensor, pos: int) -> Tensor:
+def decode_one(model: Transformer, batch: _Batch, token: Tensor, pos: int, cache: list[KVCache]) -> Tensor:
     """Feed one token per row at cache slot ``pos``; logits of the next token [B, V]."""
     logits = model(token[:, None], start=pos, positions=batch.positions(pos, pos + 1),
-                   mask=batch.mask(pos, pos + 1))
+                   mask=batch.mask(pos, pos + 1), cache=cache)
     return logits[:, -1]
 
 
@@ -119,6 +120,13 @@ def generate_tokens(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token (did you encode an empty string without BOS?)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens is {max_new_tokens}: ask for 0 or more new tokens")
+    vocab = model.args.vocab_size
+    bad = next((t for p in prompts for t in p if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise UserError(f"token id {bad} is outside this model's vocabulary 0..{vocab - 1}: the prompt was encoded "
+                        "with another tokenizer")
     T = max(len(p) for p in prompts)
     total = T + max_new_tokens
     if total > model.args.max_seq_len:
@@ -131,26 +139,21 @@ def generate_tokens(
         generator = torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     running = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    if use_cache:
-        model.setup_cache(len(prompts), total)
-    try:
-        seq = batch.tokens
-        logits = prefill(model, batch) if use_cache else _forward_all(model, batch, seq)
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, generator)
-            token = torch.where(running, token, torch.full_like(token, pad_id))
-            yield token, running.clone()
-            running &= ~torch.isin(token, stops)
-            if not running.any() or step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = decode_one(model, batch, token, T + step)
-            else:
-                seq = torch.cat([seq, token[:, None]], dim=1)
-                logits = _forward_all(model, batch, seq)
-    finally:
+    cache = model.new_cache(len(prompts), total) if use_cache else None  # this generation's own
+    seq = batch.tokens
+    logits = prefill(model, batch, cache) if use_cache else _forward_all(model, batch, seq)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)
+        token = torch.where(running, token, torch.full_like(token, pad_id))
+        yield token, running.clone()
+        running &= ~torch.isin(token, stops)
+        if not running.any() or step == max_new_tokens - 1:
+            break
         if use_cache:
-            model.clear_cache()
+            logits = decode_one(model, batch, token, T + step, cache)
+        else:
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            logits = _forward_all(model, batch, seq)
 
 
 def _encode_prompts(tokenizer, prompts, chat: bool, bos: bool) -> list[list[int]]:
@@ -188,14 +191,14 @@ def generate(
         prompts: a string, a list of strings, a list of token-id lists, or (chat) a list of messages
             ``[{"role", "content"}]`` or a list of such dialogues.
         temperature, top_p, seed: sampling (temperature 0 = greedy; a seed makes sampling repeatable).
-        stop_ids: token ids that end a row (default: the tokenizer's stop tokens).
+        stop_ids: token ids that end a row (default None: the tokenizer's stop tokens; an empty set: none).
         stream: yield StreamChunk pieces as they are produced instead of returning Completions.
 
     Returns:
         One Completion per prompt (the text excludes the stop token), or an iterator of StreamChunk.
     """
     ids = _encode_prompts(tokenizer, prompts, chat, bos)
-    kwargs = dict(max_new_tokens=max_new_tokens, stop_ids=set(stop_ids or tokenizer.stop_ids),
+    kwargs = dict(max_new_tokens=max_new_tokens, stop_ids=set(tokenizer.stop_ids if stop_ids is None else stop_ids),
                   pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p, seed=seed,
                   use_cache=use_cache)
     if stream:

@@ -152,9 +152,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start: int,
+                cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
@@ -162,8 +162,8 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)  # [B, Hkv, start+T, hd]
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # [B, Hkv, start+T, hd]
         groups = self.n_heads // self.n_kv_heads
         gqa = {}
         if groups > 1 and SDPA_GQA:
@@ -200,11 +200,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start, point: Callable[[str, Tensor], Tensor]) -> Tensor:
+    def forward(self, x, cos, sin, mask, start, point: Callable[[str, Tensor], Tensor],
+                cache: KVCache | None = None) -> Tensor:
         L = self.layer_id
         x = point(f"resid_pre.{L}", x)
         attn = point(f"attn_out.{L}", self.attention(point(f"attn_in.{L}", self.attention_norm(x)),
-                                                    cos, sin, mask, start))
+                                                    cos, sin, mask, start, cache))
         h = x + attn
         mlp = point(f"mlp_out.{L}", self.feed_forward(point(f"mlp_in.{L}", self.ffn_norm(h))))
         return point(f"resid_post.{L}", h + mlp)
@@ -282,11 +283,16 @@ class Transformer(nn.Module):
         capture: set[str] | None = None,
         resume: tuple[int, Tensor] | None = None,
         last_only: bool = False,
+        cache: list[KVCache] | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """Run the model on tokens [B, T].
 
         Args:
             start: cache position of tokens[:, 0] (generation with a KV cache).
+            cache: the KV cache of this generation, one :class:`KVCache` per layer (:meth:`new_cache`): the
+                forward writes its keys and values at ``start`` and attends over the cache up to there. The
+                cache belongs to the caller, so other forwards (a plain one between two steps of a stream)
+                leave it alone.
             positions: RoPE positions [B, T]; default ``start + arange(T)`` for every row.
             mask: boolean attention mask [B, 1, T, S] (True = attend); default causal.
             capture: hook point names to record; the forward then ends after the last block needed
@@ -301,6 +307,9 @@ class Transformer(nn.Module):
         Returns:
             logits [B, T, vocab_size] in the model's dtype, or the captured dict.
         """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens of shape {tuple(tokens.shape)}: the model takes [batch, seq] (one sequence: "
+                             "tokens[None])")
         B, T = tokens.shape
         stop_after = None
         if capture:
@@ -318,7 +327,7 @@ class Transformer(nn.Module):
                                  f"0..{self.args.n_layers - 1} and shape {(B, T, self.args.dim)}")
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers[first:]:
-            x = layer(x, cos, sin, mask, start, run)
+            x = layer(x, cos, sin, mask, start, run, None if cache is None else cache[layer.layer_id])
             if stop_after is not None and layer.layer_id >= stop_after:
                 return run.captured
         if last_only:
@@ -350,16 +359,10 @@ class Transformer(nn.Module):
         finally:
             self.edits = previous
 
-    def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate a KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """A KV cache for ``batch`` sequences of up to ``max_len`` tokens, one per layer (pass it as ``cache=``)."""
         a = self.args
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, self.dtype, self.device)
-
-    def clear_cache(self) -> None:
-        """Free the KV cache; later forwards run without one."""
-        for layer in self.layers:
-            layer.attention.cache = None
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, self.dtype, self.device) for _ in self.layers]
 
 
 def _preset(dim, n_layers, n_heads, ffn_mult, multiple_of, factor, tied) -> ModelArgs:
