@@ -183,7 +183,7 @@ def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
     """The entry point's safety net: an OSError about a path is one line and status 2, not a traceback."""
     import llama_sae.cli as cli
 
-    def write_into_a_directory():
+    def write_into_a_directory(**kw):
         raise IsADirectoryError(21, "Is a directory", "/runs/report")
 
     monkeypatch.setattr(cli, "app", write_into_a_directory)
@@ -191,6 +191,26 @@ def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
         cli.main()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == "error: /runs/report is a directory: pass a file path there"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "-n", "0"], "error: Invalid value for '--max-new-tokens' / '-n': Input should be greater than or "
+                              "equal to 1 (see llama-sae generate --help)"),
+    (["info", "--bogus"], "error: No such option: --bogus (see llama-sae info --help)"),
+    (["sae", "info"], "error: Missing argument 'path'. (see llama-sae sae info --help)"),
+])
+def test_usage_errors_are_one_line(monkeypatch, capsys, argv, message):
+    """A bad option or value through the entry point: one line and status 2, not click's boxed usage screen."""
+    import llama_sae.cli as cli
+
+    monkeypatch.setattr("sys.argv", ["llama-sae", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2 and capsys.readouterr().err.strip().replace("\n", " ") == message
+    monkeypatch.setattr("sys.argv", ["llama-sae", "sae", "info", "--help"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0 and "Usage: llama-sae sae info" in capsys.readouterr().out
 
 
 def test_rich_output_keeps_colons_in_user_text():

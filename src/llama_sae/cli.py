@@ -490,8 +490,23 @@ _register_stages()
 
 def main() -> None:
     """Console-script entry point: user errors (and errors about paths) become one line on stderr, exit status 2."""
+    try:  # recent typer vendors click (its errors are typer._click's classes, not click's)
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
     try:
-        app()
+        rc = app(standalone_mode=False, prog_name="llama-sae")  # click errors come back here, not as a usage box
+    except UsageError as e:  # a bad option or value: one line, like every other error
+        if not e.format_message():  # a command group run bare: its help is already printed
+            sys.exit(e.exit_code)
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        err_console.print(f"error: {e.format_message()}{where}", style="bold red", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:  # end of input at a prompt
+        err_console.print("aborted", style="bold red", markup=False, highlight=False)
+        sys.exit(1)
     except UserError as e:
         err_console.print(f"error: {e}", style="bold red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -499,6 +514,7 @@ def main() -> None:
         err_console.print(f"error: {path_error_message(e)}", style="bold red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
