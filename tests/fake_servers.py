@@ -38,6 +38,7 @@ class FakeState:
         self.chat_script: list[tuple[int, str, dict]] = []  # (status, body, headers) served before normal replies
         self.cut_next_download = False
         self.garbage_next_create = False
+        self.error_after_next_create = False  # create the batch, then answer 500 (a retry would make a second)
         self.openai_batch_status = "completed"  # or "expired", "failed"
         self.anthropic: dict[str, dict] = {}
         self.openai: dict[str, dict] = {}
@@ -140,6 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         if method == "POST" and not rest:
             bid = st.next_id("msgbatch_")
             st.anthropic[bid] = {"id": bid, "requests": body["requests"], "created": time.time(), "polls": 0}
+            if st.error_after_next_create:
+                st.error_after_next_create = False
+                return self._send(500, {"type": "error", "error": {"type": "api_error", "message": "overloaded"}})
             return self._send(200, self._anthropic_batch(st.anthropic[bid]))
         if method == "GET" and not rest:
             data = [self._anthropic_batch(b) for b in sorted(st.anthropic.values(), key=lambda b: -b["created"])]
@@ -246,6 +250,9 @@ class Handler(BaseHTTPRequestHandler):
             bid = st.next_id("batch_")
             st.openai[bid] = {"id": bid, "lines": lines, "input_file_id": body["input_file_id"],
                               "metadata": body.get("metadata"), "created": time.time(), "polls": 0}
+            if st.error_after_next_create:
+                st.error_after_next_create = False
+                return self._send(500, {"error": {"message": "overloaded", "type": "server_error"}})
             return self._send(200, self._openai_batch(st.openai[bid]))
         if method == "GET" and not rest:
             data = [self._openai_batch(b) for b in sorted(st.openai.values(), key=lambda b: -b["created"])]

@@ -188,6 +188,52 @@ def test_openai_batch_output_and_error_files(feats, server):
     assert server.calls("POST", "/v1/batches") == 1 and server.calls("POST", "/v1/files") == 1
 
 
+@pytest.mark.parametrize("backend, path", [("anthropic", "/v1/messages/batches"), ("openai-batch", "/v1/batches")])
+def test_a_failed_creation_is_not_retried_into_a_second_batch(feats, server, backend, path):
+    """The server created the batch but answered 500: no SDK retry (a second, billed batch); the next run
+    finds the one batch and collects it."""
+    f = feats
+    url = server.url + ("/v1" if backend == "openai-batch" else "")
+    server.state.error_after_next_create = True
+    with pytest.raises(UserError, match="failed to create a batch.*run the same command again"):
+        explain(f, make_backend(backend, f, base_url=url, **FAST), threshold=100.0, say=lambda s: None)
+    assert server.calls("POST", path) == 1
+    out = explain(f, make_backend(backend, f, base_url=url, **FAST), threshold=100.0, say=lambda s: None)
+    assert server.calls("POST", path) == 1 and out["explained"] == len(f.live_latents())
+    assert any(r.get("reconciled") for r in _journal(f))
+
+
+def test_reconcile_never_adopts_a_batch_the_journal_knows(feats, server):
+    """A creation killed before it reached the server, with an earlier batch of the same size a minute old:
+    the earlier batch is not adopted; the requests go out again in a new batch."""
+    f = feats
+    first, second = f.live_latents()[:2], f.live_latents()[2:4]
+    explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), latents=first, threshold=100.0,
+            say=lambda s: None)
+    b = make_backend("anthropic", f, base_url=server.url, **FAST)
+
+    def die_before_the_server(requests, local_id):
+        raise Killed
+
+    b.create = die_before_the_server
+    with pytest.raises(Killed):
+        explain(f, b, latents=second, threshold=100.0, say=lambda s: None)
+    out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), latents=second, threshold=100.0,
+                  say=lambda s: None)
+    assert out["explained"] == 2 and server.calls("POST", "/v1/messages/batches") == 2
+    assert [r["kind"] for r in _journal(f)].count("batch_lost") == 1 and not any(r.get("reconciled")
+                                                                                for r in _journal(f))
+
+
+def test_a_latent_named_twice_is_asked_once(feats, server):
+    f = feats
+    lat = f.live_latents()[0]
+    b = make_backend("chat", f, model="m", base_url=server.url + "/v1")
+    out = explain(f, b, latents=[lat, lat], threshold=100.0, say=lambda s: None)
+    assert out["requests"] == 1 and server.calls("POST", "/v1/chat/completions") == 1
+    assert len((f.path / "explanations.jsonl").read_text().splitlines()) == 1
+
+
 def test_openai_batch_kill_reconciled_by_metadata_and_expired_batch(feats, server):
     f = feats
     server.state.openai_batch_status = "expired"
@@ -220,6 +266,25 @@ def test_chat_retries_429_and_5xx_and_records_garbage_and_4xx(feats, server):
     assert server.calls("POST", "/v1/chat/completions") == 8  # 6 requests + 2 retries
     explain(f, b, latents=latents, threshold=100.0, say=lambda s: None)
     assert server.calls("POST", "/v1/chat/completions") == 8  # nothing re-sent
+
+
+def test_a_run_with_no_answer_is_set_aside_when_the_model_changes(feats, server):
+    """Every request failed (a wrong model name): the run with the right name starts a new journal by itself
+    (--retry-failed or not), keeping the old one beside it; a journal with answers is still refused."""
+    f = feats
+    lat = f.live_latents()[:2]
+    server.state.chat_script = [(404, '{"error": {"message": "model gooood not found"}}', {})] * 2
+    out = explain(f, make_backend("chat", f, model="gooood", base_url=server.url + "/v1"), latents=lat,
+                  threshold=100.0, say=lambda s: None)
+    assert out["outcomes"] == {"errored": 2}
+    said = []
+    out = explain(f, make_backend("chat", f, model="good", base_url=server.url + "/v1"), latents=lat,
+                  retry_failed=True, threshold=100.0, say=said.append)
+    assert out["outcomes"] == {"succeeded": 2} and "set aside as explain.journal.jsonl." in said[0]
+    assert len(list(f.path.glob("explain.journal.jsonl.*.old"))) == 1
+    with pytest.raises(UserError, match="belongs to another run"):
+        explain(f, make_backend("chat", f, model="other", base_url=server.url + "/v1"), latents=lat,
+                threshold=100.0, say=lambda s: None)
 
 
 def test_chat_concurrent_each_request_once(feats, server):
@@ -262,6 +327,11 @@ def test_missing_key_names_the_variable(feats, monkeypatch):
         make_backend("openai-batch", feats)
     with pytest.raises(UserError, match="OPENAI_API_KEY"):
         make_backend("chat", feats, model="gpt-4o")
+    with pytest.raises(UserError, match="MY_UNSET_KEY"):  # named explicitly: required, even for a local server
+        make_backend("chat", feats, model="m", base_url="http://127.0.0.1:8000/v1", api_key_env="MY_UNSET_KEY")
+    with pytest.raises(UserError, match="OPENAI_API_KEY"):  # a metered third-party API needs one too
+        make_backend("chat", feats, model="m", base_url="https://openrouter.ai/api/v1")
+    assert not make_backend("chat", feats, model="m", base_url="http://localhost:8000/v1").paid  # optional here
     with pytest.raises(UserError, match="unknown backend"):
         make_backend("claude", feats)
 
@@ -316,6 +386,12 @@ def test_parsing_is_tolerant_and_strict_where_it_matters():
     assert parse_explanation('{"explanation": "x", "certainty": "high"}') == ("x", None)
     assert parse_answers('{"answers": [1, 0, "1"]}', 3) == [1, 0, 1]
     assert parse_answers('{"answers": [1, 0]}', 3) is None and parse_answers('{"answers": [1, 2]}', 2) is None
+    # objects nested in the answer belong to it; a trailing object without the key does not replace it
+    assert parse_explanation('{"explanation": "animals", "certainty": 0.8, "evidence": {"top": "cat"}}') == (
+        "animals", 0.8)
+    assert parse_answers('{"answers": [1, 0], "why": {"1": "a"}} {"note": 1}', 2) == [1, 0]
+    for bad in ("150", "NaN", '"1e5"', '"high"'):  # out of range or not a number: no certainty, not 0 or 1
+        assert parse_explanation(f'{{"explanation": "x", "certainty": {bad}}}') == ("x", None)
     assert marked([" The", " chef", " bak", "ed", " bread", "."], [0, 1, 1, 1, 0, 1]) == \
         "The <<chef baked>> bread<<.>>"
 
@@ -491,6 +567,9 @@ def test_journal_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
         f.write('{"kind": "result", "custom_id": "a", "sta')  # killed mid-write
     journal = Journal(path, header)  # its writer cuts the torn line ...
     journal.record_result("a", "succeeded", text="cats")  # ... so this record is a line of its own
+    with pytest.raises(UserError, match="another run is using .*explain.journal.jsonl"):
+        Journal(path, header)  # a second writer while the first holds it (two runs at once)
+    journal.close()
     again = Journal(path, header)
     assert again.state.succeeded("a") and again.state.results["a"]["text"] == "cats"
     assert len(path.read_text().splitlines()) == 3  # header, request, result

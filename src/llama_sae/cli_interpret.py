@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from llama_sae.cli_ui import parse_latents
 from llama_sae.errors import UserError
 
 console = Console(emoji=False)
@@ -85,10 +86,13 @@ FreshOpt = Annotated[bool, typer.Option(help="start a new journal (the old one i
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="batch backends: submit and return; run again later "
                                                           "to collect")]
 PollOpt = Annotated[float, typer.Option(min=0, help="batch backends: seconds between status checks")]
+TimeoutOpt = Annotated[float, typer.Option(min=1, help="seconds to wait for one server reply before retrying it "
+                                                       "(a slow self-hosted model may need more)")]
 LocalDeviceOpt = Annotated[str, typer.Option(help="local backend: where the checkpoint runs (cpu, cuda, cuda:1, ...)")]
 
 
-def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device):
+def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
+             timeout):
     from llama_sae.interpret import make_backend
 
     llama = tok = None
@@ -98,18 +102,11 @@ def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minu
         llama, tok = _load(model, None, device)
     return make_backend(backend, f, model=llm_model, base_url=base_url, api_key_env=api_key_env,
                         concurrency=concurrency, per_minute=per_minute, poll_interval=poll, wait=not no_wait,
-                        llama=llama, tokenizer=tok)
+                        llama=llama, tokenizer=tok, timeout=timeout)
 
 
 def _confirm(yes: bool):
     return (lambda question: True) if yes else (lambda question: typer.confirm(question, default=False))
-
-
-def _latent_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--latents {text!r}: give latent numbers separated by commas, e.g. 3,17,250") from None
 
 
 def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
@@ -132,7 +129,8 @@ def explain(
     llm_model: LlmModelOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
-    latents: Annotated[str | None, typer.Option(help="comma list of latents; default: every live latent")] = None,
+    latents: Annotated[str | None, typer.Option(help="latents and ranges, e.g. 3,17,40-49; default: every live "
+                                                     "latent")] = None,
     n_top: Annotated[int, typer.Option(min=1, help="top sentences shown per latent (plus half the quantile "
                                                    "samples)")] = 10,
     max_tokens: Annotated[int, typer.Option(min=1, help="reply tokens per request")] = 300,
@@ -144,6 +142,7 @@ def explain(
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
     poll: PollOpt = 30.0,
+    timeout: TimeoutOpt = 120.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
     device: LocalDeviceOpt = "cpu",
 ) -> None:
@@ -152,11 +151,12 @@ def explain(
     from llama_sae.interpret import explain as run_explain
 
     f = load_features(path)
-    chosen = _latent_list(latents) if latents else None
+    chosen = parse_latents(latents, f.meta["d_sae"]) if latents else None
     if retry_failed and fresh:
         raise UserError("--retry-failed re-sends what failed in the current journal and --fresh starts a new one: "
                         "pass one of them")
-    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device)
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
+                 timeout)
     out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
                       retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print)
     console.print(f"{out['explained']:,} of {out['requests']:,} latents explained; outcomes: {out['outcomes']}; "
@@ -183,6 +183,7 @@ def score(
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
     poll: PollOpt = 30.0,
+    timeout: TimeoutOpt = 120.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
     device: LocalDeviceOpt = "cpu",
 ) -> None:
@@ -192,7 +193,8 @@ def score(
     from llama_sae.interpret import score as run_score
 
     f = load_features(path)
-    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device)
+    b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
+                 timeout)
     if sample not in ("top", "quantile"):
         raise UserError(f"--sample must be 'top' or 'quantile', not {sample!r}")
     out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,

@@ -14,7 +14,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="checkpoint 
 
 
 def parse_latents(text: str | None, d_sae: int) -> list[int] | None:
-    """'3,17,40-49' -> [3, 17, 40, ..., 49]; None or 'live' -> None (every latent that fired)."""
+    """'3,17,40-49' -> [3, 17, 40, ..., 49] (each once, in order); None or 'live' -> None (every latent that
+    fired)."""
     if text is None or text == "live":
         return None
     out = []
@@ -25,6 +26,7 @@ def parse_latents(text: str | None, d_sae: int) -> list[int] | None:
         if hi and int(hi) < int(lo):
             raise UserError(f"--latents {text!r}: the range {part.strip()} runs backwards: write it low-high")
         out += list(range(int(lo), int(hi or lo) + 1))
+    out = list(dict.fromkeys(out))  # a latent named twice is one latent
     bad = [i for i in out if i >= d_sae]
     if bad:
         raise UserError(f"--latents: latent {bad[0]} is out of range, the SAE has latents 0..{d_sae - 1}")

@@ -27,19 +27,20 @@ BACKENDS = ("offline", "chat", "anthropic", "openai-batch", "local")
 
 def make_backend(name: str, features, *, model: str | None = None, base_url: str | None = None,
                  api_key_env: str | None = None, concurrency: int = 8, per_minute: float | None = None,
-                 poll_interval: float = 30.0, wait: bool = True, llama=None, tokenizer=None) -> Backend:
+                 poll_interval: float = 30.0, wait: bool = True, llama=None, tokenizer=None,
+                 timeout: float = 120.0) -> Backend:
     """A backend by name (see the module docstring); ``features`` is the artifact it works for."""
     from llama_sae.interpret import backends, batches
 
     results_dir = Path(features.path) / "batches"
-    batch_kw = {"results_dir": results_dir, "poll_interval": poll_interval, "wait": wait}
+    batch_kw = {"results_dir": results_dir, "poll_interval": poll_interval, "wait": wait, "timeout": timeout}
     if name == "offline":
         return backends.OfflineBackend(features)
     if name == "chat":
         if model is None:
             raise UserError("the chat backend needs --llm-model NAME (the server's model name)")
-        return backends.ChatBackend(model, base_url=base_url, api_key_env=api_key_env or "OPENAI_API_KEY",
-                                    concurrency=concurrency, per_minute=per_minute)
+        return backends.ChatBackend(model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                                    per_minute=per_minute, timeout=timeout)
     if name == "anthropic":
         return batches.AnthropicBatchBackend(model or "claude-haiku-4-5", base_url=base_url, **batch_kw)
     if name == "openai-batch":

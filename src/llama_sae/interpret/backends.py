@@ -63,6 +63,22 @@ def env_key(variable: str, what: str) -> str:
     return key
 
 
+def is_local_url(url: str) -> bool:
+    """Whether a server URL is on this machine or a private network (localhost, 127.x, 10.x, 192.168.x, ...,
+    *.local): a self-hosted server, not a metered API."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    if host in ("localhost", "") or host.endswith((".local", ".localhost", ".internal")):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a public name
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
+
+
 def sdk(module: str, backend: str):
     """Import an optional SDK (anthropic, openai), or UserError saying how to install it."""
     import importlib
@@ -187,21 +203,30 @@ class ChatBackend(SyncBackend):
     Args:
         model: the server's model name.
         base_url: e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama); None = OpenAI.
-        api_key_env: environment variable holding the key; required for OpenAI itself, optional for a
-            local server (many need none).
+        api_key_env: environment variable holding the key (default OPENAI_API_KEY); required when named,
+            and for any server that is not on this machine or the local network (OpenAI, OpenRouter, ...);
+            optional for a local server (many need none).
+        timeout: seconds to wait for one reply before it is retried (a slow self-hosted model may need more).
+
+    A server that is not local is metered: its cost is estimated and confirmed (unknown for a model with no
+    price here, so it is asked about), and OpenAI's own API gets its own length parameters.
     """
 
     name = "chat"
 
-    def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str | None = None,
                  concurrency: int = 8, per_minute: float | None = None, temperature: float = 0.0,
                  timeout: float = 120.0, **retry: Any):
         super().__init__(concurrency=concurrency, per_minute=per_minute, **retry)
         openai = sdk("openai", self.name)
-        key = os.environ.get(api_key_env) if base_url else env_key(api_key_env, "the OpenAI chat backend")
+        url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"  # as the SDK resolves it
+        self.paid = not is_local_url(url)  # a self-hosted server costs nothing per token
+        self.official = "api.openai.com" in url
+        variable = api_key_env or "OPENAI_API_KEY"
+        needed = api_key_env is not None or self.paid
+        key = env_key(variable, f"the chat backend ({url})") if needed else os.environ.get(variable)
         self.openai = openai
-        self.client = openai.OpenAI(api_key=key or "none", base_url=base_url, max_retries=0, timeout=timeout)
-        self.paid = base_url is None or "api.openai.com" in base_url  # self-hosted servers cost nothing per token
+        self.client = openai.OpenAI(api_key=key or "none", base_url=url, max_retries=0, timeout=timeout)
         self.model, self.temperature = model, temperature
 
     def complete(self, request: Request) -> str:
@@ -209,7 +234,7 @@ class ChatBackend(SyncBackend):
         try:
             resp = self.client.chat.completions.create(
                 model=self.model, messages=request.prompt.messages(),
-                **openai_limits(self.model, request.max_tokens, self.temperature, official=self.paid))
+                **openai_limits(self.model, request.max_tokens, self.temperature, official=self.official))
         except (o.RateLimitError, o.InternalServerError, o.APIConnectionError) as e:
             raise RetryableError(str(e), _retry_after(e)) from e
         except o.APIStatusError as e:

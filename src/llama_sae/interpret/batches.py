@@ -37,8 +37,8 @@ class BatchBackend(Backend):
     paid = True
 
     def __init__(self, model: str, *, results_dir: Path, temperature: float = 0.0, max_batch: int = 10_000,
-                 poll_interval: float = 30.0, wait: bool = True, download_attempts: int = 3):
-        self.model, self.temperature = model, temperature
+                 poll_interval: float = 30.0, wait: bool = True, download_attempts: int = 3, timeout: float = 120.0):
+        self.model, self.temperature, self.timeout = model, temperature, timeout
         self.results_dir = Path(results_dir)
         self.max_batch, self.poll_interval, self.wait = max_batch, poll_interval, wait
         self.download_attempts = download_attempts
@@ -61,8 +61,9 @@ class BatchBackend(Backend):
         """(custom_id, outcome) of one results line, or None when the line is not in the protocol's shape."""
 
     @abstractmethod
-    def find(self, pending: dict) -> str | None:
-        """The id of the server batch created for a pending record, if the server has one."""
+    def find(self, pending: dict, known: set[str]) -> str | None:
+        """The id of the server batch created for a pending record, if the server has one (never one of
+        ``known``, the batches the journal already holds)."""
 
     def missing_reason(self, batch_id: str) -> str | None:
         """Why a request has no line in the results (e.g. the whole batch failed), if the server says."""
@@ -77,7 +78,7 @@ class BatchBackend(Backend):
         """Reconcile interrupted creations, then create batches for the requests that are in none."""
         st = journal.state
         for local_id, pending in list(st.pending_batches.items()):
-            batch_id = self._server("look up an interrupted batch", self.find, pending)
+            batch_id = self._server("look up an interrupted batch", self.find, pending, st.known_batches)
             if batch_id is None:
                 journal.append({"kind": "batch_lost", "local_id": local_id})
             else:
@@ -186,14 +187,17 @@ class AnthropicBatchBackend(BatchBackend):
     def __init__(self, model: str = "claude-haiku-4-5", *, base_url: str | None = None, **kw):
         super().__init__(model, **kw)
         key = env_key("ANTHROPIC_API_KEY", "the anthropic batch backend")
-        self.client = sdk("anthropic", self.name).Anthropic(api_key=key, base_url=base_url, max_retries=4)
+        self.client = sdk("anthropic", self.name).Anthropic(api_key=key, base_url=base_url, max_retries=4,
+                                                                   timeout=self.timeout)
 
     def create(self, requests: Sequence[Request], local_id: str) -> str:
         reqs = [{"custom_id": r.custom_id,
                  "params": {"model": self.model, "max_tokens": r.max_tokens, "temperature": self.temperature,
                             "system": r.prompt.system, "messages": [{"role": "user", "content": r.prompt.user}]}}
                 for r in requests]
-        return self.client.messages.batches.create(requests=reqs).id
+        # no SDK retry: creation is not idempotent, and a retried POST can leave a second, billed batch; a
+        # failed creation stays pending in the journal and is reconciled by the next run (find)
+        return self.client.with_options(max_retries=0).messages.batches.create(requests=reqs).id
 
     def ended(self, batch_id: str) -> bool:
         return self.client.messages.batches.retrieve(batch_id).processing_status == "ended"
@@ -218,11 +222,13 @@ class AnthropicBatchBackend(BatchBackend):
             return cid, (kind, None, kind)
         return None
 
-    def find(self, pending: dict) -> str | None:
+    def find(self, pending: dict, known: set[str]) -> str | None:
         n, since = len(pending["custom_ids"]), _since(pending)
         for batch in self.client.messages.batches.list(limit=100):
             if batch.created_at < since:
                 break
+            if batch.id in known:  # another chunk of this journal, or an earlier run's
+                continue
             counts = batch.request_counts
             total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
             if total == n:
@@ -242,7 +248,8 @@ class OpenAIBatchBackend(BatchBackend):
     def __init__(self, model: str = "gpt-4o-mini", *, base_url: str | None = None, **kw):
         super().__init__(model, **kw)
         key = env_key("OPENAI_API_KEY", "the openai batch backend")
-        self.client = sdk("openai", self.name).OpenAI(api_key=key, base_url=base_url, max_retries=4)
+        self.client = sdk("openai", self.name).OpenAI(api_key=key, base_url=base_url, max_retries=4,
+                                                             timeout=self.timeout)
 
     def create(self, requests: Sequence[Request], local_id: str) -> str:
         lines = [json.dumps({"custom_id": r.custom_id, "method": "POST", "url": "/v1/chat/completions",
@@ -251,8 +258,9 @@ class OpenAIBatchBackend(BatchBackend):
                  for r in requests]
         upload = self.client.files.create(file=(f"llama-sae-{local_id}.jsonl", "\n".join(lines).encode()),
                                           purpose="batch")
-        batch = self.client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                           completion_window="24h", metadata={"llama_sae_local_id": local_id})
+        batch = self.client.with_options(max_retries=0).batches.create(  # not idempotent: see Anthropic's create
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"llama_sae_local_id": local_id})
         return batch.id
 
     def ended(self, batch_id: str) -> bool:
@@ -281,12 +289,12 @@ class OpenAIBatchBackend(BatchBackend):
             return cid, ("errored", None, f"HTTP {resp['status_code']}: {err.get('message')}")
         return cid, ("succeeded", resp["body"]["choices"][0]["message"]["content"], None)
 
-    def find(self, pending: dict) -> str | None:
+    def find(self, pending: dict, known: set[str]) -> str | None:
         since = _since(pending).timestamp()
         for batch in self.client.batches.list(limit=100):
             if batch.created_at < since:
                 break
-            if (batch.metadata or {}).get("llama_sae_local_id") == pending["local_id"]:
+            if batch.id not in known and (batch.metadata or {}).get("llama_sae_local_id") == pending["local_id"]:
                 return batch.id
         return None
 

@@ -40,7 +40,7 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
     ``chunk`` latents' prompts are built at a time. Returns {"explained", "requests", "outcomes": {status: count},
     "first_error": the first failed request's status and error, or None}.
     """
-    latents = f.live_latents() if latents is None else list(latents)
+    latents = f.live_latents() if latents is None else list(dict.fromkeys(latents))  # each latent once
     chunks = (explain_requests(f, latents[i:i + chunk], n_top=n_top, max_tokens=max_tokens)
               for i in range(0, len(latents), chunk))
     settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}

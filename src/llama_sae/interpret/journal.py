@@ -40,6 +40,7 @@ class JournalState:
     results: dict[str, dict] = field(default_factory=dict)
     pending_batches: dict[str, dict] = field(default_factory=dict)  # local_id -> pending record (no id yet)
     open_batches: dict[str, dict] = field(default_factory=dict)  # batch_id -> batch record (not done)
+    known_batches: set[str] = field(default_factory=set)  # every server batch id this journal has recorded
 
     def apply(self, rec: dict) -> None:
         kind = rec.get("kind")
@@ -54,6 +55,7 @@ class JournalState:
         elif kind == "batch":
             self.pending_batches.pop(rec["local_id"], None)
             self.open_batches[rec["batch_id"]] = rec
+            self.known_batches.add(rec["batch_id"])
         elif kind == "batch_done":
             self.open_batches.pop(rec["batch_id"], None)
         elif kind == "batch_lost":
@@ -77,15 +79,36 @@ class Journal:
         self.path = Path(path)
         self.state = JournalState()
         self.lock = threading.Lock()
-        if fresh and self.path.exists():
-            self.path.replace(self.path.with_name(self.path.name + f".{int(time.time())}.old"))
+        self._hold(self.path.with_name(self.path.name + ".lock"))
+        self.set_aside: Path | None = None  # where an old journal went (fresh, or one that holds no answer)
         if self.path.exists():
             cut_torn_tail(self.path)  # a kill mid-write: the next record must start a line of its own
             for rec in read_jsonl(self.path):
                 self.state.apply(rec)
-            _check_header(self.path, self.state.header, header)
+            if fresh or _check_header(self.path, self.state, header):
+                self.set_aside = self.path.with_name(f"{self.path.name}.{time.time_ns()}.old")
+                self.path.replace(self.set_aside)
+                self.state = JournalState()
         if self.state.header is None:
             self.append({"kind": "run", **header})
+
+    def _hold(self, lock_path: Path) -> None:
+        """Hold an exclusive lock on ``lock_path`` until :meth:`close` (or the process ends): two runs on one
+        journal would both send every request (and create duplicate batches)."""
+        import fcntl
+
+        self._lock_file = open(lock_path, "a+")  # noqa: SIM115 (kept open: the lock lasts until close)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise UserError(f"another run is using {self.path} (it holds {lock_path.name}): wait for it to end, "
+                            "or stop it; a run killed with kill -9 releases the lock") from None
+
+    def close(self) -> None:
+        """Release the lock (the state stays readable; appending after this is the caller's mistake)."""
+        if not self._lock_file.closed:
+            self._lock_file.close()  # closing the file releases its flock
 
     def append(self, *records: dict) -> None:
         """Write records (one line each), flush and fsync, then fold them into the state."""
@@ -107,11 +130,18 @@ class Journal:
 IDENTITY_KEYS = ("task", "backend", "model", "features_build")
 
 
-def _check_header(path: Path, old: dict | None, new: dict) -> None:
+def _check_header(path: Path, state: JournalState, new: dict) -> bool:
+    """Whether the journal at ``path`` is another run's that can be set aside (it holds no answer and no batch:
+    a run whose every request failed, e.g. a wrong model name, or one declined at the cost prompt); a UserError
+    when it is another run's with answers or batches; False when it is this run's."""
+    old = state.header
     if old is None:
-        return
+        return False
     diff = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
-    if diff:
-        what = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
-        raise UserError(f"the journal {path} belongs to another run ({what}): run with the same settings to "
-                        "resume it, or pass --fresh to start a new journal (the old one is kept beside it)")
+    if not diff:
+        return False
+    if not any(r.get("status") == OK for r in state.results.values()) and not state.in_batch():
+        return True
+    what = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
+    raise UserError(f"the journal {path} belongs to another run ({what}): run with the same settings to "
+                    "resume it, or pass --fresh to start a new journal (the old one is kept beside it)")

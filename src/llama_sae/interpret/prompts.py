@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -123,37 +124,43 @@ def fuzzing_prompt(explanation: str, marked_sentences: list[str]) -> Prompt:
 # Parsing
 
 
-def last_json_object(text: str) -> dict | None:
-    """The last top-level JSON object in ``text`` (code fences and prose around it ignored), or None."""
+def last_json_object(text: str, keys: tuple[str, ...] = ()) -> dict | None:
+    """The last top-level JSON object in ``text`` (code fences and prose around it ignored; objects nested in
+    it are part of it, not candidates), or None; with ``keys``, the last one holding any of them."""
     decoder = json.JSONDecoder()
-    found = None
-    for m in re.finditer(r"\{", text):
+    found, pos = None, 0
+    while (start := text.find("{", pos)) != -1:
         try:
-            obj, _ = decoder.raw_decode(text, m.start())
+            obj, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
+            pos = start + 1
             continue
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and (not keys or any(k in obj for k in keys)):
             found = obj
+        pos = end  # past the whole object: its inner braces are not objects of their own
     return found
 
 
 def _certainty(value) -> float | None:
+    """A certainty in [0, 1] from 0.8, "0.8", 80 or "80%"; None for anything else (over 100, NaN, text)."""
     if isinstance(value, str):
-        m = re.search(r"-?\d+(\.\d+)?", value)
+        m = re.search(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", value)
         if m is None:
             return None
         value = float(m.group()) / (100 if "%" in value else 1)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     value = float(value)
     if value > 1:
-        value /= 100 if value <= 100 else float("inf")
-    return min(max(value, 0.0), 1.0)
+        if value > 100:
+            return None
+        value /= 100
+    return max(value, 0.0)
 
 
 def parse_explanation(text: str) -> tuple[str | None, float | None]:
     """(explanation, certainty) from a reply; explanation None when the reply breaks the contract."""
-    obj = last_json_object(text)
+    obj = last_json_object(text, ("explanation", "common_semantic"))
     if obj is None:
         return None, None
     expl = obj.get("explanation", obj.get("common_semantic"))
@@ -164,7 +171,7 @@ def parse_explanation(text: str) -> tuple[str | None, float | None]:
 
 def parse_answers(text: str, n: int) -> list[int] | None:
     """The n 0/1 answers of a scoring reply, or None when it breaks the contract."""
-    obj = last_json_object(text)
+    obj = last_json_object(text, ("answers",))
     answers = obj.get("answers") if obj else None
     if not isinstance(answers, list) or len(answers) != n:
         return None

@@ -75,8 +75,20 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
               "features_build": features.meta.get("build_id"), "settings_hash": settings_hash(settings),
               "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
-    st, wanted = journal.state, []
+    try:
+        return _run(journal, backend, chunks, parse, fresh, retry_failed, confirm, threshold, say, task, total)
+    finally:
+        journal.close()
+
+
+def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]], parse, fresh: bool,
+         retry_failed: bool, confirm, threshold: float, say, task: str, total: int) -> tuple[Journal, list[str]]:
+    """The body of :func:`run_requests`, with the journal open (and locked)."""
+    if journal.set_aside is not None and not fresh:
+        say(f"{task}: the journal held another run's requests and no answer: set aside as {journal.set_aside.name}")
+    st, wanted, seen = journal.state, [], set()
     for i, requests in enumerate(chunks):
+        requests = [r for r in requests if r.custom_id not in seen and not seen.add(r.custom_id)]  # asked once
         wanted += [r.custom_id for r in requests]
         busy = st.in_batch()
         todo = [r for r in requests if not st.succeeded(r.custom_id) and (
