@@ -328,6 +328,13 @@ def test_torchrun_two_ranks_killed_and_resumed_equal_one_process(tiny, reference
     assert proc.returncode == 0, err[-3000:]
     assert {e["rank"] for e in ActivationStore(out).shards} == {0, 1}
     _assert_same_rows(out, reference)
+    victim = next(e for e in ActivationStore(out).shards if e["rank"] == 1)["name"]  # a rank-1 shard, damaged
+    data = bytearray((out / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / victim).write_bytes(bytes(data))
+    assert capture(_cfg(tiny, out, repair=True)).repaired == [victim]  # in one process, as --repair asks
+    assert verify_store(out).ok
+    _assert_same_rows(out, reference)
 
 
 def test_repair_recomputes_a_corrupt_shard_exactly(tiny, reference, tmp_path):

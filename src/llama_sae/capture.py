@@ -466,10 +466,13 @@ def _short(value: Any) -> Any:
     return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else value
 
 
-def _check_same(manifest: dict[str, Any], settings: dict[str, Any], out: Path) -> None:
-    """Refuse to resume a store made with other settings (another model, hook, corpus, ...)."""
+def _check_same(manifest: dict[str, Any], settings: dict[str, Any], out: Path, repair: bool = False) -> None:
+    """Refuse to resume a store made with other settings (another model, hook, corpus, ...). A repair runs in one
+    process whatever the capture ran in (it replays each shard's batches with the store's own process count)."""
     diffs = []
     for section, key, label in _COMPARED:
+        if repair and key == "world_size":
+            continue
         have = manifest[section] if key is None else manifest[section].get(key)
         want = settings[section] if key is None else settings[section].get(key)
         if have != want:
@@ -493,7 +496,7 @@ def _open_store(cfg: CaptureConfig, settings: dict[str, Any], corpus, tokenizer,
         atomic_write_json(out / MANIFEST, manifest)
     dist.barrier()
     manifest = read_manifest(out)
-    _check_same(manifest, settings, out)
+    _check_same(manifest, settings, out, repair=cfg.repair and manifest["status"] == "complete")
     return manifest
 
 

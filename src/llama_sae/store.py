@@ -618,7 +618,8 @@ class ActivationStore:
 
     def _check_file(self, entry: dict[str, Any]) -> None:
         path = self.path / entry["name"]
-        fix = f"run `llama-sae store verify {self.path}`, then re-run the capture command with --repair"
+        fix = (f"run `llama-sae store verify {self.path}`, then re-run the capture command with --repair (one "
+               "process, even for a torchrun store)")
         if not path.exists():
             raise UserError(f"shard {entry['name']} of store {self.path} is missing: {fix}")
         size = path.stat().st_size
@@ -871,7 +872,7 @@ def verify_store(path: str | os.PathLike, *, on_shard: Callable[[int, int], None
     report = VerifyReport(directory)
     shards = _store_shards(directory, manifest)
     total = sum(e["bytes"] for e in shards)
-    fix = "re-run the capture command with --repair to recompute it"
+    fix = "re-run the capture command with --repair (one process, even for a torchrun store) to recompute it"
     for entry in shards:
         name, file = entry["name"], directory / entry["name"]
         problem = None
