@@ -112,7 +112,8 @@ def test_seed_checkpoint_reads_with_its_math(tmp_path):
     assert rows["format"] == "seed" and rows["k"] == "missing" and rows["hook point"] == "missing"
     notes = [v for key, v in describe(tmp_path / "model_checkpoint_epoch-10.pth") if key == "note"]
     assert any("--k 64" in n for n in notes) and any("attn_in.23" in n for n in notes)
-    with pytest.raises(UserError, match="does not store it\\): pass --k 64"):
+    with pytest.raises(UserError, match="does not store it\\): convert it once with `llama-sae sae convert "
+                                        ".* --k 64 --hook attn_in.L"):
         load(tmp_path / "model_checkpoint_epoch-10.pth")
     sae = load(tmp_path / "model_checkpoint_epoch-10.pth", k=5, hook_name="attn_in.3")
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name, sae.cfg.normalize_activations) == (
@@ -169,7 +170,8 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     del cfg["k"]
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match='has no "k"\\): add "k": N to cfg.json, or pass --k N'):
+    with pytest.raises(UserError, match='has no "k"\\): add "k": N to cfg.json, or convert it with '
+                                        '`llama-sae sae convert PATH --k N`'):
         load(tmp_path / "s")
     assert load(tmp_path / "s", k=5).cfg.k == 5
     assert load(tmp_path / "s" / "cfg.json", k=5).cfg.k == 5  # a file of the directory names the directory

@@ -201,7 +201,8 @@ def _find_saelens(path: Path) -> Found:
               **{key: meta[key] for key in ("model_name", "context_size", "prepend_bos") if meta.get(key) is not None}}
     notes = [note] if note else []
     if values["k"] is None:
-        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or pass --k N')
+        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or convert it with '
+                     '`llama-sae sae convert PATH --k N`')
 
     def weights() -> Weights:
         w = _safetensors(path / WEIGHTS_FILE)
@@ -243,7 +244,8 @@ def _find_sparsify(path: Path) -> Found:
     elif note:
         notes.append(note)
     if values["k"] is None:
-        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or pass --k N')
+        notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or convert it with '
+                     '`llama-sae sae convert PATH --k N`')
     if raw.get("multi_topk"):
         notes.append("multi_topk: trained with Multi-TopK; run here with plain TopK at k")
 
@@ -271,9 +273,12 @@ def _find_seed(path: Path) -> Found:
         raise UserError(f"{path}: not the seed's SAE checkpoint: expected tensors {', '.join(want)}, found {found}")
     n, d = state["encoder.weight"].shape
     values = {"d_in": d, "d_sae": n, "k": None, "normalize_activations": "layer_norm", "hook_name": None}
-    notes = [f"k: missing (the seed's checkpoint does not store it): pass --k {SEED_K}, the seed's setting",
+    notes = [f"k: missing (the seed's checkpoint does not store it): convert it once with `llama-sae sae convert "
+             f"{path} --k {SEED_K} --hook attn_in.L --to saelens --out DIR` ({SEED_K} is the seed's setting; in "
+             f"Python sae.load(path, k={SEED_K}, hook_name=...))",
              "hook point: missing (the seed captured the attention input attn_in.L; the file does not say which "
-             "layer): pass --hook attn_in.L, e.g. attn_in.23 for the published Llama 3.2-3B SAE",
+             "layer): give --hook attn_in.L to `llama-sae sae convert`, e.g. attn_in.23 for the published Llama "
+             "3.2-3B SAE",
              "normalization: the seed's layer norm used eps 1e-6; read with eps 1e-5 (SAELens's)"]
     weights = {"W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
                "W_dec": state["decoder.weight"].T, "b_dec": state["b_pre"]}
