@@ -192,6 +192,13 @@ def test_cli_steered_generate_records_and_replays(tmp_path):
     record["outputs"][0] += " (edited)"
     rec.write_text(json.dumps(record))
     assert _cli("generate", "--replay", str(rec)).exit_code == 1
+    assert record["device"] == "cpu" and record["dtype"] == "bfloat16"  # the shipped checkpoint's
+    sampled = tmp_path / "f32.json"  # sampled in float32: the replay takes the dtype from the record
+    out = _cli("generate", "The", "--sae", sae, "--features", feats, "--steer", "969:add:6:prompt", "-n", "12",
+               "--dtype", "float32", "--temperature", "1", "--seed", "3", "--record", str(sampled))
+    assert out.exit_code == 0 and json.loads(sampled.read_text())["dtype"] == "float32"
+    replay = _cli("generate", "--replay", str(sampled))
+    assert replay.exit_code == 0 and "match the record" in replay.output
 
 
 def test_cli_show_features_and_bad_input(tmp_path):

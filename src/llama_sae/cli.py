@@ -199,8 +199,8 @@ def chat(
 
             nonlocal record
             first = record is None
-            record = write_record(make_record(steering, _model_path(model), list(history), [answer], kw, chat=True),
-                                  record)
+            record = write_record(make_record(steering, _model_path(model), list(history), [answer], kw, chat=True,
+                                              model=net), record)
             if first:
                 console.print(f"record: {record} (rewritten after every reply; llama-sae generate --replay {record})",
                               style="dim", markup=False, highlight=False)

@@ -96,6 +96,9 @@ def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str 
         console.print(prompt, end="", style="bold", markup=False, highlight=False)
         console.print(out, markup=False, highlight=False)
     console.print(f"replay of {path}: outputs {'match the record' if same else 'DIFFER from the record'}")
+    if not same and rec.get("device", device) != device:
+        console.print(f"the record was made on {rec['device']}: sampled outputs repeat only there (--device "
+                      f"{rec['device']})", markup=False, highlight=False)
     if not same:
         raise SystemExit(1)
 
@@ -160,5 +163,7 @@ def steered_generate(console: Console, err_console: Console, model, tokenizer, m
             if show_features:
                 print_token_features(console, model, tokenizer, setup, o.prompt_tokens, o.tokens, top)
     if setup.steering is not None:
-        path = write_record(steer.record(setup.steering, model_path, prompts, outputs, kw), record)
-        console.print(f"record: {path} (re-run with llama-sae generate --replay {path})", style="dim", markup=False)
+        path = write_record(steer.record(setup.steering, model_path, prompts, outputs, kw, model=model), record)
+        where = "" if str(model.device) == "cpu" else f" --device {model.device}"
+        console.print(f"record: {path} (re-run with llama-sae generate --replay {path}{where})", style="dim",
+                      markup=False)

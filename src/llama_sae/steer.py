@@ -428,8 +428,9 @@ def _stream_steered(model, tokenizer, ids, steering, prompt_len, kwargs):
 
 
 def record(steering: Steering | None, model_path: str, prompts, outputs: Sequence[str], sampling: dict,
-           *, chat: bool = False) -> dict:
-    """A JSON-able record of one generation: everything needed to run it again (see :func:`replay`)."""
+           *, chat: bool = False, model=None) -> dict:
+    """A JSON-able record of one generation: everything needed to run it again (see :func:`replay`); ``model``
+    (the loaded one) adds the device and dtype it ran on, which sampled outputs depend on."""
     from llama_sae import __version__
     from llama_sae.features import sae_fingerprint
 
@@ -442,7 +443,9 @@ def record(steering: Steering | None, model_path: str, prompts, outputs: Sequenc
             "model": str(model_path), "chat": chat, "sampling": sampling, "saes": saes,
             "steers": [] if steering is None else steering.describe(),
             "error_term": True if steering is None else steering.error_term,
-            "prompts": list(prompts), "outputs": list(outputs)}
+            "prompts": list(prompts), "outputs": list(outputs),
+            **({} if model is None else {"device": str(model.device),
+                                         "dtype": str(model.dtype).removeprefix("torch.")})}
 
 
 # --------------------------------------------------------------------------- loading (CLI and UI)
@@ -500,7 +503,8 @@ RECORD_KEYS = ("model", "saes", "steers", "error_term", "prompts", "outputs", "c
 
 def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[str]:
     """Run a recorded generation again (same model, SAEs, steers, units and sampling); its outputs. Sampled
-    outputs repeat on the device and dtype they were made with (a CUDA generator draws other numbers)."""
+    outputs repeat on the device and dtype they were made with (a CUDA generator draws other numbers): the
+    dtype defaults to the record's."""
     from llama_sae.features import sae_fingerprint
     from llama_sae.llama import load_model, load_tokenizer
 
@@ -511,6 +515,7 @@ def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[
     if missing:
         raise UserError(f"the record lacks {', '.join(missing)}: it was not written by llama-sae generate or chat "
                         "(or was edited); make a new one")
+    dtype = dtype or rec.get("dtype")
     model, tok = load_model(rec["model"], dtype=dtype, device=device), load_tokenizer(rec["model"])
     steering = None
     if rec["saes"]:

@@ -216,7 +216,8 @@ def build_app(session: Session):
             yield "", steered, plain, gr.skip(), gr.skip(), gr.skip()
         view = session.token_view(item[1], item[2])
         outputs = [steered[-1]["content"]]
-        rec = json.dumps(record(steering, session.model_path, history, outputs, sampling, chat=True), indent=1)
+        rec = json.dumps(record(steering, session.model_path, history, outputs, sampling, chat=True,
+                                model=session.model), indent=1)
         yield "", steered, plain, _highlight(view), view, rec
         if compare:
             plain_history = plain[:-1]
@@ -246,7 +247,8 @@ def build_app(session: Session):
             yield item[0], gr.skip(), gr.skip(), gr.skip(), gr.skip()
         text = item[0]
         view = session.token_view(item[1], item[2])
-        rec = json.dumps(record(steering, session.model_path, [prompt], [text], sampling), indent=1)
+        rec = json.dumps(record(steering, session.model_path, [prompt], [text], sampling, model=session.model),
+                         indent=1)
         yield text, gr.skip(), _highlight(view), view, rec
         if compare:
             for plain_text, _, _ in session.stream(prompt, None, chat=False, sampling=sampling):
