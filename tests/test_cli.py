@@ -94,7 +94,11 @@ def test_convert_meta_to_hf_loads_in_transformers(hf_checkpoints, tmp_path):
         assert (again(tokens).logits - ref(tokens).logits).abs().max() <= 1e-5
     # converting again into a non-empty directory is refused, and nothing is overwritten
     proc = _cli("convert", str(meta), str(tmp_path / "hf"))
-    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert proc.returncode == 2 and "not empty: it holds config.json: choose an empty or new directory for a " \
+        "Hugging Face checkpoint, or pass --overwrite" in " ".join(proc.stderr.split())
+    (meta / "tokenizer.model").unlink()  # a source without its tokenizer: converted, with a note that says so
+    result = runner.invoke(app, ["convert", str(meta), str(tmp_path / "hf2"), "--rope-factor", "8"])
+    assert result.exit_code == 0 and "has no tokenizer.model" in " ".join(result.output.split())
 
 
 def test_pipeline_capture_store_train_evaluate(tmp_path):

@@ -284,6 +284,10 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
     save(sae, tmp_path / "sae")
     (tmp_path / "sae" / "checkpoint.pt").write_bytes(b"optimizer state")
     assert hub.push(tmp_path / "sae", "org/llama-saes", subdir="resid_post.3") == "hf://org/llama-saes/resid_post.3"
+    # the hf:// form pull and load take names the same place
+    assert hub.push(tmp_path / "sae", "hf://org/llama-saes/resid_post.3") == "hf://org/llama-saes/resid_post.3"
+    with pytest.raises(UserError, match="drop @v1"):
+        hub.push(tmp_path / "sae", "hf://org/llama-saes@v1")
     assert set(fake_hub.repos["org/llama-saes"]) == {"resid_post.3/cfg.json", "resid_post.3/sae_weights.safetensors"}
     back = load("hf://org/llama-saes/resid_post.3")
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)

@@ -227,13 +227,18 @@ def convert(
     out: Annotated[Path, typer.Argument(help="output directory for the Hugging Face checkpoint")],
     rope_factor: Annotated[float | None, typer.Option(help="'llama3' RoPE factor; default inferred "
                                                            "(32 for 3.2 1B/3B, else 8)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="write into a non-empty OUT (stale weight files are removed)")]
+    = False,
 ) -> None:
     """Convert a Meta checkpoint to Hugging Face format (config.json, model.safetensors, tokenizer.json)."""
     from llama_sae.llama.checkpoint import convert_meta_to_hf
 
-    check_output_dir(out, "a Hugging Face checkpoint")
+    check_output_dir(out, "a Hugging Face checkpoint", overwrite=overwrite)
     convert_meta_to_hf(src, out, rope_factor=rope_factor)
     console.print(f"wrote Hugging Face checkpoint to {out}")
+    if not (out / "tokenizer.json").exists() and not (out / "tokenizer.model").exists():
+        err_console.print(f"note: {src} has no tokenizer.model, so {out} has no tokenizer: copy tokenizer.model "
+                          f"from the Meta download into {out} before generating", markup=False, highlight=False)
 
 
 tinyworld_app = typer.Typer(no_args_is_help=True, help="The embedded world: planted-concept corpus and tiny model.")

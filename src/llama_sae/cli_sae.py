@@ -61,7 +61,7 @@ def convert(
 @sae_app.command("push")
 def push(
     path: Annotated[Path, typer.Argument(help="SAE directory to upload")],
-    repo: Annotated[str, typer.Argument(help="Hugging Face repo id, org/name")],
+    repo: Annotated[str, typer.Argument(help="Hugging Face repo: org/name, or hf://org/name/subdir")],
     subdir: Annotated[str | None, typer.Option(help="folder inside the repo (one SAE per hook, e.g. resid_post.3)")]
     = None,
     private: Annotated[bool, typer.Option(help="create the repo private")] = False,

@@ -66,8 +66,9 @@ def check_output_dir(path, what: str, *, ours: Collection[str] = (), overwrite: 
         return
     other = sorted(p.name for p in path.iterdir() if p.name not in ours)
     if other:
-        raise UserError(f"{path} is not empty: it holds {other[0]}, which is not part of {what}: choose an empty or "
-                        f"new directory{'' if overwrite is None else ', or pass --overwrite'}")
+        why = f"{other[0]}, which is not part of {what}" if ours else other[0]  # ours: a resumable output
+        raise UserError(f"{path} is not empty: it holds {why}: choose an empty or new directory for {what}"
+                        f"{'' if overwrite is None else ', or pass --overwrite'}")
 
 
 def check_output_file(path) -> None:

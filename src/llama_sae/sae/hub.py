@@ -90,6 +90,7 @@ def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
 def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, private: bool = False,
          message: str | None = None) -> str:
     """Upload the SAE directory ``path`` to ``repo_id`` (created if missing), under ``subdir`` if given.
+    ``repo_id`` is org/name, or the hf://org/name[/subdir] that pull and load take.
 
     The directory is checked to load first; dotfiles and a trainer's checkpoint.pt are not uploaded (the weights,
     cfg.json, sparsity, evaluation.json, metrics and plots are). Returns the hf:// reference of the uploaded SAE.
@@ -100,7 +101,12 @@ def push(path: str | os.PathLike, repo_id: str, *, subdir: str | None = None, pr
     found = find(path)
     if found.format == "seed" or not path.is_dir():
         raise UserError(f"{path}: push uploads an SAE directory: convert the .pth first (llama-sae sae convert)")
-    parse_uri(f"hf://{repo_id}")  # validates org/name
+    ref = parse_uri(repo_id if repo_id.startswith("hf://") else f"hf://{repo_id}")  # validates org/name
+    if ref.revision:
+        raise UserError(f"{repo_id!r}: an upload goes to the repo's main branch: drop @{ref.revision}")
+    if ref.subdir and subdir and ref.subdir != subdir:
+        raise UserError(f"{repo_id!r} names the folder {ref.subdir} and --subdir {subdir}: give it once")
+    repo_id, subdir = ref.repo_id, subdir or ref.subdir
     hub = _hub()
     api = hub.HfApi()
     try:
