@@ -236,3 +236,18 @@ def test_train_takes_token_counts_with_suffixes(tmp_path):
     result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                                  "--tokens", "lots"])
     assert isinstance(result.exception, UserError) and "bad token count 'lots'" in str(result.exception)
+
+
+def test_train_help_states_the_config_defaults():
+    """train's options default to None (they override a preset or --config): the help states TrainConfig's own."""
+    import re
+
+    from llama_sae.sae.train import TrainConfig
+
+    text = " ".join(runner.invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    text = re.sub(r"[│╭╮╰╯─]", " ", text)
+    fields = TrainConfig.model_fields
+    for option, field in [("k", "k"), ("batch-size", "batch_size"), ("epochs", "epochs"), ("seed", "seed")]:
+        assert f"(default: {fields[field].default})" in " ".join(text.split()), option
+    assert f"log_every = {fields['log_every'].default} steps" in " ".join(text.split())
+    assert f"(default: {fields['expansion_factor'].default} x d_in)" in " ".join(text.split())

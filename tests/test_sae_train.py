@@ -132,6 +132,20 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert any((tmp_path / "sae" / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_that_will_not_start_is_one_line(tmp_path, monkeypatch):
+    """No W&B login (wandb raises its own UsageError): one line naming the ways on, no metrics file left."""
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional extra")
+
+    def no_key(**kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="--wandb could not start a W&B run \\(UsageError: No API key configured"):
+        train_sae(TensorSource(x), small_cfg(wandb=True), tmp_path / "sae", progress=False)
+    assert not (tmp_path / "sae" / "metrics.jsonl").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_config_values_are_one_line_errors():
     with pytest.raises(UserError, match=r"training config: lr: Input should be greater than 0 \(got 0\)"):

@@ -252,7 +252,7 @@ app.add_typer(sae_app, name="sae")
 @tinyworld_app.command("train")
 def tinyworld_train(
     out: Annotated[Path, typer.Option(help="run directory: tokenizer/, checkpoint.pt, model/ (resumes if present)")],
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the data stream and the init")] = 0,
     evaluate: Annotated[bool, typer.Option(help="run the probes and the topic check, write the model card")] = True,
 ) -> None:
@@ -286,8 +286,8 @@ def corpus_preview(
     source: Annotated[str, typer.Argument(help="tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
                                                "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
                                                "hfdisk:PATH[:COLUMN] | openwebtext-sentences")],
-    n: Annotated[int, typer.Option("-n", help="samples to show")] = 5,
-    scan: Annotated[int, typer.Option(help="sentences to scan for the counts")] = 1000,
+    n: Annotated[int, typer.Option("-n", min=0, help="samples to show")] = 5,
+    scan: Annotated[int, typer.Option(min=1, help="sentences to scan for the counts")] = 1000,
     dedupe: Annotated[bool, typer.Option(help="drop exact duplicate sentences")] = False,
 ) -> None:
     """Show counts, a fingerprint and samples of a corpus source."""
@@ -376,21 +376,31 @@ def train(
     store: Annotated[Path, typer.Option(help="activation store directory")],
     out: Annotated[Path, typer.Option(help="output directory: the SAE (SAELens v6 layout), checkpoint, metrics")],
     preset: Annotated[str | None, typer.Option(help="named preset, e.g. 'seed' (the seed project's settings)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of training options")] = None,
-    d_sae: Annotated[str | None, typer.Option(help="latents, or a comma list for a sweep (e.g. 4096,8192)")] = None,
-    k: Annotated[str | None, typer.Option(help="active latents per token, or a comma list for a sweep")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="tokens per optimizer step (all ranks)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of training options: any TrainConfig field, e.g. "
+                                                     "normalize_activations: none (needed for a sparsify export), "
+                                                     "log_every, k_aux")] = None,
+    d_sae: Annotated[str | None, typer.Option(help="latents, or a comma list for a sweep (e.g. 4096,8192) "
+                                                   "(default: 8 x d_in)")] = None,
+    k: Annotated[str | None, typer.Option(help="active latents per token, or a comma list for a sweep "
+                                               "(default: 32)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="tokens per optimizer step (all ranks) (default: 4096)")]
+    = None,
     tokens: Annotated[str | None, typer.Option(help="training tokens, e.g. 500k or 2M (default: epochs x the "
                                                     "split)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="passes over the split when --tokens is not set")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
-    bf16: Annotated[bool | None, typer.Option(help="bf16 encoder GEMM with fp32 master weights")] = None,
-    hook: Annotated[str | None, typer.Option(help="hook point of a multi-hook store")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
-    wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the split when --tokens is not set "
+                                                    "(default: 1)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default: 2e-4 / sqrt(d_sae / 16384))")]
+    = None,
+    bf16: Annotated[bool | None, typer.Option(help="bf16 encoder GEMM with fp32 master weights (default: off)")]
+    = None,
+    hook: Annotated[str | None, typer.Option(help="hook point of a multi-hook store (default: the store's only "
+                                                  "one)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
+    wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases (default: off)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle (default: 0)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="steps between spliced evaluations (CE recovered, KL) "
-                                                        "in --eval-model; one more at the end")] = None,
+                                                        "in --eval-model, taken at the next metrics record (every "
+                                                        "log_every = 50 steps); one more at the end")] = None,
     eval_model: Annotated[str | None, typer.Option(help="checkpoint to splice the SAE into for evaluation")] = None,
     eval_corpus: Annotated[str | None, typer.Option(help="SOURCE of held-out evaluation texts")] = None,
 ) -> None:

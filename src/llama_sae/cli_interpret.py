@@ -205,8 +205,9 @@ def score(
             span = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
             console.print(f"{name}: mean balanced accuracy {out[name]:.3f}{span}")
     if out.get("certainty_vs_detection") is not None:
-        console.print(f"the explainer's certainty vs the detection score: Spearman "
-                      f"{out['certainty_vs_detection']:.3f} (near 0: its self-report says little)")
+        rho = out["certainty_vs_detection"]
+        console.print(f"the explainer's certainty vs the detection score: Spearman {rho:.3f}"
+                      + (" (near 0: its self-report says little)" if abs(rho) < 0.2 else ""))
     console.print(f"{out['scored']:,} of {out['latents']:,} explained latents scored ({out['unscorable']:,} "
                   f"unscorable: no held-out activating or no non-activating sentence); outcomes: "
                   f"{out['outcomes']}; {path / 'scores.jsonl'}")

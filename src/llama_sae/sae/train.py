@@ -493,10 +493,10 @@ class MetricsLog:
 
     def __init__(self, out: Path, resume_step: int, cfg: TrainConfig, wandb_id: str | None):
         self.path = out / METRICS
+        self.wandb = start_wandb(out, cfg, wandb_id) if cfg.wandb else None  # first: it may refuse to start
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")
-        self.wandb = start_wandb(out, cfg, wandb_id) if cfg.wandb else None
 
     def write(self, records: list[dict[str, Any]]) -> None:
         for r in records:
@@ -532,8 +532,12 @@ def start_wandb(out: Path, cfg: TrainConfig, run_id: str | None):
         import wandb
     except ImportError:
         raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
-    return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), id=run_id, resume="allow",
-                      config=cfg.model_dump(mode="json"))
+    try:
+        return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), id=run_id, resume="allow",
+                          config=cfg.model_dump(mode="json"))
+    except Exception as e:  # wandb's own UsageError (no API key), network errors, ...
+        raise UserError(f"--wandb could not start a W&B run ({type(e).__name__}: {first_line(e)}): run `wandb "
+                        "login` or set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or drop --wandb") from e
 
 
 def metric_records(runs: list[Run], acc: list[torch.Tensor], steps: int, step: int, tokens: int,
