@@ -97,3 +97,8 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "an_sae"), "--latents", "3"])
     assert "not empty: it holds cfg.json, which is not part of a dashboard" in str(bad.exception)
     assert sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]
+    again = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "10-11"])  # fewer latents
+    assert again.exit_code == 0 and sorted(p.name for p in (out / "latents").iterdir()) == ["10.html", "11.html"]
+    bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "new"), "--sae", str(tinyworld.sae_path()),
+                                   "--corpus", "bogus"])  # building features from a bad SOURCE: nothing made
+    assert "unknown corpus source 'bogus'" in str(bad.exception) and not (tmp_path / "new").exists()

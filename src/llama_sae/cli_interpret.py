@@ -64,6 +64,9 @@ def features(
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "
                   f"{m['d_sae']:,} latents fired; {m['examples']:,} examples over {m['stored_sentences']:,} "
                   f"stored sentences ({time.perf_counter() - t0:.0f} s)")
+    if m["sentences"] < sentences:
+        console.print(f"note: the corpus {corpus} holds only {m['sentences']:,} sentences (asked for {sentences:,})",
+                      markup=False, highlight=False)
 
 
 BackendOpt = Annotated[str, typer.Option(help="offline (default, no key), chat (any OpenAI-compatible server), "

@@ -322,6 +322,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     from llama_sae.splice import check_fits
 
     check_fits(model, sae)
+    corpus = Corpus(corpus_source)  # a bad SOURCE fails here, before any directory is made
     out = Path(out)
     for name, value, least in (("sentences", sentences, 1), ("top_n", top_n, 1), ("reservoir", reservoir, 1),
                                ("pool", pool, 1), ("n_quantiles", n_quantiles, 1), ("batch_size", batch_size, 1),
@@ -348,7 +349,6 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
     if (partial / "state.json").exists():
         state.load_(partial)
-    corpus = Corpus(corpus_source)
     cache = CodeCache(partial, cache_bytes)
     done = int(state.t["counts"][0])
     stream = islice(enumerate(s.text for s in corpus), done, sentences)

@@ -184,6 +184,10 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
     meta = features.meta
     title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
     atomic_write(out / "index.html", index_page(features, latents, title))
+    chosen = {str(i) for i in latents}
+    for page in (out / "latents").glob("*.html"):  # pages of an earlier run's other latents
+        if page.stem not in chosen:
+            page.unlink()
     atomic_write(out / "dashboard.json", json.dumps({"latents": latents, "features": str(features.path),
                                                      "ui_url": ui_url}) + "\n")
     return out / "index.html"
