@@ -243,7 +243,8 @@ def convert(
 
 tinyworld_app = typer.Typer(no_args_is_help=True, help="The embedded world: planted-concept corpus and tiny model.")
 corpus_app = typer.Typer(no_args_is_help=True,
-                         help="Corpus sources: tinyworld[:N], txt:, jsonl:, parquet:, hf:, hfdisk:.")
+                         help="Corpus sources: tinyworld[:N], txt:, jsonl:, parquet:, hf:, hfdisk:, "
+                              "openwebtext-sentences.")
 app.add_typer(tinyworld_app, name="tinyworld")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(sae_app, name="sae")
@@ -299,7 +300,8 @@ def corpus_preview(
 @app.command()
 def capture(
     corpus: Annotated[str, typer.Option(help="SOURCE: tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
-                                             "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | hfdisk:PATH")],
+                                             "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
+                                             "hfdisk:PATH[:COLUMN] | openwebtext-sentences")],
     hook: Annotated[list[str], typer.Option(help="hook point KIND.LAYER (repeatable), e.g. resid_post.12")],
     tokens: Annotated[str, typer.Option(help="tokens to capture, BOS excluded (e.g. 2M, 700_000_000)")],
     out: Annotated[Path, typer.Option(help="store directory; re-run the same command to resume")],
