@@ -165,7 +165,7 @@ def test_explain_arguments_are_checked(tmp_path):
     from llama_sae.errors import UserError
 
     features = str(tinyworld.features_path())
-    for args, message in ((["--latents", "abc"], "latent numbers separated by commas"),
+    for args, message in ((["--latents", "abc"], "write ids and ranges like 3,17,40-49"),
                           (["--retry-failed", "--fresh"], "pass one of them")):
         result = runner.invoke(app, ["explain", features, *args])
         assert isinstance(result.exception, UserError) and message in str(result.exception)
