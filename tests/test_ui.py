@@ -10,6 +10,7 @@ import torch
 
 from llama_sae import tinyworld
 from llama_sae.errors import UserError
+from llama_sae.steer import parse_steer
 from llama_sae.ui.app import all_specs, check_port, load_session, slot_specs
 
 
@@ -102,3 +103,54 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "new"), "--sae", str(tinyworld.sae_path()),
                                    "--corpus", "bogus"])  # building features from a bad SOURCE: nothing made
     assert "unknown corpus source 'bogus'" in str(bad.exception) and not (tmp_path / "new").exists()
+
+
+def _handlers(session) -> dict:
+    """The Blocks app's event handlers by name (what the browser calls), for driving them without a browser."""
+    pytest.importorskip("gradio", reason="the ui extra")
+    from llama_sae.ui.app import build_app
+
+    return {f.name: f.fn for f in build_app(session).fns.values()}
+
+
+def test_handlers_turn_every_failure_into_its_message(session):
+    """A prompt past the context, an absurd seed, API-only junk: a message the page shows, not a bare 'Error'."""
+    import gradio as gr
+
+    fns, off = _handlers(session), [None, "add", 0.0, "prompt"] * 3
+    with pytest.raises(gr.Error, match="exceeds the model's context of 2048"):
+        list(fns["complete_fn"]("The cat sat. " * 800, False, "", 16, 0.0, 0.9, 0, *off))
+    with pytest.raises(gr.Error, match="seed 1180591620717411303424 is out of range"):
+        list(fns["complete_fn"]("The", False, "", 4, 1.0, 0.9, 2**70, *off))
+    with pytest.raises(gr.Error, match="must be numbers"):
+        list(fns["complete_fn"]("The", False, "", 4, None, 0.9, 0, *off))
+    with pytest.raises(UserError, match="slot 1: strength 'abc' is not a number"):
+        slot_specs(["11", "add", "abc", "all"])
+    with pytest.raises(UserError, match="is not a finite number"):
+        session.steering(["969:add:1e308"])  # finite, but times the unit it is not
+    assert len(fns["search_fn"](None)) == 20  # an empty query lists the first latents
+
+
+def test_chat_without_compare_leaves_the_unsteered_column_alone(session):
+    fns, off = _handlers(session), [None, "add", 0.0, "prompt"] * 3
+    *_, last = fns["chat_fn"]("Hi!", [], [], False, "", 4, 0.0, 0.9, 0, *off)
+    assert last[2] == [] and [m["role"] for m in last[1]] == ["user", "assistant"]
+
+
+def test_a_steer_link_the_slot_cannot_hold_goes_to_the_specs_box(session):
+    class Request:
+        def __init__(self, spec):
+            self.query_params = {"steer": spec}
+
+    on_load = _handlers(session)["on_load"]
+    assert on_load(Request("11:add:8:prompt"))[:4] == ("11", "add", 8.0, "prompt")
+    for spec in ("11:add:8:last+2", "11:add:100"):  # positions or strength outside the slot's widgets
+        box = on_load(Request(spec))[4]
+        assert box == f"resid_post.5@{parse_steer(spec).spec}"
+
+
+def test_token_view_rows_join_up_to_the_text(session):
+    tok = session.tokenizer
+    new = tok.encode(" 🦙 café 中", bos=False)
+    view = session.token_view(tok.encode("The"), new)
+    assert "".join(v["token"] for v in view) == tok.decode(new) and "\ufffd" not in "".join(v["token"] for v in view)

@@ -104,7 +104,11 @@ def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str 
 
 
 def token_features(model, tokenizer, saes: dict, tokens: list[int], top: int = 3) -> dict[str, list]:
-    """For each SAE: per token (BOS skipped) [(token text, [(latent, activation), ...])], strongest first."""
+    """For each SAE: per token (BOS skipped) [(token text, [(latent, activation), ...])], strongest first.
+
+    The activations are the SAE's reading of the residual stream at its hook (before any steering edit there).
+    A token's text is what it adds to the decoded text: a token holding part of a character shows nothing, and
+    the token that completes it shows the whole character, so the rows join up to the text."""
     ids = torch.tensor([tokens], device=model.device)
     acts = model.capture(ids, list(saes))
     out = {}
@@ -112,11 +116,13 @@ def token_features(model, tokenizer, saes: dict, tokens: list[int], top: int = 3
         vals, idx = sae.encode_topk(acts[hook][0])  # [T, k]
         order = vals.argsort(dim=-1, descending=True)[:, :top]
         vals, idx = vals.gather(1, order), idx.gather(1, order)
-        rows = []
+        rows, text = [], tokenizer.stream_decoder()
         for t, tok in enumerate(tokens):
             if t == 0 and tok == tokenizer.bos_id:
                 continue
-            rows.append((tokenizer.decode([tok]), [(int(i), float(v)) for i, v in zip(idx[t], vals[t]) if v > 0]))
+            rows.append((text.feed(tok), [(int(i), float(v)) for i, v in zip(idx[t], vals[t]) if v > 0]))
+        if rows and (rest := text.flush()):  # bytes that never completed a character
+            rows[-1] = (rows[-1][0] + rest, rows[-1][1])
         out[hook] = rows
     return out
 

@@ -168,10 +168,10 @@ class Steering:
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.steers = [self._check(s) for s in self.steers]
         for hook, sae in self.saes.items():
             if self.units.get(hook) is None or self.units[hook].shape != (sae.cfg.d_sae,):
                 raise UserError(f"steering units for {hook} must be a [{sae.cfg.d_sae}] tensor (one per latent)")
+        self.steers = [self._check(s) for s in self.steers]
         for hook in self.saes:
             kinds = {s.positions for s in self.steers if s.hook == hook and s.kind == "bias"}
             if len(kinds) > 1:
@@ -199,6 +199,10 @@ class Steering:
         if not 0 <= s.latent < d_sae:
             raise UserError(f"steer {s.spec!r}: latent {s.latent} is out of range, the SAE at {s.hook} has "
                             f"latents 0..{d_sae - 1}")
+        unit = float(self.units[s.hook][s.latent])
+        if not math.isfinite(s.strength * unit):
+            raise UserError(f"steer {s.spec!r}: strength {s.strength:g} x the latent's unit {unit:g} is not a finite "
+                            "number: use a strength within a few units")
         if abs(s.strength) > ABSURD_STRENGTH:
             self.warnings.append(f"steer {s.spec!r}: strength {s.strength:g} is more than {ABSURD_STRENGTH:g}x the "
                                  "latent's typical max activation; expect degenerate text (running anyway)")

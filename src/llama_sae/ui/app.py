@@ -148,7 +148,11 @@ def slot_specs(values: list) -> list[str]:
             continue
         if not latent.isdecimal():
             raise UserError(f"steering slot {j // 4 + 1}: latent {latent!r} is not a latent id (a whole number)")
-        specs.append(f"{int(latent)}:{kind}:{float(strength):g}:{positions}")
+        try:
+            strength = float(strength or 0.0)
+        except (TypeError, ValueError):
+            raise UserError(f"steering slot {j // 4 + 1}: strength {strength!r} is not a number") from None
+        specs.append(f"{int(latent)}:{kind}:{strength:g}:{positions}")
     return specs
 
 
@@ -196,8 +200,23 @@ def build_app(session: Session):
         return steering
 
     def sampling_of(max_new, temperature, top_p, seed):
-        return {"max_new_tokens": int(max_new), "temperature": float(temperature), "top_p": float(top_p),
-                "seed": None if seed in (None, "") else int(seed)}
+        try:
+            sampling = {"max_new_tokens": int(max_new), "temperature": float(temperature), "top_p": float(top_p),
+                        "seed": None if seed in (None, "") else int(seed)}
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error("max new tokens, temperature, top-p and seed must be numbers") from None
+        if sampling["seed"] is not None and not 0 <= sampling["seed"] < 2**63:
+            raise gr.Error(f"seed {sampling['seed']} is out of range: use 0 to 2^63 - 1")
+        if not 0 <= sampling["temperature"] <= 100 or not 0 < sampling["top_p"] <= 1:
+            raise gr.Error("temperature must be in 0..100 (0 = greedy) and top-p in (0, 1]")
+        return sampling
+
+    def stream(prompt, steering, chat, sampling):
+        """session.stream with its errors (a prompt past the context, ...) shown as the message they carry."""
+        try:
+            yield from session.stream(prompt, steering, chat=chat, sampling=sampling)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
 
     def chat_fn(message, steered, plain, compare, extra, max_new, temperature, top_p, seed, *slots):
         message = (message or "").strip()
@@ -208,10 +227,11 @@ def build_app(session: Session):
         history = [{"role": m["role"], "content": _text(m["content"])} for m in steered] + [
             {"role": "user", "content": message}]
         steered = history + [{"role": "assistant", "content": ""}]
-        plain = [{"role": m["role"], "content": _text(m["content"])} for m in plain] + [
-            {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        plain = [{"role": m["role"], "content": _text(m["content"])} for m in plain]
+        if compare:  # the unsteered column gets this turn only when it is generated
+            plain += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         item = ("", [], [])
-        for item in session.stream(history, steering, chat=True, sampling=sampling):
+        for item in stream(history, steering, True, sampling):
             steered[-1]["content"] = item[0]
             yield "", steered, plain, gr.skip(), gr.skip(), gr.skip()
         view = session.token_view(item[1], item[2])
@@ -221,7 +241,7 @@ def build_app(session: Session):
         yield "", steered, plain, _highlight(view), view, rec
         if compare:
             plain_history = plain[:-1]
-            for text, _, _ in session.stream(plain_history, None, chat=True, sampling=sampling):
+            for text, _, _ in stream(plain_history, None, True, sampling):
                 plain[-1]["content"] = text
                 yield "", steered, plain, gr.skip(), gr.skip(), gr.skip()
 
@@ -243,7 +263,7 @@ def build_app(session: Session):
         steering = steering_or_error(extra, slots)
         sampling = sampling_of(max_new, temperature, top_p, seed)
         item = ("", [], [])
-        for item in session.stream(prompt, steering, chat=False, sampling=sampling):
+        for item in stream(prompt, steering, False, sampling):
             yield item[0], gr.skip(), gr.skip(), gr.skip(), gr.skip()
         text = item[0]
         view = session.token_view(item[1], item[2])
@@ -251,7 +271,7 @@ def build_app(session: Session):
                          indent=1)
         yield text, gr.skip(), _highlight(view), view, rec
         if compare:
-            for plain_text, _, _ in session.stream(prompt, None, chat=False, sampling=sampling):
+            for plain_text, _, _ in stream(prompt, None, False, sampling):
                 yield gr.skip(), plain_text, gr.skip(), gr.skip(), gr.skip()
 
     def token_select(view, evt: gr.SelectData):
@@ -268,20 +288,22 @@ def build_app(session: Session):
 
     def search_fn(query):
         try:
-            return session.search(query)
+            return session.search(query or "")
         except UserError as e:
             raise gr.Error(str(e)) from None
 
     def on_load(request: gr.Request):
         spec = (request.query_params or {}).get("steer") if request else None
         if not spec:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             s = session.steering([spec]).steers[0]
         except UserError as e:
             gr.Warning(str(e))
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return str(s.latent), s.kind, s.strength, s.positions
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if s.positions not in POSITION_CHOICES or not STRENGTH_RANGE[0] <= s.strength <= STRENGTH_RANGE[1]:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), s.spec  # the slot cannot hold it: the specs box can
+        return str(s.latent), s.kind, s.strength, s.positions, gr.skip()
 
     sae = session.saes[session.hook]
     name = "tinyworld" if Path(session.model_path) == tinyworld_model() else Path(session.model_path).name
@@ -307,7 +329,8 @@ def build_app(session: Session):
                         steered_text = gr.Textbox(label="steered", elem_id="steered-text", lines=4)
                         plain_text = gr.Textbox(label="unsteered", elem_id="plain-text", lines=4)
                 gr.Markdown("#### features of the last output (click a token)")
-                tokens = gr.HighlightedText(label="tokens, labelled by their top latent", elem_id="token-view",
+                tokens = gr.HighlightedText(label="tokens, labelled by their top latent (the SAE's reading of the "
+                                                  "residual stream, before any steering edit)", elem_id="token-view",
                                             combine_adjacent=False, show_legend=False)
                 token_title = gr.Markdown(elem_id="token-title")
                 token_latents = gr.Dataframe(headers=["latent", "activation", "explanation"], interactive=False,
@@ -355,7 +378,7 @@ def build_app(session: Session):
         token_latents.select(latent_select, None, slots[:3])
         query.submit(search_fn, [query], [results])
         results.select(latent_select, None, slots[:3])
-        app.load(on_load, None, [slots[0], slots[1], slots[2], slots[3]])
+        app.load(on_load, None, [slots[0], slots[1], slots[2], slots[3], extra])
     return app
 
 
