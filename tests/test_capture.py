@@ -359,6 +359,20 @@ def test_finished_store_rerun_is_a_no_op(tiny, reference):
     assert (reference / "manifest.json").read_bytes() == before
 
 
+def test_finished_store_rerun_notices_a_missing_shard_and_a_torn_first_write_starts_over(tiny, reference, tmp_path):
+    out = tmp_path / "acts"
+    shutil.copytree(reference, out)
+    name = ActivationStore(out).shards[1]["name"]
+    (out / name).unlink()
+    with pytest.raises(UserError, match=f"shard {name} is missing: run this command again with --repair"):
+        capture(_cfg(tiny, out))
+    torn = tmp_path / "torn"  # killed while writing the first manifest: only its temp file is there
+    torn.mkdir()
+    (torn / ".manifest.json.tmp4242").write_text("{")
+    summary = capture(_cfg(tiny, torn))
+    assert summary.rows == 6000 and not list(torn.glob(".*.tmp*"))
+
+
 def test_missing_shard_is_named_with_the_fix(reference, tmp_path):
     out = tmp_path / "acts"
     shutil.copytree(reference, out)

@@ -117,6 +117,13 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
     assert a.meta["text_sha256"] == b.meta["text_sha256"] and len(a.meta["text_sha256"]) == 64
     for name, t in a._t.items():  # a different batch size and a kill change nothing
         torch.testing.assert_close(torch.tensor(b._t[name]), torch.tensor(t), msg=name, atol=1e-5, rtol=1e-5)
+    # killed after the artifact was written but before the partial directory went: the rerun finishes the job
+    (tmp_path / ".features-partial").mkdir()
+    (tmp_path / ".features-partial" / "codes-000000000000-000000000007.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".features.json.tmp4242").write_text("{")
+    build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32,
+                   n_quantiles=4, batch_size=8, checkpoint_every=40)
+    assert not (tmp_path / ".features-partial").exists() and not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_interrupted_build_of_another_sae_is_discarded(setup, tmp_path):

@@ -570,6 +570,7 @@ def test_journal_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     with pytest.raises(UserError, match="another run is using .*explain.journal.jsonl"):
         Journal(path, header)  # a second writer while the first holds it (two runs at once)
     journal.close()
+    assert not (tmp_path / "explain.journal.jsonl.lock").exists()  # a finished run leaves no lock file
     again = Journal(path, header)
     assert again.state.succeeded("a") and again.state.results["a"]["text"] == "cats"
     assert len(path.read_text().splitlines()) == 3  # header, request, result

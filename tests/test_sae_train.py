@@ -172,6 +172,10 @@ def test_resume_refuses_another_config_another_width_and_a_foreign_directory(tmp
         train_sae(TensorSource(x), small_cfg(k=5), out, progress=False)
     with pytest.raises(UserError, match="the store has width d=16 but checkpoint .* was trained on d=32"):
         train_sae(TensorSource(x[:, :16]), small_cfg(), out, progress=False)
+    with pytest.raises(UserError, match=r"trained on other activations \(rows 6144 \(now 5632\)\)"):
+        train_sae(TensorSource(x[:512 * 11]), small_cfg(), out, progress=False)  # another store, same width
+    with pytest.raises(UserError, match=r"other activations \(hook acts \(now resid_post.1\)\)"):
+        train_sae(TensorSource(x, hook="resid_post.1"), small_cfg(), out, progress=False)
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}  # nothing overwritten
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -180,6 +184,12 @@ def test_resume_refuses_another_config_another_width_and_a_foreign_directory(tmp
     # a finished run started again with the same command only re-exports
     train_sae(TensorSource(x), small_cfg(log_every=3), out, progress=False)
     assert (out / "sae_weights.safetensors").read_bytes() == before["sae_weights.safetensors"]
+    # a kill during the first checkpoint's write left only its temp file: the same command starts over
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / ".checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint")
+    train_sae(TensorSource(x), small_cfg(), tmp_path / "torn", progress=False)
+    assert (tmp_path / "torn" / "sae_weights.safetensors").read_bytes() == before["sae_weights.safetensors"]
+    assert not list((tmp_path / "torn").glob(".*.tmp*"))
     # a run that failed before its first checkpoint left metrics.jsonl alone: the corrected command starts over
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "metrics.jsonl").write_text('{"step": 1, "stale": true}\n')
@@ -247,12 +257,13 @@ def _run(tmp_path: Path, out: Path, cfg: TrainConfig, kill_at: int = 0, ranks: i
                           capture_output=True, text=True, timeout=240, env=env)
 
 
-def test_kill_9_then_same_command_ends_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("kill_at", [9, 12])  # after a checkpoint between records; at a record's own step
+def test_kill_9_then_same_command_ends_bitwise_equal(tmp_path, kill_at):
     cfg = small_cfg(d_sae=256, k=4, batch_size=512, tokens=512 * 20, dead_tokens_threshold=512, checkpoint_every=3,
                     log_every=4, normalize_activations="layer_norm")
     whole = _run(tmp_path, tmp_path / "whole", cfg)
     assert whole.returncode == 0, whole.stderr
-    killed = _run(tmp_path, tmp_path / "killed", cfg, kill_at=9)
+    killed = _run(tmp_path, tmp_path / "killed", cfg, kill_at=kill_at)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "killed" / "sae_weights.safetensors").exists()
     resumed = _run(tmp_path, tmp_path / "killed", cfg)
@@ -262,7 +273,7 @@ def test_kill_9_then_same_command_ends_bitwise_equal(tmp_path):
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("whole", "killed"))
     assert [r["step"] for r in b] == [4, 8, 12, 16, 20]
     for ra, rb in zip(a, b):  # the record at 12 averages steps 10-12 only after the resume at 9
-        keys = ("dead_frac", "lr") if ra["step"] == 12 else set(ra) - {"tokens_per_s"}
+        keys = ("dead_frac", "lr") if ra["step"] == 12 and kill_at == 9 else set(ra) - {"tokens_per_s"}
         assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
     assert max(r["dead_frac"] for r in a) > 0 and max(r["aux_loss"] for r in a) > 0  # aux-k was part of the resume
 

@@ -64,7 +64,9 @@ def check_output_dir(path, what: str, *, ours: Collection[str] = (), overwrite: 
         raise UserError(f"{path} is a file: pass a directory for {what}")
     if not path.is_dir() or overwrite:
         return
-    other = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    from llama_sae.fileio import is_temp_name
+
+    other = sorted(p.name for p in path.iterdir() if p.name not in ours and not is_temp_name(p.name))
     if other:
         why = f"{other[0]}, which is not part of {what}" if ours else other[0]  # ours: a resumable output
         raise UserError(f"{path} is not empty: it holds {why}: choose an empty or new directory for {what}"

@@ -50,11 +50,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from llama_sae.errors import UserError, check_output_dir
-from llama_sae.fileio import atomic_write, atomic_write_json, read_jsonl
+from llama_sae.fileio import atomic_write, atomic_write_json, read_jsonl, sweep_temp_files
 
 META_FILE = "features.json"
 TENSORS_FILE = "features.safetensors"
 PARTIAL_DIR = ".features-partial"
+STATE_FILE = "tables.safetensors"  # in PARTIAL_DIR: the running tables and their text hash, one atomic file
 EXPLANATIONS_FILE = "explanations.jsonl"
 SCORES_FILE = "scores.jsonl"
 AGGREGATIONS = ("max", "mean", "last")
@@ -227,13 +228,16 @@ class _State:
         self.text_sha256 = h.hex()
 
     def save(self, path: Path, settings: dict) -> None:
-        atomic_write(path / "state.safetensors", safetensors_bytes({k: v.contiguous() for k, v in self.t.items()}))
-        atomic_write_json(path / "state.json", {"settings": settings, "done": int(self.t["counts"][0]),
-                                                "text_sha256": self.text_sha256})
+        """One file, written atomically: the tables and the text hash they go with (in its metadata)."""
+        meta = {"settings": json.dumps(settings, sort_keys=True), "text_sha256": self.text_sha256}
+        atomic_write(path / STATE_FILE, safetensors_bytes({k: v.contiguous() for k, v in self.t.items()}, meta))
 
     def load_(self, path: Path) -> None:
-        self.t = load_file(path / "state.safetensors")
-        self.text_sha256 = json.loads((path / "state.json").read_text())["text_sha256"]
+        from safetensors import safe_open
+
+        with safe_open(path / STATE_FILE, "pt") as f:
+            self.text_sha256 = (f.metadata() or {})["text_sha256"]
+        self.t = load_file(path / STATE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,7 +336,9 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():  # not (yet) an artifact of ours
         check_output_dir(out, "a features artifact", ours={TENSORS_FILE})
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed)
+    sweep_temp_files(out)
     if _check_out(out, settings, overwrite):
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # a kill between the last write and this removal
         return out
     if (out / META_FILE).exists():  # --overwrite: the old build's explanations and scores are set aside, not shown
         old_build = json.loads((out / META_FILE).read_text()).get("build_id") or "old"
@@ -347,7 +353,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if not marker.exists():
         atomic_write_json(marker, settings)
     state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
-    if (partial / "state.json").exists():
+    if (partial / STATE_FILE).exists():
         state.load_(partial)
     cache = CodeCache(partial, cache_bytes)
     done = int(state.t["counts"][0])

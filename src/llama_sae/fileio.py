@@ -10,10 +10,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # what atomic_writer names its temp files: .NAME.tmpPID
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file of :func:`atomic_writer` (left behind only by a kill mid-write)."""
+    return bool(TEMP_NAME.match(name))
+
+
+def sweep_temp_files(directory: str | os.PathLike, recursive: bool = False) -> int:
+    """Remove the temp files a killed write left in ``directory`` (and below it); how many. Call it only where
+    no other process writes (a run's own output directory, at its start)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    found = [p for p in (directory.rglob(".*.tmp*") if recursive else directory.glob(".*.tmp*"))
+             if p.is_file() and is_temp_name(p.name)]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
 
 
 @contextmanager

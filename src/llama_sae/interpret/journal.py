@@ -106,8 +106,10 @@ class Journal:
                             "or stop it; a run killed with kill -9 releases the lock") from None
 
     def close(self) -> None:
-        """Release the lock (the state stays readable; appending after this is the caller's mistake)."""
+        """Release the lock and remove its file (the state stays readable; appending after this is the caller's
+        mistake)."""
         if not self._lock_file.closed:
+            Path(self._lock_file.name).unlink(missing_ok=True)  # while still held: no one else is using it
             self._lock_file.close()  # closing the file releases its flock
 
     def append(self, *records: dict) -> None:

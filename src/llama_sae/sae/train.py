@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llama_sae.errors import UserError, check_device, first_line
-from llama_sae.fileio import atomic_write, atomic_writer
+from llama_sae.fileio import atomic_write, atomic_writer, sweep_temp_files
 from llama_sae.sae import formats
 from llama_sae.sae.model import SAE, SAEConfig, TrainOutput, normalize
 
@@ -193,6 +193,22 @@ class TensorSource:
                                                                                           (j + 1) * batch_size)
             yield self.acts[rows].to(dtype)
             i += 1
+
+
+def source_identity(source: Any, hook: str | None) -> dict[str, Any]:
+    """What a checkpoint records about its training data, so that a resume on other data is refused: the store's
+    model and corpus fingerprints, the hook and the row count (None where the source does not say)."""
+    manifest = getattr(source, "manifest", None) or {}
+    model, corpus = manifest.get("model"), manifest.get("corpus")
+    rows = len(source) if hasattr(source, "__len__") else None
+    return {"model": model.get("fingerprint") if isinstance(model, dict) else model,
+            "corpus": corpus.get("fingerprint") if isinstance(corpus, dict) else None,
+            "hook": source_metadata(source, hook)["hook_name"], "rows": rows}
+
+
+def _short(value: Any) -> Any:
+    """A long fingerprint shortened for a message; anything else as is."""
+    return value[:12] + "..." if isinstance(value, str) and len(value) > 16 else value
 
 
 def source_metadata(source: Any, hook: str | None) -> dict[str, Any]:
@@ -457,7 +473,8 @@ def load_checkpoint(path: Path, runs: list[Run], cfg: TrainConfig, d_in: int) ->
     try:
         state = torch.load(path, map_location=runs[0].sae.W_enc.device, weights_only=True)
     except Exception as e:  # a truncated file cannot come from atomic writes, but say what to do anyway
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): delete it to start over") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): train into a new --out, or empty "
+                        f"{path.parent} to start over there") from None
     if state["d_in"] != d_in:
         raise UserError(f"the store has width d={d_in} but checkpoint {path} was trained on d={state['d_in']}: "
                         "use the store it was trained on, or a new --out")
@@ -602,11 +619,27 @@ def total_steps(source: Any, cfg: TrainConfig) -> int:
     return steps
 
 
-def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: World) -> tuple[int, dict]:
-    """Resume from out/checkpoint.pt, or check that ``out`` is new or empty. Returns (step, extra)."""
+def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: World,
+                source: dict | None = None) -> tuple[int, dict]:
+    """Resume from out/checkpoint.pt, or check that ``out`` is new or empty. Returns (step, extra).
+
+    ``source``: what the run trains on (:func:`source_identity`); a checkpoint of another source is refused.
+    Temp files a killed write left behind are removed first (rank 0).
+    """
+    if world.rank == 0:
+        sweep_temp_files(out, recursive=True)
+    if world.size > 1:
+        dist.barrier()
     ckpt = out / CHECKPOINT
     if ckpt.exists():
-        return load_checkpoint(ckpt, runs, cfg, d_in)
+        step, extra = load_checkpoint(ckpt, runs, cfg, d_in)
+        was = extra.get("source")
+        if source is not None and was is not None and was != source:
+            what = ", ".join(f"{k} {_short(was.get(k))} (now {_short(source.get(k))})" for k in source
+                             if was.get(k) != source.get(k))
+            raise UserError(f"checkpoint {ckpt} was trained on other activations ({what}): resume it with the "
+                            "store it started on, or train into a new --out")
+        return step, extra
     found = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if found - {METRICS}:  # only a run that stopped before its first checkpoint leaves metrics.jsonl alone
         raise UserError(f"{out} is not empty and holds no {CHECKPOINT} to resume from: choose a new --out "
@@ -688,7 +721,11 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
         raise UserError(f"batch_size={cfg.batch_size} does not split over {world.size} ranks: use a multiple")
     runs = make_runs(cfg, source.d, source_metadata(source, cfg.hook), world.device)
     total = total_steps(source, cfg)
-    step, extra = prepare_out(out, runs, cfg, source.d, world)
+    identity = source_identity(source, cfg.hook)
+    step, extra = prepare_out(out, runs, cfg, source.d, world, identity)
+    extra.setdefault("source", identity)
+    if step and world.rank == 0 and progress:
+        print(f"resumed from {out / CHECKPOINT}: step {step:,} of {total:,}", flush=True)
     batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
                                  start_batch=step, dtype=torch.float32))
     if step == 0:
@@ -754,7 +791,9 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
                    total: int, out: Path, log: MetricsLog | None, bar: Progress, extra: dict) -> None:
     """Steps up to the next metrics record (advancing ``pos``), checkpointing on the way; then the record.
 
-    A record averages over the steps since the previous record, or since the resume for the first one.
+    A record averages over the steps since the previous record, or since the resume for the first one. A
+    checkpoint due at the record's own step is written after the record: a kill between the two then costs the
+    steps since the previous checkpoint, never the record (a resume drops records past its checkpoint).
     """
     acc = [torch.zeros(4, dtype=torch.float64, device=world.device) for _ in runs]
     per_rank = cfg.batch_size // world.size
@@ -764,11 +803,9 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
         for a, s in zip(acc, train_step(runs, x, cfg, world, pos.step, total, cfg.batch_size)):
             a += s
         pos.step += 1
-        if pos.step % cfg.checkpoint_every == 0 or pos.step == total:
-            check_finite_(runs)
-            if world.rank == 0:
-                save_checkpoint(out / CHECKPOINT, runs, cfg, runs[0].sae.cfg.d_in, pos.step, extra)
-            pos.saved = pos.step
+        record_step = pos.step == total or pos.step % cfg.log_every == 0
+        if pos.step % cfg.checkpoint_every == 0 and not record_step:
+            _checkpoint(runs, cfg, world, pos, out, extra)
         bar.update(pos.step)
     for a in acc:
         world.all_reduce_(a)
@@ -776,7 +813,17 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
                              time.perf_counter() - t0, cfg)
     if log is not None:
         log.write(records)
+    if pos.step % cfg.checkpoint_every == 0 or pos.step == total:
+        _checkpoint(runs, cfg, world, pos, out, extra)
     bar.update(pos.step, records)
+
+
+def _checkpoint(runs: list[Run], cfg: TrainConfig, world: World, pos: Position, out: Path, extra: dict) -> None:
+    """Check the weights are finite (every rank), then write the checkpoint (rank 0)."""
+    check_finite_(runs)
+    if world.rank == 0:
+        save_checkpoint(out / CHECKPOINT, runs, cfg, runs[0].sae.cfg.d_in, pos.step, extra)
+    pos.saved = pos.step
 
 
 def train(store: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, *, progress: bool = True) -> list[Path]:

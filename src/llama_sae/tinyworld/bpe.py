@@ -83,7 +83,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size
         "chat_template": LLAMA3_CHAT_TEMPLATE,
     }
     path = out / "tokenizer.json"
-    atomic_write(path, tok.to_str(pretty=True))
     atomic_write_json(out / "tokenizer_config.json", config)
     atomic_write_json(out / "special_tokens_map.json", special_map)
+    atomic_write(path, tok.to_str(pretty=True))  # last: a run that sees it knows the other two are there
     return path

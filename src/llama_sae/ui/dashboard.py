@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llama_sae.fileio import atomic_write
+from llama_sae.fileio import atomic_write, sweep_temp_files
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
@@ -176,6 +176,8 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
     features.check_sae(sae)
     out = Path(out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
+    for directory in (out, out / "latents"):  # temp files of a killed run's writes
+        sweep_temp_files(directory)
     latents = features.live_latents() if latents is None else latents
     logits, near = decoder_tables(model, tokenizer, sae, latents)
     for i in latents:
