@@ -47,11 +47,14 @@ def features(
     from rich.progress import Progress
 
     from llama_sae.cli import _load
-    from llama_sae.features import build_features, load_features
+    from llama_sae.features import PARTIAL_DIR, STATE_FILE, build_features, load_features
     from llama_sae.sae import load
 
     llama, tok = _load(model, None, device)
     net = load(sae, device=device)
+    if (out / PARTIAL_DIR / STATE_FILE).exists():
+        console.print(f"resuming the interrupted build in {out} (a build with other settings starts over)",
+                      markup=False, highlight=False)
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("features", total=sentences)
