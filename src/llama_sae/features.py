@@ -300,7 +300,7 @@ def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
 
 def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sentences: int, top_n: int = 20,
                    reservoir: int = 40, pool: int = 512, n_quantiles: int = 10, batch_size: int = 64,
-                   max_tokens: int = 128, seed: int = 0, checkpoint_every: int = 20_000, overwrite: bool = False,
+                   max_tokens: int = 128, seed: int = 0, checkpoint_every: int | None = None, overwrite: bool = False,
                    cache_bytes: int = 2 << 30, progress: Callable[[int, int], None] | None = None,
                    sae_path: str | None = None) -> Path:
     """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
@@ -314,7 +314,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         reservoir: activating sentences sampled uniformly per latent, then split into ``n_quantiles`` bins.
         pool: random sentences from which each latent's non-activating examples are drawn.
         max_tokens: tokens per sentence (BOS included); longer sentences are truncated.
-        checkpoint_every: sentences between resumable checkpoints of the running tables.
+        checkpoint_every: sentences between resumable checkpoints of the running tables (default: a tenth of
+            ``sentences``, at least 1,000 and at most 20,000, so a kill costs at most a tenth of the pass).
         cache_bytes: pass 1 keeps the sparse codes of up to this many bytes of batches on disk, so that
             pass 2 reads them instead of running the model again (0 = always re-run).
         overwrite: rebuild when ``out`` holds an artifact made with other settings.
@@ -327,6 +328,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
 
     check_fits(model, sae)
     corpus = Corpus(corpus_source)  # a bad SOURCE fails here, before any directory is made
+    if checkpoint_every is None:
+        checkpoint_every = max(1_000, min(20_000, sentences // 10))
     out = Path(out)
     for name, value, least in (("sentences", sentences, 1), ("top_n", top_n, 1), ("reservoir", reservoir, 1),
                                ("pool", pool, 1), ("n_quantiles", n_quantiles, 1), ("batch_size", batch_size, 1),
