@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- capture
     L, last_layer = args.capture_layer, cfg.n_layers - 1
+    if not 0 <= L < last_layer:  # transformers' last hidden state has the final norm applied: not comparable
+        raise SystemExit(f"--capture-layer {L}: pick a block before the last one (0..{last_layer - 1}); the last "
+                         "block's output is compared with nothing transformers returns before its final norm")
     early, late = f"resid_post.{L}", f"resid_post.{last_layer}"
     with torch.inference_mode():
         med, cap_times, last = interleaved({"full": lambda: ours(tokens),
