@@ -154,3 +154,18 @@ def test_token_view_rows_join_up_to_the_text(session):
     new = tok.encode(" 🦙 café 中", bos=False)
     view = session.token_view(tok.encode("The"), new)
     assert "".join(v["token"] for v in view) == tok.decode(new) and "\ufffd" not in "".join(v["token"] for v in view)
+
+
+def test_chat_reads_its_history_from_state_not_from_the_chatbot(session):
+    """A Chatbot's value comes back from the browser with a reply's leading space stripped, so the next turn
+    would be prompted with text the model never wrote: the chat handlers read the conversations from State."""
+    gr = pytest.importorskip("gradio", reason="the ui extra")
+    from llama_sae.ui.app import build_app
+
+    app = build_app(session)
+    wired = {f.name: f for f in app.fns.values() if f.name in ("chat_fn", "regenerate_fn")}
+    assert set(wired) == {"chat_fn", "regenerate_fn"}
+    for name, f in wired.items():
+        histories = f.inputs[1:3] if name == "chat_fn" else f.inputs[0:2]
+        assert all(isinstance(c, gr.State) for c in histories), name
+        assert [type(c) for c in f.outputs[-2:]] == [gr.State, gr.State]  # and write them back

@@ -233,22 +233,22 @@ def build_app(session: Session):
         item = ("", [], [])
         for item in stream(history, steering, True, sampling):
             steered[-1]["content"] = item[0]
-            yield "", steered, plain, gr.skip(), gr.skip(), gr.skip()
+            yield "", steered, plain, gr.skip(), gr.skip(), gr.skip(), steered, plain
         view = session.token_view(item[1], item[2])
         outputs = [steered[-1]["content"]]
         rec = json.dumps(record(steering, session.model_path, history, outputs, sampling, chat=True,
                                 model=session.model), indent=1)
-        yield "", steered, plain, _highlight(view), view, rec
+        yield "", steered, plain, _highlight(view), view, rec, steered, plain
         if compare:
             plain_history = plain[:-1]
             for text, _, _ in stream(plain_history, None, True, sampling):
                 plain[-1]["content"] = text
-                yield "", steered, plain, gr.skip(), gr.skip(), gr.skip()
+                yield "", steered, plain, gr.skip(), gr.skip(), gr.skip(), steered, plain
 
     def regenerate_fn(steered, plain, compare, extra, max_new, temperature, top_p, seed, *slots):
         users = [m for m in steered if m["role"] == "user"]
         if not users:
-            yield gr.skip(), steered, plain, gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), steered, plain, gr.skip(), gr.skip(), gr.skip(), steered, plain
             return
         last = _text(users[-1]["content"])
         cut_s = max(i for i, m in enumerate(steered) if m["role"] == "user")
@@ -363,15 +363,18 @@ def build_app(session: Session):
                 results = gr.Dataframe(headers=["latent", "explanation", "detection", "frequency"],
                                        interactive=False, elem_id="search-results", label="click a row to steer it")
         settings = [compare, extra, max_new, temperature, top_p, seed, *slots]
-        chat_out = [message, steered_chat, plain_chat, tokens, gr.State(), rec]
+        # the conversations as generated: a Chatbot's value comes back with a reply's leading space stripped
+        steered_history, plain_history = gr.State([]), gr.State([])
+        chat_out = [message, steered_chat, plain_chat, tokens, gr.State(), rec, steered_history, plain_history]
         view_state = chat_out[4]
-        send.click(chat_fn, [message, steered_chat, plain_chat, *settings], chat_out)
-        message.submit(chat_fn, [message, steered_chat, plain_chat, *settings], chat_out)
-        regen_inputs = [steered_chat, plain_chat, *settings]
+        send.click(chat_fn, [message, steered_history, plain_history, *settings], chat_out)
+        message.submit(chat_fn, [message, steered_history, plain_history, *settings], chat_out)
+        regen_inputs = [steered_history, plain_history, *settings]
         regen.click(regenerate_fn, regen_inputs, chat_out)
         for j in range(N_SLOTS):  # moving a slider re-runs the last message with the new steering
             slots[4 * j + 2].release(regenerate_fn, regen_inputs, chat_out)
-        clear.click(lambda: ([], [], [], None, ""), None, [steered_chat, plain_chat, tokens, view_state, rec])
+        clear.click(lambda: ([], [], [], None, "", [], []), None,
+                    [steered_chat, plain_chat, tokens, view_state, rec, steered_history, plain_history])
         complete.click(complete_fn, [prompt, *settings], [steered_text, plain_text, tokens, view_state, rec])
         tokens.select(token_select, [view_state], [token_title, token_latents])
         tokens.change(lambda: ("", []), None, [token_title, token_latents])  # a new output: no stale token
