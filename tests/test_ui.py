@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 import socket
 
 import pytest
@@ -91,6 +92,12 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     assert html.escape(f.explanation(11).text) in page
     assert "aria-label='activation histogram'" in page and page.count("class='pos num'") == 10
     assert "?steer=11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
+
+
+    for name in pages:  # every link between latent pages leads to a page that was written (3's next is 10)
+        linked = set(re.findall(r"href='(\d+)\.html'", (out / "latents" / name).read_text()))
+        assert {f"{n}.html" for n in linked} <= set(pages), name
+    assert "href='10.html'>10 →" in (out / "latents" / "3.html").read_text()
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "5000"])
     assert bad.exit_code != 0 and "out of range" in str(bad.exception)
     (tmp_path / "an_sae").mkdir()

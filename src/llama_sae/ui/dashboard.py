@@ -11,6 +11,7 @@ Logits of a decoder direction: the direction times the final RMSNorm's weight, t
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 from pathlib import Path
@@ -102,24 +103,31 @@ def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chu
     return logits, near
 
 
+def _link(j: int, has_page: set[int]) -> str:
+    """Latent ``j`` as a link to its page, or as plain text when it has none (not among the shown latents)."""
+    return f"<a href='{j}.html'>{j}</a>" if j in has_page else str(j)
+
+
 def _token_list(tokenizer, values: Tensor, ids: Tensor, cls: str) -> str:
     rows = "".join(f"<tr><td class='{cls} num'>{v:+.2f}</td><td><code>{html.escape(repr(tokenizer.decode([t])))}"
                    f"</code></td></tr>" for v, t in zip(values.tolist(), ids.tolist()))
     return f"<table>{rows}</table>"
 
 
-def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_examples: int, d_sae: int) -> str:
-    """The HTML page of latent ``i``."""
+def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_examples: int,
+                shown: list[int]) -> str:
+    """The HTML page of latent ``i``; ``shown`` the sorted latents that get a page (links go only to those)."""
     e = features.explanation(i)
     top = features.examples(i, "max", n_examples)
     quant = features.examples(i, "quantile")
     scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
     freq, unit = float(features.frequency[i]), float(features.typical_max[i])
     nav = ["<a href='../index.html'>← all latents</a>"]
-    if i > 0:
-        nav.append(f"<a href='{i - 1}.html'>← {i - 1}</a>")
-    if i + 1 < d_sae:
-        nav.append(f"<a href='{i + 1}.html'>{i + 1} →</a>")
+    at = bisect.bisect_left(shown, i)
+    if at > 0:
+        nav.append(f"<a href='{shown[at - 1]}.html'>← {shown[at - 1]}</a>")
+    if at + 1 < len(shown):
+        nav.append(f"<a href='{shown[at + 1]}.html'>{shown[at + 1]} →</a>")
     head = f"<p>{' · '.join(nav)}</p><h1>latent {i}</h1>"
     expl = (f"<p><b>explanation:</b> <span id='explanation'>{html.escape(e.text)}</span></p>"
             f"<p>detection {_fmt(e.detection)} · fuzzing {_fmt(e.fuzzing)} (balanced accuracy)"
@@ -134,7 +142,8 @@ def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_exampl
                          for x in quant) or "<p class='muted'>none</p>"
     pv, pi, nv, ni = logits[i]
     cv, ci = near[i]
-    near_html = "".join(f"<tr><td><a href='{j}.html'>{j}</a></td><td class='num'>{c:.3f}</td>"
+    has_page = set(shown)
+    near_html = "".join(f"<tr><td>{_link(j, has_page)}</td><td class='num'>{c:.3f}</td>"
                         f"<td>{html.escape(_explanation_text(features, j))}</td></tr>"
                         for c, j in zip(cv.tolist(), ci.tolist()))
     body = (head + expl + stats
@@ -180,9 +189,10 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
         sweep_temp_files(directory)
     latents = features.live_latents() if latents is None else latents
     logits, near = decoder_tables(model, tokenizer, sae, latents)
+    shown = sorted(set(latents))
     for i in latents:
         atomic_write(out / "latents" / f"{i}.html",
-                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, sae.cfg.d_sae))
+                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown))
     meta = features.meta
     title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
     atomic_write(out / "index.html", index_page(features, latents, title))
