@@ -291,12 +291,55 @@ def test_missing_meta_shards_and_a_bad_rope_factor_are_named(tmp_path):
     (tmp_path / "two" / "consolidated.01.pth").unlink()  # the last slice: only the shapes can tell
     with pytest.raises(UserError, match="2-way model-parallel slice: are consolidated.NN.pth shards missing"):
         load_model(tmp_path / "two")
-    save_meta(model, tmp_path / "three", shards=3)
-    (tmp_path / "three" / "consolidated.01.pth").unlink()
+    save_meta(model, tmp_path / "four", shards=4)
+    (tmp_path / "four" / "consolidated.01.pth").unlink()
     with pytest.raises(UserError, match="shard consolidated.01.pth is missing"):
-        load_model(tmp_path / "three")
+        load_model(tmp_path / "four")
     with pytest.raises(UserError, match="factor must be positive"):
-        load_model(tmp_path / "three", rope_factor=-1.0)
+        load_model(tmp_path / "four", rope_factor=-1.0)
+    with pytest.raises(UserError, match="3 shards do not divide n_heads x head_dim 256, n_kv_heads x head_dim 128"):
+        save_meta(model, tmp_path / "three", shards=3)  # refused before writing what it could not read back
+    assert not (tmp_path / "three").exists()
+
+
+def test_what_meta_params_cannot_state_is_refused_not_lost(tmp_path):
+    """Meta's params.json has no head_dim and no llama3 RoPE sub-parameters: save_meta refuses such models (a
+    round trip used to load silently wrong), and a 2-D tensor whole in every shard is refused at load."""
+    from llama_sae.llama.checkpoint import save_meta
+    from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer
+
+    base = dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    for extra, message in [({"head_dim": 32}, "head_dim 32 is not dim / n_heads = 16"),
+                           ({"rope_scaling": RopeScaling(factor=8, original_max_position_embeddings=64)},
+                            "Meta's params.json states only the factor")]:
+        with pytest.raises(UserError, match=message):
+            save_meta(Transformer(ModelArgs(**base, **extra)), tmp_path / "m", shards=2)
+    save_meta(Transformer(ModelArgs(**base)), tmp_path / "ok", shards=2)
+    whole = torch.load(tmp_path / "ok" / "consolidated.00.pth", weights_only=True)
+    whole["layers.0.attention.wq.weight"] = torch.zeros(64, 64)  # the whole matrix in each shard
+    for rank in (0, 1):
+        torch.save(whole, tmp_path / "ok" / f"consolidated.0{rank}.pth")
+    with pytest.raises(UserError, match="holds the whole \\(64, 64\\) matrix"):
+        load_model(tmp_path / "ok")
+
+
+def test_hf_config_fields_llama_3_lacks_are_refused_and_defaults_follow_transformers(hf_checkpoints, tmp_path):
+    import json
+    import shutil
+
+    _, path = hf_checkpoints["gqa-tied-f32"]
+    for name, edit in [("gelu", {"hidden_act": "gelu"})]:
+        shutil.copytree(path, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(UserError, match="hidden_act='gelu': Llama 3's MLP is SwiGLU"):
+            load_model(tmp_path / name)
+    from llama_sae.llama.checkpoint import args_from_hf_config
+
+    cfg = json.loads((path / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters", "rope_scaling"):
+        cfg.pop(key, None)
+    assert args_from_hf_config(cfg).rope_theta == 10000.0  # what transformers assumes when it is absent
 
 
 def test_a_sweep_lists_each_value_once():

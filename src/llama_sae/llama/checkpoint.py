@@ -96,8 +96,11 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError("config.json sets attention_bias or mlp_bias: Llama 3 has no biases; "
                         "this checkpoint is not a Llama 3.x model")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UserError(f"config.json sets hidden_act={cfg['hidden_act']!r}: Llama 3's MLP is SwiGLU (silu); "
+                        "this checkpoint is not a Llama 3.x model")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 500000.0))
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))  # transformers' default when absent
     scaling = None
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
@@ -274,10 +277,14 @@ def _place_slice(state: dict[str, Tensor], key: str, piece: Tensor, i: int, n: i
     if n == 1:
         state[key] = piece  # still memory-mapped: no copy at all
         return
-    if piece.shape == shape:
+    if piece.shape == shape and piece.dim() == 1:  # norm weights are replicated; every matrix is split
         if i == 0:
             state[key] = piece.clone()
         return
+    if piece.shape == shape:
+        raise UserError(f"tensor {key!r}: shard {i} of {n} holds the whole {tuple(shape)} matrix that params.json "
+                        "implies, where each shard should hold a slice: params.json does not describe these shards "
+                        "(a head_dim other than dim / n_heads cannot be written in it)")
     dims = [d for d in range(len(shape)) if piece.shape[d] * n == shape[d]]
     if not dims:
         raise UserError(f"tensor {key!r}: {n} shards of shape {tuple(piece.shape)} do not make the shape "
@@ -403,10 +410,27 @@ def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | 
 
 
 def save_meta(model: Transformer, out: str | os.PathLike, *, shards: int = 1) -> Path:
-    """Write ``model`` as a Meta checkpoint (params.json + ``shards`` model-parallel .pth slices)."""
+    """Write ``model`` as a Meta checkpoint (params.json + ``shards`` model-parallel .pth slices).
+
+    Refused (UserError, nothing written) for what params.json cannot state: a head_dim other than dim / n_heads,
+    llama3 RoPE scaling with other than Meta's low/high frequency factors and original context, and a shard
+    count that does not divide every split dimension."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     a = model.args
+    if a.head_dim != a.dim // a.n_heads:
+        raise UserError(f"head_dim {a.head_dim} is not dim / n_heads = {a.dim // a.n_heads}: Meta's params.json "
+                        "cannot state it; save in Hugging Face format (save_hf) instead")
+    default = RopeScaling(factor=a.rope_scaling.factor) if a.rope_scaling is not None else None
+    if a.rope_scaling is not None and a.rope_scaling != default:
+        raise UserError(f"RoPE scaling {a.rope_scaling.model_dump()}: Meta's params.json states only the factor "
+                        f"(the rest is {default.model_dump()}); save in Hugging Face format (save_hf) instead")
+    split = {"n_heads x head_dim": a.n_heads * a.head_dim, "n_kv_heads x head_dim":
+             a.n_kv_heads * a.head_dim, "hidden_dim": a.hidden_dim, "vocab_size": a.vocab_size}
+    uneven = [f"{name} {size}" for name, size in split.items() if size % shards]
+    if uneven:
+        raise UserError(f"{shards} shards do not divide {', '.join(uneven)}: choose a shard count that divides "
+                        "every split dimension")
+    out.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict())
     if a.tie_embeddings:
         del state["output.weight"]  # Meta's 3.2 1B/3B files tie it too: absent means tied
