@@ -231,6 +231,14 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_world started the process group, so close() ends it
+
+    def close(self) -> None:
+        """Wait for every rank, then end the process group this run started: a rank that exits while gloo's
+        threads still run can abort ("terminate called without an active exception")."""
+        if self.size > 1 and self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over ranks in place (nothing to do alone)."""
@@ -242,13 +250,14 @@ class World:
 def init_world(device: str) -> World:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or a group already initialized."""
     check_device(device)
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    owns = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if owns:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if device.startswith("cuda") and size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    return World(rank, size, torch.device(device))
+    return World(rank, size, torch.device(device), owns)
 
 
 # --------------------------------------------------------------------------- the SAEs of a run
@@ -753,12 +762,16 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
         if log is not None:
             log.close()
     if world.rank != 0:
+        world.close()  # waits for rank 0's export
         return []
-    dirs = export(out, runs, cfg, source.d, total)
-    if evaluator is not None:
-        evaluator.final(runs, dirs, total, total * cfg.batch_size, plots=cfg.plots)
-    if cfg.plots:
-        plot_metrics(out)
+    try:
+        dirs = export(out, runs, cfg, source.d, total)
+        if evaluator is not None:
+            evaluator.final(runs, dirs, total, total * cfg.batch_size, plots=cfg.plots)
+        if cfg.plots:
+            plot_metrics(out)
+    finally:
+        world.close()
     return dirs
 
 
