@@ -192,6 +192,8 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
     step, history = (0, [])
     if ckpt.exists():
         step, history = _load_checkpoint(ckpt, model, opt, cfg)
+        if progress or log_every:
+            print(f"resumed from {ckpt}: step {step:,} of {cfg.steps:,}", flush=True)
     model.train()
     cache: dict = {}
     t0, tokens_per_step = time.perf_counter(), cfg.batch_rows * cfg.context
