@@ -56,6 +56,7 @@ from llama_sae.store import (
     MANIFEST,
     STORE_DTYPES,
     VERSION,
+    ActivationStore,
     StoreWriter,
     append_rows,
     background,
@@ -482,24 +483,12 @@ def _check_same(manifest: dict[str, Any], settings: dict[str, Any], out: Path, r
                         "to resume it, or choose a new --out directory")
 
 
-def _check_shards_present(out: Path, manifest: dict[str, Any]) -> None:
-    """A finished store run again: every shard the manifest lists is there at its size (a cheap look; `store
-    verify` reads the checksums), else a UserError naming --repair."""
-    for entry in manifest["shards"]:
-        file = out / entry["name"]
-        if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            what = "is missing" if not file.is_file() else f"has {file.stat().st_size:,} bytes, not {entry['bytes']:,}"
-            raise UserError(f"store {out} is finished but shard {entry['name']} {what}: run this command again with "
-                            "--repair (in one process) to recompute it")
-
-
 def _open_store(cfg: CaptureConfig, settings: dict[str, Any], corpus, tokenizer, dist: _Dist) -> dict[str, Any]:
     """Create the store's manifest (rank 0) or check the existing one against this command (every rank). Temp
     files a killed write left at the top of the store are removed first (rank 0)."""
     out = Path(cfg.out)
     if dist.rank == 0:
-        sweep_temp_files(out)
-    dist.barrier()
+        sweep_temp_files(out)  # the other ranks read nothing before the barrier below
     if dist.rank == 0 and not (out / MANIFEST).exists():
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} is not empty and holds no {MANIFEST}: choose a new --out directory")
@@ -590,7 +579,7 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
         settings = _settings(cfg, hooks, args.dim, model_fingerprint(cfg.model), corpus, tokenizer, dist.world)
         manifest = _open_store(cfg, settings, corpus, tokenizer, dist)
         if manifest["status"] == "complete" and not cfg.repair:
-            _check_shards_present(Path(cfg.out), manifest)
+            ActivationStore(cfg.out)  # every listed shard there at its size, else one line naming --repair
             return _summary(Path(cfg.out), manifest, t0, 0, resumed=True)
         model = load_model(cfg.model, dtype=cfg.dtype, device=dist.device)
         capturer = _Capturer(cfg, manifest, model, tokenizer, corpus)
