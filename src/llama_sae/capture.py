@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from llama_sae import __version__
-from llama_sae.errors import UserError, check_device
+from llama_sae.errors import UserError, check_device, short_hash
 from llama_sae.fileio import atomic_write, atomic_write_json, sweep_temp_files
 from llama_sae.store import (
     FORMAT,
@@ -462,11 +462,6 @@ _COMPARED = [("model", "fingerprint", "model"), ("hooks", None, "hooks"), ("dtyp
              ("capture", "world_size", "number of processes"), ("split", "val_percent", "--val-percent")]
 
 
-def _short(value: Any) -> Any:
-    """A sha256 hex shortened for messages; anything else as is."""
-    return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else value
-
-
 def _check_same(manifest: dict[str, Any], settings: dict[str, Any], out: Path, repair: bool = False) -> None:
     """Refuse to resume a store made with other settings (another model, hook, corpus, ...). A repair runs in one
     process whatever the capture ran in (it replays each shard's batches with the store's own process count)."""
@@ -477,7 +472,7 @@ def _check_same(manifest: dict[str, Any], settings: dict[str, Any], out: Path, r
         have = manifest[section] if key is None else manifest[section].get(key)
         want = settings[section] if key is None else settings[section].get(key)
         if have != want:
-            diffs.append(f"{label}: store {_short(have)}, now {_short(want)}")
+            diffs.append(f"{label}: store {short_hash(have)}, now {short_hash(want)}")
     if diffs:
         raise UserError(f"store {out} was captured with other settings ({'; '.join(diffs)}): pass the same options "
                         "to resume it, or choose a new --out directory")

@@ -82,3 +82,8 @@ def check_output_file(path) -> None:
         raise UserError(f"{path} is a directory: pass a file path, e.g. {path / 'report.json'}")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: its directory {path.parent} does not exist (create it first)")
+
+
+def short_hash(value):
+    """A sha256 hex digest shortened for a message (12 digits and an ellipsis); anything else as it is."""
+    return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else value

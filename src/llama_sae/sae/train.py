@@ -34,7 +34,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llama_sae.errors import UserError, check_device, first_line
+from llama_sae.errors import UserError, check_device, first_line, short_hash
 from llama_sae.fileio import atomic_write, atomic_writer, sweep_temp_files
 from llama_sae.sae import formats
 from llama_sae.sae.model import SAE, SAEConfig, TrainOutput, normalize
@@ -204,11 +204,6 @@ def source_identity(source: Any, hook: str | None) -> dict[str, Any]:
     return {"model": model.get("fingerprint") if isinstance(model, dict) else model,
             "corpus": corpus.get("fingerprint") if isinstance(corpus, dict) else None,
             "hook": source_metadata(source, hook)["hook_name"], "rows": rows}
-
-
-def _short(value: Any) -> Any:
-    """A long fingerprint shortened for a message; anything else as is."""
-    return value[:12] + "..." if isinstance(value, str) and len(value) > 16 else value
 
 
 def source_metadata(source: Any, hook: str | None) -> dict[str, Any]:
@@ -644,7 +639,7 @@ def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: 
         step, extra = load_checkpoint(ckpt, runs, cfg, d_in)
         was = extra.get("source")
         if source is not None and was is not None and was != source:
-            what = ", ".join(f"{k} {_short(was.get(k))} (now {_short(source.get(k))})" for k in source
+            what = ", ".join(f"{k} {short_hash(was.get(k))} (now {short_hash(source.get(k))})" for k in source
                              if was.get(k) != source.get(k))
             raise UserError(f"checkpoint {ckpt} was trained on other activations ({what}): resume it with the "
                             "store it started on, or train into a new --out")
