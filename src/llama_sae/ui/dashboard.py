@@ -115,8 +115,9 @@ def _token_list(tokenizer, values: Tensor, ids: Tensor, cls: str) -> str:
 
 
 def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_examples: int,
-                shown: list[int]) -> str:
-    """The HTML page of latent ``i``; ``shown`` the sorted latents that get a page (links go only to those)."""
+                shown: list[int], has_page: set[int]) -> str:
+    """The HTML page of latent ``i``; ``shown`` the sorted latents that get a page, ``has_page`` the same as a
+    set (links go only to those)."""
     e = features.explanation(i)
     top = features.examples(i, "max", n_examples)
     quant = features.examples(i, "quantile")
@@ -142,7 +143,6 @@ def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_exampl
                          for x in quant) or "<p class='muted'>none</p>"
     pv, pi, nv, ni = logits[i]
     cv, ci = near[i]
-    has_page = set(shown)
     near_html = "".join(f"<tr><td>{_link(j, has_page)}</td><td class='num'>{c:.3f}</td>"
                         f"<td>{html.escape(_explanation_text(features, j))}</td></tr>"
                         for c, j in zip(cv.tolist(), ci.tolist()))
@@ -189,16 +189,16 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
         sweep_temp_files(directory)
     latents = features.live_latents() if latents is None else latents
     logits, near = decoder_tables(model, tokenizer, sae, latents)
-    shown = sorted(set(latents))
+    has_page = set(latents)
+    shown = sorted(has_page)
     for i in latents:
         atomic_write(out / "latents" / f"{i}.html",
-                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown))
+                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown, has_page))
     meta = features.meta
     title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
     atomic_write(out / "index.html", index_page(features, latents, title))
-    chosen = {str(i) for i in latents}
     for page in (out / "latents").glob("*.html"):  # pages of an earlier run's other latents
-        if page.stem not in chosen:
+        if not page.stem.isdecimal() or int(page.stem) not in has_page:
             page.unlink()
     atomic_write(out / "dashboard.json", json.dumps({"latents": latents, "features": str(features.path),
                                                      "ui_url": ui_url}) + "\n")
