@@ -28,6 +28,11 @@ The default model is a random one of the shipped tinyworld shape (6 layers, d_mo
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_capture.py --dim 1024 --layers 8 --heads 16 --hook resid_post.3 \
         --tokens 30000 --overhead-only
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_capture.py --model PATH --hook resid_post.14 --tokens 1000000
+    python benchmarks/bench_capture.py --device cuda --dim 3072 --layers 24 --heads 24 --kv-heads 8 \
+        --hook resid_post.23 --tokens 200000 --batch-tokens 32768 --overhead-only   # on a GPU
+
+On a GPU (``--device cuda``) the baselines' inputs are already on the GPU (the capture copies each batch there
+itself) and every timed pass ends with a synchronize.
 
 OMP_WAIT_POLICY=PASSIVE: with OpenMP's default active waiting, a process on an oversubscribed machine runs a
 small model's forward up to 9x slower than with passive waiting, unless some other thread of the process has
@@ -71,8 +76,9 @@ def build_tiny(root: Path, dtype: torch.dtype, **shape) -> Path:
     return save_hf(model, root / "model", tokenizer_dir=root / "tok")
 
 
-def capture_batches(model_dir: Path, corpus: str, store_dir: Path, tokens: int) -> list[dict]:
-    """The capture's batches again: per batch its sentences, Packed, forward inputs and padded inputs."""
+def capture_batches(model_dir: Path, corpus: str, store_dir: Path, tokens: int, device: str = "cpu") -> list[dict]:
+    """The capture's batches again: per batch its sentences, Packed, forward inputs and padded inputs (the
+    forward inputs on ``device``)."""
     manifest = read_manifest(store_dir)
     c = manifest["capture"]
     plan = plan_batches(Corpus(corpus), load_tokenizer(model_dir), c["sentences_per_batch"], c["context"],
@@ -86,10 +92,10 @@ def capture_batches(model_dir: Path, corpus: str, store_dir: Path, tokens: int) 
         fed += min(batch.fed, tokens - fed)
         R, T = packed.tokens.shape
         per = math.ceil(R / math.ceil(R * T / c["batch_tokens"]))  # forward_packed's split
-        inputs = [(packed.tokens[lo:lo + per], packed.positions[lo:lo + per],
-                   None if packed.mask is None else packed.mask[lo:lo + per]) for lo in range(0, R, per)]
+        inputs = [(packed.tokens[lo:lo + per].to(device), packed.positions[lo:lo + per].to(device),
+                   None if packed.mask is None else packed.mask[lo:lo + per].to(device)) for lo in range(0, R, per)]
         out.append({"sentences": sentences, "packed": packed, "inputs": inputs,
-                    "padded": padded(sentences, c["batch_tokens"], c["pad_id"])})
+                    "padded": [t.to(device) for t in padded(sentences, c["batch_tokens"], c["pad_id"])]})
         if fed >= tokens:
             return out
     raise SystemExit(f"corpus {corpus} has fewer than {tokens} tokens")
@@ -119,13 +125,16 @@ def forwards(model, hooks: list[str], batches: list[dict], rounds: int, names: t
     }
     names = list(names or paths)
     times = {k: [] for k in names}
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     with torch.inference_mode():
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 paths[name](batches[0])  # settle the allocator on this path's shapes
+                sync()
                 t0 = time.perf_counter()
                 for b in batches:
                     paths[name](b)
+                sync()
                 times[name].append(time.perf_counter() - t0)
     return times
 
@@ -175,7 +184,8 @@ def check(model, hooks: list[str], store_dir: Path, batches: list[dict], tokens:
     assert int(first["position"].min()) >= 1, "BOS stored"
     want = forward_packed(model, batches[0]["packed"], hooks, store.manifest["capture"]["batch_tokens"])[hooks[0]]
     n = min(want.shape[0], first["acts"].shape[0])
-    torch.testing.assert_close(first["acts"][:n].float(), want[:n].to(store.dtype).float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(first["acts"][:n].float(), want[:n].to(store.dtype).float().cpu(), atol=0.05,
+                               rtol=0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-rows", type=int, default=8192,
                    help="small shards spread the writer's work over the run, as in a long capture")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--overhead-only", action="store_true",
                    help="only capture against the bare forward (skip full/padded passes and components)")
@@ -206,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     hooks = args.hook or ["resid_post.2"]
     info = machine_info(args.threads, args.dtype)
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    info["device"] = args.device
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(args.device)
     print_machine(info)
     in_forward = [0.0]  # time inside Transformer.capture, summed (instrumentation for the in-run overhead)
     original = Transformer.capture
 
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
+
     def timed_capture(self, *a, **kw):
+        sync()
         t0 = time.perf_counter()
         out = original(self, *a, **kw)
+        sync()
         in_forward[0] += time.perf_counter() - t0
         return out
 
@@ -221,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads)
         model_dir = Path(args.model) if args.model else build_tiny(tmp, DTYPES[args.dtype], **shape)
         cfg = dict(model=str(model_dir), corpus=args.corpus, hooks=hooks, tokens=args.tokens, context=args.context,
-                   batch_tokens=args.batch_tokens, shard_rows=args.shard_rows, dtype=args.dtype, progress=False)
+                   batch_tokens=args.batch_tokens, shard_rows=args.shard_rows, dtype=args.dtype, progress=False,
+                   device=args.device)
         store_dir = tmp / "store"
         summary = capture(CaptureConfig(out=str(store_dir), **cfg))  # warm-up, and the baselines' inputs
-        model = load_model(model_dir, dtype=args.dtype)
-        batches = capture_batches(model_dir, args.corpus, store_dir, args.tokens)
+        model = load_model(model_dir, dtype=args.dtype, device=args.device)
+        batches = capture_batches(model_dir, args.corpus, store_dir, args.tokens, args.device)
         check(model, hooks, store_dir, batches, args.tokens)
 
         cap, inside, fixed, bare = [], [], [], []

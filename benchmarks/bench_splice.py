@@ -25,6 +25,8 @@ The SAE: ``--sae DIR`` (e.g. runs/demo/sae/...), else a random one at that size 
     python benchmarks/bench_splice.py                    # B=8, T=128, 1 thread, CPU time of this process
     python benchmarks/bench_splice.py --sae runs/demo/sae --repeats 30
     python benchmarks/bench_splice.py --shape seed --batch 1 --seq 256 --repeats 5   # the seed's shape, ~10 GB
+    python benchmarks/bench_splice.py --device cuda --batch 64      # on a GPU: wall time, synchronized per call
+    python benchmarks/bench_splice.py --device cuda --shape seed --batch 8 --seq 1024
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                   help="cpu: this process's CPU time (steady on a shared machine; use with --threads 1)")
+                   help="cpu: this process's CPU time (steady on a shared machine; use with --threads 1); on a GPU "
+                        "always wall time, with the device synchronized at the end of every timed call")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--eval-texts", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=48,
                    help="also time greedy generation with the KV cache: this many new tokens after a 16-token "
@@ -56,28 +60,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def seed_shaped(seq: int, batch: int):
-    """(model, tokens, sae): Llama 3.2-3B's shape in bf16 with random weights, and an SAE of the seed's shape (the
-    costs do not depend on the weights)."""
+def seed_shaped(seq: int, batch: int, device: str = "cpu"):
+    """(model, tokens, sae) on ``device``: Llama 3.2-3B's shape in bf16 with random weights, and an SAE of the
+    seed's shape (the costs do not depend on the weights)."""
     from llama_sae.llama.model import ModelArgs, Transformer, rope_inv_freq
     from llama_sae.sae import SAE, SAEConfig
 
     args = ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
                      multiple_of=256, tie_embeddings=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
-    model.inv_freq = rope_inv_freq(args)
-    sae = SAE(SAEConfig(d_in=args.dim, d_sae=65536, k=64, hook_name="attn_in.23"))
+    model.inv_freq = rope_inv_freq(args).to(device)
+    sae = SAE(SAEConfig(d_in=args.dim, d_sae=65536, k=64, hook_name="attn_in.23")).to(device)
     with torch.no_grad():
         sae.W_enc.normal_(0, args.dim ** -0.5, generator=g)
         sae.W_dec.copy_(sae.W_enc)
         sae.normalize_decoder_()
-    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=g, device=device)
     return model, tokens, sae.eval()
 
 
@@ -86,9 +90,9 @@ def demo_sized_sae(model, tokens, hook: str):
     from llama_sae.sae.model import normalize
 
     sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=1024, k=32, hook_name=hook))
-    x = model.capture(tokens, [hook])[hook].flatten(0, 1)
+    x = model.capture(tokens, [hook])[hook].flatten(0, 1).cpu()
     sae.init_(normalize(x, "layer_norm")[0], generator=torch.Generator().manual_seed(0))
-    return sae.eval()
+    return sae.eval().to(model.device)
 
 
 def steering(sae, specs: list[str]):
@@ -96,7 +100,7 @@ def steering(sae, specs: list[str]):
     from llama_sae.steer import Steering, parse_steers
 
     hook = sae.cfg.hook_name
-    return Steering({hook: sae}, parse_steers(specs), {hook: torch.ones(sae.cfg.d_sae)})
+    return Steering({hook: sae}, parse_steers(specs), {hook: torch.ones(sae.cfg.d_sae, device=sae.W_dec.device)})
 
 
 def steer_specs(sae, latent: int, positions: str) -> list[str]:
@@ -125,6 +129,8 @@ def generation_costs(model, prompt: list[int], sae, edit, latent: int, new_token
     fns = {"plain": run(), "exact": run(error_term=True), "recon-only": run(error_term=False),
            "recon-bf16": run(error_term=False, compute_dtype=torch.bfloat16), "edit (steering)": run(edit=edit),
            "steer last": run("last"), "steer generated": run("generated")}
+    if model.device.type == "cuda":
+        fns = {n: synchronized(f) for n, f in fns.items()}
     med, _, last = interleaved(fns, repeats, clock=clock)
     assert last["exact"] == last["plain"]
     return {n: round(t * 1e3 / new_tokens, 3) for n, t in med.items()}
@@ -139,18 +145,21 @@ def main(argv=None) -> dict:
     from llama_sae.sae import load
     from llama_sae.splice import SplicedModel, spliced
 
+    gpu = a.device.startswith("cuda")
     if a.shape == "seed":
-        model, tokens, sae = seed_shaped(a.seq, a.batch)
+        model, tokens, sae = seed_shaped(a.seq, a.batch, a.device)
     else:
-        model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
-        stream = [t for r in tinyworld.sentences(400, split="heldout") for t in tok.encode(r.text, bos=True)]
-        tokens = torch.tensor(stream[: a.batch * a.seq]).view(a.batch, a.seq)
-        sae = load(a.sae) if a.sae else demo_sized_sae(model, tokens, DEMO_HOOK)
+        model, tok = load_model(tinyworld.model_path(), device=a.device), load_tokenizer(tinyworld.model_path())
+        n_sentences = max(400, a.batch * a.seq // 10)  # tinyworld sentences average ~15 tokens
+        stream = [t for r in tinyworld.sentences(n_sentences, split="heldout") for t in tok.encode(r.text, bos=True)]
+        tokens = torch.tensor(stream[: a.batch * a.seq], device=a.device).view(a.batch, a.seq)
+        sae = load(a.sae, device=a.device) if a.sae else demo_sized_sae(model, tokens, DEMO_HOOK)
     acts = model.capture(tokens, [sae.cfg.hook_name])[sae.cfg.hook_name].flatten(0, 1)  # [B·T, d_in]
     latent = int(sae.encode(acts).sum(0).argmax())  # the most active latent: the one the edit boosts
 
     def add_one(h):
-        return h.index_add(-1, torch.tensor([latent]), torch.full((*h.shape[:-1], 1), 2.0))
+        return h.index_add(-1, torch.tensor([latent], device=h.device), torch.full((*h.shape[:-1], 1), 2.0,
+                                                                                   device=h.device))
 
     def plain():
         with torch.inference_mode():
@@ -184,6 +193,10 @@ def main(argv=None) -> dict:
     if a.shape == "seed":  # the dense-edit rows would add [N, 65,536] tensors; the wrapper is "edit" again
         fns = {n: f for n, f in fns.items() if n not in ("edit-dense", "wrapper")}
     info = machine_info(a.threads, str(model.dtype).removeprefix("torch."))
+    if gpu:
+        info["gpu"] = torch.cuda.get_device_name(a.device)
+        a.clock = "wall"
+        fns = {n: synchronized(f) for n, f in fns.items()}
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     med, _, last = interleaved(fns, a.repeats, clock=clock)
     assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
@@ -194,14 +207,15 @@ def main(argv=None) -> dict:
     n_tok = a.batch * a.seq
     rows = [[name, f"{med[name] * 1e3:.1f}", f"{n_tok / med[name]:,.0f}", f"{med[name] / med['plain']:.3f}"]
             for name in fns]
-    result = {"machine": info, "clock": a.clock, "batch": a.batch, "seq": a.seq, "shape": a.shape,
+    result = {"machine": info, "device": a.device, "clock": a.clock, "batch": a.batch, "seq": a.seq, "shape": a.shape,
               "sae": a.sae or f"random, {a.shape} size", "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
               "hook": sae.cfg.hook_name, "median_ms": {n: round(t * 1e3, 2) for n, t in med.items()},
               "ratio_vs_plain": {n: round(t / med["plain"], 3) for n, t in med.items()}}
     print_machine(info)
     print(f"[{a.batch}, {a.seq}] tokens ({'random' if a.shape == 'seed' else 'tinyworld text'}); SAE "
           f"{result['sae']}: d_in {sae.cfg.d_in}, {sae.cfg.d_sae} latents, k {sae.cfg.k}, at {sae.cfg.hook_name}")
-    print(f"clock: {a.clock} time, {a.threads} thread(s); median of {a.repeats} interleaved rounds")
+    print(f"clock: {a.clock} time{', synchronized' if gpu else ''}, {a.threads} thread(s), {a.device}; median of "
+          f"{a.repeats} interleaved rounds")
     print_table(["mode", "ms / forward", "tokens/s", "x plain"], rows)
     if a.gen_tokens and a.shape == "demo":
         result["generation"] = generation_costs(model, tokens[0, :16].tolist(), sae, add_one, latent, a.gen_tokens,
@@ -226,6 +240,15 @@ def main(argv=None) -> dict:
     return result
 
 
+def synchronized(fn):
+    """``fn`` followed by a wait for the GPU, so that a host clock around it times the device work too."""
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
 def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -> dict:
     """Evaluation throughput, each pass next to the least it could cost done naively, in the same rounds:
     ``activation_metrics`` against one reconstruction pass over the same activations, and ``model_metrics``
@@ -237,7 +260,7 @@ def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -
 
     chunks = [acts[i:i + 512] for i in range(0, len(acts), 512)]
     texts = [r.text for r in tinyworld.sentences(n_texts, split="heldout")]
-    batches = list(token_batches(tok, texts, batch_size=16))
+    batches = [(t.to(model.device), m.to(model.device)) for t, m in token_batches(tok, texts, batch_size=16)]
     hook = sae.cfg.hook_name
 
     def three_forwards():
@@ -255,6 +278,8 @@ def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -
 
     fns = {"activation_metrics": lambda: activation_metrics(sae, chunks), "reconstruction": reconstruction,
            "model_metrics": lambda: model_metrics(model, sae, batches), "three_forwards": three_forwards}
+    if model.device.type == "cuda":
+        fns = {n: synchronized(f) for n, f in fns.items()}
     med, _, last = interleaved(fns, repeats, clock=clock)
     predicted = last["model_metrics"]["predicted_tokens"]
     return {"evaluation": {

@@ -14,7 +14,14 @@ import typer
 from rich.console import Console
 
 from llama_sae.cli_sae import sae_app
-from llama_sae.errors import PATH_ERRORS, UserError, check_output_dir, check_output_file, path_error_message
+from llama_sae.errors import (
+    PATH_ERRORS,
+    UserError,
+    check_device,
+    check_output_dir,
+    check_output_file,
+    path_error_message,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
@@ -487,11 +494,12 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory for the demo's files")] = Path("runs/demo"),
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Run every stage end to end on the shipped tiny model and corpus."""
     from llama_sae.demo import run_demo
 
-    run_demo(out, console)
+    run_demo(out, console, check_device(device))
 
 
 def _register_stages() -> None:

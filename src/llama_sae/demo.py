@@ -23,7 +23,7 @@ def _world(console: Console) -> None:
     console.print(table)
 
 
-def _model(console: Console):
+def _model(console: Console, device: str = "cpu"):
     from llama_sae import tinyworld
     from llama_sae.cli import model_table
     from llama_sae.llama import load_model, load_tokenizer
@@ -33,7 +33,7 @@ def _model(console: Console):
     console.rule("[bold]2. the tiny Llama 3 model (our own implementation, Hugging Face format on disk)")
     fmt, args = read_args(path)
     console.print(model_table(args, fmt, str(path)))
-    return load_model(path), load_tokenizer(path)
+    return load_model(path, device=device), load_tokenizer(path)
 
 
 def _generation(console: Console, model, tokenizer) -> None:
@@ -58,7 +58,7 @@ DEMO_HOOK = "resid_post.3"  # past the middle of the 6 blocks: where most plante
 STEER_HOOK = "resid_post.5"  # the last block: its latents steer best (BENCHMARKS.md, steering)
 
 
-def _capture(console: Console, out: Path) -> Path:
+def _capture(console: Console, out: Path, device: str = "cpu") -> Path:
     from llama_sae import tinyworld
     from llama_sae.capture import capture as run_capture
     from llama_sae.capture import capture_config
@@ -66,7 +66,7 @@ def _capture(console: Console, out: Path) -> Path:
     console.rule(f"[bold]5. capture {DEMO_HOOK} and {STEER_HOOK} activations of tinyworld sentences into a sharded "
                  "store")
     cfg = capture_config(model=str(tinyworld.model_path()), corpus="tinyworld:60000", hooks=[DEMO_HOOK, STEER_HOOK],
-                         tokens=600_000, out=str(out / "store"), context=128, batch_tokens=8192)
+                         tokens=600_000, out=str(out / "store"), context=128, batch_tokens=8192, device=device)
     summary = run_capture(cfg, console=console)
     table = Table(show_header=False)
     for key, value in summary.rows_table():
@@ -75,16 +75,17 @@ def _capture(console: Console, out: Path) -> Path:
     return summary.path
 
 
-def _train(console: Console, store: Path, out: Path, hook: str = DEMO_HOOK, title: str | None = None):
+def _train(console: Console, store: Path, out: Path, hook: str = DEMO_HOOK, title: str | None = None,
+           device: str = "cpu"):
     from llama_sae.sae import load
     from llama_sae.sae.train import load_config, train
 
     # Chosen by a sweep on concept recovery (BENCHMARKS.md): resid_post.1/.2/.3, 1,024-4,096 latents, k 8-32.
     console.rule(title or f"[bold]6. train a TopK SAE (1,024 latents, k = 32) on the store's {hook}")
     cfg = load_config(d_sae=1024, k=32, batch_size=2048, epochs=6, bf16=True, log_every=25, checkpoint_every=200,
-                      dead_tokens_threshold=200_000, plots=False, hook=hook)
+                      dead_tokens_threshold=200_000, plots=False, hook=hook, device=device)
     (sae_dir,) = train(store, out / ("sae" if hook == DEMO_HOOK else f"sae_{hook}"), cfg)
-    return load(sae_dir), sae_dir
+    return load(sae_dir, device=device), sae_dir
 
 
 def _recovery(console: Console, model, tokenizer, sae) -> dict:
@@ -138,8 +139,9 @@ def _export(console: Console, sae_dir: Path, report: dict, out: Path) -> Path:
     return path
 
 
-def run_demo(out: Path, console: Console | None = None) -> None:
-    """Run the demo, writing its store, SAE and reports under ``out``."""
+def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> None:
+    """Run the demo, writing its store, SAE and reports under ``out``; the model, the capture, training and every
+    later stage run on ``device`` (cpu, cuda, ...)."""
     from llama_sae.fileio import atomic_write_json
     from llama_sae.interpret.groundtruth import stage as interpret_stage
     from llama_sae.ui.demo import stage as steer_stage
@@ -147,16 +149,16 @@ def run_demo(out: Path, console: Console | None = None) -> None:
     console = console or Console(emoji=False)
     out.mkdir(parents=True, exist_ok=True)
     _world(console)
-    model, tokenizer = _model(console)
+    model, tokenizer = _model(console, device)
     _generation(console, model, tokenizer)
-    store = _capture(console, out)
-    sae, sae_dir = _train(console, store, out)
+    store = _capture(console, out, device)
+    sae, sae_dir = _train(console, store, out, device=device)
     recovery = _recovery(console, model, tokenizer, sae)
     report = _evaluate(console, model, tokenizer, sae, store)
     _export(console, sae_dir, report, out)
     interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
     steer_sae, _ = _train(console, store, out, STEER_HOOK, f"[bold]10. steering: a second SAE, at {STEER_HOOK} "
-                          "(reading is best mid-model, writing at the last block)")
+                          "(reading is best mid-model, writing at the last block)", device)
     steering = steer_stage(console, model, tokenizer, sae, sae_dir, Path(interpretation["features"]), out,
                            steer_sae=steer_sae)
     report.pop("frequency")
