@@ -392,3 +392,32 @@ def test_inference_shapes_no_tokens_and_dtype():
     assert vals.shape == idx.shape == (0, 5) and sae.encode(empty).shape == (0, 96) and sae(empty).shape == (0, 24)
     with pytest.raises(TypeError, match="SAEs run in float32 here \\(call sae.float\\(\\)"):
         copy.deepcopy(sae).to(torch.bfloat16)(x)
+
+
+@pytest.mark.parametrize("d", [63, 64])  # d + 1 already a multiple of AUG_ALIGN, and one padded with 7 zeros
+def test_augmented_gemm_pads_k_with_zeros_even_in_dirty_scratch(d):
+    from llama_sae.sae.model import AUG_ALIGN, augmented_width, encode_select
+
+    K = augmented_width(d)
+    assert K % AUG_ALIGN == 0 and d + 1 <= K < d + 1 + AUG_ALIGN
+    g = torch.Generator().manual_seed(4)
+    W, b, xc = torch.randn(256, d, generator=g), torch.randn(256, generator=g), torch.randn(40, d, generator=g)
+    scratch = {"W": torch.full((256, K), float("nan")), "xq": torch.full((40, K), float("nan"))}  # reused buffers
+    vals, idx, _, _ = encode_select(xc, W, b, 8, scratch=scratch)
+    pre = (xc.double() @ W.double().T + b.double())  # float64 reference
+    want_vals, want_idx = pre.topk(8, dim=1)
+    assert torch.equal(idx.sort(1).values, want_idx.sort(1).values)
+    torch.testing.assert_close(vals.double().sort(1).values, want_vals.relu().sort(1).values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (16, 40)])
+def test_orthogonal_init_is_torch_orthogonal_bit_for_bit_on_the_cpu(shape):
+    from llama_sae.sae.model import orthogonal
+
+    want = torch.empty(*shape)
+    torch.nn.init.orthogonal_(want, generator=torch.Generator().manual_seed(3))
+    got = orthogonal(*shape, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(got, want)
+    small = min(shape)
+    gram = got.double().T @ got.double() if shape[0] >= shape[1] else got.double() @ got.double().T
+    torch.testing.assert_close(gram, torch.eye(small, dtype=torch.float64), atol=1e-5, rtol=0)
