@@ -23,6 +23,7 @@ from llama_sae.store import (
     finalize_store,
     is_val,
     new_shard,
+    read_progress,
     serialize_shard,
     store_info,
     verify_store,
@@ -41,7 +42,8 @@ def _splitmix64(x: int) -> int:
 
 
 def make_store(path: Path, *, sentences: int = 300, shard_rows: int = 97, d: int = 6, val_percent: int = 20,
-               hooks: tuple[str, ...] = (HOOK,), dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+               hooks: tuple[str, ...] = (HOOK,), dtype: torch.dtype = torch.float32, seed: int = 0,
+               workers: int = 1) -> Path:
     """A store written through StoreWriter without a model: acts[:, 0] is the row's index (exact in fp32)."""
     path.mkdir(parents=True)
     name = str(dtype).removeprefix("torch.")
@@ -58,12 +60,17 @@ def make_store(path: Path, *, sentences: int = 300, shard_rows: int = 97, d: int
     acts = {h: torch.randn(n, d, generator=g) * 3 + 1 for h in hooks}
     for h in hooks:
         acts[h][:, 0] = torch.arange(n, dtype=torch.float32)
-    writer = StoreWriter(path, list(hooks), d, shard_rows=shard_rows, dtype=dtype, val_percent=val_percent)
-    for lo in range(0, n, 50):  # pieces that do not line up with shards
-        hi = min(n, lo + 50)
-        writer.add({h: a[lo:hi] for h, a in acts.items()}, sid[lo:hi], pos[lo:hi], sid[lo:hi] % 7,
-                   {"batch": lo, "skip": 0})
-    writer.finish({"batch": n, "skip": 0})
+    writer = StoreWriter(path, list(hooks), d, shard_rows=shard_rows, dtype=dtype, val_percent=val_percent,
+                         workers=workers)
+    try:
+        for lo in range(0, n, 50):  # pieces that do not line up with shards
+            hi = min(n, lo + 50)
+            writer.add({h: a[lo:hi] for h, a in acts.items()}, sid[lo:hi], pos[lo:hi], sid[lo:hi] % 7,
+                       {"batch": lo, "skip": 0})
+        writer.finish({"batch": n, "skip": 0})
+    except BaseException:
+        writer.abort()  # as capture does: the writer's threads are done before the error goes up
+        raise
     finalize_store(path, tokens=n)
     return path
 
@@ -275,3 +282,37 @@ def test_progress_journal_survives_a_torn_line_and_reads_an_old_progress_file(tm
     assert read_progress(path, 0) == {**done, "finished": False}  # not carried over twice
     assert not (path / "progress" / "rank00.json").exists()
 
+
+
+def test_parallel_writers_write_the_same_store_and_commit_in_order(tmp_path):
+    one = make_store(tmp_path / "one", shard_rows=31, dtype=torch.bfloat16)
+    three = make_store(tmp_path / "three", shard_rows=31, dtype=torch.bfloat16, workers=3)
+    entries = [json.loads((p / "manifest.json").read_text())["shards"] for p in (one, three)]
+    assert len(entries[0]) > 30 and entries[0] == entries[1]  # same files, hashes, journal order
+    assert [e["index"] for e in entries[1]] == list(range(len(entries[1])))
+    for e in entries[0]:
+        assert (one / e["name"]).read_bytes() == (three / e["name"]).read_bytes()
+
+
+def test_parallel_writers_on_a_full_disk_keep_the_shards_before_the_failure(tmp_path, monkeypatch):
+    import errno
+
+    import llama_sae.store as store_mod
+
+    real = store_mod._write_shard_file
+
+    def full_at_five(path, data):
+        if path.name.endswith("000005.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(store_mod, "_write_shard_file", full_at_five)
+    with pytest.raises(UserError, match="disk full") as e:
+        make_store(tmp_path / "s", shard_rows=31, workers=3)
+    assert "\n" not in str(e.value)
+    kept = read_progress(tmp_path / "s", 0)["shards"]
+    assert [x["index"] for x in kept] == [0, 1, 2, 3, 4]  # in order, none after the failed one
+    monkeypatch.setattr(store_mod, "_write_shard_file", real)
+    StoreWriter(tmp_path / "s", [HOOK], 6, shard_rows=31).abort()  # the next run deletes uncommitted files
+    on_disk = sorted(p.name for p in (tmp_path / "s").glob("rank00-*.safetensors"))
+    assert on_disk == [x["name"] for x in kept]

@@ -53,6 +53,7 @@ from llama_sae.errors import UserError, check_device, short_hash
 from llama_sae.fileio import atomic_write, atomic_write_json, sweep_temp_files
 from llama_sae.store import (
     FORMAT,
+    GPU_WRITER_THREADS,
     MANIFEST,
     STORE_DTYPES,
     VERSION,
@@ -605,7 +606,8 @@ def _run(cap: _Capturer, dist: _Dist, t0: float, console) -> CaptureSummary:
     lead, mine, resumed = _resume_point(out, W, r)
     step0, fed = lead["batch"] // W, lead["fed_before"]
     writer = StoreWriter(out, cap.hooks, cap.manifest["d"], rank=r, shard_rows=cap.manifest["capture"]["shard_rows"],
-                         dtype=cap.dtype, val_percent=cap.manifest["split"]["val_percent"])
+                         dtype=cap.dtype, val_percent=cap.manifest["split"]["val_percent"],
+                         workers=GPU_WRITER_THREADS if dist.device.type == "cuda" else 1)
     plan = cap.plan(step0 * W + r, pack_from=mine["batch"])
     bar = _Progress(cap.cfg.progress and r == 0, N, fed, console)
     fed0, final, t_loop = fed, lead.get("final"), time.perf_counter()

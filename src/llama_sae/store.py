@@ -41,6 +41,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,8 +341,14 @@ class _Shard:
     unmeasured: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
+GPU_WRITER_THREADS = 3  # shards written at once when a GPU computes the rows: one thread was a GPU capture's limit
+
+
 class StoreWriter:
-    """Cut rows into fixed-size shards and write them from a background thread (one writer per rank).
+    """Cut rows into fixed-size shards and write them in the background (one writer per rank): ``workers``
+    threads serialize, hash and write shard files side by side, and one committer thread records them in the
+    progress journal strictly in order (a shard counts only from its journal line, so a kill leaves at most
+    uncommitted files, which the next run deletes).
 
     Args:
         directory: the store directory (created by the caller).
@@ -352,6 +359,8 @@ class StoreWriter:
         dtype: storage dtype of the activations.
         val_percent: the validation split's share of sentences (recorded per shard as ``val_rows``).
         queue_shards: full shards that may wait for the disk before ``add`` blocks.
+        workers: threads that serialize and write shards at the same time (on a CPU capture one: the writer's
+            statistics and serialization would compete with the forward for the same cores).
 
     ``add`` takes a ``tag``: a JSON-able dict with an integer ``skip``, the rows of the caller's unit (a
     capture batch) that precede the added rows. The progress file's ``cursor`` is the tag of the last
@@ -360,7 +369,7 @@ class StoreWriter:
 
     def __init__(self, directory: str | os.PathLike, hooks: list[str], d: int, *, rank: int = 0,
                  shard_rows: int, dtype: torch.dtype = torch.bfloat16, val_percent: int = 5,
-                 queue_shards: int = 2):
+                 queue_shards: int = 2, workers: int = 1):
         self.directory, self.hooks, self.d, self.rank = Path(directory), list(hooks), d, rank
         self.shard_rows, self.dtype, self.val_percent = shard_rows, dtype, val_percent
         self._journal = progress_path(directory, rank)
@@ -378,6 +387,7 @@ class StoreWriter:
         self._shard = self._new_shard(len(self.progress["shards"]))
         self._queue: queue.Queue = queue.Queue(maxsize=queue_shards)
         self._error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-writer")
         self._thread = threading.Thread(target=self._work, daemon=True)
         self._thread.start()
 
@@ -391,17 +401,18 @@ class StoreWriter:
             append_rows(self._shard, acts, sentence_id, position, token_id, tag, done, take, self.dtype)
             done += take
             if self._shard.rows == self.shard_rows:
-                self._submit(("shard", self._shard, {**tag, "skip": tag["skip"] + done}))
+                self._submit_shard(self._shard, {**tag, "skip": tag["skip"] + done})
                 self._shard = self._new_shard(self._shard.index + 1)
 
     def finish(self, cursor: dict[str, Any]) -> dict[str, Any]:
         """Write the last, partial shard, mark this rank finished at ``cursor``; return the final progress."""
         s = self._shard
         if s.rows:
-            self._submit(("shard", s, cursor))
+            self._submit_shard(s, cursor)
         self._submit(("finish", None, cursor))
         self._submit(None)
         self._thread.join()
+        self._pool.shutdown()
         self._raise()
         return self.progress
 
@@ -413,6 +424,12 @@ class StoreWriter:
             except queue.Full:
                 return
             self._thread.join(timeout=60)
+        self._pool.shutdown(cancel_futures=True)  # files of shards never committed are deleted by the next run
+
+    def _submit_shard(self, shard: _Shard, cursor: dict[str, Any]) -> None:
+        """Start writing a full shard now; the committer records it after every shard before it."""
+        self._raise()
+        self._submit(("shard", self._pool.submit(self._write, shard), cursor))
 
     def _submit(self, job: tuple | None) -> None:
         while True:
@@ -454,9 +471,9 @@ class StoreWriter:
             if self._error is not None:
                 continue  # drain, so the caller never blocks on a dead writer
             try:
-                kind, shard, cursor = job
+                kind, written, cursor = job
                 if kind == "shard":
-                    self._write(shard, cursor)
+                    self._commit(written, cursor)
                 else:
                     append_jsonl(self._journal, [{"finished": True, "cursor": cursor}])
                     self.progress["finished"] = True
@@ -466,9 +483,14 @@ class StoreWriter:
             except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
                 self._error = e
 
-    def _write(self, shard: _Shard, cursor: dict[str, Any]) -> None:
+    def _write(self, shard: _Shard) -> dict[str, Any]:
+        """(a pool thread) Serialize, hash and write one shard file; its manifest entry."""
         data, entry = serialize_shard(shard, self.hooks, self.rank, self.val_percent)
         _write_shard_file(self.directory / entry["name"], data)
+        return entry
+
+    def _commit(self, written: Future, cursor: dict[str, Any]) -> None:
+        entry = written.result()  # this shard's file is on disk (the shards before it are committed)
         append_jsonl(self._journal, [{"shard": entry, "cursor": cursor}])  # the shard counts from here on
         self.progress["shards"].append(entry)
         self.progress["cursor"] = cursor
