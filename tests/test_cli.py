@@ -74,7 +74,8 @@ def test_a_device_torch_cannot_use_is_a_one_line_error(tmp_path):
         with pytest.raises(UserError, match="CUDA GPU"):
             check_device(f"cuda:{torch.cuda.device_count()}")
     for args in (["generate", "hi", "--device", "gpu"], ["evaluate", "--sae", "x", "--corpus", "tinyworld:2",
-                                                          "--device", "gpu"]):
+                                                          "--device", "gpu"],
+                 ["demo", "--device", "gpu", "--out", str(tmp_path / "demo")]):
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and "unknown device 'gpu'" in str(result.exception), args
 

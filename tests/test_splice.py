@@ -268,3 +268,14 @@ def test_reconstruct_delta_without_x_hat_and_edits_own_tensors(model, norm):
     assert torch.equal(kept, copy) and torch.equal(foreign, delta)
     assert reconstruct(sae, x, lambda h: h)[1] is None  # an edit that changes nothing: no change at all
     assert reconstruct(sae, x, lambda h: h.clone())[1] is None
+
+
+def test_recovery_and_unit_estimates_refuse_an_sae_that_does_not_fit(model):
+    from llama_sae.steer import estimate_units
+    from llama_sae.tinyworld.recovery import iter_sentence_activations
+
+    sae = SAE(SAEConfig(d_in=model.args.dim + 1, d_sae=16, k=2, hook_name="resid_post.0"))
+    with pytest.raises(UserError, match="belongs to another model"):
+        next(iter_sentence_activations(model, None, sae, ["x"]))
+    with pytest.raises(UserError, match="belongs to another model"):
+        estimate_units(model, None, sae, n_sentences=2)

@@ -463,6 +463,8 @@ def test_hf_converted_llama3_matches_tiktoken(converted_hf, ours, meta):
         _check_stream(converted_hf, ids, rng)
     for dialogue in DIALOGUES:
         assert converted_hf.encode_chat(dialogue) == _meta_chat(meta, dialogue)
+    lone = "a\ud800b\udfffc"  # a str JSON can hold (json.loads('"\\ud800"')) but UTF-8 cannot: U+FFFD, as Meta's
+    assert converted_hf.encode(lone) == meta.encode(lone, bos=True, eos=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ class SteerSetup:
     steering: object | None  # steer.Steering, None without --steer
 
 
+def _same_device(a: str, b: str) -> bool:
+    """Whether two device strings name one device ("cuda" is the current GPU: the same as "cuda:0" there)."""
+    def key(d: str) -> tuple[str, int]:
+        dev = torch.device(d)
+        current = torch.cuda.current_device() if dev.type == "cuda" and torch.cuda.is_available() else 0
+        return dev.type, current if dev.index is None else dev.index
+    return key(a) == key(b)
+
+
 def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feature_paths: list[Path] | None,
           console: Console, err_console: Console, *, model_given: bool = False) -> SteerSetup:
     """Load SAEs and artifacts, parse and check the steers (warnings printed), estimating units if needed.
@@ -96,7 +105,7 @@ def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str 
         console.print(prompt, end="", style="bold", markup=False, highlight=False)
         console.print(out, markup=False, highlight=False)
     console.print(f"replay of {path}: outputs {'match the record' if same else 'DIFFER from the record'}")
-    if not same and rec.get("device", device) != device:
+    if not same and not _same_device(rec.get("device", device), device):
         console.print(f"the record was made on {rec['device']}: sampled outputs repeat only there (--device "
                       f"{rec['device']})", markup=False, highlight=False)
     if not same:
@@ -115,7 +124,7 @@ def token_features(model, tokenizer, saes: dict, tokens: list[int], top: int = 3
     for hook, sae in saes.items():
         vals, idx = sae.encode_topk(acts[hook][0])  # [T, k]
         order = vals.argsort(dim=-1, descending=True)[:, :top]
-        vals, idx = vals.gather(1, order), idx.gather(1, order)
+        vals, idx = vals.gather(1, order).cpu(), idx.gather(1, order).cpu()  # one copy, not one per element
         rows, text = [], tokenizer.stream_decoder()
         for t, tok in enumerate(tokens):
             if t == 0 and tok == tokenizer.bos_id:

@@ -446,7 +446,7 @@ def save_meta(model: Transformer, out: str | os.PathLike, *, shards: int = 1) ->
         part = {}
         for key, value in state.items():
             dim = 1 if key.endswith(row_parallel) else 0 if key.endswith(column_parallel) else None
-            part[key] = value if dim is None else value.chunk(shards, dim=dim)[rank].clone()
+            part[key] = (value if dim is None else value.chunk(shards, dim=dim)[rank]).cpu().clone()  # loads anywhere
         with atomic_writer(out / f"consolidated.{rank:02d}.pth") as f:
             torch.save(part, f)
     multiple_of, multiplier = _meta_ffn_rule(a)

@@ -205,8 +205,9 @@ def generate(
         return _stream(model, tokenizer, ids, kwargs)
     completions = [Completion(prompt_tokens=p) for p in ids]
     for token, running in generate_tokens(model, ids, **kwargs):
+        tokens = token.tolist()  # one device-to-host copy per step (not one per row: each is a GPU sync)
         for i in running.nonzero().flatten().tolist():
-            t = int(token[i])
+            t = tokens[i]
             if t in kwargs["stop_ids"]:
                 completions[i].stop_reason = "stop"
             else:
@@ -219,8 +220,9 @@ def generate(
 def _stream(model, tokenizer, ids, kwargs) -> Iterator[StreamChunk]:
     decoders = [tokenizer.stream_decoder() for _ in ids]
     for token, running in generate_tokens(model, ids, **kwargs):
+        tokens = token.tolist()
         for i in running.nonzero().flatten().tolist():
-            t = int(token[i])
+            t = tokens[i]
             if t in kwargs["stop_ids"]:
                 yield StreamChunk(i, t, decoders[i].flush())
             else:

@@ -269,7 +269,7 @@ class Transformer(nn.Module):
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [B, T] -> cos, sin [B, T, head_dim], computed in float32, cast to ``dtype``."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, hd/2]
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device, torch.float32)  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -103,6 +103,16 @@ def _validate_message(message: object) -> tuple[str, str]:
     return role, content
 
 
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate (valid in a Python str, e.g. from JSON's "\\ud800", but not
+    UTF-8) replaced by U+FFFD, as tiktoken does before encoding; Hugging Face tokenizers would raise."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class StreamDecoder(ABC):
     """Turns a stream of token ids into text without ever splitting a UTF-8 character.
 
@@ -445,7 +455,7 @@ class HFTokenizer(LlamaTokenizer):
         """Encode ``text`` without the post-processor's tokens; BOS/EOS are added here only."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(without_lone_surrogates(text), add_special_tokens=False).ids
         return self._wrap(ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -19,6 +19,7 @@ Not done here: evaluation on the validation split (sae/evaluate.py), learning-ra
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -246,12 +247,14 @@ def init_world(device: str) -> World:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or a group already initialized."""
     check_device(device)
     owns = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if owns:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if device.startswith("cuda") and size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    size = int(os.environ.get("WORLD_SIZE", "1")) if owns else dist.get_world_size() if dist.is_initialized() else 1
+    if device.startswith("cuda") and size > 1:  # this rank's GPU, set before NCCL starts
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
         torch.cuda.set_device(device)
+    if owns:  # rank 0 alone runs the periodic evaluation and the export while the others wait: a long timeout
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return World(rank, size, torch.device(device), owns)
 
 

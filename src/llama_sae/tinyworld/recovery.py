@@ -33,7 +33,9 @@ def iter_sentence_activations(model, tokenizer, sae, texts: list[str], *, batch:
     """:func:`sentence_activations` one batch of sentences at a time, on the host: (latents [B, d_sae],
     neurons [B, d_in]) per batch, for callers that keep a summary rather than every row."""
     from llama_sae.sae.evaluate import token_batches
+    from llama_sae.splice import check_fits
 
+    check_fits(model, sae)  # the hook exists, d_in fits, one device: a one-line error instead of a deep one
     hook = sae.cfg.hook_name
     for tokens, mask in token_batches(tokenizer, texts, batch_size=batch, max_tokens=model.args.max_seq_len):
         tokens, mask = tokens.to(model.device), mask.to(model.device)

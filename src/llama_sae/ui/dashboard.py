@@ -97,6 +97,7 @@ def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chu
         cos = Wn[ids] @ Wn.T  # [c, n]
         cos[torch.arange(len(ids)), ids] = -2.0  # not itself
         cv, ci = cos.topk(min(top, W.shape[0] - 1), dim=-1)
+        pv, pi, nv, ni, cv, ci = (t.cpu() for t in (pv, pi, nv, ni, cv, ci))  # one copy per chunk, not per latent
         for j, i in enumerate(ids.tolist()):
             logits[i] = (pv[j], pi[j], -nv[j], ni[j])
             near[i] = (cv[j], ci[j])
