@@ -12,7 +12,9 @@ What is measured, each dtype in its own process (so peak memory is per configura
 
 Correctness on the timed path: the loss stays finite, every decoder row has unit norm after each step, and
 the selected latents' values equal their float64 pre-activations for a few tokens.
-The seed ran 1,350 tokens/s per RTX 4090 GPU (its README).
+The seed's README: ~7 billion activations in a little over 7 days on 8 RTX 4090s (~1,400 tokens/s per GPU if
+that is the total processed). On a GPU sparsify's ``SparseCoder.forward`` autocasts to bf16 itself: it has no
+float32 encoder there.
 
 ``--device cuda``: the same on a GPU (times synchronized, peak GPU memory instead of RSS, the fp32, tf32 and bf16
 GEMM rates as ceilings), and ``--peers sparsify`` adds EleutherAI sparsify's step on the same batches in the same
@@ -170,7 +172,9 @@ def sparsify_child(a: argparse.Namespace, bf16: bool) -> dict:
         return out.fvu.detach()
 
     med, fvus = time_steps(a, step)
-    return {"impl": f"sparsify {version('eai-sparsify')}", "dtype": "bf16" if bf16 else "fp32",
+    autocast = torch.device(a.device).type == "cuda" and torch.cuda.is_bf16_supported()  # SparseCoder.forward's own
+    return {"impl": f"sparsify {version('eai-sparsify')}",
+            "dtype": "bf16" if bf16 else "fp32 weights, bf16 autocast" if autocast else "fp32",
             "tf32": torch.backends.cuda.matmul.allow_tf32,
             "tokens_per_s": a.batch / med, "step_s": med, "init_s": init_s, "peak_mb": peak_mb(a.device),
             "fvu_first": fvus[0], "fvu_last": fvus[-1],

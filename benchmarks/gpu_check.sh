@@ -50,7 +50,7 @@ for p in ${*:-tests splice train demo attention capture}; do
       { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1
         $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
                 torch.cuda.is_available() and torch.cuda.get_device_name())"; } >>"$OUT/tests.log" 2>&1
-      LLAMA_SAE_TEST_GPU=$DEV part tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -x -rs ;;
+      LLAMA_SAE_TEST_GPU=$DEV part tests 200 $PY -m pytest -p no:cacheprovider tests/test_cuda.py -x -rs ;;
     splice)
       part splice 150 bash -c "$PY benchmarks/bench_splice.py --device $DEV --batch 8 --seq 128 --repeats $REPEATS \
         && $PY benchmarks/bench_splice.py --device $DEV --batch 64 --seq 128 --repeats $REPEATS --gen-tokens 0 \
