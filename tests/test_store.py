@@ -316,3 +316,20 @@ def test_parallel_writers_on_a_full_disk_keep_the_shards_before_the_failure(tmp_
     StoreWriter(tmp_path / "s", [HOOK], 6, shard_rows=31).abort()  # the next run deletes uncommitted files
     on_disk = sorted(p.name for p in (tmp_path / "s").glob("rank00-*.safetensors"))
     assert on_disk == [x["name"] for x in kept]
+
+
+def test_a_journal_line_without_its_newline_does_not_count_for_readers_either(tmp_path):
+    """A full disk or a power loss can cut an append after the JSON but before its newline: the writer cuts such a
+    line off on the next start, so the resume point must not count it (else that shard's rows are never captured)."""
+    from llama_sae.fileio import read_jsonl
+    from llama_sae.store import progress_path
+
+    path = make_store(tmp_path / "s", shard_rows=31)
+    journal = progress_path(path, 0)
+    journal.parent.mkdir(exist_ok=True)
+    lines = [json.dumps({"shard": {"name": f"rank00-{i:06d}.safetensors", "index": i}, "cursor": {"batch": i}})
+             for i in range(3)]
+    journal.write_text("\n".join(lines))  # the last line parses, but its newline never made it to disk
+    assert [r["cursor"]["batch"] for r in read_jsonl(journal, journal=True)] == [0, 1]
+    assert len(read_jsonl(journal)) == 3  # a whole-file JSON-lines file keeps a last line without newline
+    assert [e["index"] for e in read_progress(path, 0)["shards"]] == [0, 1]

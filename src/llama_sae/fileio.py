@@ -99,14 +99,22 @@ def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
         _fsync_dir(path.parent)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a journal ([] if there is no file); a torn last line (a kill mid-write) and non-object
-    lines are skipped."""
+def read_jsonl(path: str | os.PathLike, *, journal: bool = False) -> list[dict]:
+    """The records of a JSON-lines file ([] if there is no file); lines that are not JSON objects are skipped.
+
+    ``journal``: the file is an append-only journal (:func:`append_jsonl`), whose last line counts only with its
+    newline: without it the append was cut short (a kill, a full disk, a power loss), even if what was written
+    parses, and :func:`cut_torn_tail` will cut it off. Readers must agree with that, or a resume would trust a
+    record its writer then removes."""
     path = Path(path)
     if not path.exists():
         return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if journal and lines and not text.endswith("\n"):
+        lines.pop()
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

@@ -315,7 +315,7 @@ def read_progress(directory: str | os.PathLike, rank: int) -> dict[str, Any] | N
     if not path.exists():
         return json.loads(old.read_text()) if old.exists() else None
     progress = {"rank": rank, "shards": [], "cursor": None, "finished": False}
-    for rec in read_jsonl(path):
+    for rec in read_jsonl(path, journal=True):
         if "shard" in rec:
             progress["shards"].append(rec["shard"])
         progress["finished"] = progress["finished"] or bool(rec.get("finished"))
@@ -358,7 +358,8 @@ class StoreWriter:
         shard_rows: rows per shard (the last one may be smaller).
         dtype: storage dtype of the activations.
         val_percent: the validation split's share of sentences (recorded per shard as ``val_rows``).
-        queue_shards: full shards that may wait for the disk before ``add`` blocks.
+        queue_shards: full shards that may wait for the committer before ``add`` blocks (at most this many
+            plus two are held at once: one being committed, one handed over while ``add`` waits).
         workers: threads that serialize and write shards at the same time (on a CPU capture one: the writer's
             statistics and serialization would compete with the forward for the same cores).
 
@@ -417,14 +418,17 @@ class StoreWriter:
         return self.progress
 
     def abort(self) -> None:
-        """Stop the thread after the shards already queued (used when the caller fails)."""
+        """Stop after the shards already queued (used when the caller fails), waiting at most about a minute: a
+        write stalled longer is left running (its shard is not committed; the next run deletes its file)."""
         if self._thread.is_alive():
             try:
                 self._queue.put(None, timeout=60)
+                self._thread.join(timeout=60)
             except queue.Full:
-                return
-            self._thread.join(timeout=60)
-        self._pool.shutdown(cancel_futures=True)  # files of shards never committed are deleted by the next run
+                pass
+        # a stuck committer is waiting on a stalled write: do not wait for it (files of shards never committed are
+        # deleted by the next run)
+        self._pool.shutdown(wait=not self._thread.is_alive(), cancel_futures=True)
 
     def _submit_shard(self, shard: _Shard, cursor: dict[str, Any]) -> None:
         """Start writing a full shard now; the committer records it after every shard before it."""
@@ -500,7 +504,7 @@ class StoreWriter:
         if e.errno in _FULL_DISK:
             mib = self.shard_rows * (self.d * len(self.hooks) * self.dtype.itemsize + _ROW_META_BYTES) / 2**20
             return UserError(f"disk full while writing to {self.directory}: free space (each shard takes about "
-                             f"{mib:,.0f} MiB) and re-run the same command; the {kept} shard(s) already written "
+                             f"{mib:,.{0 if mib >= 10 else 2}f} MiB) and re-run the same command; the {kept} shard(s) already written "
                              "are kept and the capture resumes after them")
         return UserError(f"could not write to {self.directory} ({e.strerror or e}): fix that and re-run the same "
                          f"command; the {kept} shard(s) already written are kept and the capture resumes after them")

@@ -83,7 +83,7 @@ class Journal:
         self.set_aside: Path | None = None  # where an old journal went (fresh, or one that holds no answer)
         if self.path.exists():
             cut_torn_tail(self.path)  # a kill mid-write: the next record must start a line of its own
-            for rec in read_jsonl(self.path):
+            for rec in read_jsonl(self.path, journal=True):
                 self.state.apply(rec)
             if fresh or _check_header(self.path, self.state, header):
                 self.set_aside = self.path.with_name(f"{self.path.name}.{time.time_ns()}.old")
