@@ -503,8 +503,9 @@ class StoreWriter:
         kept = len(self.progress["shards"])
         if e.errno in _FULL_DISK:
             mib = self.shard_rows * (self.d * len(self.hooks) * self.dtype.itemsize + _ROW_META_BYTES) / 2**20
+            size = f"{mib:,.{0 if mib >= 10 else 2}f} MiB"
             return UserError(f"disk full while writing to {self.directory}: free space (each shard takes about "
-                             f"{mib:,.{0 if mib >= 10 else 2}f} MiB) and re-run the same command; the {kept} shard(s) already written "
+                             f"{size}) and re-run the same command; the {kept} shard(s) already written "
                              "are kept and the capture resumes after them")
         return UserError(f"could not write to {self.directory} ({e.strerror or e}): fix that and re-run the same "
                          f"command; the {kept} shard(s) already written are kept and the capture resumes after them")
