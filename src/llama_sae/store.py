@@ -395,7 +395,9 @@ class StoreWriter:
     # -- caller's thread
     def add(self, acts: dict[str, Tensor], sentence_id: Tensor, position: Tensor, token_id: Tensor,
             tag: dict[str, Any]) -> None:
-        """Append rows: acts {hook: [n, d]} (any device; cast to the storage dtype here) and [n] row ids."""
+        """Append rows: acts {hook: [n, d]} (any device; cast to the storage dtype here) and [n] row ids. Rows
+        already on the CPU in the storage dtype are kept without a copy until their shard is written: do not
+        change them in place afterwards."""
         n, done = sentence_id.shape[0], 0
         while done < n:
             take = min(n - done, self.shard_rows - self._shard.rows)
