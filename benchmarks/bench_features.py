@@ -21,6 +21,7 @@ reference, token for token.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_features.py
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_features.py --sae runs/demo/sae --sentences 20000
+    python benchmarks/bench_features.py --device cuda --sentences 20000 --d-sae 16384 --k 32   # wall time, synced
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ from llama_sae.splice import spliced
 def random_sae(model, tok, hook: str, d_sae: int, k: int) -> SAE:
     """A TopK SAE initialised from real activations (speed does not depend on training)."""
     texts = [r.text for r in tinyworld.sentences(64, seed=3)]
-    rows = torch.cat([model.capture(t, [hook])[hook][m] for t, m in token_batches(tok, texts)]).float()
+    rows = torch.cat([model.capture(t.to(model.device), [hook])[hook][m.to(model.device)]
+                      for t, m in token_batches(tok, texts)]).float()
     sae = SAE(SAEConfig(d_in=model.args.dim, d_sae=d_sae, k=k, normalize_activations="layer_norm", hook_name=hook))
-    sae.init_(rows, generator=torch.Generator().manual_seed(0))
-    return sae
+    sae.init_(rows.cpu(), generator=torch.Generator().manual_seed(0))
+    return sae.to(model.device)
 
 
 def main() -> None:
@@ -66,18 +68,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads, "model bf16 (shipped), SAE fp32")
     print_machine(info)
 
-    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
-    sae = load(args.sae) if args.sae else random_sae(model, tok, args.hook, args.d_sae, args.k)
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(args.device)
+    model = load_model(tinyworld.model_path(), device=args.device)
+    tok = load_tokenizer(tinyworld.model_path())
+    sae = load(args.sae, device=args.device) if args.sae else random_sae(model, tok, args.hook, args.d_sae, args.k)
     texts = [s.text for s in islice(Corpus(f"tinyworld:{args.sentences}:heldout"), args.sentences)]
     root = Path(tempfile.mkdtemp())
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     source = f"jsonl:{root / 'corpus.jsonl'}"  # read from disk, as a real corpus is (not generated on the fly)
-    batches = list(token_batches(tok, texts, batch_size=args.batch))
+    batches = [(t.to(args.device), m.to(args.device)) for t, m in token_batches(tok, texts, batch_size=args.batch)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     n_tokens = sum(int(m.sum()) - len(m) for _, m in batches)  # sentence tokens, BOS excluded
     hook = sae.cfg.hook_name
     runs: list[tuple[float, float]] = []  # (pass 1, end to end) seconds of each features run
@@ -96,16 +103,17 @@ def main() -> None:
         with spliced(model, sae):
             for tokens, _ in batches:
                 model(tokens)
+        sync()
 
     @torch.no_grad()
     def capture_encode():
-        fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
+        fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=args.device)
         for tokens, mask in batches:
             valid = mask.clone()
             valid[:, 0] = False
             vals, idx = sae.encode_topk(model.capture(tokens, [hook])[hook][valid])
             fires += torch.bincount(idx[vals > 0], minlength=sae.cfg.d_sae)
-        return fires
+        return fires.cpu()
 
     med, _, last = interleaved({"features": features, "spliced forward": spliced_forward,
                                 "capture + encode": capture_encode}, repeats=args.repeats)

@@ -25,13 +25,13 @@ fi
 if [ "$SMALL" = 1 ]; then  # the dry run: every command, at sizes a 2-core CPU runs in a few minutes
   SEED_SPLICE="--shape demo --batch 2 --seq 64"; TRAIN="--d-sae 2048 --batch 256 --steps 2 --warmup 1"
   ATTN="--shape tiny --batch 2 --seq 128 --repeats 2"; CAP="--tokens 20000 --repeats 1"; REPEATS=2
-  CAP_PARTS="$CAP"; PROFILE="--tokens 512 --d-sae 4096 --repeats 2"
+  CAP_PARTS="$CAP"; PROFILE="--tokens 512 --d-sae 4096 --repeats 2"; FEATS="--sentences 500 --repeats 2"
 else
   SEED_SPLICE="--shape seed --batch 8 --seq 1024"; TRAIN="--batch 8192 --steps 20 --warmup 3"
   ATTN="--batch 8 --seq 1024 --repeats 10"
   CAP="--dim 3072 --layers 8 --heads 24 --kv-heads 8 --hook resid_post.7 --tokens 200000 --batch-tokens 32768 --repeats 3"
   CAP_PARTS="--dim 3072 --layers 8 --heads 24 --kv-heads 8 --hook resid_post.7 --tokens 100000 --batch-tokens 32768 --repeats 1"
-  PROFILE=""; REPEATS=15
+  PROFILE=""; REPEATS=15; FEATS="--sentences 20000 --d-sae 16384 --k 32 --batch 256 --repeats 3"
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log to $OUT/NAME.log, print its tail
@@ -44,7 +44,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log to $OUT
   grep -v '^{' "$OUT/$name.log" | tail -n "${TAIL:-6}"
 }
 
-for p in ${*:-tests splice train demo attention capture}; do
+for p in ${*:-tests splice train demo attention capture features}; do
   case $p in
     tests)
       { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1
@@ -67,10 +67,12 @@ for p in ${*:-tests splice train demo attention capture}; do
       part attention 60 $PY benchmarks/bench_attention.py --device "$DEV" $ATTN ;;
     capture)
       part capture 120 $PY benchmarks/bench_capture.py --device "$DEV" $CAP --overhead-only ;;
+    features)
+      part features 120 $PY benchmarks/bench_features.py --device "$DEV" $FEATS ;;
     components)  # capture's CPU-side costs per token at the GPU shape
       TAIL=12 part components 120 $PY benchmarks/bench_capture.py --device "$DEV" $CAP_PARTS ;;
     profile)
       TAIL=80 part profile 150 $PY benchmarks/profile_gpu.py --device "$DEV" $PROFILE ;;
-    *) echo "unknown part $p (tests splice splice_seed train demo attention capture components profile)"; exit 2 ;;
+    *) echo "unknown part $p (tests splice splice_seed train demo attention capture features components profile)"; exit 2 ;;
   esac
 done
