@@ -54,6 +54,22 @@ def machine_info(threads: int, dtype: str | None = None) -> dict:
     return info
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait until ``device`` has finished its queued work (a no-op on the CPU), so that a host clock around a
+    call times the device's work too."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable[[], object], device: str | torch.device) -> Callable[[], object]:
+    """``fn`` followed by :func:`sync` of ``device``."""
+    def run():
+        out = fn()
+        sync(device)
+        return out
+    return run
+
+
 def print_machine(info: dict) -> None:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 

@@ -23,10 +23,11 @@ import argparse
 import time
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table
+from _common import interleaved, machine_info, print_json, print_machine, print_table, sync
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", choices=["seed", "tiny"], default="seed", help="seed: Llama 3.2-3B; tiny: tinyworld")
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    """Time the four attention variants, check that each pair agrees, print the table; the result dict."""
     import llama_sae.llama.model as llama
     from llama_sae.capture import block_causal_mask
 
@@ -68,8 +70,7 @@ def main(argv=None) -> dict:
             llama.SDPA_GQA = gqa
             with torch.inference_mode():
                 out = model(tokens, positions=positions, mask=mask) if masked else model(tokens)
-            if gpu:
-                torch.cuda.synchronize()
+            sync(a.device)
             return out
         return go
 

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DTYPES, machine_info, print_json, print_machine, print_table
+from _common import DTYPES, machine_info, print_json, print_machine, print_table, sync
 
 from llama_sae.capture import CaptureConfig, capture, forward_packed, pack, plan_batches, truncate
 from llama_sae.corpus import Corpus
@@ -125,16 +125,15 @@ def forwards(model, hooks: list[str], batches: list[dict], rounds: int, names: t
     }
     names = list(names or paths)
     times = {k: [] for k in names}
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     with torch.inference_mode():
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 paths[name](batches[0])  # settle the allocator on this path's shapes
-                sync()
+                sync(model.device)
                 t0 = time.perf_counter()
                 for b in batches:
                     paths[name](b)
-                sync()
+                sync(model.device)
                 times[name].append(time.perf_counter() - t0)
     return times
 
@@ -224,13 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     in_forward = [0.0]  # time inside Transformer.capture, summed (instrumentation for the in-run overhead)
     original = Transformer.capture
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
-
     def timed_capture(self, *a, **kw):
-        sync()
+        sync(args.device)
         t0 = time.perf_counter()
         out = original(self, *a, **kw)
-        sync()
+        sync(args.device)
         in_forward[0] += time.perf_counter() - t0
         return out
 

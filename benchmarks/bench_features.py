@@ -36,7 +36,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table
+from _common import interleaved, machine_info, print_json, print_machine, print_table, sync
 
 from llama_sae import tinyworld
 from llama_sae.corpus import Corpus
@@ -84,7 +84,6 @@ def main() -> None:
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     source = f"jsonl:{root / 'corpus.jsonl'}"  # read from disk, as a real corpus is (not generated on the fly)
     batches = [(t.to(args.device), m.to(args.device)) for t, m in token_batches(tok, texts, batch_size=args.batch)]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     n_tokens = sum(int(m.sum()) - len(m) for _, m in batches)  # sentence tokens, BOS excluded
     hook = sae.cfg.hook_name
     runs: list[tuple[float, float]] = []  # (pass 1, end to end) seconds of each features run
@@ -103,7 +102,7 @@ def main() -> None:
         with spliced(model, sae):
             for tokens, _ in batches:
                 model(tokens)
-        sync()
+        sync(args.device)
 
     @torch.no_grad()
     def capture_encode():

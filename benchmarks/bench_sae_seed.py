@@ -37,7 +37,7 @@ import sys
 import time
 
 import torch
-from _common import machine_info, print_json, print_machine, print_table
+from _common import machine_info, print_json, print_machine, print_table, sync
 
 MARK = "@@RESULT@@"
 
@@ -65,11 +65,6 @@ def peak_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def gemm_gflops(a: argparse.Namespace, dtype: torch.dtype = torch.float32, tf32: bool = False) -> float:
@@ -226,6 +221,7 @@ def main(argv=None) -> None:
     ceilings = {"fp32": gemm_gflops(a)}
     if gpu:
         ceilings.update(tf32=gemm_gflops(a, tf32=True), bf16=gemm_gflops(a, torch.bfloat16))
+        torch.cuda.empty_cache()  # the children are measured with the parent's GPU memory given back
     children = a.dtypes.split(",") + [f"{p}-{d}" for p in filter(None, a.peers.split(",")) for d in a.dtypes.split(",")]
     rows = []
     for name in children:

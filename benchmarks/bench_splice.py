@@ -36,7 +36,7 @@ import contextlib
 import time
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table
+from _common import interleaved, machine_info, print_json, print_machine, print_table, synchronized
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,7 +130,7 @@ def generation_costs(model, prompt: list[int], sae, edit, latent: int, new_token
            "recon-bf16": run(error_term=False, compute_dtype=torch.bfloat16), "edit (steering)": run(edit=edit),
            "steer last": run("last"), "steer generated": run("generated")}
     if model.device.type == "cuda":
-        fns = {n: synchronized(f) for n, f in fns.items()}
+        fns = {n: synchronized(f, model.device) for n, f in fns.items()}
     med, _, last = interleaved(fns, repeats, clock=clock)
     assert last["exact"] == last["plain"]
     return {n: round(t * 1e3 / new_tokens, 3) for n, t in med.items()}
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     if gpu:
         info["gpu"] = torch.cuda.get_device_name(a.device)
         a.clock = "wall"
-        fns = {n: synchronized(f) for n, f in fns.items()}
+        fns = {n: synchronized(f, a.device) for n, f in fns.items()}
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     med, _, last = interleaved(fns, a.repeats, clock=clock)
     assert torch.equal(last["exact"], last["plain"]), "the exact splice must reproduce the logits bit for bit"
@@ -240,15 +240,6 @@ def main(argv=None) -> dict:
     return result
 
 
-def synchronized(fn):
-    """``fn`` followed by a wait for the GPU, so that a host clock around it times the device work too."""
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
-
-
 def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -> dict:
     """Evaluation throughput, each pass next to the least it could cost done naively, in the same rounds:
     ``activation_metrics`` against one reconstruction pass over the same activations, and ``model_metrics``
@@ -279,7 +270,7 @@ def evaluation_costs(model, tok, sae, acts, n_texts: int, repeats: int, clock) -
     fns = {"activation_metrics": lambda: activation_metrics(sae, chunks), "reconstruction": reconstruction,
            "model_metrics": lambda: model_metrics(model, sae, batches), "three_forwards": three_forwards}
     if model.device.type == "cuda":
-        fns = {n: synchronized(f) for n, f in fns.items()}
+        fns = {n: synchronized(f, model.device) for n, f in fns.items()}
     med, _, last = interleaved(fns, repeats, clock=clock)
     predicted = last["model_metrics"]["predicted_tokens"]
     return {"evaluation": {

@@ -27,6 +27,7 @@ from llama_sae.store import StoreWriter, read_progress
 
 
 def main(argv=None) -> dict:
+    """Write the same rows with each thread count, interleaved; print the table; the result dict."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=3072)
     p.add_argument("--shard-rows", type=int, default=4096)

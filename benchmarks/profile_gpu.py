@@ -21,31 +21,26 @@ import statistics
 import time
 
 import torch
-from _common import print_table
+from _common import print_table, sync
 
 
 def timer(device: str, repeats: int):
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-
+    """measure(fn) -> median ms of ``repeats`` synchronized calls after one warm-up call."""
     def measure(fn) -> float:
         fn()
         times = []
         for _ in range(repeats):
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            sync()
+            sync(device)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
     return measure
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None) -> None:
+    """Time the pieces, print the table, then profile training steps."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=8192)
@@ -118,6 +113,7 @@ def main(argv=None) -> None:
 
 
 def profile_train(dev: str, x: torch.Tensor, n: int) -> None:
+    """Init time and torch.profiler's top kernels of two train_step calls, float32 and bf16."""
     from torch.profiler import ProfilerActivity, profile
 
     from llama_sae.sae.train import TrainConfig, World, init_runs_, make_runs, train_step

@@ -24,3 +24,15 @@ def test_atomic_write_file_replaces_whole_or_not_at_all(tmp_path):
     atomic_write_file(target, lambda tmp: save_file({"a": torch.ones(3)}, tmp))
     assert torch.equal(load_file(target)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    """append_jsonl writes non-ASCII raw (ensure_ascii=False): U+2028, U+2029 and U+0085 inside a record's strings
+    are line breaks to str.splitlines() but not to JSON lines, so a reader must split on "\\n" alone."""
+    from llama_sae.fileio import append_jsonl, read_jsonl
+
+    path = tmp_path / "j.jsonl"
+    texts = ["a\u2028b", "c\x85d", "e\u2029f", "plain"]
+    append_jsonl(path, [{"text": t} for t in texts])
+    assert [r["text"] for r in read_jsonl(path)] == texts
+    assert [r["text"] for r in read_jsonl(path, journal=True)] == texts

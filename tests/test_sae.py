@@ -395,19 +395,22 @@ def test_inference_shapes_no_tokens_and_dtype():
 
 
 @pytest.mark.parametrize("d", [63, 64])  # d + 1 already a multiple of AUG_ALIGN, and one padded with 7 zeros
-def test_augmented_gemm_pads_k_with_zeros_even_in_dirty_scratch(d):
+def test_augmented_gemm_pads_k_with_zeros_on_a_gpu_even_in_dirty_scratch(d):
     from llama_sae.sae.model import AUG_ALIGN, augmented_width, encode_select
 
-    K = augmented_width(d)
-    assert K % AUG_ALIGN == 0 and d + 1 <= K < d + 1 + AUG_ALIGN
+    K = augmented_width(d, "cuda")  # arithmetic only: no GPU needed
+    assert K % AUG_ALIGN == 0 and d + 1 <= K < d + 1 + AUG_ALIGN and augmented_width(d) == d + 1  # CPU: unpadded
     g = torch.Generator().manual_seed(4)
     W, b, xc = torch.randn(256, d, generator=g), torch.randn(256, generator=g), torch.randn(40, d, generator=g)
-    scratch = {"W": torch.full((256, K), float("nan")), "xq": torch.full((40, K), float("nan"))}  # reused buffers
-    vals, idx, _, _ = encode_select(xc, W, b, 8, scratch=scratch)
     pre = (xc.double() @ W.double().T + b.double())  # float64 reference
     want_vals, want_idx = pre.topk(8, dim=1)
-    assert torch.equal(idx.sort(1).values, want_idx.sort(1).values)
-    torch.testing.assert_close(vals.double().sort(1).values, want_vals.relu().sort(1).values, rtol=1e-5, atol=1e-5)
+    padded = torch.cat([W, b[:, None], torch.zeros(256, K - d - 1)], 1)  # what SAE.encoder_matrix builds on a GPU
+    scratch = {"xq": torch.full((40, K), float("nan"))}  # a reused buffer: its padding columns must be zeroed
+    for kw in ({"scratch": {"W": torch.full((256, d + 1), float("nan"))}}, {"W_aug": padded, "scratch": scratch}):
+        vals, idx, _, _ = encode_select(xc, W, b, 8, **kw)
+        assert torch.equal(idx.sort(1).values, want_idx.sort(1).values)
+        torch.testing.assert_close(vals.double().sort(1).values, want_vals.relu().sort(1).values, rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(96, 32), (16, 40)])

@@ -110,9 +110,9 @@ def read_jsonl(path: str | os.PathLike, *, journal: bool = False) -> list[dict]:
     if not path.exists():
         return []
     text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    if journal and lines and not text.endswith("\n"):
-        lines.pop()
+    lines = text.split("\n")  # not splitlines(): U+2028, U+0085, ... may sit raw inside a record's strings
+    if lines[-1] == "" or journal:
+        lines.pop()  # the empty piece after the final newline, or a journal's torn last line
     out = []
     for line in lines:
         try:

@@ -41,7 +41,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,49 @@ class _Shard:
     unmeasured: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
+class DaemonPool:
+    """A few daemon threads that run submitted calls in submission order, each returning a Future.
+
+    Unlike concurrent.futures' executor, whose threads the interpreter joins at exit, a write stalled on a dead
+    disk cannot keep a failed run from exiting.
+    """
+
+    def __init__(self, workers: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: list[Future] = []  # submitted and not yet done
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run ``fn(*args)`` on a pool thread; its Future."""
+        future: Future = Future()
+        self._futures = [f for f in self._futures if not f.done()] + [future]
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop the threads after the calls already submitted (``cancel_futures``: cancel those not started)."""
+        if cancel_futures:
+            for future in self._futures:
+                future.cancel()  # only those not started yet: a running one finishes
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the future
+                future.set_exception(e)
+
+
 GPU_WRITER_THREADS = 3  # shards written at once when a GPU computes the rows: one thread was a GPU capture's limit
 
 
@@ -388,7 +431,7 @@ class StoreWriter:
         self._shard = self._new_shard(len(self.progress["shards"]))
         self._queue: queue.Queue = queue.Queue(maxsize=queue_shards)
         self._error: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-writer")
+        self._pool = DaemonPool(workers, "store-writer")
         self._thread = threading.Thread(target=self._work, daemon=True)
         self._thread.start()
 

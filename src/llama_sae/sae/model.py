@@ -24,8 +24,9 @@ PRE_BUFFER_BYTES = 256 << 20  # the encoder works on row blocks whose pre-activa
 SMALL_SELECT = 1 << 16  # select_topk runs a plain topk over at most this many pre-activations
 NUMPY_SELECT_THREADS = 2  # select_topk's numpy path beats torch.topk up to this many torch threads
 SORT_WIDTH = 512  # top_k_positions sorts rows up to this wide to find the k-th value, and partitions wider ones
-AUG_ALIGN = 8  # the augmented GEMM's K (d + 1) is padded with zeros to a multiple of this: on a GPU, bf16 rows
-# whose length is not a multiple of 8 (16 bytes) miss the tensor-core kernels (K = 3,073 ran 6x slower on an H200)
+AUG_ALIGN = 8  # on a GPU the augmented GEMM's K (d + 1) is padded with zeros to a multiple of this: bf16 rows whose
+# length is not a multiple of 8 (16 bytes) miss the tensor-core kernels (K = 3,073 ran 6x slower on an H200). On a
+# CPU K stays d + 1 (padding gains nothing measured there, and would change float32 training's rounding).
 AUX_DENSE_RATIO = 16  # aux-k runs dense over the dead latents when n_dead <= this x k_aux (>= 1/16 selected)
 
 
@@ -70,14 +71,15 @@ class TrainOutput(NamedTuple):
 # --------------------------------------------------------------------------- init
 def orthogonal(rows: int, cols: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """torch.nn.init.orthogonal_'s matrix [rows, cols] (the QR of a Gaussian, signs fixed by R's diagonal),
-    with the Gaussian drawn on the CPU (the same numbers on every device) and the QR run on ``device``: on a
-    GPU the seed's [65536, 3072] init took 6 s on an H200 instead of 30 s with the QR on 2 CPU threads. On the
-    CPU it equals orthogonal_ bit for bit."""
-    a = torch.empty(rows, cols).normal_(0, 1, generator=generator).to(device)
+    with the Gaussian drawn on the CPU (the same numbers on every device) and the QR run on ``device`` when it is
+    a CUDA GPU (elsewhere on the CPU: MPS has no QR): the seed's [65536, 3072] init took 6 s on an H200 instead of
+    30 s with the QR on 2 CPU threads. On the CPU it equals orthogonal_ bit for bit."""
+    on = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    a = torch.empty(rows, cols).normal_(0, 1, generator=generator).to(on)
     tall = rows >= cols
     q, r = torch.linalg.qr(a if tall else a.t())
     q *= torch.diagonal(r).sign()
-    return q if tall else q.t()
+    return (q if tall else q.t()).to(device)
 
 
 # --------------------------------------------------------------------------- normalization
@@ -187,8 +189,8 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
                   scratch: dict | None = None, W_aug: torch.Tensor | None = None):
     """The dense encoder GEMM fused with the top-k selections, one row block at a time.
 
-    b_enc rides in the GEMM as an extra input column of ones (K = d + 1, padded with zero columns to a multiple
-    of AUG_ALIGN: :func:`augmented_width`), which saves a pass over the
+    b_enc rides in the GEMM as an extra input column of ones (K = d + 1, on a GPU padded with zero columns to a
+    multiple of AUG_ALIGN: :func:`augmented_width`), which saves a pass over the
     [rows, n] pre-activations. Only one [rows, n] block exists at any time, in ``compute_dtype`` (default:
     W_enc's; bfloat16 runs the GEMM on AMX with float32 accumulation). A lower compute dtype only chooses
     the latents: their values are recomputed in W_enc's dtype (N·(k + k_aux)·d multiply-adds).
@@ -204,7 +206,7 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     compute_dtype = compute_dtype or W_enc.dtype
     direct = W_aug is None and scratch is None and compute_dtype == W_enc.dtype
     W = W_enc if direct else W_aug
-    K = augmented_width(d)
+    K = W.shape[1] if W is not None and not direct else augmented_width(d, device)
     if W is None:
         W = scratch_buffer(scratch, "W", (n, K), compute_dtype, device)  # [n, K] = [W_enc | b_enc | 0]
         W[:, :d], W[:, d], W[:, d + 1:] = W_enc, b_enc, 0
@@ -241,9 +243,9 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     return vals, idx, aux_vals, aux_idx
 
 
-def augmented_width(d: int) -> int:
-    """K of the encoder GEMM with b_enc folded in: d + 1 rounded up to a multiple of AUG_ALIGN."""
-    return -(-(d + 1) // AUG_ALIGN) * AUG_ALIGN
+def augmented_width(d: int, device: torch.device | str = "cpu") -> int:
+    """K of the encoder GEMM with b_enc folded in: d + 1, rounded up to a multiple of AUG_ALIGN on a GPU."""
+    return -(-(d + 1) // AUG_ALIGN) * AUG_ALIGN if torch.device(device).type == "cuda" else d + 1
 
 
 def exact_acts(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -476,7 +478,8 @@ class SAE(nn.Module):
         key = (self.weights_key(("W_enc", "b_enc")), dtype)
         cache = self.__dict__.setdefault("_encoder_matrices", {})
         if cache.get(dtype, (None,))[0] != key:
-            pad = self.W_enc.new_zeros(self.cfg.d_sae, augmented_width(self.cfg.d_in) - self.cfg.d_in - 1)
+            pad = self.W_enc.new_zeros(self.cfg.d_sae,
+                                       augmented_width(self.cfg.d_in, self.W_enc.device) - self.cfg.d_in - 1)
             cache[dtype] = (key, torch.cat([self.W_enc, self.b_enc[:, None], pad], 1).to(dtype))
         return cache[dtype][1]
 

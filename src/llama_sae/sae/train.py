@@ -249,7 +249,8 @@ def init_world(device: str) -> World:
     owns = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     size = int(os.environ.get("WORLD_SIZE", "1")) if owns else dist.get_world_size() if dist.is_initialized() else 1
     if device.startswith("cuda") and size > 1:  # this rank's GPU, set before NCCL starts
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
     if owns:  # rank 0 alone runs the periodic evaluation and the export while the others wait: a long timeout
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
