@@ -12,6 +12,7 @@ import torch
 from test_tokenizer import meta_tokenizer_model_path
 from typer.testing import CliRunner
 
+from llama_sae import tinyworld
 from llama_sae.cli import app
 from llama_sae.llama import load_model
 from llama_sae.llama.checkpoint import save_meta
@@ -67,6 +68,9 @@ def test_a_device_torch_cannot_use_is_a_one_line_error(tmp_path):
     assert check_device("cpu") == "cpu"
     with pytest.raises(UserError, match="unknown device 'gpu': use cpu, cuda or cuda:N"):
         check_device("gpu")
+    for name in ("xpu", "meta", "hip"):  # torch parses these; nothing here runs on them
+        with pytest.raises(UserError, match=f"device '{name}' is not supported"):
+            check_device(name)
     if not torch.cuda.is_available():  # the machines tests run on; with a GPU, asks for one it lacks
         with pytest.raises(UserError, match="sees no CUDA GPU; use --device cpu"):
             check_device("cuda")
@@ -75,7 +79,9 @@ def test_a_device_torch_cannot_use_is_a_one_line_error(tmp_path):
             check_device(f"cuda:{torch.cuda.device_count()}")
     for args in (["generate", "hi", "--device", "gpu"], ["evaluate", "--sae", "x", "--corpus", "tinyworld:2",
                                                           "--device", "gpu"],
-                 ["demo", "--device", "gpu", "--out", str(tmp_path / "demo")]):
+                 ["demo", "--device", "gpu", "--out", str(tmp_path / "demo")],
+                 ["explain", str(shutil.copytree(tinyworld.features_path(), tmp_path / "f")), "--device", "gpu"]
+                 ):  # explain's offline backend runs no model, and checks --device all the same
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and "unknown device 'gpu'" in str(result.exception), args
 

@@ -404,7 +404,7 @@ def train(
     = None,
     hook: Annotated[str | None, typer.Option(help="hook point of a multi-hook store (default: the store's only "
                                                   "one)")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu)")] = None,
     wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases (default: off)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle (default: 0)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="steps between spliced evaluations (CE recovered, KL) "

@@ -99,8 +99,10 @@ LocalDeviceOpt = Annotated[str, typer.Option(help="local backend: where the chec
 
 def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
              timeout):
+    from llama_sae.errors import check_device
     from llama_sae.interpret import make_backend
 
+    check_device(device)  # a bad value is an error whatever the backend (only the local one uses it)
     llama = tok = None
     if backend == "local":
         from llama_sae.cli import _load

@@ -24,6 +24,8 @@ def check_device(device: str) -> str:
         dev = torch.device(device)
     except RuntimeError as e:
         raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e  # e.g. "gpu", "cuda:x"
+    if dev.type not in ("cpu", "cuda", "mps"):  # xpu, hip, meta, ...: torch parses them, nothing here runs there
+        raise UserError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {device!r}: this torch {torch.__version__} sees no CUDA GPU; use --device cpu, "
