@@ -181,40 +181,39 @@ def test_capture_train_and_features_on_the_gpu(tmp_path: Path, models, tok):
     the CPU learns; the features of an SAE built on the GPU pick the CPU's top sentences."""
     from llama_sae.capture import capture, capture_config
     from llama_sae.features import build_features, load_features
+    from llama_sae.sae.evaluate import activation_metrics
     from llama_sae.sae.train import load_config, train
     from llama_sae.store import ActivationStore
 
     hook = "resid_post.2"
-    stores = {}
-    for dev in ("cpu", CUDA):
+    devices = ("cpu", CUDA)  # (both "cpu" in the self-check: hence directories by position, not by name)
+    stores = []
+    for i, dev in enumerate(devices):
         cfg = capture_config(model=str(tinyworld.model_path()), corpus="tinyworld:3000", hooks=[hook], tokens=30_000,
-                             out=str(tmp_path / f"store_{dev}"), context=64, batch_tokens=4096, device=dev,
+                             out=str(tmp_path / f"store{i}"), context=64, batch_tokens=4096, device=dev,
                              dtype="float32")
-        stores[dev] = capture(cfg).path
-    a = next(iter(ActivationStore(stores["cpu"]).loader(8192, shuffle=False, split="train", epochs=1, hook=hook)))
-    b = next(iter(ActivationStore(stores[CUDA]).loader(8192, shuffle=False, split="train", epochs=1, hook=hook)))
+        stores.append(capture(cfg).path)
+    a, b = (next(iter(ActivationStore(s).loader(8192, shuffle=False, split="train", epochs=1, hook=hook)))
+            for s in stores)
     assert a.shape == b.shape and rel(b, a) < 1e-2  # the store holds bf16 rows; float32 model on both sides
 
-    fvu = {}
-    trained = {}
-    for dev in ("cpu", CUDA):
+    fvu, sae_dirs = [], []
+    val = list(ActivationStore(stores[0]).loader(4096, shuffle=False, split="val", epochs=1, drop_last=False,
+                                                 hook=hook))
+    for i, dev in enumerate(devices):
         cfg = load_config(d_sae=256, k=16, batch_size=1024, epochs=2, log_every=5, checkpoint_every=1000,
                           plots=False, hook=hook, device=dev, seed=0)
-        (sae_dir,) = train(stores[dev], tmp_path / f"sae_{dev}", cfg)
-        trained[dev] = load(sae_dir, device=dev)
-        val = [x.to(dev) for x in ActivationStore(stores["cpu"]).loader(4096, shuffle=False, split="val", epochs=1,
-                                                                          drop_last=False, hook=hook)]
-        from llama_sae.sae.evaluate import activation_metrics
+        (sae_dir,) = train(stores[i], tmp_path / f"sae{i}", cfg)
+        sae_dirs.append(sae_dir)
+        fvu.append(activation_metrics(load(sae_dir, device=dev), [x.to(dev) for x in val])["fvu"])
+    assert fvu[1] < 0.5 and abs(fvu[1] - fvu[0]) < 0.05, fvu
 
-        fvu[dev] = activation_metrics(trained[dev], val)["fvu"]
-    assert fvu[CUDA] < 0.5 and abs(fvu[CUDA] - fvu["cpu"]) < 0.05, fvu
-
-    feats = {}
-    for dev, model in zip(("cpu", CUDA), models):
-        path = build_features(model, tok, trained["cpu"].to(dev), "tinyworld:600:heldout", tmp_path / f"feat_{dev}",
-                              sentences=600, top_n=5, batch_size=32)
-        feats[dev] = load_features(path)
-    live = feats["cpu"].live_latents()
-    assert live and live == feats[CUDA].live_latents()
-    same = sum(feats["cpu"].examples(i)[0].text == feats[CUDA].examples(i)[0].text for i in live[:100])
+    feats = []
+    for i, (dev, model) in enumerate(zip(devices, models)):  # the CPU-trained SAE, on each device
+        path = build_features(model, tok, load(sae_dirs[0], device=dev), "tinyworld:600:heldout",
+                              tmp_path / f"feat{i}", sentences=600, top_n=5, batch_size=32)
+        feats.append(load_features(path))
+    live = feats[0].live_latents()
+    assert live and live == feats[1].live_latents()
+    same = sum(feats[0].examples(i)[0].text == feats[1].examples(i)[0].text for i in live[:100])
     assert same >= 0.95 * min(100, len(live)), same
