@@ -575,3 +575,41 @@ def test_journal_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     assert again.state.succeeded("a") and again.state.results["a"]["text"] == "cats"
     assert len(path.read_text().splitlines()) == 3  # header, request, result
 
+
+
+def test_a_rerun_on_the_same_inputs_builds_no_prompt_and_gives_the_same_output(feats, monkeypatch):
+    import sys
+
+    import llama_sae.interpret.scoring as scoring_mod
+
+    explain_mod = sys.modules["llama_sae.interpret.explain"]  # (the package's `explain` attribute is the function)
+
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    first = score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    scores = (f.path / "scores.jsonl").read_bytes()
+
+    def no_prompts(*a, **kw):
+        raise AssertionError("a rerun on unchanged inputs built prompts")
+
+    said = []
+    with monkeypatch.context() as m:
+        m.setattr(scoring_mod, "score_requests", no_prompts)
+        m.setattr(explain_mod, "explain_requests", no_prompts)
+        again = score(f, make_backend("offline", f), n=5, say=said.append)
+        explain(f, make_backend("offline", f), say=said.append)
+    assert {k: v for k, v in again.items() if k != "outcomes"} == {k: v for k, v in first.items() if k != "outcomes"}
+    assert (f.path / "scores.jsonl").read_bytes() == scores
+    assert sum("answered by an earlier run" in s for s in said) == 2
+    # another n, or a changed explanation, is other inputs: the prompts are built again
+    calls = []
+    real = scoring_mod.score_requests
+    monkeypatch.setattr(scoring_mod, "score_requests", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    score(f, make_backend("offline", f), n=4, say=lambda s: None)
+    assert calls
+    rows = [json.loads(x) for x in (f.path / "explanations.jsonl").read_text().splitlines()]
+    rows[0]["explanation"] = "something else entirely"
+    (f.path / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls.clear()
+    score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    assert calls

@@ -46,7 +46,8 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
     settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}
     journal, ids = run_requests(f, "explain", backend, chunks, len(latents), settings,
                                 parse=lambda req, text: parse_explanation(text)[0], fresh=fresh,
-                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say,
+                                inputs={"latents": latents})
     rows = []
     for cid in ids:
         res = journal.state.results.get(cid)

@@ -41,6 +41,7 @@ class JournalState:
     pending_batches: dict[str, dict] = field(default_factory=dict)  # local_id -> pending record (no id yet)
     open_batches: dict[str, dict] = field(default_factory=dict)  # batch_id -> batch record (not done)
     known_batches: set[str] = field(default_factory=set)  # every server batch id this journal has recorded
+    complete: dict[str, list[str]] = field(default_factory=dict)  # inputs key -> the custom_ids a run asked for
 
     def apply(self, rec: dict) -> None:
         kind = rec.get("kind")
@@ -60,6 +61,8 @@ class JournalState:
             self.open_batches.pop(rec["batch_id"], None)
         elif kind == "batch_lost":
             self.pending_batches.pop(rec["local_id"], None)
+        elif kind == "complete":
+            self.complete[rec["inputs"]] = rec["custom_ids"]
 
     def in_batch(self) -> set[str]:
         """custom_ids inside a batch that is created (or maybe created) and not finished."""

@@ -135,7 +135,8 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     journal, ids = run_requests(f, "score", backend, chunks(), total, settings,
                                 parse=lambda req, text: parse_answers(text, len(req.get("labels", []))),
                                 fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
-                                say=say)
+                                say=say, inputs={"explanations": sorted(explanations.items()), "control": control,
+                                                 "n_tops": sorted(n_tops.items())})
     rows = []
     for cid in ids:
         res, req = journal.state.results.get(cid), journal.state.requests[cid]
