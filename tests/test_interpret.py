@@ -613,3 +613,18 @@ def test_a_rerun_on_the_same_inputs_builds_no_prompt_and_gives_the_same_output(f
     calls.clear()
     score(f, make_backend("offline", f), n=5, say=lambda s: None)
     assert calls
+    # a new version of the code that builds prompts is other inputs too (a prompt fix must reach old journals)
+    import llama_sae.interpret.run as run_mod
+
+    calls.clear()
+    monkeypatch.setattr(run_mod, "code_digest", lambda: "another version")
+    score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    assert calls
+    # a stricter reply parser still applies on the shortcut: a reply it rejects is marked malformed
+    calls.clear()
+    journal_lines = len(_journal(f, "score"))
+    score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    assert not calls and len(_journal(f, "score")) == journal_lines  # shortcut taken, no second complete record
+    monkeypatch.setattr(scoring_mod, "parse_answers", lambda text, n: None)
+    out = score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    assert not calls and out["outcomes"].get("malformed")

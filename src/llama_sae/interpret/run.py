@@ -10,6 +10,7 @@ on the same inputs with every answer in, it builds no prompt at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -81,16 +82,19 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
               "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
     key = None if inputs is None else hashlib.sha256(json.dumps(
-        {"build": header["features_build"], "settings": settings, "inputs": inputs}, sort_keys=True).encode()
-    ).hexdigest()[:32]
+        {"build": header["features_build"], "settings": settings, "inputs": inputs, "code": code_digest()},
+        sort_keys=True).encode()).hexdigest()[:32]
+    st = journal.state
     try:
-        done = journal.state.complete.get(key) if key and not retry_failed else None
-        if done is not None and all(journal.state.succeeded(c) for c in done):
+        done = st.complete.get(key) if key and not retry_failed else None
+        if done is not None and all(st.succeeded(c) for c in done):
             say(f"{task}: all {len(done)} requests of these inputs were answered by an earlier run: nothing to send")
+            mark_malformed(journal, done, parse)  # the replies as this version reads them
             return journal, done
         journal_, wanted = _run(journal, backend, chunks, parse, fresh, retry_failed, confirm, threshold, say, task,
                                 total)
-        if key and all(c in journal.state.results for c in wanted):  # every request has its final result
+        final = all(c in st.results for c in wanted) and not set(wanted) & st.in_batch()
+        if key and final and st.complete.get(key) != wanted:  # every request has its final result, recorded once
             journal.append({"kind": "complete", "inputs": key, "custom_ids": wanted})
         return journal_, wanted
     finally:
@@ -121,12 +125,31 @@ def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]]
             backend.run(todo, journal)
     if backend.batch_api:
         backend.collect(journal)
-    for cid in wanted:
+    mark_malformed(journal, wanted, parse)
+    return journal, wanted
+
+
+def mark_malformed(journal: Journal, custom_ids: Sequence[str], parse) -> None:
+    """Record as ``malformed`` each succeeded answer that ``parse`` rejects (the output contract, as this version
+    reads it)."""
+    st = journal.state
+    for cid in custom_ids:
         res = st.results.get(cid)
         if res and res["status"] == "succeeded" and parse(st.requests.get(cid, {}), res["text"] or "") is None:
             journal.record_result(cid, "malformed", text=res["text"],
                                   error="the reply breaks the output contract (no valid JSON answer)")
-    return journal, wanted
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A digest of the code that builds prompts and reads replies (this package's interpret modules and the
+    features reader): a rerun's shortcut must not outlive a change to any of them."""
+    from llama_sae import __version__, features, interpret
+
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(interpret.__file__).parent.glob("*.py")) + [Path(features.__file__)]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, total: int,
