@@ -313,3 +313,19 @@ def test_piece_blob_is_each_tokens_own_decode(chunk):
     assert offsets.tolist() == np.cumsum([0] + [len(p) for p in pieces]).tolist()
     empty_blob, empty_off = piece_blob_of(tok, np.zeros(0, dtype=np.int32))
     assert len(empty_blob) == 0 and empty_off.tolist() == [0]
+
+
+def test_decoded_pieces_are_cached_but_every_caller_gets_its_own_list(monkeypatch):
+    import llama_sae.features as features_mod
+
+    f = load_features(tinyworld.features_path())
+    latent = f.live_latents()[0]
+    first = f.examples(latent)
+    first[0].tokens.append("garbage")  # a caller that edits its example must not change what others read
+    again = f.examples(latent)
+    assert [e.tokens for e in again] == [e.tokens for e in load_features(tinyworld.features_path()).examples(latent)]
+    assert "garbage" not in again[0].tokens and "".join(again[0].tokens).strip() == again[0].text.strip()
+    monkeypatch.setattr(features_mod, "PIECES_CACHE", 2)  # a full cache is emptied, not grown
+    for i in f.live_latents()[:20]:
+        f.examples(i)
+    assert len(f._pieces_cache) <= 2

@@ -600,6 +600,9 @@ def _pack(ex: dict[str, Tensor], slot: dict[int, int], texts: list[str], pieces:
 # Load
 
 
+PIECES_CACHE = 1 << 16  # sentences whose decoded token pieces a Features keeps (a few MB)
+
+
 class Features:
     """A features artifact, read back (see ``load_features``)."""
 
@@ -646,10 +649,19 @@ class Features:
         return self._t["sent_text"][lo:hi].tobytes().decode("utf-8")
 
     def _pieces(self, slot: int) -> list[str]:
-        lo, hi = self._t["sent_piece_offsets"][slot:slot + 2]
-        po = self._t["piece_offsets"][lo:hi + 1].tolist()
-        blob = self._t["piece"][po[0]:po[-1]].tobytes()
-        return [blob[a - po[0]:b - po[0]].decode("utf-8") for a, b in zip(po[:-1], po[1:])]
+        """The token pieces of sentence ``slot`` (a fresh list). A sentence is among the examples of many
+        latents, so decoded pieces are kept for the next call (up to PIECES_CACHE sentences)."""
+        cache = self.__dict__.setdefault("_pieces_cache", {})
+        pieces = cache.get(slot)
+        if pieces is None:
+            lo, hi = self._t["sent_piece_offsets"][slot:slot + 2]
+            po = self._t["piece_offsets"][lo:hi + 1].tolist()
+            blob = self._t["piece"][po[0]:po[-1]].tobytes()
+            pieces = tuple(blob[a - po[0]:b - po[0]].decode("utf-8") for a, b in zip(po[:-1], po[1:]))
+            if len(cache) >= PIECES_CACHE:
+                cache.clear()
+            cache[slot] = pieces
+        return list(pieces)
 
     def _example(self, row: int, kind: str) -> Example:
         slot = int(self._t["ex_sentence"][row])
