@@ -111,6 +111,13 @@ def check_decoder(sae) -> None:
     assert (norms - 1).abs().max() < 1e-4, f"decoder rows drifted from unit norm: {norms.min()}..{norms.max()}"
 
 
+def dead_latents(a: argparse.Namespace) -> torch.Tensor:
+    """The --dead-frac latents marked dead before every step (the same ones for every implementation), on the
+    device, so that marking them is no host-to-device copy inside the timed step."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randperm(a.d_sae, generator=g)[:int(a.dead_frac * a.d_sae)].to(a.device)
+
+
 def time_steps(a: argparse.Namespace, step) -> tuple[float, list[float]]:
     """(median seconds per step after the warm-up, FVU of every step) of ``step(i)`` -> fvu, synchronized."""
     times, fvus = [], []
@@ -148,12 +155,12 @@ def sparsify_child(a: argparse.Namespace, bf16: bool) -> dict:
     sync(a.device)
     init_s = time.perf_counter() - t0
     since = torch.zeros(a.d_sae, dtype=torch.long, device=a.device)
-    dead = torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(1))[:int(a.dead_frac * a.d_sae)]
+    dead = dead_latents(a)
     auto = torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=bf16)
 
     def step(i: int) -> float:
         sae.set_decoder_norm_to_unit_norm()
-        since[dead.to(a.device)] = 10 ** 9
+        since[dead] = 10 ** 9
         mask = since > 10_000_000
         with auto:
             out = sae(batches[i % 2], dead_mask=mask if bool(mask.any()) else None)
@@ -192,10 +199,10 @@ def child(a: argparse.Namespace) -> dict:
     sync(a.device)
     init_s = time.perf_counter() - t0
     check_selection(runs[0].sae, normalize(batches[0], "layer_norm")[0], cfg.bf16)
-    dead = torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(1))[:int(a.dead_frac * a.d_sae)]
+    dead = dead_latents(a)
 
     def step(i: int) -> float:
-        runs[0].since_fired[dead.to(a.device)] = cfg.dead_tokens_threshold
+        runs[0].since_fired[dead] = cfg.dead_tokens_threshold
         stats = train_step(runs, batches[i % 2], cfg, World(), i, a.warmup + a.steps, a.batch)
         return stats[0][0]
 
