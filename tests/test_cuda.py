@@ -17,7 +17,6 @@ import torch
 
 from llama_sae import tinyworld
 from llama_sae.llama import generate, load_model, load_tokenizer
-from llama_sae.llama.generate import generate_tokens
 from llama_sae.sae import load
 from llama_sae.splice import spliced
 
@@ -113,14 +112,10 @@ def test_sae_encode_decode_match_the_cpu_and_bf16_selection_recomputes_in_float3
 
 def test_cached_generation_equals_uncached_spliced_and_not(models, saes, tok):
     gpu, sae = models[1], saes[1]
-    prompts = [tok.encode(p, bos=True) for p, _ in tinyworld.topic_prompts()[:3]]
+    prompts = [p for p, _ in tinyworld.topic_prompts()[:3]]
 
     def run(use_cache):
-        rows = [[] for _ in prompts]
-        for t, running in generate_tokens(gpu, prompts, max_new_tokens=16, stop_ids=set(), use_cache=use_cache):
-            for i in running.nonzero().flatten().tolist():
-                rows[i].append(int(t[i]))
-        return rows
+        return [c.tokens for c in generate(gpu, tok, prompts, max_new_tokens=16, stop_ids=set(), use_cache=use_cache)]
 
     with torch.inference_mode():
         assert run(True) == run(False)
