@@ -237,11 +237,19 @@ def test_kill_9_mid_run_then_same_command_gives_identical_store(tiny, reference,
 def test_crash_while_writing_a_shard_leaves_a_temp_file_that_resume_ignores(tiny, reference, tmp_path):
     out = tmp_path / "acts"
     crash = """
-import os, signal, llama_sae.store as S
-calls = []
+import os, signal, threading, llama_sae.store as S
+calls, commits = [], threading.Semaphore(0)
+real_commit = S.StoreWriter._commit
+def commit_then_count(self, written, cursor):
+    real_commit(self, written, cursor)
+    commits.release()
+S.StoreWriter._commit = commit_then_count
 def half_then_die(path, data):
     calls.append(path)
     if len(calls) == 3:
+        # the committer records shard 2 on its own thread, possibly after this write began: wait for it, so the
+        # kill always comes with exactly two shards committed
+        assert commits.acquire(timeout=60) and commits.acquire(timeout=60)
         with open(path.with_name('.' + path.name + '.tmp' + str(os.getpid())), 'wb') as f:
             f.write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
