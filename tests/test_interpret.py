@@ -362,6 +362,30 @@ def test_journal_from_another_run_is_refused(feats, server):
     assert out["explained"] == len(f.live_latents()) and list(f.path.glob("explain.journal.jsonl.*.old"))
 
 
+def test_the_same_model_name_on_another_server_is_another_run(feats, server):
+    """Answers from one server are never taken for another's model of the same name; a journal written before the
+    server was recorded still resumes."""
+    f = feats
+    server.state.reply = lambda text: json.dumps({"explanation": "cats", "certainty": 0.5})
+    latents = f.live_latents()[:3]
+    first = explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v1"), latents=latents,
+                    say=lambda s: None)
+    assert first["explained"] == 3 and _journal(f)[0]["backend_identity"]["base_url"] == server.url + "/v1/"
+    with FakeServer() as other:
+        with pytest.raises(UserError, match=r"another run \(backend_identity .*--fresh"):
+            explain(f, make_backend("chat", f, model="m", base_url=other.url + "/v1"), latents=latents,
+                    say=lambda s: None)
+        assert not other.state.log
+    lines = (f.path / "explain.journal.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["backend_identity"]  # as an older version wrote it
+    (f.path / "explain.journal.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    sent = len(server.state.log)
+    again = explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v1"), latents=latents,
+                    say=lambda s: None)
+    assert again["explained"] == 3 and len(server.state.log) == sent  # resumed: nothing sent again
+
+
 def test_artifact_rebuilt_invalidates_journal(feats, built, tmp_path):
     f = feats
     explain(f, make_backend("offline", f), say=lambda s: None)
@@ -486,6 +510,21 @@ def test_local_backend_runs_the_model(feats, built):
     assert set(out["outcomes"]) <= {"succeeded", "malformed", "errored"}
     texts = [r for r in _journal(f) if r["kind"] == "result" and r["status"] != "errored"]
     assert texts and all(r["text"] for r in texts)  # the model generated (and its text is kept, parsed or not)
+
+
+def test_cli_local_backend_records_its_checkpoint(feats):
+    """Two checkpoints explained under the same --llm-model name are two runs: the journal pins the files' digest."""
+    from typer.testing import CliRunner
+
+    from llama_sae.capture import model_fingerprint
+    from llama_sae.cli import app
+
+    latent = feats.live_latents()[0]
+    r = CliRunner().invoke(app, ["explain", str(feats.path), "--backend", "local", "--latents", str(latent),
+                                 "--n-top", "1", "--max-tokens", "4"])
+    assert "1 latents explained" in r.output or "every explain request failed" in r.output, r.output  # tiny model
+    header = _journal(feats)[0]
+    assert header["backend_identity"] == {"checkpoint": model_fingerprint(tinyworld.model_path())}
 
 
 def test_cli_explain_and_score_offline(feats):
@@ -628,3 +667,33 @@ def test_a_rerun_on_the_same_inputs_builds_no_prompt_and_gives_the_same_output(f
     monkeypatch.setattr(scoring_mod, "parse_answers", lambda text, n: None)
     out = score(f, make_backend("offline", f), n=5, say=lambda s: None)
     assert not calls and out["outcomes"].get("malformed")
+
+
+def test_outputs_are_written_while_the_journal_is_still_locked(feats, monkeypatch):
+    """explanations.jsonl is merged (read, then rewritten) and scores.jsonl rewritten after the requests: another
+    run started in between must wait for the lock, or it could merge from the old file and drop this run's rows."""
+    import sys
+
+    import llama_sae.interpret.scoring as scoring_mod
+    from llama_sae.interpret.journal import Journal
+
+    explain_mod = sys.modules["llama_sae.interpret.explain"]  # (the package's `explain` attribute is the function)
+    f, seen = feats, []
+
+    def second_run(task):
+        try:
+            header = {k: v for k, v in _journal(f, task)[0].items() if k != "kind"}  # the same run's settings
+            Journal(f.path / f"{task}.journal.jsonl", header).close()
+            seen.append((task, "free"))
+        except UserError as e:
+            seen.append((task, "locked" if "another run is using" in str(e) else str(e)))
+
+    real_explain_write, real_score_write = explain_mod.atomic_write, scoring_mod.atomic_write
+    monkeypatch.setattr(explain_mod, "atomic_write", lambda *a: (second_run("explain"), real_explain_write(*a)))
+    monkeypatch.setattr(scoring_mod, "atomic_write", lambda *a: (second_run("score"), real_score_write(*a)))
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    score(f, make_backend("offline", f), n=4, say=lambda s: None)
+    assert seen == [("explain", "locked"), ("score", "locked")]
+    second_run("explain"), second_run("score")  # released once the outputs are written
+    assert seen[2:] == [("explain", "free"), ("score", "free")]
+    assert not list(f.path.glob("*.lock"))

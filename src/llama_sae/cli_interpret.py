@@ -103,14 +103,16 @@ def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minu
     from llama_sae.interpret import make_backend
 
     check_device(device)  # a bad value is an error whatever the backend (only the local one uses it)
-    llama = tok = None
+    llama = tok = checkpoint = None
     if backend == "local":
-        from llama_sae.cli import _load
+        from llama_sae.capture import model_fingerprint
+        from llama_sae.cli import _load, _model_path
 
         llama, tok = _load(model, None, device)
+        checkpoint = model_fingerprint(_model_path(model))  # answers of another checkpoint are not this one's
     return make_backend(backend, f, model=llm_model, base_url=base_url, api_key_env=api_key_env,
                         concurrency=concurrency, per_minute=per_minute, poll_interval=poll, wait=not no_wait,
-                        llama=llama, tokenizer=tok, timeout=timeout)
+                        llama=llama, tokenizer=tok, timeout=timeout, checkpoint=checkpoint)
 
 
 def _confirm(yes: bool):

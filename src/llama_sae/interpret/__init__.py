@@ -28,8 +28,9 @@ BACKENDS = ("offline", "chat", "anthropic", "openai-batch", "local")
 def make_backend(name: str, features, *, model: str | None = None, base_url: str | None = None,
                  api_key_env: str | None = None, concurrency: int = 8, per_minute: float | None = None,
                  poll_interval: float = 30.0, wait: bool = True, llama=None, tokenizer=None,
-                 timeout: float = 120.0) -> Backend:
-    """A backend by name (see the module docstring); ``features`` is the artifact it works for."""
+                 timeout: float = 120.0, checkpoint: str | None = None) -> Backend:
+    """A backend by name (see the module docstring); ``features`` is the artifact it works for. ``checkpoint``:
+    the local backend's checkpoint fingerprint (``capture.model_fingerprint``), recorded in the journal."""
     from llama_sae.interpret import backends, batches
 
     results_dir = Path(features.path) / "batches"
@@ -48,7 +49,7 @@ def make_backend(name: str, features, *, model: str | None = None, base_url: str
     if name == "local":
         if llama is None:
             raise UserError("the local backend needs the model: pass --model PATH (an instruct checkpoint)")
-        return backends.LocalBackend(llama, tokenizer, model_name=model or "local")
+        return backends.LocalBackend(llama, tokenizer, model_name=model or "local", checkpoint=checkpoint)
     raise UserError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
 
 

@@ -53,6 +53,12 @@ class Backend(ABC):
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
         """Answer ``requests`` (not yet answered), recording a result line for each one finished."""
 
+    def identity(self) -> dict[str, Any]:
+        """What, besides the name and model, makes this backend's answers its own (the server, the sampling
+        temperature, the local checkpoint): a journal of the same name and model with other answers is another
+        run's."""
+        return {}
+
 
 def env_key(variable: str, what: str) -> str:
     """An API key from the environment (never from files or options); UserError naming the variable."""
@@ -229,6 +235,9 @@ class ChatBackend(SyncBackend):
         self.client = openai.OpenAI(api_key=key or "none", base_url=url, max_retries=0, timeout=timeout)
         self.model, self.temperature = model, temperature
 
+    def identity(self) -> dict[str, Any]:
+        return {"base_url": str(self.client.base_url), "temperature": self.temperature}
+
     def complete(self, request: Request) -> str:
         o = self.openai
         try:
@@ -276,8 +285,14 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, model, tokenizer, *, model_name: str = "local", batch: int = 8):
+    def __init__(self, model, tokenizer, *, model_name: str = "local", batch: int = 8, checkpoint: str | None = None):
+        """``checkpoint``: a fingerprint of the checkpoint's files (the CLI passes one), so that answers of
+        another checkpoint under the same ``model_name`` are never taken for this one's."""
         self.llama, self.tokenizer, self.model, self.batch = model, tokenizer, model_name, batch
+        self.checkpoint = checkpoint
+
+    def identity(self) -> dict[str, Any]:
+        return {} if self.checkpoint is None else {"checkpoint": self.checkpoint}
 
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
         from llama_sae.llama import generate

@@ -21,6 +21,7 @@ import uuid
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from llama_sae.errors import UserError
 from llama_sae.fileio import atomic_write
@@ -42,6 +43,9 @@ class BatchBackend(Backend):
         self.results_dir = Path(results_dir)
         self.max_batch, self.poll_interval, self.wait = max_batch, poll_interval, wait
         self.download_attempts = download_attempts
+
+    def identity(self) -> dict[str, Any]:
+        return {"base_url": str(self.client.base_url), "temperature": self.temperature}  # batch ids live there
 
     # ---- protocol-specific
     @abstractmethod

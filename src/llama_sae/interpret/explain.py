@@ -48,16 +48,17 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
                                 parse=lambda req, text: parse_explanation(text)[0], fresh=fresh,
                                 retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say,
                                 inputs={"latents": latents})
-    rows = []
-    for cid in ids:
-        res = journal.state.results.get(cid)
-        if res is None or res["status"] != "succeeded":
-            continue
-        text, certainty = parse_explanation(res["text"])
-        rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": text, "certainty": certainty,
-                     "backend": backend.name, "model": backend.model, "custom_id": cid, "raw": res["text"],
-                     "n_top": n_top})  # the scorer holds out only top sentences past these
-    _merge_write(f, rows)
+    with journal:  # still locked: another explain run cannot merge its rows into the file at the same time
+        rows = []
+        for cid in ids:
+            res = journal.state.results.get(cid)
+            if res is None or res["status"] != "succeeded":
+                continue
+            text, certainty = parse_explanation(res["text"])
+            rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": text,
+                         "certainty": certainty, "backend": backend.name, "model": backend.model, "custom_id": cid,
+                         "raw": res["text"], "n_top": n_top})  # the scorer holds out only top sentences past these
+        _merge_write(f, rows)
     f.reload_explanations()
     return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids),
             "first_error": first_error(journal, ids)}

@@ -108,6 +108,12 @@ class Journal:
             raise UserError(f"another run is using {self.path} (it holds {lock_path.name}): wait for it to end, "
                             "or stop it; a run killed with kill -9 releases the lock") from None
 
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release the lock and remove its file (the state stays readable; appending after this is the caller's
         mistake)."""
@@ -132,7 +138,9 @@ class Journal:
 
 # What makes a journal another run's. Prompt settings are not among them: a request's custom_id carries
 # its prompt's hash, so changed settings only add new requests (an identical prompt is never re-sent).
-IDENTITY_KEYS = ("task", "backend", "model", "features_build")
+# ``backend_identity`` (server URL, temperature, local checkpoint) is compared only when the journal has it (older
+# versions did not record it).
+IDENTITY_KEYS = ("task", "backend", "model", "backend_identity", "features_build")
 
 
 def _check_header(path: Path, state: JournalState, new: dict) -> bool:
@@ -142,7 +150,7 @@ def _check_header(path: Path, state: JournalState, new: dict) -> bool:
     old = state.header
     if old is None:
         return False
-    diff = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k) and (k in old or k != "backend_identity")]
     if not diff:
         return False
     if not any(r.get("status") == OK for r in state.results.values()) and not state.in_batch():

@@ -75,11 +75,12 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
             under a digest of it, and a later run with the same digest whose requests all succeeded returns them
             without building ``chunks`` (prompt building is most of a rerun's time: 14.7 s of the demo's scores).
     Returns:
-        (the journal, the custom_ids of this run's requests in order).
+        (the journal, the custom_ids of this run's requests in order). The journal is still open and locked:
+        write the outputs inside ``with journal:``, so that no other run rewrites them in between.
     """
     header = {"task": task, "backend": backend.name, "model": backend.model,
-              "features_build": features.meta.get("build_id"), "settings_hash": settings_hash(settings),
-              "settings": settings}
+              "backend_identity": backend.identity(), "features_build": features.meta.get("build_id"),
+              "settings_hash": settings_hash(settings), "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
     key = None if inputs is None else hashlib.sha256(json.dumps(
         {"build": header["features_build"], "settings": settings, "inputs": inputs, "code": code_digest()},
@@ -96,8 +97,9 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
         if key and final and st.complete.get(key) != wanted:  # every request has its final result, recorded once
             journal.append({"kind": "complete", "inputs": key, "custom_ids": wanted})
         return journal, wanted
-    finally:
+    except BaseException:
         journal.close()
+        raise
 
 
 def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]], parse, fresh: bool,

@@ -137,18 +137,20 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
                                 fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
                                 say=say, inputs={"explanations": sorted(explanations.items()), "control": control,
                                                  "n_tops": sorted(n_tops.items())})
-    rows = []
-    for cid in ids:
-        res, req = journal.state.results.get(cid), journal.state.requests[cid]
-        if res is None or res["status"] != "succeeded":
-            continue
-        labels = req["labels"]
-        pred = parse_answers(res["text"] or "", len(labels))
-        ba, lo, hi = balanced_accuracy(pred, labels)
-        rows.append({"latent": req["latent"], "method": req["task"], "control": req["control"],
-                     "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(labels),
-                     "n_neg": len(labels) - sum(labels), "explanation_of": req["source"], "backend": backend.name})
-    atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+    with journal:  # still locked: another score run cannot write the file at the same time
+        rows = []
+        for cid in ids:
+            res, req = journal.state.results.get(cid), journal.state.requests[cid]
+            if res is None or res["status"] != "succeeded":
+                continue
+            labels = req["labels"]
+            pred = parse_answers(res["text"] or "", len(labels))
+            ba, lo, hi = balanced_accuracy(pred, labels)
+            rows.append({"latent": req["latent"], "method": req["task"], "control": req["control"],
+                         "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(labels),
+                         "n_neg": len(labels) - sum(labels), "explanation_of": req["source"],
+                         "backend": backend.name})
+        atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     f.reload_explanations()
     scored = {row["latent"] for row in rows if not row["control"]}
     summary: dict = {"latents": len(explanations), "outcomes": outcome_counts(journal, ids),
