@@ -697,3 +697,14 @@ def test_outputs_are_written_while_the_journal_is_still_locked(feats, monkeypatc
     second_run("explain"), second_run("score")  # released once the outputs are written
     assert seen[2:] == [("explain", "free"), ("score", "free")]
     assert not list(f.path.glob("*.lock"))
+
+
+def test_score_estimate_counts_only_the_requests_scorable_latents_make(feats):
+    """Latents without held-out activating or non-activating sentences ask nothing: the printed request count (from
+    the first chunk, doubled for the control) is the number sent, not two per latent and method."""
+    f, said = feats, []
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    res = score(f, make_backend("offline", f), n=5, say=said.append)
+    sent = sum(res["outcomes"].values())
+    assert res["unscorable"] > 0 and sent < 4 * res["latents"]  # the case this is about
+    assert any(s.startswith(f"score: {sent} requests, 0 already answered") for s in said), said

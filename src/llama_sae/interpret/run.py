@@ -55,15 +55,19 @@ def settings_hash(settings: dict) -> str:
 def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequence[Request]], total: int,
                  settings: dict, *, parse: Callable[[dict, str], object | None], fresh: bool = False,
                  retry_failed: bool = False, confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-                 say: Callable[[str], None] = print, inputs: object = None) -> tuple[Journal, list[str]]:
+                 say: Callable[[str], None] = print, inputs: object = None, first_units: int | None = None
+                 ) -> tuple[Journal, list[str]]:
     """Answer requests, built chunk by chunk, through ``backend`` with a journal in the features directory.
 
     Requests are built and released chunk by chunk (a million latents never sit in memory at once); a
     batch backend submits every chunk, then collects. The cost estimate comes from the first chunk,
-    scaled to ``total`` requests, and is confirmed before anything is sent.
+    scaled by ``total / first_units``, and is confirmed before anything is sent.
 
     Args:
         task: "explain" or "score" (names the journal file).
+        total: the units of work in all chunks (a request each, unless a unit may give none); ``first_units``:
+            those in the first chunk (default: its request count). Scoring counts latent-method pairs, so that
+            latents that give no request (unscorable) scale the estimate down, not up.
         settings: the prompt settings, recorded in the journal header.
         parse: (request record, reply text) -> None when the reply breaks the output contract (recorded
             as malformed, raw text kept); the request record holds the request's ``meta``.
@@ -92,7 +96,8 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
             say(f"{task}: all {len(done)} requests of these inputs were answered by an earlier run: nothing to send")
             mark_malformed(journal, done, parse)  # the replies as this version reads them
             return journal, done
-        _, wanted = _run(journal, backend, chunks, parse, fresh, retry_failed, confirm, threshold, say, task, total)
+        _, wanted = _run(journal, backend, chunks, parse, fresh, retry_failed, confirm, threshold, say, task, total,
+                         first_units)
         final = all(c in st.results for c in wanted) and not set(wanted) & st.in_batch()
         if key and final and st.complete.get(key) != wanted:  # every request has its final result, recorded once
             journal.append({"kind": "complete", "inputs": key, "custom_ids": wanted})
@@ -103,7 +108,8 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
 
 
 def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]], parse, fresh: bool,
-         retry_failed: bool, confirm, threshold: float, say, task: str, total: int) -> tuple[Journal, list[str]]:
+         retry_failed: bool, confirm, threshold: float, say, task: str, total: int, first_units: int | None
+         ) -> tuple[Journal, list[str]]:
     """The body of :func:`run_requests`, with the journal open (and locked)."""
     if journal.set_aside is not None and not fresh:
         say(f"{task}: the journal held another run's requests and no answer: set aside as {journal.set_aside.name}")
@@ -117,7 +123,8 @@ def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]]
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
         if i == 0:
-            _check_cost(task, backend, requests, todo, new, total, confirm, threshold, say)
+            _check_cost(task, backend, requests, todo, new, total / (first_units or max(len(requests), 1)), confirm,
+                        threshold, say)
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
         if todo and backend.batch_api:
@@ -153,14 +160,14 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, total: int,
+def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, scale: float,
                 confirm, threshold: float, say) -> None:
-    """Print the estimate (from the first chunk, scaled to ``total``) and ask above the threshold."""
-    scale = total / max(len(requests), 1)
+    """Print the estimate (from the first chunk, times ``scale``) and ask above the threshold."""
     cost = estimate(new, backend)
     n_new = round(len(new) * scale)
     dollars = "unknown (no price for this model)" if cost["dollars"] is None else f"${cost['dollars'] * scale:.2f}"
-    say(f"{task}: {total} requests, {round((len(requests) - len(todo)) * scale)} already answered, "
+    say(f"{task}: {round(len(requests) * scale)} requests, {round((len(requests) - len(todo)) * scale)} already "
+        "answered, "
         f"{round((len(todo) - len(new)) * scale)} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
         f"~{round(cost['input_tokens'] * scale):,} input tokens, ≤ {round(cost['output_tokens'] * scale):,} output "
         f"tokens, cost ≤ {dollars}" + ("" if scale == 1 else f" (estimated from the first {len(requests)})"))

@@ -131,8 +131,9 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
                 yield score_requests(f, explanations, source, n=n, control=ctrl, sample=sample, n_tops=n_tops)
 
     settings = {"n": n, "sample": sample, "prompt_version": PROMPT_VERSION}
-    total = 2 * len(latents) * (2 if control else 1)
-    journal, ids = run_requests(f, "score", backend, chunks(), total, settings,
+    total = len(METHODS) * len(latents) * (2 if control else 1)  # latent-method pairs (an unscorable one asks nothing)
+    journal, ids = run_requests(f, "score", backend, chunks(), total, settings, first_units=len(METHODS) * min(
+                                    chunk, len(latents)),
                                 parse=lambda req, text: parse_answers(text, len(req.get("labels", []))),
                                 fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
                                 say=say, inputs={"explanations": sorted(explanations.items()), "control": control,
