@@ -82,13 +82,19 @@ def test_ui_chat_steer_and_token_features(browser):
         ActionChains(browser).click_and_hold(slider).move_by_offset(slider.size["width"] // 3, 0).release().perform()
         strength = float(browser.find_element(By.CSS_SELECTOR, "#strength-0 input[type=number]").get_attribute("value"))
         assert strength >= 4
-        _wait(browser, lambda d: _bot_text(d, "steered-chat") not in ("", first))
-        # done when the unsteered column has been written again (it is generated after the steered one)
-        _wait(browser, lambda d: _bot_text(d, "plain-chat") == first)
+
+        def joined_pieces(d) -> str:
+            pieces = d.find_elements(By.CSS_SELECTOR, "#token-view .token .text")
+            return "".join(t.text for t in pieces).replace(" ", "")
+
+        # done when the steered reply is new, its token view is rendered, and the unsteered column has been written
+        # again (it is generated after the steered one): one condition, so no stale render can satisfy it part-way
+        _wait(browser, lambda d: _bot_text(d, "steered-chat") not in ("", first)
+              and _bot_text(d, "plain-chat") == first
+              and joined_pieces(d) == _bot_text(d, "steered-chat").replace(" ", ""))
         steered = _bot_text(browser, "steered-chat")
-        pieces = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#token-view .token .text")]
         assert steered != first
-        assert "".join(pieces).replace(" ", "") == steered.replace(" ", "")  # the token view shows the steered reply
+        assert joined_pieces(browser) == steered.replace(" ", "")  # the token view shows the steered reply
         browser.save_screenshot(str(ARTIFACTS / "ui-2-steered.png"))
 
         # the token-feature view: click a token, see its latents; click a latent, it goes into slot 1

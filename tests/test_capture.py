@@ -217,17 +217,29 @@ def _assert_same_store(a: Path, b: Path, context: str = "", *, other_process: bo
 
 
 def test_kill_9_mid_run_then_same_command_gives_identical_store(tiny, reference, tmp_path):
-    out = tmp_path / "acts"
-    slow = "import time; f = C.forward_packed\nC.forward_packed = lambda *a, **k: (time.sleep(0.15), f(*a, **k))[1]"
-    proc = _subprocess_capture(tiny, out, slow)
-    deadline = time.time() + 60
-    while _committed(out) < 2 and proc.poll() is None and time.time() < deadline:
+    out, marker = tmp_path / "acts", tmp_path / "two-committed"
+    # the committer stops for good after its second shard (the capture goes on until its queue is full): the kill
+    # always comes mid-run, with two shards committed and later ones maybe written but not committed
+    hold = f"""
+import pathlib, threading, llama_sae.store as S
+real_commit, commits = S.StoreWriter._commit, []
+def commit_then_hold(self, written, cursor):
+    real_commit(self, written, cursor)
+    commits.append(1)
+    if len(commits) == 2:
+        pathlib.Path({str(marker)!r}).touch()
+        threading.Event().wait()
+S.StoreWriter._commit = commit_then_hold
+"""
+    proc = _subprocess_capture(tiny, out, hold)
+    deadline = time.time() + 600  # a safety net against a hang only: the marker comes in seconds
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the capture finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     committed = _committed(out)
-    assert 2 <= committed < 9
+    assert committed == 2
     killed_at = f"; killed after {committed} shards, cursor {read_progress(out, 0)['cursor']}"
     capture(_cfg(tiny, out))  # the same command again
     _assert_same_store(out, reference, killed_at, other_process=True)
@@ -300,7 +312,7 @@ import llama_sae.capture as C
 C.capture(C.CaptureConfig(model={str(tiny)!r}, corpus={CORPUS!r}, hooks={HOOKS!r}, tokens=6000, out={str(out)!r},
                           context=64, batch_tokens=1024, shard_rows=700, progress=False))
 """)
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(script)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script)]  # a free port for each launch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

@@ -109,7 +109,8 @@ def test_training_killed_and_restarted_ends_with_the_same_weights(tmp_path):
     """A run killed after its first checkpoint and restarted equals an uninterrupted run, bitwise."""
     cfg = TinyTrainConfig(**TINY)
     whole = train(tmp_path / "whole", cfg, progress=False)
-    script = (f"import os\nfrom llama_sae.tinyworld import train as t\n"
+    script = (f"import os, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same threads
+              f"from llama_sae.tinyworld import train as t\n"
               f"cfg = t.TinyTrainConfig(**{TINY!r})\nsave = t._save_checkpoint\n"
               "def crash(path, model, opt, step, *a):\n"
               "    save(path, model, opt, step, *a)\n"
