@@ -708,3 +708,56 @@ def test_score_estimate_counts_only_the_requests_scorable_latents_make(feats):
     sent = sum(res["outcomes"].values())
     assert res["unscorable"] > 0 and sent < 4 * res["latents"]  # the case this is about
     assert any(s.startswith(f"score: {sent} requests, 0 already answered") for s in said), said
+
+
+def test_a_run_killed_between_chunks_builds_only_the_unfinished_chunks_again(feats, built, tmp_path, monkeypatch):
+    """Each finished chunk is recorded: the run started again after a kill builds the prompts of the chunks that had
+    not finished, and ends with the same explanations and scores as a run never killed."""
+    import sys
+
+    import llama_sae.interpret.scoring as scoring_mod
+    from llama_sae.interpret.backends import OfflineBackend
+
+    explain_mod = sys.modules["llama_sae.interpret.explain"]
+    f, whole = feats, load_features(shutil.copytree(built[2], tmp_path / "whole"))
+    explain(whole, make_backend("offline", whole), chunk=4, say=lambda s: None)
+    score(whole, make_backend("offline", whole), n=5, chunk=4, say=lambda s: None)
+
+    real_run, runs = OfflineBackend.run, []
+
+    def run_then_die_on_third(self, requests, journal, *a):
+        runs.append(1)
+        if len(runs) == 3:
+            raise Killed
+        real_run(self, requests, journal, *a)
+
+    built_chunks = []
+
+    def counting(real, latents_at):  # record (the chunk's latents, control) of each chunk built
+        def wrapper(features, *a, **kw):
+            built_chunks.append((sorted(a[latents_at]), kw.get("control")))
+            return real(features, *a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(explain_mod, "explain_requests", counting(explain_mod.explain_requests, 0))
+    monkeypatch.setattr(scoring_mod, "score_requests", counting(scoring_mod.score_requests, 1))
+    def run(task, say=lambda s: None):
+        if task == "explain":
+            return explain(f, make_backend("offline", f), chunk=4, say=say)
+        return score(f, make_backend("offline", f), n=5, chunk=4, say=say)
+
+    for task in ("explain", "score"):
+        runs.clear(), built_chunks.clear()
+        with monkeypatch.context() as m:
+            m.setattr(OfflineBackend, "run", run_then_die_on_third)
+            with pytest.raises(Killed):
+                run(task)
+        first_two = built_chunks[:2]
+        assert len(built_chunks) == 3 and not list(f.path.glob("*.lock"))
+        built_chunks.clear()
+        said = []
+        run(task, said.append)
+        assert not any(c in built_chunks for c in first_two)  # the two finished chunks were not built again
+        assert any("(2 of " in s and "answered by an earlier run" in s for s in said), said
+    for name in ("explanations.jsonl", "scores.jsonl"):
+        assert (f.path / name).read_bytes() == (whole.path / name).read_bytes(), name

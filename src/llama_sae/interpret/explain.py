@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from llama_sae.features import EXPLANATIONS_FILE, Features
 from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import explain_prompt, parse_explanation
-from llama_sae.interpret.run import first_error, outcome_counts, run_requests
+from llama_sae.interpret.run import Chunk, first_error, outcome_counts, run_requests
 
 PROMPT_VERSION = 1
 
@@ -41,13 +42,13 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
     "first_error": the first failed request's status and error, or None}.
     """
     latents = f.live_latents() if latents is None else list(dict.fromkeys(latents))  # each latent once
-    chunks = (explain_requests(f, latents[i:i + chunk], n_top=n_top, max_tokens=max_tokens)
-              for i in range(0, len(latents), chunk))
+    parts = [latents[i:i + chunk] for i in range(0, len(latents), chunk)]
+    chunks = [Chunk({"latents": part}, len(part), partial(explain_requests, f, part, n_top=n_top,
+                                                          max_tokens=max_tokens)) for part in parts]
     settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}
-    journal, ids = run_requests(f, "explain", backend, chunks, len(latents), settings,
+    journal, ids = run_requests(f, "explain", backend, chunks, settings,
                                 parse=lambda req, text: parse_explanation(text)[0], fresh=fresh,
-                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say,
-                                inputs={"latents": latents})
+                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
     with journal:  # still locked: another explain run cannot merge its rows into the file at the same time
         rows = []
         for cid in ids:

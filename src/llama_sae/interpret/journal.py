@@ -9,6 +9,7 @@ directory. Every line is written and fsynced before the action it records happen
     {"kind": "batch", "local_id", "batch_id", "custom_ids"}          after the server gave it an id
     {"kind": "batch_done", "batch_id"} / {"kind": "batch_lost", "local_id"}
     {"kind": "result", "custom_id", "status", "text", "error", ...}  after the answer arrived
+    {"kind": "chunk", "inputs", "custom_ids"}     after a chunk's requests all have their final result
 
 So a run killed at any moment and started again knows which requests were answered (never re-sent),
 which batches exist on the server (polled, not re-created; a batch whose creation was interrupted is
@@ -41,7 +42,7 @@ class JournalState:
     pending_batches: dict[str, dict] = field(default_factory=dict)  # local_id -> pending record (no id yet)
     open_batches: dict[str, dict] = field(default_factory=dict)  # batch_id -> batch record (not done)
     known_batches: set[str] = field(default_factory=set)  # every server batch id this journal has recorded
-    complete: dict[str, list[str]] = field(default_factory=dict)  # inputs key -> the custom_ids a run asked for
+    chunks: dict[str, list[str]] = field(default_factory=dict)  # a chunk's inputs key -> the custom_ids it asked for
 
     def apply(self, rec: dict) -> None:
         kind = rec.get("kind")
@@ -61,8 +62,8 @@ class JournalState:
             self.open_batches.pop(rec["batch_id"], None)
         elif kind == "batch_lost":
             self.pending_batches.pop(rec["local_id"], None)
-        elif kind == "complete":
-            self.complete[rec["inputs"]] = rec["custom_ids"]
+        elif kind == "chunk":
+            self.chunks[rec["inputs"]] = rec["custom_ids"]
 
     def in_batch(self) -> set[str]:
         """custom_ids inside a batch that is created (or maybe created) and not finished."""

@@ -4,8 +4,8 @@
 cost estimate and asks for confirmation above a threshold, records every request before it is sent,
 runs the backend, and marks answers that break the output contract as ``malformed`` (raw text kept).
 Everything the outputs need (latent, labels) is in the journal's request lines, so explanations and
-scores are written from the journal alone. A finished run records which requests its inputs made; run again
-on the same inputs with every answer in, it builds no prompt at all.
+scores are written from the journal alone. Each finished chunk of work records which requests its inputs made;
+run again (after a crash, or on the same inputs), a chunk with every answer in builds no prompt at all.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llama_sae.errors import UserError
 from llama_sae.interpret.backends import Backend, Request
@@ -52,32 +54,43 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequence[Request]], total: int,
-                 settings: dict, *, parse: Callable[[dict, str], object | None], fresh: bool = False,
-                 retry_failed: bool = False, confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-                 say: Callable[[str], None] = print, inputs: object = None, first_units: int | None = None
-                 ) -> tuple[Journal, list[str]]:
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of a task's work, described before its prompts are built.
+
+    ``inputs``: JSON-able, everything besides the features artifact and the settings that its requests are built
+    from (the latents, the explanations scored, ...); ``units``: the work it counts for the cost estimate (a
+    request each for explain; latent-method pairs for score, so an unscorable latent, which asks nothing, scales
+    the estimate down); ``build``: its requests.
+    """
+
+    inputs: Any
+    units: int
+    build: Callable[[], Sequence[Request]]
+
+
+def run_requests(features, task: str, backend: Backend, chunks: Sequence[Chunk], settings: dict, *,
+                 parse: Callable[[dict, str], object | None], fresh: bool = False, retry_failed: bool = False,
+                 confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
+                 say: Callable[[str], None] = print) -> tuple[Journal, list[str]]:
     """Answer requests, built chunk by chunk, through ``backend`` with a journal in the features directory.
 
     Requests are built and released chunk by chunk (a million latents never sit in memory at once); a
-    batch backend submits every chunk, then collects. The cost estimate comes from the first chunk,
-    scaled by ``total / first_units``, and is confirmed before anything is sent.
+    batch backend submits every chunk, then collects. The cost estimate comes from the first chunk built,
+    scaled by the units left, and is confirmed before anything is sent. A chunk whose every request has its
+    final result is recorded under a digest of its inputs, the settings, the artifact build and the code that
+    builds prompts: a later run (after a crash, or on the same inputs) skips building a recorded chunk whose
+    answers all succeeded, and re-reads its replies (prompt building is most of a rerun's time: 14.7 s of the
+    demo's scores).
 
     Args:
         task: "explain" or "score" (names the journal file).
-        total: the units of work in all chunks (a request each, unless a unit may give none); ``first_units``:
-            those in the first chunk (default: its request count). Scoring counts latent-method pairs, so that
-            latents that give no request (unscorable) scale the estimate down, not up.
         settings: the prompt settings, recorded in the journal header.
         parse: (request record, reply text) -> None when the reply breaks the output contract (recorded
             as malformed, raw text kept); the request record holds the request's ``meta``.
         retry_failed: re-send requests whose last result was errored / canceled / expired / malformed / missing.
         confirm: asked (with the estimate) when it exceeds ``threshold`` dollars or the price is unknown;
             None = refuse such runs (the CLI passes a prompt, or --yes).
-        inputs: JSON-able, everything besides the features artifact and ``settings`` that the requests are built
-            from (the latents, the explanations scored, ...). When given, the finished run records its requests
-            under a digest of it, and a later run with the same digest whose requests all succeeded returns them
-            without building ``chunks`` (prompt building is most of a rerun's time: 14.7 s of the demo's scores).
     Returns:
         (the journal, the custom_ids of this run's requests in order). The journal is still open and locked:
         write the outputs inside ``with journal:``, so that no other run rewrites them in between.
@@ -86,55 +99,73 @@ def run_requests(features, task: str, backend: Backend, chunks: Iterable[Sequenc
               "backend_identity": backend.identity(), "features_build": features.meta.get("build_id"),
               "settings_hash": settings_hash(settings), "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
-    key = None if inputs is None else hashlib.sha256(json.dumps(
-        {"build": header["features_build"], "settings": settings, "inputs": inputs, "code": code_digest()},
-        sort_keys=True).encode()).hexdigest()[:32]
-    st = journal.state
     try:
-        done = st.complete.get(key) if key and not retry_failed else None
-        if done is not None and all(st.succeeded(c) for c in done):
-            say(f"{task}: all {len(done)} requests of these inputs were answered by an earlier run: nothing to send")
-            mark_malformed(journal, done, parse)  # the replies as this version reads them
-            return journal, done
-        _, wanted = _run(journal, backend, chunks, parse, fresh, retry_failed, confirm, threshold, say, task, total,
-                         first_units)
-        final = all(c in st.results for c in wanted) and not set(wanted) & st.in_batch()
-        if key and final and st.complete.get(key) != wanted:  # every request has its final result, recorded once
-            journal.append({"kind": "complete", "inputs": key, "custom_ids": wanted})
+        keys = [chunk_key(header["features_build"], settings, c.inputs) for c in chunks]
+        wanted = _run(journal, backend, chunks, keys, parse, fresh, retry_failed, confirm, threshold, say, task)
         return journal, wanted
     except BaseException:
         journal.close()
         raise
 
 
-def _run(journal: Journal, backend: Backend, chunks: Iterable[Sequence[Request]], parse, fresh: bool,
-         retry_failed: bool, confirm, threshold: float, say, task: str, total: int, first_units: int | None
-         ) -> tuple[Journal, list[str]]:
+def chunk_key(build: str | None, settings: dict, inputs: Any) -> str:
+    """The digest a chunk's answers are recorded under (its inputs, the settings, the artifact build, the code)."""
+    return hashlib.sha256(json.dumps({"build": build, "settings": settings, "inputs": inputs, "code": code_digest()},
+                                     sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list[str], parse, fresh: bool,
+         retry_failed: bool, confirm, threshold: float, say, task: str) -> list[str]:
     """The body of :func:`run_requests`, with the journal open (and locked)."""
     if journal.set_aside is not None and not fresh:
         say(f"{task}: the journal held another run's requests and no answer: set aside as {journal.set_aside.name}")
-    st, wanted, seen = journal.state, [], set()
-    for i, requests in enumerate(chunks):
-        requests = [r for r in requests if r.custom_id not in seen and not seen.add(r.custom_id)]  # asked once
-        wanted += [r.custom_id for r in requests]
+    st = journal.state
+    answered = {i for i, k in enumerate(keys) if k in st.chunks and all(st.succeeded(c) for c in st.chunks[k])}
+    reused = sum(len(st.chunks[keys[i]]) for i in answered)
+    if answered and len(answered) == len(chunks):
+        say(f"{task}: all {reused} requests of these inputs were answered by an earlier run: nothing to send")
+    elif answered:
+        say(f"{task}: {reused} requests ({len(answered)} of {len(chunks)} chunks) were answered by an earlier run: "
+            "their prompts are not built again")
+    units_left = sum(c.units for i, c in enumerate(chunks) if i not in answered)
+    wanted, seen, built, estimated = [], set(), [], False
+    for i, (chunk, key) in enumerate(zip(chunks, keys)):
+        if i in answered:
+            wanted += [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
+            continue
+        requests = [r for r in chunk.build() if r.custom_id not in seen and not seen.add(r.custom_id)]  # asked once
+        ids = [r.custom_id for r in requests]
+        wanted += ids
+        built.append((key, ids))
         busy = st.in_batch()
         todo = [r for r in requests if not st.succeeded(r.custom_id) and (
             r.custom_id in busy or r.custom_id not in st.results
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
-        if i == 0:
-            _check_cost(task, backend, requests, todo, new, total / (first_units or max(len(requests), 1)), confirm,
-                        threshold, say)
+        if not estimated:
+            _check_cost(task, backend, requests, todo, new, units_left / max(chunk.units, 1), confirm, threshold, say)
+            estimated = True
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
         if todo and backend.batch_api:
             backend.submit(todo, journal)  # every chunk submitted first, collected after the last one
         elif todo:
             backend.run(todo, journal)
+        _record_finished(journal, built)
     if backend.batch_api:
         backend.collect(journal)
+        _record_finished(journal, built)
     mark_malformed(journal, wanted, parse)
-    return journal, wanted
+    return wanted
+
+
+def _record_finished(journal: Journal, built: list[tuple[str, list[str]]]) -> None:
+    """Record each built chunk whose requests all have their final result (once: then it leaves ``built``)."""
+    st, busy = journal.state, journal.state.in_batch()
+    finished = [(key, ids) for key, ids in built if all(c in st.results and c not in busy for c in ids)]
+    journal.append(*[{"kind": "chunk", "inputs": key, "custom_ids": ids} for key, ids in finished
+                     if st.chunks.get(key) != ids])
+    built[:] = [b for b in built if b not in finished]
 
 
 def mark_malformed(journal: Journal, custom_ids: Sequence[str], parse) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -26,7 +27,7 @@ from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features
 from llama_sae.fileio import atomic_write, read_jsonl
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
-from llama_sae.interpret.run import first_error, outcome_counts, run_requests
+from llama_sae.interpret.run import Chunk, first_error, outcome_counts, run_requests
 
 METHODS = ("detection", "fuzzing")
 PROMPT_VERSION = 1
@@ -124,20 +125,20 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
 
     shuffled = derangement(latents)
 
-    def chunks():
-        for ctrl in (False, True) if control else (False,):
-            for i in range(0, len(latents), chunk):
-                source = {l: shuffled[l] if ctrl else l for l in latents[i:i + chunk] if not ctrl or l in shuffled}
-                yield score_requests(f, explanations, source, n=n, control=ctrl, sample=sample, n_tops=n_tops)
+    chunks = []
+    for ctrl in (False, True) if control else (False,):
+        for i in range(0, len(latents), chunk):
+            source = {l: shuffled[l] if ctrl else l for l in latents[i:i + chunk] if not ctrl or l in shuffled}
+            inputs = {"control": ctrl, "source": sorted(source.items()), "n_tops": [n_tops.get(l) for l in sorted(
+                source)], "explanations": [explanations[source[l]] for l in sorted(source)]}
+            build = partial(score_requests, f, explanations, source, n=n, control=ctrl, sample=sample, n_tops=n_tops)
+            chunks.append(Chunk(inputs, len(METHODS) * len(source), build))  # latent-method pairs
 
     settings = {"n": n, "sample": sample, "prompt_version": PROMPT_VERSION}
-    total = len(METHODS) * len(latents) * (2 if control else 1)  # latent-method pairs (an unscorable one asks nothing)
-    journal, ids = run_requests(f, "score", backend, chunks(), total, settings, first_units=len(METHODS) * min(
-                                    chunk, len(latents)),
+    journal, ids = run_requests(f, "score", backend, chunks, settings,
                                 parse=lambda req, text: parse_answers(text, len(req.get("labels", []))),
                                 fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
-                                say=say, inputs={"explanations": sorted(explanations.items()), "control": control,
-                                                 "n_tops": sorted(n_tops.items())})
+                                say=say)
     with journal:  # still locked: another score run cannot write the file at the same time
         rows = []
         for cid in ids:
