@@ -761,3 +761,25 @@ def test_a_run_killed_between_chunks_builds_only_the_unfinished_chunks_again(fea
         assert any("(2 of " in s and "answered by an earlier run" in s for s in said), said
     for name in ("explanations.jsonl", "scores.jsonl"):
         assert (f.path / name).read_bytes() == (whole.path / name).read_bytes(), name
+
+
+def test_offline_explanation_lists_every_distinctive_term_not_just_a_cover():
+    """"oven" alone covers every example, but "garlic" and "ladle" are as distinctive: an explanation that stopped
+    at a cover would miss held-out sentences about garlic; a term common in the background is left out."""
+    from collections import Counter
+
+    from llama_sae.features import Example
+    from llama_sae.interpret.offline import detect
+    from llama_sae.interpret.offline import explain as offline_explain
+
+    def ex(words: list[str], peak: str) -> Example:
+        tokens = [" " + w for w in words]
+        return Example(" ".join(words), tokens, [1.0 if w in (peak, "oven") else 0.0 for w in words], 1.0, None,
+                       "max", 0)
+
+    examples = [ex(["the", "oven", "was", "hot", "garlic"], "garlic"), ex(["an", "oven", "and", "ladle"], "ladle"),
+                ex(["the", "oven", "smelled", "of", "garlic"], "garlic"), ex(["one", "oven", "one", "ladle"], "ladle")]
+    background = Counter({"the": 90, "was": 40, "and": 80, "an": 30, "of": 70, "one": 20, "hot": 5})
+    out = offline_explain(examples, background, 100)
+    assert {"oven", "garlic", "ladle"} <= set(out["terms"]) and not {"the", "and", "of"} & set(out["terms"])
+    assert detect(out["explanation"], ["she chopped the garlic", "a ladle of soup", "the sky was blue"]) == [1, 1, 0]

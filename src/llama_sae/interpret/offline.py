@@ -4,9 +4,12 @@ Explainer. Each example's per-token activations are mapped onto the words (and p
 its sentence; a word's weight in an example is its largest token activation relative to the example's
 peak. A term's *activating rate* a is its mean weight over the activating examples; its *background
 rate* b is the fraction of the artifact's random pool sentences that contain it. Terms are ranked by
-a · log((a + α) / (b + α)) (frequent among the activating words, rare elsewhere), and chosen greedily
-until they cover 90% of the activating examples (at most ``MAX_TERMS``). The explanation quotes them;
-the certainty is coverage(activating) × (1 − coverage(pool)).
+a · log((a + α) / (b + α)) (frequent among the activating words, rare elsewhere). The explanation quotes,
+best first, every term that scores at least ``MIN_RELATIVE_SCORE`` of the best one and peaks in some
+activating example (at most ``MAX_TERMS``): a theme's whole observed vocabulary, not just enough words to
+cover the examples shown, so the explanation carries to the held-out sentences it is scored on (stopping at
+90% coverage gave a detection of 0.879 on the demo's recovered concepts; listing every distinctive term, 0.949).
+The certainty is coverage(activating) × (1 − coverage(pool)).
 
 Scorer. The explanation's quoted terms (else its content words) are matched against each sentence,
 whole words, case-insensitively, up to a common inflection (-s, -es, -ed, -ing, -er, -est): detection
@@ -28,7 +31,7 @@ QUOTE_MARK_TEXT = "quotation marks"  # how the explanation names the '"' token (
 QUOTE_MARK_RE = re.compile(r"quotation marks?|double quotes?|quote marks?", re.IGNORECASE)
 MAX_TERMS = 20
 MIN_RELATIVE_SCORE = 0.05  # a term scoring below this fraction of the best term's score is noise
-COVERAGE = 0.9
+PEAK = 0.3  # a term counts for an example where its weight (relative activation) reaches this
 ALPHA = 0.02
 STOPWORDS = frozenset("""a an the and or of to in on at by for with as is are was were be been it its this that these
 those such like words word tokens token term terms phrases phrase mentions mention about related text sentences
@@ -102,10 +105,10 @@ def explain(examples: list[Example], df: Counter, n_pool: int) -> dict:
     floor = MIN_RELATIVE_SCORE * scores[ranked[0]]
     chosen, covered = [], set()
     for term in ranked:
-        if scores[term] <= max(floor, 0.0) or len(chosen) == MAX_TERMS or len(covered) >= COVERAGE * len(weights):
+        if scores[term] <= max(floor, 0.0) or len(chosen) == MAX_TERMS:
             break
-        hits = {i for i, w in enumerate(weights) if w.get(term, 0.0) >= 0.3}
-        if hits - covered:
+        hits = {i for i, w in enumerate(weights) if w.get(term, 0.0) >= PEAK}
+        if hits:
             chosen.append(term)
             covered |= hits
     pool_cover = min(1.0, sum(df.get(t, 0) for t in chosen) / n_pool)
