@@ -558,7 +558,7 @@ def test_chunks_submit_every_batch_before_collecting(feats, server):
     out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), chunk=4, threshold=100.0,
                   say=lines.append)
     assert out["explained"] == n and len(server.state.anthropic) == -(-n // 4)
-    assert "(estimated from the first 4)" in lines[0]
+    assert "(the chunks not built yet estimated from the 4 requests of the first one built)" in lines[0]
     posts = [i for i, (m, p, _) in enumerate(server.state.log) if m == "POST"]
     polls = [i for i, (m, p, _) in enumerate(server.state.log) if m == "GET" and p.count("/") == 4]
     assert max(posts) < min(polls)  # every chunk submitted before the first poll
@@ -783,3 +783,47 @@ def test_offline_explanation_lists_every_distinctive_term_not_just_a_cover():
     out = offline_explain(examples, background, 100)
     assert {"oven", "garlic", "ladle"} <= set(out["terms"]) and not {"the", "and", "of"} & set(out["terms"])
     assert detect(out["explanation"], ["she chopped the garlic", "a ladle of soup", "the sky was blue"]) == [1, 1, 0]
+
+
+def test_a_resumed_run_prices_every_chunk_not_built_yet(feats, server):
+    """After a crash the first chunk built is mostly answered: the chunks after it are priced in full, so the
+    estimate bounds what is sent and a run above the threshold still asks (it used to print $0.00 and send)."""
+    f = feats
+    latents = f.live_latents()
+    b = make_backend("anthropic", f, model="claude-opus-4-1", base_url=server.url, **FAST)
+    server.state.fate = lambda cid: "errored" if cid.startswith(f"x{latents[0]}-") else "succeeded"
+    explain(f, b, latents=latents[:4], chunk=4, threshold=100.0, say=lambda s: None)  # chunk 1: 3 answered, 1 failed
+    server.state.fate = lambda cid: "succeeded"
+    asked, said = [], []
+    with pytest.raises(UserError, match="not sent"):
+        explain(f, b, latents=latents, chunk=4, threshold=0.0001, confirm=lambda q: asked.append(q) or False,
+                say=said.append)
+    assert asked and f"send {len(latents) - 4} requests" in asked[0]  # every latent past chunk 1
+    batches = len(server.state.anthropic)
+    explain(f, b, latents=latents, chunk=4, threshold=100.0, say=said.append)
+    sent = sum(len(v["requests"]) for v in list(server.state.anthropic.values())[batches:])
+    assert sent == len(latents) - 4 and f"{len(latents) - 4} to send" in said[-1]
+
+
+def test_offline_answers_of_another_algorithm_are_made_again(feats, monkeypatch):
+    from llama_sae.interpret import offline
+
+    f, said = feats, []
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    monkeypatch.setattr(offline, "ALGORITHM", "a newer one")
+    monkeypatch.setattr(offline, "answer", lambda req, pool: json.dumps({"explanation": "NEW", "certainty": 0.5}))
+    explain(f, make_backend("offline", f), say=said.append)
+    rows = [json.loads(x) for x in (f.path / "explanations.jsonl").read_text().splitlines()]
+    assert {r["explanation"] for r in rows} == {"NEW"} and "offline answers of another version" in said[0]
+
+
+def test_a_refused_journal_leaves_no_lock_file_and_urls_lose_their_userinfo(feats, server):
+    from llama_sae.interpret.backends import url_without_userinfo
+
+    f = feats
+    latents = f.live_latents()[:2]
+    explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v1"), latents=latents, say=lambda s: None)
+    with pytest.raises(UserError, match="another run"):
+        explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v2"), latents=latents, say=lambda s: None)
+    assert not list(f.path.glob("*.lock"))
+    assert url_without_userinfo("https://user:sk-secret@example.com:8443/v1/") == "https://example.com:8443/v1/"

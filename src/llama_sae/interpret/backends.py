@@ -69,6 +69,15 @@ def env_key(variable: str, what: str) -> str:
     return key
 
 
+def url_without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part (a key in a URL must not reach the journal)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def is_local_url(url: str) -> bool:
     """Whether a server URL is on this machine or a private network (localhost, 127.x, 10.x, 192.168.x, ...,
     *.local): a self-hosted server, not a metered API."""
@@ -189,6 +198,11 @@ class OfflineBackend(SyncBackend):
         self.features = features
         self.pool = None
 
+    def identity(self) -> dict[str, Any]:
+        from llama_sae.interpret import offline
+
+        return {"algorithm": offline.ALGORITHM}  # answers of another version of the explainer are not this one's
+
     def complete(self, request: Request) -> str:
         from llama_sae.interpret import offline
 
@@ -236,7 +250,7 @@ class ChatBackend(SyncBackend):
         self.model, self.temperature = model, temperature
 
     def identity(self) -> dict[str, Any]:
-        return {"base_url": str(self.client.base_url), "temperature": self.temperature}
+        return {"base_url": url_without_userinfo(str(self.client.base_url)), "temperature": self.temperature}
 
     def complete(self, request: Request) -> str:
         o = self.openai

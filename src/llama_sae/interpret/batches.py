@@ -25,7 +25,7 @@ from typing import Any
 
 from llama_sae.errors import UserError
 from llama_sae.fileio import atomic_write
-from llama_sae.interpret.backends import Backend, Request, env_key, openai_limits, sdk
+from llama_sae.interpret.backends import Backend, Request, env_key, openai_limits, sdk, url_without_userinfo
 from llama_sae.interpret.journal import Journal
 
 Outcome = tuple[str, str | None, str | None]  # (status, text, error)
@@ -45,7 +45,8 @@ class BatchBackend(Backend):
         self.download_attempts = download_attempts
 
     def identity(self) -> dict[str, Any]:
-        return {"base_url": str(self.client.base_url), "temperature": self.temperature}  # batch ids live there
+        return {"base_url": url_without_userinfo(str(self.client.base_url)),  # the batch ids live there
+                "temperature": self.temperature}
 
     # ---- protocol-specific
     @abstractmethod

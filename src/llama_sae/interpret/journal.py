@@ -84,17 +84,23 @@ class Journal:
         self.state = JournalState()
         self.lock = threading.Lock()
         self._hold(self.path.with_name(self.path.name + ".lock"))
-        self.set_aside: Path | None = None  # where an old journal went (fresh, or one that holds no answer)
-        if self.path.exists():
-            cut_torn_tail(self.path)  # a kill mid-write: the next record must start a line of its own
-            for rec in read_jsonl(self.path, journal=True):
-                self.state.apply(rec)
-            if fresh or _check_header(self.path, self.state, header):
-                self.set_aside = self.path.with_name(f"{self.path.name}.{time.time_ns()}.old")
-                self.path.replace(self.set_aside)
-                self.state = JournalState()
-        if self.state.header is None:
-            self.append({"kind": "run", **header})
+        self.set_aside: Path | None = None  # where an old journal went (fresh, or another run's that can go)
+        self.set_aside_why = ""
+        try:
+            if self.path.exists():
+                cut_torn_tail(self.path)  # a kill mid-write: the next record must start a line of its own
+                for rec in read_jsonl(self.path, journal=True):
+                    self.state.apply(rec)
+                self.set_aside_why = "--fresh" if fresh else _check_header(self.path, self.state, header)
+                if self.set_aside_why:
+                    self.set_aside = self.path.with_name(f"{self.path.name}.{time.time_ns()}.old")
+                    self.path.replace(self.set_aside)
+                    self.state = JournalState()
+            if self.state.header is None:
+                self.append({"kind": "run", **header})
+        except BaseException:
+            self.close()  # e.g. another run's journal: no lock file is left behind
+            raise
 
     def _hold(self, lock_path: Path) -> None:
         """Hold an exclusive lock on ``lock_path`` until :meth:`close` (or the process ends): two runs on one
@@ -139,23 +145,29 @@ class Journal:
 
 # What makes a journal another run's. Prompt settings are not among them: a request's custom_id carries
 # its prompt's hash, so changed settings only add new requests (an identical prompt is never re-sent).
-# ``backend_identity`` (server URL, temperature, local checkpoint) is compared only when the journal has it (older
-# versions did not record it).
+# ``backend_identity`` (server URL, temperature, local checkpoint, the offline algorithm) is compared only when the
+# journal has it (older versions did not record it), except for the offline backend, whose old answers came from an
+# older algorithm.
 IDENTITY_KEYS = ("task", "backend", "model", "backend_identity", "features_build")
 
 
-def _check_header(path: Path, state: JournalState, new: dict) -> bool:
-    """Whether the journal at ``path`` is another run's that can be set aside (it holds no answer and no batch:
-    a run whose every request failed, e.g. a wrong model name, or one declined at the cost prompt); a UserError
-    when it is another run's with answers or batches; False when it is this run's."""
+def _check_header(path: Path, state: JournalState, new: dict) -> str:
+    """Why the journal at ``path`` is another run's that can be set aside: it holds no answer and no batch (a run
+    whose every request failed, e.g. a wrong model name, or one declined at the cost prompt), or only offline
+    answers, which cost nothing to make again; a UserError when it is another run's with answers or batches;
+    "" when it is this run's."""
     old = state.header
     if old is None:
-        return False
-    diff = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k) and (k in old or k != "backend_identity")]
+        return ""
+    offline = new.get("backend") == "offline"
+    diff = [k for k in IDENTITY_KEYS
+            if old.get(k) != new.get(k) and (k in old or k != "backend_identity" or offline)]
     if not diff:
-        return False
+        return ""
+    if offline and old.get("backend") == "offline":
+        return "offline answers of another version or artifact, made again"
     if not any(r.get("status") == OK for r in state.results.values()) and not state.in_batch():
-        return True
+        return "another run's requests and no answer"
     what = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
     raise UserError(f"the journal {path} belongs to another run ({what}): run with the same settings to "
                     "resume it, or pass --fresh to start a new journal (the old one is kept beside it)")

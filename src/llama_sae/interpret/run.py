@@ -118,7 +118,7 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
          retry_failed: bool, confirm, threshold: float, say, task: str) -> list[str]:
     """The body of :func:`run_requests`, with the journal open (and locked)."""
     if journal.set_aside is not None and not fresh:
-        say(f"{task}: the journal held another run's requests and no answer: set aside as {journal.set_aside.name}")
+        say(f"{task}: the journal held {journal.set_aside_why}: set aside as {journal.set_aside.name}")
     st = journal.state
     answered = {i for i, k in enumerate(keys) if k in st.chunks and all(st.succeeded(c) for c in st.chunks[k])}
     reused = sum(len(st.chunks[keys[i]]) for i in answered)
@@ -127,7 +127,8 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
     elif answered:
         say(f"{task}: {reused} requests ({len(answered)} of {len(chunks)} chunks) were answered by an earlier run: "
             "their prompts are not built again")
-    units_left = sum(c.units for i, c in enumerate(chunks) if i not in answered)
+    to_build = [i for i in range(len(chunks)) if i not in answered]
+    units_after = {i: sum(chunks[j].units for j in to_build[n + 1:]) for n, i in enumerate(to_build)}
     wanted, seen, built, estimated = [], set(), [], False
     for i, (chunk, key) in enumerate(zip(chunks, keys)):
         if i in answered:
@@ -142,8 +143,9 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
             r.custom_id in busy or r.custom_id not in st.results
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
-        if not estimated:
-            _check_cost(task, backend, requests, todo, new, units_left / max(chunk.units, 1), confirm, threshold, say)
+        if not estimated and (requests or i == to_build[-1]):  # a chunk with no request cannot price the rest
+            _check_cost(task, backend, requests, todo, new, units_after[i] / max(chunk.units, 1), reused, confirm,
+                        threshold, say)
             estimated = True
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
@@ -152,7 +154,7 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
         elif todo:
             backend.run(todo, journal)
         _record_finished(journal, built)
-    if backend.batch_api:
+    if backend.batch_api and to_build:  # (every chunk answered: none of these requests is in a batch)
         backend.collect(journal)
         _record_finished(journal, built)
     mark_malformed(journal, wanted, parse)
@@ -191,20 +193,25 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, scale: float,
-                confirm, threshold: float, say) -> None:
-    """Print the estimate (from the first chunk, times ``scale``) and ask above the threshold."""
-    cost = estimate(new, backend)
-    n_new = round(len(new) * scale)
-    dollars = "unknown (no price for this model)" if cost["dollars"] is None else f"${cost['dollars'] * scale:.2f}"
-    say(f"{task}: {round(len(requests) * scale)} requests, {round((len(requests) - len(todo)) * scale)} already "
-        "answered, "
-        f"{round((len(todo) - len(new)) * scale)} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
-        f"~{round(cost['input_tokens'] * scale):,} input tokens, ≤ {round(cost['output_tokens'] * scale):,} output "
-        f"tokens, cost ≤ {dollars}" + ("" if scale == 1 else f" (estimated from the first {len(requests)})"))
-    if n_new and (cost["dollars"] is None or cost["dollars"] * scale > threshold):
-        if confirm is None or not confirm(f"send {n_new} requests for {dollars}?"):
-            raise UserError(f"not sent: the estimated cost ({dollars}) is above the --confirm-above threshold "
+def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, rest: float,
+                reused: int, confirm, threshold: float, say) -> None:
+    """Print the estimate and ask above the threshold: this chunk's unsent requests, plus the chunks not built yet
+    at the full cost of this chunk's requests (``rest``: their units over this chunk's), an upper bound after a
+    crash, when this chunk is the one the crash cut short."""
+    now, per_chunk = estimate(new, backend), estimate(requests, backend)
+    n_new = len(new) + round(len(requests) * rest)
+    dollars = None if now["dollars"] is None else now["dollars"] + per_chunk["dollars"] * rest
+    shown = "unknown (no price for this model)" if dollars is None else f"${dollars:.2f}"
+    tokens_in = now["input_tokens"] + per_chunk["input_tokens"] * rest
+    tokens_out = now["output_tokens"] + per_chunk["output_tokens"] * rest
+    say(f"{task}: {reused + len(requests) + round(len(requests) * rest)} requests, "
+        f"{reused + len(requests) - len(todo)} already answered, {len(todo) - len(new)} in open batches, {n_new} to "
+        f"send ({backend.name}:{backend.model}): ~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output "
+        f"tokens, cost ≤ {shown}" + ("" if rest == 0 else f" (the chunks not built yet estimated from the "
+                                                           f"{len(requests)} requests of the first one built)"))
+    if n_new and (dollars is None or dollars > threshold):
+        if confirm is None or not confirm(f"send {n_new} requests for {shown}?"):
+            raise UserError(f"not sent: the estimated cost ({shown}) is above the --confirm-above threshold "
                             f"(${threshold:g}); pass --yes to send anyway")
 
 
