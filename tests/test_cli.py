@@ -172,13 +172,16 @@ def test_explain_arguments_are_checked(tmp_path):
     from llama_sae.errors import UserError
 
     features = str(tinyworld.features_path())
-    for args, message in ((["--latents", "abc"], "write ids and ranges like 3,17,40-49"),
-                          (["--retry-failed", "--fresh"], "pass one of them")):
-        result = runner.invoke(app, ["explain", features, *args])
-        assert isinstance(result.exception, UserError) and message in str(result.exception)
+    for command, args, message in (("explain", ["--latents", "abc"], "write ids and ranges like 3,17,40-49"),
+                                   ("explain", ["--retry-failed", "--fresh"], "pass one of them"),
+                                   ("score", ["--retry-failed", "--fresh"], "pass one of them"),
+                                   # a bad value is named before any backend is made (which could ask for a key)
+                                   ("score", ["--sample", "bogus", "--backend", "anthropic"], "--sample must be")):
+        result = runner.invoke(app, [command, features, *args], env={"ANTHROPIC_API_KEY": ""})
+        assert isinstance(result.exception, UserError) and message in str(result.exception), (command, args)
 
 
-def test_a_run_where_every_request_failed_exits_1():
+def test_a_run_where_every_request_failed_exits_1(capsys):
     import typer
 
     from llama_sae.cli_interpret import _fail_if_nothing_came_back
@@ -187,7 +190,10 @@ def test_a_run_where_every_request_failed_exits_1():
         _fail_if_nothing_came_back({"outcomes": {"errored": 2}, "first_error": "errored: Connection error"}, "explain")
     assert e.value.exit_code == 1
     _fail_if_nothing_came_back({"outcomes": {"unanswered": 2}}, "explain")  # submitted with --no-wait: not a failure
-    _fail_if_nothing_came_back({"outcomes": {"succeeded": 1, "errored": 1}}, "explain")
+    assert "warning" not in capsys.readouterr().err
+    _fail_if_nothing_came_back({"outcomes": {"succeeded": 1, "errored": 1}, "first_error": "errored: 400"}, "explain")
+    assert "1 explain request(s) failed (first: errored: 400); re-send only those with --retry-failed" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):

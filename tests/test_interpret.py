@@ -349,6 +349,9 @@ def test_cost_above_threshold_needs_confirmation_and_sends_nothing(feats, server
     assert asked and not server.state.log
     out = explain(f, b, threshold=0.0001, confirm=lambda q: True, say=lines.append)
     assert out["explained"] == len(f.live_latents())
+    unpriced = make_backend("anthropic", f, model="claude-next", base_url=server.url, **FAST)  # no known price
+    with pytest.raises(UserError, match="'claude-next' has no known price.*--yes"):
+        explain(f, unpriced, fresh=True, say=lines.append)
 
 
 def test_journal_from_another_run_is_refused(feats, server):
@@ -358,8 +361,10 @@ def test_journal_from_another_run_is_refused(feats, server):
     with pytest.raises(UserError, match="another run.*--fresh"):
         explain(f, b, threshold=100.0, say=lambda s: None)
     assert not server.state.log
-    out = explain(f, b, fresh=True, threshold=100.0, say=lambda s: None)
+    said = []
+    out = explain(f, b, fresh=True, threshold=100.0, say=said.append)
     assert out["explained"] == len(f.live_latents()) and list(f.path.glob("explain.journal.jsonl.*.old"))
+    assert said[0].startswith("explain: a new journal; the old one is kept as explain.journal.jsonl.")
 
 
 def test_the_same_model_name_on_another_server_is_another_run(feats, server):
@@ -463,6 +468,9 @@ def test_balanced_accuracy_and_interval():
     assert balanced_accuracy([1, 1, 0, 0], [1, 1, 0, 0])[0] == 1.0
     d = derangement([3, 5, 8, 13])
     assert sorted(d) == [3, 5, 8, 13] and sorted(d.values()) == [3, 5, 8, 13] and all(k != v for k, v in d.items())
+    # one latent more changes two pairs (its own and the one now pointing to it): the other controls are not re-sent
+    before, after = derangement(list(range(0, 400, 2))), derangement(list(range(0, 400, 2)) + [201])
+    assert sum(before[k] != after[k] for k in before) == 1 and 201 in after
 
 
 def test_offline_explain_and_score_end_to_end(feats):
@@ -827,3 +835,25 @@ def test_a_refused_journal_leaves_no_lock_file_and_urls_lose_their_userinfo(feat
         explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v2"), latents=latents, say=lambda s: None)
     assert not list(f.path.glob("*.lock"))
     assert url_without_userinfo("https://user:sk-secret@example.com:8443/v1/") == "https://example.com:8443/v1/"
+
+
+def test_an_unreachable_server_fails_the_run_after_the_first_requests_retries(feats):
+    """A wrong URL used to be retried with back-off for every latent (an hour for a thousand); once the first
+    requests have used their attempts without ever reaching the server, the rest are recorded unsent."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    f = feats
+    b = make_backend("chat", f, model="m", base_url=f"http://127.0.0.1:{port}/v1", concurrency=2)
+    b.max_attempts, b.backoff = 2, 0.0
+    latents = f.live_latents()[:12]
+    out = explain(f, b, latents=latents, say=lambda s: None)
+    assert out["outcomes"] == {"errored": 12} and b.attempts <= 2 * 2  # two in flight, two attempts each
+    errors = [r["error"] for r in _journal(f) if r["kind"] == "result"]
+    assert sum(e.startswith("not sent: the server could not be reached") for e in errors) >= 10
+    assert out["first_error"].startswith("errored: gave up after 2 attempts: Connection error")
+    said = []
+    explain(f, b, latents=latents, say=said.append)  # failures are not "answered", and not re-sent by themselves
+    assert "0 already answered, 12 failed earlier (sent again only with --retry-failed)" in said[0]

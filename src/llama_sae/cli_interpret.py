@@ -115,6 +115,12 @@ def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minu
                         llama=llama, tokenizer=tok, timeout=timeout, checkpoint=checkpoint)
 
 
+def _check_fresh_and_retry(fresh: bool, retry_failed: bool) -> None:
+    if retry_failed and fresh:
+        raise UserError("--retry-failed re-sends what failed in the current journal and --fresh starts a new one: "
+                        "pass one of them")
+
+
 def _confirm(yes: bool):
     return (lambda question: True) if yes else (lambda question: typer.confirm(question, default=False))
 
@@ -125,12 +131,15 @@ def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
 
     outcomes = out.get("outcomes") or {}
     failed = sum(n for kind, n in outcomes.items() if kind in FAILED)
+    why = f": {out['first_error']}" if out.get("first_error") else ""
     if failed and not outcomes.get("succeeded"):
-        why = f": {out['first_error']}" if out.get("first_error") else ""
         err_console.print(f"error: every {stage} request failed ({failed}){why}; the journal has each one; fix the "
                           "backend settings and run again with --retry-failed", style="bold red", markup=False,
                           highlight=False)
         raise typer.Exit(1)
+    if failed:
+        err_console.print(f"warning: {failed} {stage} request(s) failed (first{why}); re-send only those with "
+                          "--retry-failed", style="yellow", markup=False, highlight=False)
 
 
 def explain(
@@ -162,9 +171,7 @@ def explain(
 
     f = load_features(path)
     chosen = parse_latents(latents, f.meta["d_sae"]) if latents else None
-    if retry_failed and fresh:
-        raise UserError("--retry-failed re-sends what failed in the current journal and --fresh starts a new one: "
-                        "pass one of them")
+    _check_fresh_and_retry(fresh, retry_failed)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
                  timeout)
     out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
@@ -198,15 +205,15 @@ def score(
     device: LocalDeviceOpt = "cpu",
 ) -> None:
     """Score every explanation: detection and fuzzing balanced accuracy per latent, and the shuffled control."""
-    from llama_sae.errors import UserError
     from llama_sae.features import load_features
     from llama_sae.interpret import score as run_score
 
+    if sample not in ("top", "quantile"):
+        raise UserError(f"--sample must be 'top' or 'quantile', not {sample!r}")
+    _check_fresh_and_retry(fresh, retry_failed)
     f = load_features(path)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
                  timeout)
-    if sample not in ("top", "quantile"):
-        raise UserError(f"--sample must be 'top' or 'quantile', not {sample!r}")
     out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,
                     confirm=_confirm(yes), threshold=confirm_above, say=console.print)
     for name in ("detection", "fuzzing", "control_detection", "control_fuzzing"):

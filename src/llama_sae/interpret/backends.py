@@ -105,11 +105,12 @@ def sdk(module: str, backend: str):
 
 
 class RetryableError(Exception):
-    """A transient failure (HTTP 429, 5xx, connection): retry after ``retry_after`` seconds if given."""
+    """A transient failure (HTTP 429, 5xx, connection): retry after ``retry_after`` seconds if given.
+    ``unreachable``: no connection to the server at all (not a timeout of one it accepted)."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, *, unreachable: bool = False):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.unreachable = retry_after, unreachable
 
 
 class RequestFailed(Exception):
@@ -149,6 +150,8 @@ class SyncBackend(Backend):
         self.limiter = RateLimiter(per_minute)
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self.attempts = 0  # HTTP attempts made (for tests and reports)
+        self.reached = False  # the server has answered something in this run
+        self.unreachable: str | None = None  # why the rest is not sent: no request of this run ever reached it
 
     @abstractmethod
     def complete(self, request: Request) -> str:
@@ -156,24 +159,33 @@ class SyncBackend(Backend):
 
     def _one(self, request: Request, journal: Journal) -> None:
         for attempt in range(self.max_attempts):
+            if self.unreachable:  # a wrong URL: the first requests' retries said so, the rest are not tried
+                journal.record_result(request.custom_id, "errored", error=f"not sent: {self.unreachable}")
+                return
             self.limiter.wait()
             self.attempts += 1
             try:
                 text = self.complete(request)
             except RetryableError as e:
+                self.reached |= not e.unreachable
                 if attempt + 1 == self.max_attempts:
                     journal.record_result(request.custom_id, "errored", error=f"gave up after {attempt + 1} "
                                           f"attempts: {e}")
+                    if e.unreachable and not self.reached:
+                        self.unreachable = f"the server could not be reached ({e}) in {attempt + 1} attempts"
                     return
                 delay = e.retry_after if e.retry_after is not None else self.backoff * 2**attempt
                 time.sleep(min(delay, self.max_backoff) * (1 + 0.1 * random.random()))
                 continue
             except RequestFailed as e:
+                self.reached = True
                 journal.record_result(request.custom_id, "errored", error=str(e))
                 return
             except MalformedReply as e:
+                self.reached = True
                 journal.record_result(request.custom_id, "malformed", error=str(e))
                 return
+            self.reached = True
             journal.record_result(request.custom_id, "succeeded", text=text)
             return
 
@@ -258,7 +270,9 @@ class ChatBackend(SyncBackend):
             resp = self.client.chat.completions.create(
                 model=self.model, messages=request.prompt.messages(),
                 **openai_limits(self.model, request.max_tokens, self.temperature, official=self.official))
-        except (o.RateLimitError, o.InternalServerError, o.APIConnectionError) as e:
+        except o.APIConnectionError as e:  # (a timeout is one: the server took the connection, so it is there)
+            raise RetryableError(str(e), unreachable=not isinstance(e, o.APITimeoutError)) from e
+        except (o.RateLimitError, o.InternalServerError) as e:
             raise RetryableError(str(e), _retry_after(e)) from e
         except o.APIStatusError as e:
             if e.status_code >= 500 or e.status_code in (408, 409):

@@ -117,8 +117,9 @@ def chunk_key(build: str | None, settings: dict, inputs: Any) -> str:
 def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list[str], parse, fresh: bool,
          retry_failed: bool, confirm, threshold: float, say, task: str) -> list[str]:
     """The body of :func:`run_requests`, with the journal open (and locked)."""
-    if journal.set_aside is not None and not fresh:
-        say(f"{task}: the journal held {journal.set_aside_why}: set aside as {journal.set_aside.name}")
+    if journal.set_aside is not None:
+        say(f"{task}: a new journal; the old one is kept as {journal.set_aside.name}" if fresh else
+            f"{task}: the journal held {journal.set_aside_why}: set aside as {journal.set_aside.name}")
     st = journal.state
     answered = {i for i, k in enumerate(keys) if k in st.chunks and all(st.succeeded(c) for c in st.chunks[k])}
     reused = sum(len(st.chunks[keys[i]]) for i in answered)
@@ -144,8 +145,10 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
         if not estimated and (requests or i == to_build[-1]):  # a chunk with no request cannot price the rest
-            _check_cost(task, backend, requests, todo, new, units_after[i] / max(chunk.units, 1), reused, confirm,
-                        threshold, say)
+            sending = {r.custom_id for r in todo}
+            failed = sum(1 for c in ids if c not in sending and st.results.get(c, {}).get("status") in FAILED)
+            _check_cost(task, backend, requests, todo, new, units_after[i] / max(chunk.units, 1), reused, failed,
+                        confirm, threshold, say)
             estimated = True
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
@@ -194,10 +197,10 @@ def code_digest() -> str:
 
 
 def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, rest: float,
-                reused: int, confirm, threshold: float, say) -> None:
+                reused: int, failed: int, confirm, threshold: float, say) -> None:
     """Print the estimate and ask above the threshold: this chunk's unsent requests, plus the chunks not built yet
-    at the full cost of this chunk's requests (``rest``: their units over this chunk's), an upper bound after a
-    crash, when this chunk is the one the crash cut short."""
+    at the full cost of this chunk's requests (``rest``: their units over this chunk's), so that a run resumed
+    after a crash is not priced by the answers of the chunk the crash cut short."""
     now, per_chunk = estimate(new, backend), estimate(requests, backend)
     n_new = len(new) + round(len(requests) * rest)
     dollars = None if now["dollars"] is None else now["dollars"] + per_chunk["dollars"] * rest
@@ -205,12 +208,17 @@ def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: 
     tokens_in = now["input_tokens"] + per_chunk["input_tokens"] * rest
     tokens_out = now["output_tokens"] + per_chunk["output_tokens"] * rest
     say(f"{task}: {reused + len(requests) + round(len(requests) * rest)} requests, "
-        f"{reused + len(requests) - len(todo)} already answered, {len(todo) - len(new)} in open batches, {n_new} to "
-        f"send ({backend.name}:{backend.model}): ~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output "
-        f"tokens, cost ≤ {shown}" + ("" if rest == 0 else f" (the chunks not built yet estimated from the "
-                                                           f"{len(requests)} requests of the first one built)"))
+        f"{reused + len(requests) - len(todo) - failed} already answered, "
+        + (f"{failed} failed earlier (sent again only with --retry-failed), " if failed else "")
+        + f"{len(todo) - len(new)} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
+        f"~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output tokens, cost ≤ {shown}"
+        + ("" if rest == 0 else f" (the chunks not built yet estimated from the {len(requests)} requests of the "
+                                "first one built)"))
     if n_new and (dollars is None or dollars > threshold):
         if confirm is None or not confirm(f"send {n_new} requests for {shown}?"):
+            if dollars is None:
+                raise UserError(f"not sent: {backend.model!r} has no known price, so its cost cannot be estimated; "
+                                "pass --yes to send anyway")
             raise UserError(f"not sent: the estimated cost ({shown}) is above the --confirm-above threshold "
                             f"(${threshold:g}); pass --yes to send anyway")
 

@@ -55,8 +55,12 @@ def _random_marks(ex: Example, count: int, latent: int) -> list[bool]:
 
 
 def derangement(latents: Sequence[int]) -> dict[int, int]:
-    """latent -> another latent whose explanation its control uses (fixed, no latent maps to itself)."""
-    order = [latents[i] for i in _order(len(latents), 0, 7)]
+    """latent -> another latent whose explanation its control uses (fixed, no latent maps to itself).
+
+    One cycle through the latents in the order of a hash of each latent alone, so adding or removing a latent
+    changes two pairs, not most of them (each changed pair is a control prompt sent again)."""
+    keys = hash01(torch.tensor(list(latents), dtype=torch.long), 0, 7).tolist() if latents else []
+    order = [lat for _, lat in sorted(zip(keys, latents))]
     return {a: order[(i + 1) % len(order)] for i, a in enumerate(order)} if len(order) > 1 else {}
 
 
