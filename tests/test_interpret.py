@@ -837,7 +837,7 @@ def test_a_refused_journal_leaves_no_lock_file_and_urls_lose_their_userinfo(feat
     assert url_without_userinfo("https://user:sk-secret@example.com:8443/v1/") == "https://example.com:8443/v1/"
 
 
-def test_an_unreachable_server_fails_the_run_after_the_first_requests_retries(feats):
+def test_an_unreachable_server_fails_the_run_after_the_first_requests_retries(feats, server):
     """A wrong URL used to be retried with back-off for every latent (an hour for a thousand); once the first
     requests have used their attempts without ever reaching the server, the rest are recorded unsent."""
     import socket
@@ -857,3 +857,51 @@ def test_an_unreachable_server_fails_the_run_after_the_first_requests_retries(fe
     said = []
     explain(f, b, latents=latents, say=said.append)  # failures are not "answered", and not re-sent by themselves
     assert "0 already answered, 12 failed earlier (sent again only with --retry-failed)" in said[0]
+    # the same backend object, its server fixed: a new run tries again (the journal, with no answer, is set aside)
+    server.state.reply = lambda text: json.dumps({"explanation": "cats", "certainty": 0.5})
+    b.client = b.client.with_options(base_url=server.url + "/v1")
+    assert explain(f, b, latents=latents, say=lambda s: None)["outcomes"] == {"succeeded": 12}
+
+
+def test_a_server_that_drops_connections_is_not_taken_for_a_wrong_url(feats):
+    """A server that accepts connections and drops them (an overloaded proxy) is there: every request keeps its
+    retries, none is recorded as not sent."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def drop_every_connection():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    f = feats
+    b = make_backend("chat", f, model="m", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", concurrency=2)
+    b.max_attempts, b.backoff = 2, 0.0
+    try:
+        out = explain(f, b, latents=f.live_latents()[:4], say=lambda s: None)
+    finally:
+        listener.close()
+    errors = [r["error"] for r in _journal(f) if r["kind"] == "result"]
+    assert out["outcomes"] == {"errored": 4} and b.attempts == 8 and not any("not sent" in e for e in errors)
+
+
+def test_a_rerun_with_nothing_to_send_asks_nothing(feats, server, monkeypatch):
+    """After a code change every chunk is built again with all its answers in: nothing is sent, so nothing is priced
+    (it used to price the chunks after the first as if unanswered and refuse a model with no known price)."""
+    import llama_sae.interpret.run as run_mod
+
+    f, said = feats, []
+    b = make_backend("anthropic", f, model="claude-next", base_url=server.url, **FAST)  # no known price
+    latents = f.live_latents()[:8]
+    explain(f, b, latents=latents, chunk=4, confirm=lambda q: True, say=lambda s: None)
+    monkeypatch.setattr(run_mod, "code_digest", lambda: "another version")
+    out = explain(f, b, latents=latents, chunk=4, say=said.append)  # confirm=None: would refuse if it asked
+    assert out["explained"] == 8 and "8 requests, 8 already answered, 0 in open batches, 0 to send" in said[0]

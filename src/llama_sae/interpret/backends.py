@@ -53,6 +53,9 @@ class Backend(ABC):
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
         """Answer ``requests`` (not yet answered), recording a result line for each one finished."""
 
+    def begin_run(self) -> None:  # noqa: B027 -- an optional hook: most backends keep no state between runs
+        """Called once at the start of each explain / score run (state of the last run is forgotten)."""
+
     def identity(self) -> dict[str, Any]:
         """What, besides the name and model, makes this backend's answers its own (the server, the sampling
         temperature, the local checkpoint): a journal of the same name and model with other answers is another
@@ -153,6 +156,9 @@ class SyncBackend(Backend):
         self.reached = False  # the server has answered something in this run
         self.unreachable: str | None = None  # why the rest is not sent: no request of this run ever reached it
 
+    def begin_run(self) -> None:
+        self.reached, self.unreachable = False, None  # a server fixed since the last run is tried again
+
     @abstractmethod
     def complete(self, request: Request) -> str:
         """The reply text, or raise RetryableError / RequestFailed / MalformedReply."""
@@ -167,7 +173,8 @@ class SyncBackend(Backend):
             try:
                 text = self.complete(request)
             except RetryableError as e:
-                self.reached |= not e.unreachable
+                if not e.unreachable:  # (set only, never cleared: another thread may have set it)
+                    self.reached = True
                 if attempt + 1 == self.max_attempts:
                     journal.record_result(request.custom_id, "errored", error=f"gave up after {attempt + 1} "
                                           f"attempts: {e}")
@@ -270,8 +277,9 @@ class ChatBackend(SyncBackend):
             resp = self.client.chat.completions.create(
                 model=self.model, messages=request.prompt.messages(),
                 **openai_limits(self.model, request.max_tokens, self.temperature, official=self.official))
-        except o.APIConnectionError as e:  # (a timeout is one: the server took the connection, so it is there)
-            raise RetryableError(str(e), unreachable=not isinstance(e, o.APITimeoutError)) from e
+        except o.APIConnectionError as e:  # no connection at all (refused, DNS), or one dropped or timed out
+            never_connected = type(e.__cause__).__name__ == "ConnectError"  # (httpx's, or the SDK's own copy of it)
+            raise RetryableError(str(e), unreachable=never_connected) from e
         except (o.RateLimitError, o.InternalServerError) as e:
             raise RetryableError(str(e), _retry_after(e)) from e
         except o.APIStatusError as e:

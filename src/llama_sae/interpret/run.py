@@ -100,6 +100,7 @@ def run_requests(features, task: str, backend: Backend, chunks: Sequence[Chunk],
               "settings_hash": settings_hash(settings), "settings": settings}
     journal = Journal(Path(features.path) / f"{task}.journal.jsonl", header, fresh=fresh)
     try:
+        backend.begin_run()
         keys = [chunk_key(header["features_build"], settings, c.inputs) for c in chunks]
         wanted = _run(journal, backend, chunks, keys, parse, fresh, retry_failed, confirm, threshold, say, task)
         return journal, wanted
@@ -131,6 +132,7 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
     to_build = [i for i in range(len(chunks)) if i not in answered]
     units_after = {i: sum(chunks[j].units for j in to_build[n + 1:]) for n, i in enumerate(to_build)}
     wanted, seen, built, estimated = [], set(), [], False
+    before = {"requests": reused, "answered": reused, "failed": 0, "in_batch": 0}  # chunks before the estimate
     for i, (chunk, key) in enumerate(zip(chunks, keys)):
         if i in answered:
             wanted += [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
@@ -144,12 +146,16 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
             r.custom_id in busy or r.custom_id not in st.results
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
-        if not estimated and (requests or i == to_build[-1]):  # a chunk with no request cannot price the rest
+        if not estimated:
             sending = {r.custom_id for r in todo}
             failed = sum(1 for c in ids if c not in sending and st.results.get(c, {}).get("status") in FAILED)
-            _check_cost(task, backend, requests, todo, new, units_after[i] / max(chunk.units, 1), reused, failed,
-                        confirm, threshold, say)
-            estimated = True
+            counts = {"requests": len(requests), "answered": len(requests) - len(todo) - failed, "failed": failed,
+                      "in_batch": len(todo) - len(new)}
+            before = {k: before[k] + counts[k] for k in before}
+            if new or i == to_build[-1]:  # priced at the first chunk with something to send (none before it sent)
+                _check_cost(task, backend, requests, new, units_after[i] / max(chunk.units, 1), before, confirm,
+                            threshold, say)
+                estimated = True
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
         if todo and backend.batch_api:
@@ -196,21 +202,22 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _check_cost(task: str, backend: Backend, requests: Sequence[Request], todo: list, new: list, rest: float,
-                reused: int, failed: int, confirm, threshold: float, say) -> None:
+def _check_cost(task: str, backend: Backend, requests: Sequence[Request], new: list, rest: float, counts: dict,
+                confirm, threshold: float, say) -> None:
     """Print the estimate and ask above the threshold: this chunk's unsent requests, plus the chunks not built yet
     at the full cost of this chunk's requests (``rest``: their units over this chunk's), so that a run resumed
-    after a crash is not priced by the answers of the chunk the crash cut short."""
+    after a crash is not priced by the answers of the chunk the crash cut short. ``counts``: requests, answered,
+    failed and in_batch of the chunks up to this one."""
     now, per_chunk = estimate(new, backend), estimate(requests, backend)
     n_new = len(new) + round(len(requests) * rest)
     dollars = None if now["dollars"] is None else now["dollars"] + per_chunk["dollars"] * rest
     shown = "unknown (no price for this model)" if dollars is None else f"${dollars:.2f}"
     tokens_in = now["input_tokens"] + per_chunk["input_tokens"] * rest
     tokens_out = now["output_tokens"] + per_chunk["output_tokens"] * rest
-    say(f"{task}: {reused + len(requests) + round(len(requests) * rest)} requests, "
-        f"{reused + len(requests) - len(todo) - failed} already answered, "
-        + (f"{failed} failed earlier (sent again only with --retry-failed), " if failed else "")
-        + f"{len(todo) - len(new)} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
+    say(f"{task}: {counts['requests'] + round(len(requests) * rest)} requests, {counts['answered']} already "
+        "answered, " + (f"{counts['failed']} failed earlier (sent again only with --retry-failed), "
+                        if counts["failed"] else "")
+        + f"{counts['in_batch']} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
         f"~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output tokens, cost ≤ {shown}"
         + ("" if rest == 0 else f" (the chunks not built yet estimated from the {len(requests)} requests of the "
                                 "first one built)"))
