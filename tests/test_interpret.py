@@ -566,7 +566,7 @@ def test_chunks_submit_every_batch_before_collecting(feats, server):
     out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), chunk=4, threshold=100.0,
                   say=lines.append)
     assert out["explained"] == n and len(server.state.anthropic) == -(-n // 4)
-    assert "(the chunks not built yet estimated from the 4 requests of the first one built)" in lines[0]
+    assert "(the chunks not built yet priced like the 4 requests of this one)" in lines[0]
     posts = [i for i, (m, p, _) in enumerate(server.state.log) if m == "POST"]
     polls = [i for i, (m, p, _) in enumerate(server.state.log) if m == "GET" and p.count("/") == 4]
     assert max(posts) < min(polls)  # every chunk submitted before the first poll

@@ -219,8 +219,7 @@ def _check_cost(task: str, backend: Backend, requests: Sequence[Request], new: l
                         if counts["failed"] else "")
         + f"{counts['in_batch']} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
         f"~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output tokens, cost ≤ {shown}"
-        + ("" if rest == 0 else f" (the chunks not built yet estimated from the {len(requests)} requests of the "
-                                "first one built)"))
+        + ("" if rest == 0 else f" (the chunks not built yet priced like the {len(requests)} requests of this one)"))
     if n_new and (dollars is None or dollars > threshold):
         if confirm is None or not confirm(f"send {n_new} requests for {shown}?"):
             if dollars is None:
