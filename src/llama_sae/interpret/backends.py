@@ -109,7 +109,7 @@ def sdk(module: str, backend: str):
 
 class RetryableError(Exception):
     """A transient failure (HTTP 429, 5xx, connection): retry after ``retry_after`` seconds if given.
-    ``unreachable``: no connection to the server at all (not a timeout of one it accepted)."""
+    ``unreachable``: the connection was never made (refused, unknown host), unlike one dropped or timed out."""
 
     def __init__(self, message: str, retry_after: float | None = None, *, unreachable: bool = False):
         super().__init__(message)
