@@ -332,6 +332,12 @@ def test_missing_key_names_the_variable(feats, monkeypatch):
     with pytest.raises(UserError, match="OPENAI_API_KEY"):  # a metered third-party API needs one too
         make_backend("chat", feats, model="m", base_url="https://openrouter.ai/api/v1")
     assert not make_backend("chat", feats, model="m", base_url="http://localhost:8000/v1").paid  # optional here
+    from llama_sae.interpret.backends import is_local_url
+
+    assert all(is_local_url(u) for u in ("http://gpubox:8000/v1", "http://100.101.7.3:8000/v1", "http://10.0.0.5/v1",
+                                         "http://[::1]:8000/v1", "http://vllm.internal/v1"))
+    assert not any(is_local_url(u) for u in ("https://api.openai.com/v1", "https://openrouter.ai/api/v1",
+                                             "http://8.8.8.8/v1", "https://gpubox.example.com/v1"))
     with pytest.raises(UserError, match="unknown backend"):
         make_backend("claude", feats)
 

@@ -82,8 +82,8 @@ def url_without_userinfo(url: str) -> str:
 
 
 def is_local_url(url: str) -> bool:
-    """Whether a server URL is on this machine or a private network (localhost, 127.x, 10.x, 192.168.x, ...,
-    *.local): a self-hosted server, not a metered API."""
+    """Whether a server URL is on this machine or a private network (localhost, 127.x, 10.x, 192.168.x, 100.64.x
+    as Tailscale uses, ..., *.local, a bare host name such as ``gpubox``): a self-hosted server, not a metered API."""
     import ipaddress
     from urllib.parse import urlparse
 
@@ -93,8 +93,8 @@ def is_local_url(url: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return False  # a public name
-    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
+        return "." not in host  # a name of the local network; every public API's name has a dot
+    return not ip.is_global  # loopback, private, link-local, shared (carrier-grade NAT), unspecified
 
 
 def sdk(module: str, backend: str):
