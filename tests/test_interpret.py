@@ -820,11 +820,12 @@ def test_a_resumed_run_prices_every_chunk_not_built_yet(feats, server):
 
 
 def test_offline_answers_of_another_algorithm_are_made_again(feats, monkeypatch):
+    import llama_sae.interpret.run as run_mod
     from llama_sae.interpret import offline
 
     f, said = feats, []
     explain(f, make_backend("offline", f), say=lambda s: None)
-    monkeypatch.setattr(offline, "ALGORITHM", "a newer one")
+    monkeypatch.setattr(run_mod, "code_digest", lambda: "a newer version")
     monkeypatch.setattr(offline, "answer", lambda req, pool: json.dumps({"explanation": "NEW", "certainty": 0.5}))
     explain(f, make_backend("offline", f), say=said.append)
     rows = [json.loads(x) for x in (f.path / "explanations.jsonl").read_text().splitlines()]

@@ -218,9 +218,9 @@ class OfflineBackend(SyncBackend):
         self.pool = None
 
     def identity(self) -> dict[str, Any]:
-        from llama_sae.interpret import offline
+        from llama_sae.interpret.run import code_digest
 
-        return {"algorithm": offline.ALGORITHM}  # answers of another version of the explainer are not this one's
+        return {"code": code_digest()}  # answers of another version of the explainer are not this one's
 
     def complete(self, request: Request) -> str:
         from llama_sae.interpret import offline

@@ -145,7 +145,7 @@ class Journal:
 
 # What makes a journal another run's. Prompt settings are not among them: a request's custom_id carries
 # its prompt's hash, so changed settings only add new requests (an identical prompt is never re-sent).
-# ``backend_identity`` (server URL, temperature, local checkpoint, the offline algorithm) is compared only when the
+# ``backend_identity`` (server URL, temperature, local checkpoint, the offline code digest) is compared only when the
 # journal has it (older versions did not record it), except for the offline backend, whose old answers came from an
 # older algorithm.
 IDENTITY_KEYS = ("task", "backend", "model", "backend_identity", "features_build")

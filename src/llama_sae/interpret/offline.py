@@ -18,17 +18,12 @@ says 1 for a sentence containing a term; fuzzing says 1 when a marked token lies
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 from llama_sae.features import Example
-
-# recorded in the journal: answers of another version of this file are not reused (they cost nothing to make again)
-ALGORITHM = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*|[^\sA-Za-z\d]")
 QUOTED_RE = re.compile(r'"([^"]+)"|“([^”]+)”')

@@ -133,8 +133,8 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     for ctrl in (False, True) if control else (False,):
         for i in range(0, len(latents), chunk):
             source = {l: shuffled[l] if ctrl else l for l in latents[i:i + chunk] if not ctrl or l in shuffled}
-            inputs = {"control": ctrl, "source": sorted(source.items()), "n_tops": [n_tops.get(l) for l in sorted(
-                source)], "explanations": [explanations[source[l]] for l in sorted(source)]}
+            inputs = {"control": ctrl, "source": sorted(source.items()), "n_tops": [n_tops.get(l) for l in source],
+                      "explanations": [explanations[source[l]] for l in source]}  # (source follows sorted latents)
             build = partial(score_requests, f, explanations, source, n=n, control=ctrl, sample=sample, n_tops=n_tops)
             chunks.append(Chunk(inputs, len(METHODS) * len(source), build))  # latent-method pairs
 
