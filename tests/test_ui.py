@@ -176,3 +176,30 @@ def test_chat_reads_its_history_from_state_not_from_the_chatbot(session):
         histories = f.inputs[1:3] if name == "chat_fn" else f.inputs[0:2]
         assert all(isinstance(c, gr.State) for c in histories), name
         assert [type(c) for c in f.outputs[-2:]] == [gr.State, gr.State]  # and write them back
+
+
+def test_decoder_tables_stream_the_unembedding_and_match_float64(session):
+    from llama_sae.ui.dashboard import decoder_tables
+
+    sae, model, tok = session.saes[session.hook], session.model, session.tokenizer
+    latents = [0, 5, 17, 969, 1023, 300, 766]
+    # blocks that do not divide the vocabulary (4,096) or the latents; one with fewer rows than `top`
+    logits, near = decoder_tables(model, tok, sae, latents, top=6, chunk=3, vocab_block=1021)
+    ref = (sae.W_dec.double()[latents] * model.norm.weight.double()) @ model.output.weight.double().T
+    special = [i for i in tok.special_tokens.values() if i < ref.shape[1]]
+    ref[:, special] = float("nan")
+    for row, i in enumerate(latents):
+        pv, pi, nv, ni = logits[i]
+        want_top = ref[row].nan_to_num(float("-inf")).topk(6)
+        want_bot = (-ref[row]).nan_to_num(float("-inf")).topk(6)
+        assert torch.allclose(pv.double(), want_top.values, rtol=0, atol=1e-4)  # float32 against float64
+        assert torch.allclose(nv.double(), -want_bot.values, rtol=0, atol=1e-4)
+        assert torch.allclose(ref[row][pi], pv.double(), atol=1e-4) and not set(pi.tolist()) & set(special)
+        assert torch.allclose(ref[row][ni], nv.double(), atol=1e-4) and not set(ni.tolist()) & set(special)
+        cv, ci = near[i]
+        Wn = sae.W_dec.double() / sae.W_dec.double().norm(dim=-1, keepdim=True)
+        cos = Wn @ Wn[i]
+        cos[i] = -2.0
+        assert torch.allclose(cv.double(), cos.topk(6).values, atol=1e-5) and i not in ci.tolist()
+    assert decoder_tables(model, tok, sae, latents, top=6, vocab_block=1 << 20)[0][969][1].tolist() == \
+        logits[969][1].tolist()  # one block gives the same tokens

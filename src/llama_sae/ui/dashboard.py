@@ -77,28 +77,47 @@ def histogram_svg(edges, counts, width: int = 460, height: int = 140) -> str:
 
 
 @torch.no_grad()
-def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chunk: int = 256
+def decoder_tables(model, tokenizer, sae, latents: list[int], top: int = 10, chunk: int = 256,
+                   vocab_block: int = 16384
                    ) -> tuple[dict[int, tuple[Tensor, Tensor, Tensor, Tensor]], dict[int, tuple[Tensor, Tensor]]]:
     """Per latent: (top logit values, token ids, bottom values, ids) of its decoder direction through the final
     norm weight and the unembedding (special tokens left out); and (cosines, latent ids) of its nearest latents
-    by decoder direction."""
+    by decoder direction.
+
+    The unembedding is read in blocks of ``vocab_block`` rows, each cast to float32 once, and every latent's
+    running top and bottom ``top`` are merged block by block: no float32 copy of the whole unembedding (1.6 GB
+    for Llama 3.2-3B's bf16 one)."""
     W = sae.W_dec.float()  # [n, d]
-    Wn = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    unembed = model.output.weight.float()  # [V, d]
+    unembed = model.output.weight  # [V, d], the model's dtype
     gain = model.norm.weight.float()  # [d]
-    special = torch.zeros(unembed.shape[0], dtype=torch.bool, device=unembed.device)  # [V] special tokens: not shown
-    special[[i for i in tokenizer.special_tokens.values() if i < len(special)]] = True
+    n_vocab = unembed.shape[0]
+    special = torch.zeros(n_vocab, dtype=torch.bool, device=unembed.device)  # [V] special tokens: not shown
+    special[[i for i in tokenizer.special_tokens.values() if i < n_vocab]] = True
+    ids = torch.tensor(latents, dtype=torch.long, device=W.device)
+    top_v = torch.full((len(latents), top), float("-inf"), device=W.device)  # running best, per latent
+    top_i = torch.zeros((len(latents), top), dtype=torch.long, device=W.device)
+    bot_v, bot_i = top_v.clone(), top_i.clone()  # of the negated logits
+    for v0 in range(0, n_vocab, vocab_block):
+        block = unembed[v0:v0 + vocab_block].float()  # [b, d]
+        masked = special[v0:v0 + vocab_block]
+        for lo in range(0, len(latents), chunk):
+            rows = slice(lo, lo + chunk)
+            lg = (W[ids[rows]] * gain) @ block.T  # [c, b]
+            for best_v, best_i, sign in ((top_v, top_i, 1.0), (bot_v, bot_i, -1.0)):
+                v, i = (sign * lg).masked_fill(masked, float("-inf")).topk(min(top, lg.shape[1]), dim=-1)
+                merged_v, at = torch.cat([best_v[rows], v], 1).topk(top, dim=-1)
+                best_i[rows] = torch.cat([best_i[rows], i + v0], 1).gather(1, at)
+                best_v[rows] = merged_v
+    Wn = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     logits, near = {}, {}
     for lo in range(0, len(latents), chunk):
-        ids = torch.tensor(latents[lo:lo + chunk])
-        lg = (W[ids] * gain) @ unembed.T  # [c, V]
-        pv, pi = lg.masked_fill(special, float("-inf")).topk(top, dim=-1)
-        nv, ni = (-lg).masked_fill(special, float("-inf")).topk(top, dim=-1)
-        cos = Wn[ids] @ Wn.T  # [c, n]
-        cos[torch.arange(len(ids)), ids] = -2.0  # not itself
+        chunk_ids = ids[lo:lo + chunk]
+        cos = Wn[chunk_ids] @ Wn.T  # [c, n]
+        cos[torch.arange(len(chunk_ids)), chunk_ids] = -2.0  # not itself
         cv, ci = cos.topk(min(top, W.shape[0] - 1), dim=-1)
-        pv, pi, nv, ni, cv, ci = (t.cpu() for t in (pv, pi, nv, ni, cv, ci))  # one copy per chunk, not per latent
-        for j, i in enumerate(ids.tolist()):
+        pv, pi, nv, ni, cv, ci = (t.cpu() for t in (top_v[lo:lo + chunk], top_i[lo:lo + chunk],
+                                                     bot_v[lo:lo + chunk], bot_i[lo:lo + chunk], cv, ci))
+        for j, i in enumerate(chunk_ids.tolist()):  # one copy per chunk, not per latent
             logits[i] = (pv[j], pi[j], -nv[j], ni[j])
             near[i] = (cv[j], ci[j])
     return logits, near
