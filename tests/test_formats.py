@@ -21,6 +21,10 @@ from llama_sae.sae.formats import convert, describe, hf_module_name, our_hook_na
 runner = CliRunner()
 
 
+class _NotATensor:
+    """A pickled object of a class a weights-only load refuses."""
+
+
 def sparsify_reference(w: dict, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sparsify's SparseCoder, written out: pre = (x - b_dec) @ encoder.weight.T + encoder.bias, ReLU, top k;
     decode = Σ acts · W_dec rows + b_dec. Returns (dense latents [N, n], reconstruction [N, d]), float64."""
@@ -151,6 +155,24 @@ def test_pre_6_saelens_config_reads(tmp_path):
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
 
 
+def test_pre_6_standard_architecture_with_topk_activation_reads(tmp_path):
+    """SAELens before 6 wrote TopK SAEs as architecture "standard" with activation_fn "topk" (and loads them as
+    TopK): so do we; a really standard (ReLU) SAE is still refused."""
+    sae, x = make_sae(dtype=torch.float32)
+    save(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    old = {"architecture": "standard", "d_in": 24, "d_sae": 96, "hook_name": "blocks.2.hook_resid_pre",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5}, "apply_b_dec_to_input": True,
+           "normalize_activations": cfg["normalize_activations"]}
+    (tmp_path / "cfg.json").write_text(json.dumps(old))
+    back = load(tmp_path)
+    assert (back.cfg.k, back.cfg.hook_name) == (5, "resid_pre.2")
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
+    (tmp_path / "cfg.json").write_text(json.dumps({**old, "activation_fn_str": "relu"}))
+    with pytest.raises(UserError, match="architecture 'standard' is not supported: only 'topk' SAEs load"):
+        load(tmp_path)
+
+
 def test_hook_name_translation():
     assert our_hook_name("blocks.7.hook_mlp_out") == ("mlp_out.7", None)
     assert our_hook_name("model.layers.2.self_attn") == ("attn_out.2", None)
@@ -183,7 +205,7 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
         assert rows["k"] == str(bad) and rows["verdict"].startswith("does not load: ")
     for fine in ("5", 5.0):  # a whole number written as a string or a float reads as that number
         (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "k": fine}))
-        assert load(tmp_path / "s").cfg.k == 5 and dict(describe(tmp_path / "s"))["verdict"] == "loads"
+        assert load(tmp_path / "s").cfg.k == 5 and dict(describe(tmp_path / "s"))["verdict"].startswith("loads")
     for key, value, kind in [("metadata", "x", "a JSON object"), ("d_in", True, "a whole number"),
                              ("normalize_activations", [1], "a string or true or false"),
                              ("activation_fn_kwargs", "x", "a JSON object")]:  # hand edits of another type
@@ -211,11 +233,16 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     torch.save(seed_state(), tmp_path / "seed.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "seed.pth").read_bytes()[:3000])
-    with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):
+    with pytest.raises(UserError, match="not a readable torch checkpoint .*: it is truncated or not the seed's"):
         load(tmp_path / "cut.pth", k=5)
     (tmp_path / "foreign.pth").write_bytes(pickle.dumps(UserError("not weights"), protocol=2))
-    with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):
+    with pytest.raises(UserError, match="holds pickled Python objects besides tensors, which a weights-only load "
+                                        "refuses") as refused:
         load(tmp_path / "foreign.pth", k=5)
+    assert "\x1b" not in str(refused.value)  # none of torch's terminal colour codes
+    torch.save({"x": _NotATensor()}, tmp_path / "objects.pth")
+    with pytest.raises(UserError, match="holds pickled Python objects"):
+        load(tmp_path / "objects.pth", k=5)
     torch.save({"W": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="not the seed's SAE checkpoint: expected tensors b_pre"):
         load(tmp_path / "other.pth", k=5)
@@ -254,6 +281,35 @@ def test_cli_info_and_convert(tmp_path):
     assert result.exit_code == 0 and (tmp_path / "lens2" / "sae_weights.safetensors").read_bytes() == before
     assert "verdict loads" in " ".join(runner.invoke(app, ["sae", "info", str(tmp_path / "lens2")]).output.replace(
         "│", " ").split())
+    # convert keeps the metadata it does not write itself (training facts, dataset), and an unreadable
+    # optional sparsity file is skipped with a note rather than failing the conversion
+    save(sae, tmp_path / "meta", sparsity=torch.zeros(96), trained_tokens=1234, dataset="tinyworld")
+    sparsity = tmp_path / "meta" / "sparsity.safetensors"
+    sparsity.write_bytes(sparsity.read_bytes()[:40])
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "sparsify", "--out",
+                                 str(tmp_path / "meta_sp")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta_sp"), "--to", "saelens", "--out",
+                                 str(tmp_path / "meta_back")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "meta_back" / "cfg.json").read_text())["metadata"]
+    assert (meta["trained_tokens"], meta["dataset"], meta["hook_name"]) == (1234, "tinyworld", sae.cfg.hook_name)
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "saelens", "--out",
+                                 str(tmp_path / "meta_sl")])
+    assert result.exit_code == 0 and "sparsity.safetensors skipped, it is unreadable" in result.output
+    assert not (tmp_path / "meta_sl" / "sparsity.safetensors").exists()
+    # a hook point with no equivalent here is refused, not written out as "none"
+    cfg = json.loads((tmp_path / "meta" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.attn.hook_z"
+    (tmp_path / "meta" / "cfg.json").write_text(json.dumps(cfg))
+    assert dict(describe(tmp_path / "meta"))["verdict"].startswith("loads with --hook KIND.LAYER to run it in a")
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "saelens", "--out",
+                                 str(tmp_path / "hook_z")])
+    assert isinstance(result.exception, UserError) and "(TransformerLens) has no equivalent here: pass --hook " \
+        "KIND.LAYER" in str(result.exception) and not (tmp_path / "hook_z").exists()
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "saelens", "--out",
+                                 str(tmp_path / "hook_z"), "--hook", "attn_out.1"])
+    assert result.exit_code == 0 and load(tmp_path / "hook_z").cfg.hook_name == "attn_out.1"
     weights = tmp_path / "lens2" / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated: info says why it will not load, exit status 1
     result = runner.invoke(app, ["sae", "info", str(tmp_path / "lens2")])
@@ -281,14 +337,17 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
     from llama_sae.sae import hub
 
     sae, x = make_sae(dtype=torch.float32)
-    save(sae, tmp_path / "sae")
+    save(sae, tmp_path / "sae", sparsity=torch.full((96,), -3.0))
     (tmp_path / "sae" / "checkpoint.pt").write_bytes(b"optimizer state")
     assert hub.push(tmp_path / "sae", "org/llama-saes", subdir="resid_post.3") == "hf://org/llama-saes/resid_post.3"
     # the hf:// form pull and load take names the same place
     assert hub.push(tmp_path / "sae", "hf://org/llama-saes/resid_post.3") == "hf://org/llama-saes/resid_post.3"
     with pytest.raises(UserError, match="drop @v1"):
         hub.push(tmp_path / "sae", "hf://org/llama-saes@v1")
-    assert set(fake_hub.repos["org/llama-saes"]) == {"resid_post.3/cfg.json", "resid_post.3/sae_weights.safetensors"}
+    assert set(fake_hub.repos["org/llama-saes"]) == {"resid_post.3/cfg.json", "resid_post.3/sae_weights.safetensors",
+                                                     "resid_post.3/sparsity.safetensors"}
+    conv = convert("hf://org/llama-saes/resid_post.3", "saelens", tmp_path / "from_hub")  # the download's sparsity
+    assert (conv / "sparsity.safetensors").read_bytes() == (tmp_path / "sae" / "sparsity.safetensors").read_bytes()
     back = load("hf://org/llama-saes/resid_post.3")
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
     result = runner.invoke(app, ["sae", "pull", "hf://org/llama-saes/resid_post.3", str(tmp_path / "pulled")])

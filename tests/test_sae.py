@@ -382,7 +382,8 @@ def test_inference_shapes_no_tokens_and_dtype():
     empty results; an SAE cast away from float32 says what to do instead of failing inside a matmul."""
     sae, x = make_sae(norm="layer_norm", dtype=torch.float32)
     x3 = x.view(4, 10, -1)
-    dense = sae.encode(x).view(4, 10, -1)
+    dense = sae.encode(x3)  # encode keeps the leading dims too (SAELens's encode does)
+    assert dense.shape == (4, 10, 96) and torch.equal(dense.view(40, -1), sae.encode(x))
     assert sae.decode(dense, x3).shape == (4, 10, x.shape[1])
     torch.testing.assert_close(sae.decode(dense, x3), sae(x3), rtol=1e-5, atol=1e-5)  # token by token, not mixed
     with pytest.raises(ValueError, match="x has tokens"):

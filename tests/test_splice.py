@@ -109,7 +109,7 @@ def test_splice_bad_inputs(model):
     with pytest.raises(UserError, match="out of range"):
         with spliced(model, _sae(model, "resid_post.9")):
             pass
-    with pytest.raises(UserError, match="hook_name is empty"):
+    with pytest.raises(UserError, match="does not name a hook point of ours .*: pass --hook KIND.LAYER"):
         with spliced(model, _sae(model, None)):
             pass
     elsewhere = SAE(SAEConfig(d_in=model.args.dim, d_sae=64, k=4, hook_name="resid_post.0"), device="meta")

@@ -14,7 +14,7 @@ from llama_sae.cli import app
 from llama_sae.errors import UserError
 from llama_sae.llama import load_model, load_tokenizer
 from llama_sae.sae import load
-from llama_sae.sae.evaluate import EVAL_LOG, EVAL_REPORT, model_metrics, token_batches
+from llama_sae.sae.evaluate import EVAL_LOG, EVAL_REPORT, activation_metrics, model_metrics, token_batches
 from llama_sae.sae.train import TensorSource, TrainConfig, train_sae
 
 HOOK = "resid_post.2"
@@ -23,12 +23,17 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def acts():
-    """resid_post.2 activations of 120 tinyworld sentences through the shipped model [N, 256]."""
+    """resid_post.2 activations of 120 tinyworld sentences through the shipped model [N, 256], BOS left out."""
     model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
-    rows = []
-    for tokens, mask in token_batches(tok, [r.text for r in tinyworld.sentences(120)], batch_size=40):
-        rows.append(model.capture(tokens, [HOOK])[HOOK][mask].float())
-    return torch.cat(rows)
+    return torch.cat([rows for rows, _ in _acts_and_bos(model, tok, [r.text for r in tinyworld.sentences(120)])])
+
+
+def _acts_and_bos(model, tok, texts):
+    """Per batch: (the real tokens' activations after BOS, BOS's), masked here independently of the evaluator."""
+    for tokens, mask in token_batches(tok, texts, batch_size=40):
+        h = model.capture(tokens, [HOOK])[HOOK].float()
+        after_bos = mask & (torch.arange(tokens.shape[1]) > 0)
+        yield h[after_bos], h[:, 0]
 
 
 def test_training_runs_spliced_evaluations_and_stores_the_final_one(tmp_path, acts):
@@ -54,6 +59,13 @@ def test_training_runs_spliced_evaluations_and_stores_the_final_one(tmp_path, ac
     again = model_metrics(model, load(path), token_batches(tok, texts))
     for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl"):
         assert again[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
+    # FVU and L0 on the texts' activations with BOS left out, as in a store (BOS's norm would dominate FVU)
+    pairs = list(_acts_and_bos(model, tok, texts))
+    no_bos = activation_metrics(load(path), [rows for rows, _ in pairs])
+    with_bos = activation_metrics(load(path), [torch.cat([rows, bos]) for rows, bos in pairs])
+    assert final["tokens"] == no_bos["tokens"] == with_bos["tokens"] - len(texts)
+    assert final["fvu"] == pytest.approx(no_bos["fvu"], rel=1e-5) and final["l0"] == pytest.approx(no_bos["l0"])
+    assert with_bos["fvu"] > 1.05 * no_bos["fvu"]  # the difference the rule makes, even this early in training
 
 
 def test_evaluation_settings_go_together(tmp_path, acts):
@@ -81,8 +93,17 @@ def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"ce_recovered", "kl", "kl_by_position"} <= set(report)
     assert "CE recovered" in result.output
-    assert "frequency" not in report  # no activation metrics without --store: no histogram either
     assert report["encoder_dtype"] == "float32"
+    # without --store, the activation metrics come from the corpus texts' activations, BOS left out
+    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+    from itertools import islice
+
+    from llama_sae.corpus import iter_sentences
+
+    texts = [s.text for s in islice(iter_sentences("tinyworld:8:heldout"), 8)]
+    direct = activation_metrics(sae, [rows for rows, _ in _acts_and_bos(model, tok, texts)])
+    assert report["tokens"] == direct["tokens"] and report["fvu"] == pytest.approx(direct["fvu"], rel=1e-5)
+    assert "FVU" in result.output and (tmp_path / "report_frequency.png").read_bytes()[:8] == PNG
     result = CliRunner().invoke(app, ["evaluate", "--sae", str(tmp_path / "sae"), "--corpus", "tinyworld:8:heldout",
                                       "--n-texts", "8", "--bf16-encoder", "--out", str(tmp_path / "bf16.json")])
     assert result.exit_code == 0, result.output
@@ -90,7 +111,7 @@ def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):
     assert fast["encoder_dtype"] == "bfloat16" and fast["ce_clean"] == report["ce_clean"]
     assert fast["ce_spliced"] != report["ce_spliced"]  # the bf16 encoder ran ...
     assert fast["ce_recovered"] == pytest.approx(report["ce_recovered"], abs=0.02)  # ... and changes little
-    from llama_sae.sae.evaluate import activation_metrics, plot_frequency
+    from llama_sae.sae.evaluate import plot_frequency
 
     rep = activation_metrics(sae, [acts])
     assert plot_frequency(rep, tmp_path / "f.png").read_bytes()[:8] == PNG
@@ -102,7 +123,6 @@ def test_demo_export_stage(tmp_path, acts):
 
     from llama_sae.demo import _export
     from llama_sae.sae import SAE, SAEConfig
-    from llama_sae.sae.evaluate import activation_metrics
     from llama_sae.sae.model import normalize
 
     sae = SAE(SAEConfig(d_in=256, d_sae=512, k=8, hook_name=HOOK))

@@ -435,7 +435,9 @@ def train(
 def evaluate(
     sae: Annotated[str, typer.Option(help="SAE: SAELens or sparsify directory, seed .pth, hf://org/repo\\[/dir]")],
     store: Annotated[Path | None, typer.Option(help="activation store: metrics on its val split")] = None,
-    corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL)")] = None,
+    corpus: Annotated[str | None, typer.Option(help="SOURCE for the model metrics (CE recovered, KL); without "
+                                                    "--store, the activation metrics too (on its texts, BOS "
+                                                    "left out)")] = None,
     model: ModelOpt = None,
     n_texts: Annotated[int, typer.Option(min=1, help="texts of the corpus for the model metrics")] = 200,
     out: Annotated[Path | None, typer.Option(help="write the JSON report here (and the frequency histogram "
@@ -448,7 +450,8 @@ def evaluate(
                             ] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, CE loss recovered and KL in the model."""
+    """Evaluate an SAE: FVU, L0, dead / dense latents (--store, or the --corpus texts); with --corpus, CE loss
+    recovered and KL in the model."""
     from itertools import islice
 
     import torch
@@ -456,7 +459,14 @@ def evaluate(
 
     from llama_sae.fileio import atomic_write_json
     from llama_sae.sae import load
-    from llama_sae.sae.evaluate import activation_metrics, model_metrics, plot_frequency, summary_rows, token_batches
+    from llama_sae.sae.evaluate import (
+        activation_metrics,
+        hook_activations,
+        model_metrics,
+        plot_frequency,
+        summary_rows,
+        token_batches,
+    )
 
     if out is not None:
         check_output_file(out)
@@ -478,8 +488,13 @@ def evaluate(
 
         llama, tok = _load(model, None, device)
         texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
-        report.update(model_metrics(llama, net, token_batches(tok, texts),
-                                    compute_dtype=torch.bfloat16 if bf16_encoder else None))
+        batches = list(token_batches(tok, texts))
+        if store is None:  # the activation metrics on the same texts
+            from llama_sae.splice import check_fits
+
+            report.update(activation_metrics(net, hook_activations(llama, check_fits(llama, net), batches)))
+            report["activations"] = f"{corpus}, first {len(texts)} texts (no --store)"
+        report.update(model_metrics(llama, net, batches, compute_dtype=torch.bfloat16 if bf16_encoder else None))
         report["encoder_dtype"] = "bfloat16" if bf16_encoder else str(net.W_enc.dtype).removeprefix("torch.")
     table = Table("metric", "value", title=f"evaluation of {sae}")
     for key, value in summary_rows(report):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 
@@ -10,10 +11,14 @@ class UserError(Exception):
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's first line of text (its class name if it has none), cut at ``limit`` characters: the
-    part of a library's error that fits in a one-line UserError."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+    """An exception's first line of text (its class name if it has none; terminal colour codes removed), cut
+    at a word before ``limit`` characters: the part of a library's error that fits in a one-line UserError."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:") + " …"
 
 
 def check_device(device: str) -> str:

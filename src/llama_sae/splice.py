@@ -166,8 +166,9 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     """The SAE's hook point, after checking the model has it and its width matches d_in."""
     hook = sae.cfg.hook_name
     if hook is None:
-        raise UserError("the SAE does not name a hook point of ours (cfg hook_name is empty, or not KIND.LAYER; "
-                        "`llama-sae sae info` shows it): set metadata.hook_name in its cfg.json, e.g. resid_post.3")
+        raise UserError("the SAE does not name a hook point of ours (`llama-sae sae info` shows what it says): "
+                        "pass --hook KIND.LAYER (e.g. resid_post.3; in Python sae.load(path, hook_name=...)), or "
+                        "write it into the files once with `llama-sae sae convert PATH --hook KIND.LAYER --out DIR`")
     parse_hook_name(hook, model.args.n_layers)
     sae.check_float32()
     if sae.cfg.d_in != model.args.dim:

@@ -711,7 +711,7 @@ class ActivationStore:
         if hook is None:
             if len(self.hooks) > 1:
                 raise UserError(f"store {self.path} holds {len(self.hooks)} hook points ({', '.join(self.hooks)}): "
-                                "name one")
+                                "name one with --hook")
             return self.hooks[0]
         if hook not in self.hooks:
             raise UserError(f"store {self.path} holds {', '.join(self.hooks)}, not {hook}: capture {hook} with "
@@ -807,6 +807,9 @@ class StoreLoader:
         self.counts = [_split_rows(e, split) for e in store.shards]
         self.rows = sum(self.counts)
         per_epoch = self.rows // batch_size if drop_last else -(-self.rows // batch_size)
+        if self.rows == 0:
+            raise UserError(f"split {split!r} of store {store.path} holds no rows: capture with --val-percent N "
+                            "(the default, 5) and enough sentences that some land in it")
         if per_epoch == 0:
             raise UserError(f"split {split!r} of store {store.path} has {self.rows} rows, fewer than one batch of "
                             f"{batch_size}: use a smaller batch or capture more tokens")

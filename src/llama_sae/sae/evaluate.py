@@ -57,8 +57,11 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
         cos += float(F.cosine_similarity(x, x_hat, dim=-1).double().sum())
         tokens += x.shape[0]
     if tokens == 0:
-        raise ValueError("no activations to evaluate")
+        raise UserError("no activations to evaluate: the held-out set is empty; give it some tokens")
     total_var = float((sum_sq_vec - sum_x_vec.pow(2) / tokens).sum())
+    if total_var <= 0:
+        raise UserError(f"the {tokens} evaluated activations are all equal: FVU is undefined; evaluate on more "
+                        "(and different) tokens")
     freq = fires / tokens
     dead, dense = int((fires == 0).sum()), int((freq > dense_threshold).sum())
     return {"tokens": tokens, "fvu": sq_err / total_var, "explained_variance": 1 - sq_err / total_var,
@@ -134,11 +137,24 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
             count_pos = F.pad(count_pos, (0, T - count_pos.numel()))
         kl_pos[:T] += kl.sum(0).double().cpu()  # the per-position sums stay on the CPU, whatever the model's device
         count_pos[:T] += mask.sum(0).double().cpu()
+    if n == 0:
+        raise UserError("no token to predict in the evaluation texts (each needs a token after BOS): pass "
+                        "longer or more texts")
     ce = {k: sums[k] / n for k in ("clean", "spliced", "zero")}
     recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablated": ce["zero"],
             "ce_recovered": recovered, "kl": sums["kl"] / float(count_pos.sum()), "predicted_tokens": int(n),
             "kl_by_position": (kl_pos / count_pos.clamp_min(1)).tolist()}
+
+
+def hook_activations(model, hook: str, token_batches: Iterable[tuple[Tensor, Tensor]]) -> Iterable[Tensor]:
+    """Per batch of (tokens [B, T], mask [B, T]) from :func:`token_batches`: the float32 activations at ``hook``
+    of its real tokens after BOS, [N, d] — the tokens an activation store holds (capture never stores BOS,
+    whose residual norm is several times the others' and would dominate FVU)."""
+    for tokens, mask in token_batches:
+        keep = mask.to(model.device).clone()
+        keep[:, 0] = False  # BOS
+        yield model.capture(tokens.to(model.device), [hook])[hook][keep].float()
 
 
 def token_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 16, max_tokens: int = 128
@@ -251,10 +267,10 @@ class TrainingEval:
             check_fits(self.model, sae)
 
     def _acts(self, hook: str) -> Tensor:
-        """The evaluation texts' real-token activations at ``hook`` [N, d] (the model does not change: cached)."""
+        """The evaluation texts' activations at ``hook`` [N, d], BOS left out as in a store (the model does not
+        change: cached)."""
         if hook not in self.acts:
-            rows = [self.model.capture(t, [hook])[hook][m] for t, m in self.batches]
-            self.acts[hook] = torch.cat(rows).float()
+            self.acts[hook] = torch.cat(list(hook_activations(self.model, hook, self.batches)))
         return self.acts[hook]
 
     def report(self, sae: SAE) -> dict:

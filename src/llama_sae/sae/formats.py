@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos")
+OWN_METADATA = (*METADATA_KEYS, "hook_point", "hf_hook_name", "sae_lens_version")  # metadata written from the config
 FORMATS = ("saelens", "sparsify", "seed")
 SAELENS_LAYOUT = "6.0.0"  # the SAELens cfg.json layout we write (metadata.sae_lens_version)
 SEED_K = 64  # the seed's k (its README and sae_training.py); its checkpoint does not store it
@@ -124,6 +126,7 @@ class Found:
     values: dict[str, Any]
     weights: Callable[[], Weights]
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)  # other facts (training tokens, dataset): kept by convert
 
 
 def _read_json(file: Path) -> dict:
@@ -180,7 +183,9 @@ def _find_saelens(path: Path) -> Found:
                              "normalize_activations": (str, bool), "hook_name": str, "hook_point": str})
     _check_types(file, raw.get("metadata") or {}, {"hook_name": str, "hook_point": str, "model_name": str})
     act = raw.get("activation_fn", raw.get("activation_fn_str"))
-    arch = raw.get("architecture") or ("topk" if act == "topk" else "standard")
+    arch = raw.get("architecture") or "standard"
+    if arch == "standard" and act == "topk":  # pre-6 SAELens: a "standard" SAE with a TopK activation
+        arch = "topk"
     if arch != "topk":
         raise UserError(f"{file}: architecture {arch!r} is not supported: only 'topk' SAEs load")
     if not raw.get("apply_b_dec_to_input", True) or raw.get("rescale_acts_by_decoder_norm", False):
@@ -214,7 +219,8 @@ def _find_saelens(path: Path) -> Found:
             w["W_enc"] = w["W_enc"].T
         return w
 
-    return Found("saelens", path, values, weights, notes)
+    extra = {key: value for key, value in meta.items() if key not in OWN_METADATA}
+    return Found("saelens", path, values, weights, notes, extra)
 
 
 def _find_sparsify(path: Path) -> Found:
@@ -254,15 +260,20 @@ def _find_sparsify(path: Path) -> Found:
         rename = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
         return {ours_: w[theirs] for theirs, ours_ in rename.items() if theirs in w}
 
-    return Found("sparsify", path, values, weights, notes)
+    extra = {key: value for key, value in ours.items() if key not in OWN_METADATA}
+    return Found("sparsify", path, values, weights, notes, extra)
 
 
 def _find_seed(path: Path) -> Found:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle (weights_only refuses its classes), not a torch file
-        raise UserError(f"{path}: not a readable weights-only torch checkpoint ({first_line(e, 200)}): it is "
-                        "truncated or not the seed's SAE; copy it again") from e
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{path}: holds pickled Python objects besides tensors, which a weights-only load "
+                            "refuses (for safety, it is not loaded otherwise): it is not the seed's SAE checkpoint, "
+                            "or re-save its state_dict of tensors alone") from e
+        raise UserError(f"{path}: not a readable torch checkpoint ({first_line(e, 120)}): it is truncated or "
+                        "not the seed's SAE; copy it again") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model_state_dict")), dict):
         state = state.get("state_dict", state.get("model_state_dict"))
     if isinstance(state, dict):
@@ -355,8 +366,9 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
     except ValidationError as e:
         err = e.errors()[0]
         field_name = ".".join(str(part) for part in err["loc"])
+        fix = f"fix {field_name or 'it'} in {CFG_FILE}" + (" or pass --k N" if field_name == "k" else "")
         raise UserError(f"{found.path}: {field_name + ': ' if field_name else ''}"
-                        f"{err['msg'].removeprefix('Value error, ')}") from e
+                        f"{err['msg'].removeprefix('Value error, ')}: {fix}") from e
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int | None = None,
@@ -432,7 +444,10 @@ def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
     bad = [value for key, value in weights if key == "note" or value.startswith("unreadable")]
     if bad:
         return f"does not load: {bad[0]}"
-    return "loads with --k K (the file has no k)" if missing_k else "loads"
+    needs = [what for what, missing in (("--k K (the file has no k)", missing_k),
+                                        ("--hook KIND.LAYER to run it in a model (the file names no hook point of "
+                                         "ours)", found.values.get("hook_name") is None)) if missing]
+    return "loads" + (" with " + " and ".join(needs) if needs else "")
 
 
 def _weights_rows(found: Found) -> list[tuple[str, str]]:
@@ -503,8 +518,9 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     return path
 
 
-def save_sparsify(sae: SAE, path: str | os.PathLike) -> Path:
-    """Write ``sae`` to the directory ``path`` in sparsify's layout (``SparseCoder.load_from_disk`` reads it).
+def save_sparsify(sae: SAE, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write ``sae`` to the directory ``path`` in sparsify's layout (``SparseCoder.load_from_disk`` reads it);
+    extra ``metadata`` goes under cfg.json's "llama_sae" (sparsify ignores that key).
 
     sparsify has no input normalization, so an SAE with layer_norm cannot be written exactly: UserError.
     """
@@ -516,7 +532,8 @@ def save_sparsify(sae: SAE, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     _write_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
                                              "b_dec": sae.b_dec})  # W_enc keeps our layout: sparsify's too
-    ours = {key: getattr(cfg, key) for key in METADATA_KEYS} | {"hf_hook_name": hf_module_name(cfg.hook_name)}
+    ours = {**metadata, **{key: getattr(cfg, key) for key in METADATA_KEYS},
+            "hf_hook_name": hf_module_name(cfg.hook_name)}
     atomic_write_json(path / CFG_FILE, {
         "activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": True,
         "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": False, "transcode": False,
@@ -529,11 +546,22 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
     """Read the SAE at ``src`` (any format :func:`load` reads) and write it to ``out`` as ``to`` (saelens|sparsify)."""
     if to not in ("saelens", "sparsify"):
         raise UserError(f"cannot write format {to!r}: use --to saelens or --to sparsify")
-    sae = load(src, k=k, hook_name=hook_name)
-    if sae.cfg.hook_name is None and find(src).format == "seed":  # its .pth never says; the converted SAE must
+    found = find(src)  # an hf:// source is downloaded once: load and the sparsity file read the local copy
+    sae = load(found.path, k=k, hook_name=hook_name)
+    if sae.cfg.hook_name is None and found.format == "seed":  # its .pth never says; the converted SAE must
         raise UserError(f"{src} is a seed checkpoint, which does not say which hook point it reads: pass --hook "
                         "(attn_in.23 for the seed's Llama 3.2-3B run)")
+    unknown = next((n for n in found.notes if n.endswith("has no equivalent here")), None)
+    if sae.cfg.hook_name is None and unknown:  # the file names a hook point: writing "none" would lose it
+        raise UserError(f"{src}: {unknown}: pass --hook KIND.LAYER (one of {', '.join(HOOK_KINDS)}) to say "
+                        "where it reads here")
+    extra = {key: value for key, value in found.metadata.items() if key not in ("sae", "path", "sparsity")}
     if to == "sparsify":
-        return save_sparsify(sae, out)
-    sparsity = load_sparsity(src) if Path(src, SPARSITY_FILE).exists() else None
-    return save(sae, out, sparsity=sparsity)
+        return save_sparsify(sae, out, **extra)
+    sparsity = None
+    if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
+        try:
+            sparsity = load_sparsity(found.path)
+        except UserError as e:  # optional: the SAE converts without it
+            print(f"note: {SPARSITY_FILE} skipped, it is unreadable ({e})", file=sys.stderr)
+    return save(sae, out, sparsity=sparsity, **extra)

@@ -10,6 +10,7 @@ serves from the local cache only: all read by huggingface_hub itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,9 @@ def download(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local directory (in the huggingface_hub cache) holding the SAE at ``uri``; downloads what is missing."""
     ref = parse_uri(uri)
     hub = _hub()
+    quiet = logging.getLogger("huggingface_hub._snapshot_download")  # its "No files matched" warning: the
+    level = quiet.level  # missing folder gets our one-line error below instead
+    quiet.setLevel(logging.ERROR)
     try:
         root = hub.snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache_dir,
                                      allow_patterns=[f"{ref.subdir}/*"] if ref.subdir else None)
@@ -64,6 +68,8 @@ def download(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     except (hub.errors.LocalEntryNotFoundError, OSError) as e:
         raise UserError(f"{uri}: cannot download ({first_line(e)}): check the network, or unset HF_HUB_OFFLINE "
                         "if it is set") from e
+    finally:
+        quiet.setLevel(level)
     path = Path(root) / ref.subdir if ref.subdir else Path(root)
     if not path.is_dir():
         raise UserError(f"{uri}: the repo has no folder {ref.subdir!r}: list its folders on the hub and pick one")

@@ -535,9 +535,11 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latents [N, d_sae] (zero outside each token's top k) for inputs x [N, d_in]."""
+        """Dense latents [..., d_sae] (zero outside each token's top k) for inputs x [..., d_in] (leading
+        dimensions kept, as SAELens does: ``decode(encode(x), x)`` works on [B, T, d_in])."""
         vals, idx = self.encode_topk(x)
-        return torch.zeros(vals.shape[0], self.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
+        dense = torch.zeros(vals.shape[0], self.cfg.d_sae, device=vals.device).scatter_(1, idx, vals)
+        return dense.view(*x.shape[:-1], self.cfg.d_sae)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
