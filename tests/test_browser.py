@@ -192,5 +192,5 @@ def test_dashboard_opens_from_disk_and_searches(browser, dashboard):
     assert len(browser.find_elements(By.CSS_SELECTOR, "td.pos")) == 10
     assert len(browser.find_elements(By.CSS_SELECTOR, "td.neg")) == 10
     steer = browser.find_element(By.ID, "steer").get_attribute("href")
-    assert steer.endswith(f"/?steer={live[0]}:add:8:prompt")
+    assert steer.endswith(f"/?steer=resid_post.5@{live[0]}:add:8:prompt")
     browser.save_screenshot(str(ARTIFACTS / "dashboard-2-latent.png"))

@@ -117,7 +117,7 @@ def test_pipeline_capture_store_train_evaluate(tmp_path):
         ["store", "info", str(store)],
         ["store", "verify", str(store)],
         ["train", "--store", str(store), "--out", str(sae), "--d-sae", "256", "--k", "8", "--batch-size", "512",
-         "--tokens", "8192"],
+         "--tokens", "8192", "--eval-every", "8", "--eval-corpus", "tinyworld:8:heldout"],  # in the store's model
         ["evaluate", "--sae", str(sae), "--store", str(store), "--corpus", "tinyworld:20:heldout", "--out",
          str(tmp_path / "report.json")],
     ]
@@ -128,6 +128,8 @@ def test_pipeline_capture_store_train_evaluate(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["fvu"] < 1 and report["l0"] <= 8 and report["ce_zero_ablated"] > report["ce_clean"]
     assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()
+    final = json.loads(next(sae.rglob("evaluation.json")).read_text())  # spliced into the store's model
+    assert final["ce_zero_ablated"] > final["ce_spliced"] > final["ce_clean"] > 0
 
 
 @pytest.mark.parametrize("args, option", [

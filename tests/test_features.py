@@ -237,7 +237,8 @@ def test_cli_builds_and_reports(setup, tmp_path):
     _, _, sae, _ = setup
     sae.save(tmp_path / "sae")
     result = CliRunner().invoke(app, ["features", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "f"),
-                                      "--corpus", SOURCE, "--sentences", "40", "--top-n", "3", "--pool", "8"])
+                                      "--corpus", SOURCE, "--sentences", "40", "--top-n", "3", "--pool", "8",
+                                      "--no-progress"])
     assert result.exit_code == 0, result.output
     f = load_features(tmp_path / "f")
     assert f.meta["sentences"] == 40 and f.meta["sae_path"] == str(tmp_path / "sae")

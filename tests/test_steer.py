@@ -445,3 +445,34 @@ def test_clamp_and_add_decode_only_the_steered_latents_exactly(model, sae, monke
     with steering.apply(model, prompt_len=T):
         got = model.capture(tokens, [HOOK])[HOOK]
     assert torch.equal(got, want)
+
+
+def test_an_sae_keeps_its_features_artifact_in_its_directory(tmp_path):
+    """SAE_DIR/features is used when no --features is given (the shipped SAE keeps its own there), but only if
+    it was built from those weights: a retrained SAE in the same place falls back to the estimate."""
+    import shutil
+
+    from llama_sae import tinyworld
+    from llama_sae.llama import load_model, load_tokenizer
+    from llama_sae.sae import load
+    from llama_sae.steer import build_steering, load_saes, match_features
+
+    rec = tmp_path / "rec.json"
+    out = _cli("generate", "The", "--sae", str(tinyworld.sae_path()), "--steer", "969:add:4", "-n", "3",
+               "--record", str(rec))
+    assert out.exit_code == 0 and "no features artifact" not in out.output
+    assert json.loads(rec.read_text())["saes"]["resid_post.5"]["units"] == f"features:{tinyworld.features_path()}"
+    own = tmp_path / "sae"
+    shutil.copytree(tinyworld.sae_path(), own)
+    model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
+    saes, sources = load_saes(model, [own])
+    assert match_features([], saes) == {}  # no sources, no look in the directory
+    steering = build_steering(model, tok, saes, parse_steers(["969:add:4"]), sources=sources)
+    assert steering.sources["resid_post.5"]["units"] == f"features:{own / 'features'}"
+    changed = load(own)
+    changed.b_enc.data[0] += 1.0
+    changed.save(own)  # other weights, the old artifact beside them
+    saes, sources = load_saes(model, [own])
+    assert match_features([], saes, sources) == {}
+    steering = build_steering(model, tok, saes, parse_steers(["969:add:4"]), sources=sources, estimate_sentences=50)
+    assert steering.sources["resid_post.5"]["units"].startswith("estimate:")

@@ -91,7 +91,8 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     page = (out / "latents" / "11.html").read_text()
     assert html.escape(f.explanation(11).text) in page
     assert "aria-label='activation histogram'" in page and page.count("class='pos num'") == 10
-    assert "?steer=11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
+    assert "?steer=resid_post.5@11:add:8:prompt" in page and "href='12.html'" in page and "href='10.html'" in page
+    assert "<code>llama-sae ui</code>" in page  # the shipped SAE: what `llama-sae ui` loads by itself
 
 
     for name in pages:  # every link between latent pages leads to a page that was written (3's next is 10)
@@ -107,6 +108,17 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     assert sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]
     again = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "10-11"])  # fewer latents
     assert again.exit_code == 0 and sorted(p.name for p in (out / "latents").iterdir()) == ["10.html", "11.html"]
+    import shutil
+
+    own = tmp_path / "own_sae"  # another SAE: the page names the `llama-sae ui` command that loads it
+    own.mkdir()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copy(tinyworld.sae_path() / name, own / name)
+    result = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "own"), "--sae", str(own), "--features",
+                                      str(tinyworld.features_path()), "--latents", "11"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "own" / "latents" / "11.html").read_text()
+    assert f"<code>llama-sae ui --sae {own.resolve()} --features {tinyworld.features_path().resolve()}</code>" in page
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "new"), "--sae", str(tinyworld.sae_path()),
                                    "--corpus", "bogus"])  # building features from a bad SOURCE: nothing made
     assert "unknown corpus source 'bogus'" in str(bad.exception) and not (tmp_path / "new").exists()
@@ -151,6 +163,7 @@ def test_a_steer_link_the_slot_cannot_hold_goes_to_the_specs_box(session):
 
     on_load = _handlers(session)["on_load"]
     assert on_load(Request("11:add:8:prompt"))[:4] == ("11", "add", 8.0, "prompt")
+    assert on_load(Request("resid_post.5@11:add:8:prompt"))[:4] == ("11", "add", 8.0, "prompt")  # the dashboard's
     for spec in ("11:add:8:last+2", "11:add:100"):  # positions or strength outside the slot's widgets
         box = on_load(Request(spec))[4]
         assert box == f"resid_post.5@{parse_steer(spec).spec}"

@@ -410,7 +410,8 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="steps between spliced evaluations (CE recovered, KL) "
                                                         "in --eval-model, taken at the next metrics record (every "
                                                         "log_every = 50 steps); one more at the end")] = None,
-    eval_model: Annotated[str | None, typer.Option(help="checkpoint to splice the SAE into for evaluation")] = None,
+    eval_model: Annotated[str | None, typer.Option(help="checkpoint to splice the SAE into for evaluation "
+                                                        "(default with --eval-every: the store's model)")] = None,
     eval_corpus: Annotated[str | None, typer.Option(help="SOURCE of held-out evaluation texts")] = None,
 ) -> None:
     """Train TopK SAE(s) on an activation store (resumes from out/checkpoint.pt; torchrun for several ranks)."""
@@ -423,6 +424,10 @@ def train(
 
     from llama_sae.capture import parse_count
 
+    if eval_model is None and (eval_every is not None or eval_corpus is not None):
+        from llama_sae.store import ActivationStore
+
+        eval_model = ActivationStore(store).manifest["model"]["path"]  # the model the activations came from
     cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
                       tokens=None if tokens is None else parse_count(tokens), epochs=epochs, lr=lr, bf16=bf16,
                       hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every, eval_model=eval_model,
@@ -443,7 +448,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="write the JSON report here (and the frequency histogram "
                                                   "beside it, NAME_frequency.png)")] = None,
     k: Annotated[int | None, typer.Option(min=1, help="k to evaluate at (default: the SAE file's; the seed's .pth "
-                                                      "has none: 64)")] = None,
+                                                      "has none: pass --k 64, its setting)")] = None,
     hook: Annotated[str | None, typer.Option(help="hook point, where the SAE file lacks it")] = None,
     bf16_encoder: Annotated[bool, typer.Option(help="spliced CE/KL with the encoder GEMM in bf16: faster on AMX "
                                                     "CPUs and GPUs; may swap near-tied latents at the k-th place")

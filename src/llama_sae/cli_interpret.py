@@ -42,6 +42,7 @@ def features(
     cache_gb: Annotated[float, typer.Option(min=0, help="disk for pass 1's sparse codes, which spare pass 2 the model "
                                                  "(GiB; 0 = run the model again)")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="rebuild when OUT holds an artifact with other settings")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bar with ETA")] = True,
 ) -> None:
     """Top-activating sentences, quantile samples and statistics of every latent (one pass; resumable)."""
     from rich.progress import Progress
@@ -56,7 +57,7 @@ def features(
         console.print(f"resuming the interrupted build in {out} (a build with other settings starts over)",
                       markup=False, highlight=False)
     t0 = time.perf_counter()
-    with Progress(console=console, transient=True) as bar:
+    with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("features", total=sentences)
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
@@ -134,7 +135,8 @@ def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
     why = f": {out['first_error']}" if out.get("first_error") else ""
     if failed and not outcomes.get("succeeded"):
         err_console.print(f"error: every {stage} request failed ({failed}){why}; the journal has each one; fix the "
-                          "backend settings and run again with --retry-failed", style="bold red", markup=False,
+                          "backend settings and run again (a changed model, URL or temperature starts a new journal by "
+                          "itself; with the same settings, add --retry-failed)", style="bold red", markup=False,
                           highlight=False)
         raise typer.Exit(1)
     if failed:

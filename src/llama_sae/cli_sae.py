@@ -12,7 +12,8 @@ sae_app = typer.Typer(no_args_is_help=True, help="SAE files: info, convert (SAEL
 console = Console(emoji=False)
 
 PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo\\[/dir]")]
-KOpt = Annotated[int | None, typer.Option(min=1, help="k (default: the file's; the seed's .pth has none: 64)")]
+KOpt = Annotated[int | None, typer.Option(min=1, help="k (default: the file's; the seed's .pth has none: pass --k 64, "
+                                                      "its setting)")]
 HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file lacks it (e.g. attn_in.23)")]
 
 

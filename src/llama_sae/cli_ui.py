@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,7 @@ def dashboard(
 ) -> None:
     """Write a static HTML feature dashboard (opens from disk): explanations, top and quantile sentences, histogram,
     decoder logits, nearest latents, a link to steer each latent in the UI."""
+    from llama_sae import tinyworld
     from llama_sae.cli import _load, console
     from llama_sae.features import build_features, load_features
     from llama_sae.sae import load
@@ -75,7 +77,14 @@ def dashboard(
         console.print(f"no --features: building one from {sentences:,} sentences of {corpus} into {features}")
         build_features(llama, tok, net, corpus, features, sentences=sentences, sae_path=str(sae))
     f = load_features(features)
-    index = write_dashboard(out, f, net, llama, tok, latents=parse_latents(latents, net.cfg.d_sae), ui_url=ui_url)
+    ui_command = "llama-sae ui"  # the UI that serves the steer links: this SAE and artifact, this model
+    if Path(sae).resolve() != tinyworld.sae_path().resolve() or model is not None:
+        ui_command += (f" --sae {shlex.quote(str(Path(sae).resolve()))} --features "
+                       f"{shlex.quote(str(Path(features).resolve()))}")
+        if model is not None:
+            ui_command += f" --model {shlex.quote(str(Path(model).resolve()) if Path(model).exists() else model)}"
+    index = write_dashboard(out, f, net, llama, tok, latents=parse_latents(latents, net.cfg.d_sae), ui_url=ui_url,
+                            ui_command=ui_command)
     console.print(f"dashboard: {index.resolve()} (open it in a browser; no server needed)")
 
 

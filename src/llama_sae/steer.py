@@ -453,6 +453,9 @@ def record(steering: Steering | None, model_path: str, prompts, outputs: Sequenc
 
 
 # --------------------------------------------------------------------------- loading (CLI and UI)
+BUNDLED_FEATURES = "features"  # SAE_DIR/features: a features artifact kept with its SAE (the shipped SAE's is)
+
+
 def load_saes(model, paths: Sequence[str | Path]) -> tuple[dict[str, object], dict[str, dict]]:
     """SAEs by hook point, checked against the model, and their sources ({hook: {"path": ...}})."""
     from llama_sae.sae import load
@@ -469,9 +472,13 @@ def load_saes(model, paths: Sequence[str | Path]) -> tuple[dict[str, object], di
     return saes, sources
 
 
-def match_features(paths: Sequence[str | Path], saes: dict[str, object]) -> dict[str, object]:
-    """Features artifacts by the hook of the loaded SAE each was built from (UserError if none matches)."""
-    from llama_sae.features import load_features, sae_fingerprint
+def match_features(paths: Sequence[str | Path], saes: dict[str, object],
+                   sources: dict[str, dict] | None = None) -> dict[str, object]:
+    """Features artifacts by the hook of the loaded SAE each was built from (UserError if one matches none).
+
+    With ``sources`` ({hook: {"path": SAE path}}, from :func:`load_saes`), an SAE that no path matched gets the
+    artifact in its own directory's ``features/`` (as the shipped SAE keeps its own), if built from that SAE."""
+    from llama_sae.features import META_FILE, load_features, sae_fingerprint
 
     prints = {sae_fingerprint(sae): hook for hook, sae in saes.items()}
     out = {}
@@ -481,13 +488,26 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object]) -> dict
             raise UserError(f"the features artifact {path} was built from an SAE that is not loaded (fingerprint "
                             f"{f.sae_fingerprint}): load that SAE with --sae, or rebuild the artifact")
         out[prints[f.sae_fingerprint]] = f
+    for hook, sae in saes.items():
+        bundled = Path((sources or {}).get(hook, {}).get("path", "")) / BUNDLED_FEATURES
+        if hook in out or sources is None or not (bundled / META_FILE).is_file():
+            continue
+        try:
+            f = load_features(bundled)
+        except UserError:  # unfinished or damaged: the caller estimates units instead
+            continue
+        if f.sae_fingerprint == sae_fingerprint(sae):  # not an artifact of an older version of these weights
+            out[hook] = f
     return out
 
 
 def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[Steer], *,
                    sources: dict[str, dict] | None = None, features: dict[str, object] | None = None,
                    estimate_sentences: int = ESTIMATE_SENTENCES) -> Steering:
-    """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate."""
+    """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate.
+    ``features`` None: the artifact in each SAE's directory, where there is one (:func:`match_features`)."""
+    if features is None:
+        features = match_features([], saes, sources)
     sources = {h: dict((sources or {}).get(h, {})) for h in saes}
     Steering(saes, list(steers), {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()})  # bad specs fail first
     units = {}

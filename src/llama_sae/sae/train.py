@@ -102,7 +102,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"d_sae and k must be positive, got d_sae={self.d_sae}, k={self.k}")
         if (self.eval_every is not None) != (self.eval_model is not None) or \
                 (self.eval_model is not None) != (self.eval_corpus is not None):
-            raise ValueError("spliced evaluation needs eval_every, eval_model and eval_corpus together")
+            raise ValueError("spliced evaluation needs eval_every, eval_model and eval_corpus together (on the "
+                             "command line --eval-every N --eval-corpus SOURCE; --eval-model defaults to the "
+                             "store's model)")
         return self
 
 

@@ -127,7 +127,7 @@ def load_session(model: str | None = None, sae_paths: list[str] | None = None,
     net, tok = load_model(model_path, device=device), load_tokenizer(model_path)
     saes, sources = load_saes(net, sae_paths)
     try:
-        features = match_features(feature_paths or [], saes)
+        features = match_features(feature_paths or [], saes, sources)
     except UserError as e:
         if not shipped:
             raise
@@ -301,7 +301,8 @@ def build_app(session: Session):
         except UserError as e:
             gr.Warning(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        if s.positions not in POSITION_CHOICES or not STRENGTH_RANGE[0] <= s.strength <= STRENGTH_RANGE[1]:
+        if s.hook != session.hook or s.positions not in POSITION_CHOICES or \
+                not STRENGTH_RANGE[0] <= s.strength <= STRENGTH_RANGE[1]:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), s.spec  # the slot cannot hold it: the specs box can
         return str(s.latent), s.kind, s.strength, s.positions, gr.skip()
 

@@ -15,6 +15,7 @@ import bisect
 import html
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from torch import Tensor
@@ -135,7 +136,8 @@ def _token_list(tokenizer, values: Tensor, ids: Tensor, cls: str) -> str:
 
 
 def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_examples: int,
-                shown: list[int], has_page: set[int]) -> str:
+                shown: list[int], has_page: set[int], hook: str | None = None, ui_command: str = "llama-sae ui"
+                ) -> str:
     """The HTML page of latent ``i``; ``shown`` the sorted latents that get a page, ``has_page`` the same as a
     set (links go only to those)."""
     e = features.explanation(i)
@@ -143,6 +145,7 @@ def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_exampl
     quant = features.examples(i, "quantile")
     scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
     freq, unit = float(features.frequency[i]), float(features.typical_max[i])
+    spec = f"{hook + '@' if hook else ''}{i}:add:8:prompt"  # the hook makes a UI with another SAE refuse it
     nav = ["<a href='../index.html'>← all latents</a>"]
     at = bisect.bisect_left(shown, i)
     if at > 0:
@@ -154,10 +157,10 @@ def latent_page(i: int, features, tokenizer, logits, near, ui_url: str, n_exampl
             f"<p>detection {_fmt(e.detection)} · fuzzing {_fmt(e.fuzzing)} (balanced accuracy)"
             f"{'' if e.backend is None else ' · by ' + html.escape(e.backend)}</p>") if e else (
         "<p class='muted'>no explanation yet (run <code>llama-sae explain</code> and <code>score</code>)</p>")
+    link = f"{html.escape(ui_url)}/?steer={html.escape(quote(spec, safe='@:.'))}"
     stats = (f"<p>fires on {freq:.3%} of tokens · typical max activation {unit:.3g} · "
-             f"<a id='steer' href='{html.escape(ui_url)}/?steer={i}:add:8:prompt'>steer it in the UI</a> "
-             f"<span class='muted'>(<code>llama-sae ui</code>; or <code>--steer {i}:add:8:prompt</code> on the CLI)"
-             "</span></p>")
+             f"<a id='steer' href='{link}'>steer it in the UI</a> <span class='muted'>(<code>"
+             f"{html.escape(ui_command)}</code>; or <code>--steer {html.escape(spec)}</code> on the CLI)</span></p>")
     top_html = "".join(sentence_html(x.tokens, x.acts, scale) for x in top) or "<p class='muted'>none</p>"
     quant_html = "".join(f"<div class='muted'>quantile {x.quantile}</div>" + sentence_html(x.tokens, x.acts, scale)
                          for x in quant) or "<p class='muted'>none</p>"
@@ -200,7 +203,8 @@ def index_page(features, latents: list[int], title: str) -> str:
 
 
 def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list[int] | None = None,
-                    ui_url: str = "http://127.0.0.1:7860", n_examples: int = 10) -> Path:
+                    ui_url: str = "http://127.0.0.1:7860", n_examples: int = 10,
+                    ui_command: str = "llama-sae ui") -> Path:
     """Write the dashboard for ``latents`` (default: every latent that fired) under ``out``; returns index.html."""
     features.check_sae(sae)
     out = Path(out)
@@ -213,7 +217,8 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
     shown = sorted(has_page)
     for i in latents:
         atomic_write(out / "latents" / f"{i}.html",
-                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown, has_page))
+                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown, has_page,
+                                 sae.cfg.hook_name, ui_command))
     meta = features.meta
     title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
     atomic_write(out / "index.html", index_page(features, latents, title))
