@@ -289,7 +289,29 @@ def tinyworld_concepts() -> None:
     console.print(table)
 
 
-@corpus_app.command("preview")
+@tinyworld_app.command("recovery")
+def tinyworld_recovery(
+    sae: Annotated[str, typer.Option(help="SAE of a tinyworld model (any format `sae info` reads)")],
+    model: ModelOpt = None,
+    sentences: Annotated[int, typer.Option(min=20, help="held-out sentences: half choose each concept's best "
+                                                        "latent, half score it")] = 4000,
+    threshold: Annotated[float, typer.Option(min=0.5, max=1.0, help="AUROC that counts as recovered")] = 0.95,
+    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Ground truth: for every planted concept, the SAE latent that best picks it out (held-out AUROC), against
+    the best single neuron: the demo's stage 7 on any SAE of a tinyworld model."""
+    from llama_sae.fileio import atomic_write_json
+    from llama_sae.sae import load
+    from llama_sae.tinyworld.recovery import concept_recovery, print_recovery
+
+    if out is not None:
+        check_output_file(out)
+    llama, tok = _load(model, None, device)
+    result = concept_recovery(llama, tok, load(sae, device=device), n_sentences=sentences, threshold=threshold)
+    print_recovery(console, result)
+    if out is not None:
+        atomic_write_json(out, result)
 def corpus_preview(
     source: Annotated[str, typer.Argument(help="tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
                                                "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "

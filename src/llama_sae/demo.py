@@ -89,20 +89,11 @@ def _train(console: Console, store: Path, out: Path, hook: str = DEMO_HOOK, titl
 
 
 def _recovery(console: Console, model, tokenizer, sae) -> dict:
-    from llama_sae.tinyworld.recovery import concept_recovery
+    from llama_sae.tinyworld.recovery import concept_recovery, print_recovery
 
     console.rule("[bold]7. ground truth: which planted concepts does a latent pick out?")
     result = concept_recovery(model, tokenizer, sae)
-    table = Table("concept", "kind", "best latent", "AUROC", "best neuron (baseline)", title=(
-        f"held-out AUROC of the best latent per concept (chosen on one half of {result['sentences']:,} sentences, "
-        "scored on the other)"))
-    for r in result["rows"]:
-        mark = "green" if r["auroc"] >= result["threshold"] else "red"
-        table.add_row(r["concept"], r["kind"], str(r["latent"]), f"[{mark}]{r['auroc']:.3f}[/{mark}]",
-                      f"{r['neuron_auroc']:.3f}")
-    console.print(table)
-    console.print(f"concepts recovered (AUROC ≥ {result['threshold']}): [bold]{result['recovered']:.0%}[/bold] "
-                  f"by SAE latents vs {result['baseline_recovered']:.0%} by single model neurons")
+    print_recovery(console, result)
     return result
 
 

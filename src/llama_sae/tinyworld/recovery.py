@@ -98,3 +98,19 @@ def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 4000, seed: in
     base = [r["neuron_auroc"] >= threshold for r in rows]
     return {"rows": rows, "recovered": sum(ok) / len(ok), "baseline_recovered": sum(base) / len(base),
             "threshold": threshold, "sentences": n_sentences}
+
+
+def print_recovery(console, result: dict) -> None:
+    """The table of :func:`concept_recovery`'s result (green: recovered) and its one-line summary."""
+    from rich.table import Table
+
+    table = Table("concept", "kind", "best latent", "AUROC", "best neuron (baseline)", title=(
+        f"held-out AUROC of the best latent per concept (chosen on one half of {result['sentences']:,} sentences, "
+        "scored on the other)"))
+    for r in result["rows"]:
+        mark = "green" if r["auroc"] >= result["threshold"] else "red"
+        table.add_row(r["concept"], r["kind"], str(r["latent"]), f"[{mark}]{r['auroc']:.3f}[/{mark}]",
+                      f"{r['neuron_auroc']:.3f}")
+    console.print(table)
+    console.print(f"concepts recovered (AUROC ≥ {result['threshold']}): [bold]{result['recovered']:.0%}[/bold] "
+                  f"by SAE latents vs {result['baseline_recovered']:.0%} by single model neurons")
