@@ -284,3 +284,32 @@ def test_tinyworld_recovery_on_any_sae(tmp_path):
     assert f"concepts recovered (AUROC ≥ 0.95): {rec['recovered']:.0%}" in " ".join(result.output.split())
     bad = runner.invoke(app, ["tinyworld", "recovery", "--sae", str(tmp_path / "none")])
     assert isinstance(bad.exception, UserError) and "does not exist" in str(bad.exception)
+
+
+def test_latent_and_search_in_the_terminal(tmp_path):
+    """`llama-sae latent FEATS ID` and `llama-sae search FEATS TEXT` on the shipped artifact."""
+    import shutil
+
+    from llama_sae import tinyworld
+    from llama_sae.errors import UserError
+    from llama_sae.features import load_features
+
+    feats = tinyworld.features_path()
+    f = load_features(feats)
+    shown = runner.invoke(app, ["latent", str(feats), "969", "-n", "3"], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    top = f.examples(969, "max", 3)
+    text = " ".join(shown.output.split())  # the console wraps long lines
+    assert all(" ".join(x.text.split()) in text for x in top) and " ".join(f.explanation(969).text.split()) in text
+    peak = max(range(len(top[0].acts)), key=top[0].acts.__getitem__)
+    assert f"{top[0].activation:.3f}" in text and f"(peak at {top[0].tokens[peak]!r})" in text
+    found = runner.invoke(app, ["search", str(feats), "courthouse", "--limit", "5"], terminal_width=400)
+    assert found.exit_code == 0, found.output
+    rows = [line.split("│")[1].strip() for line in found.output.splitlines() if line.startswith("│")]
+    assert rows and [r for r in rows if r] == [str(i) for i in f.search("courthouse", 5)]
+    bad = runner.invoke(app, ["latent", str(feats), "5000"])
+    assert isinstance(bad.exception, UserError) and "out of range" in str(bad.exception)
+    bare = tmp_path / "bare"
+    shutil.copytree(feats, bare, ignore=shutil.ignore_patterns("explanations.jsonl"))
+    bad = runner.invoke(app, ["search", str(bare), "court"])
+    assert isinstance(bad.exception, UserError) and "run `llama-sae explain" in str(bad.exception)

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from llama_sae.cli_ui import parse_latents
 from llama_sae.errors import UserError
@@ -233,8 +234,75 @@ def score(
     _fail_if_nothing_came_back(out, "score")
 
 
+def _scores(e) -> str:
+    """An explanation's scores, as the dashboard shows them."""
+    def fmt(x):
+        return "–" if x is None else f"{x:.2f}"
+    return f"detection {fmt(e.detection)} · fuzzing {fmt(e.fuzzing)}"
+
+
+def token_line(tokens: list[str], acts: list[float], scale: float) -> Text:
+    """One sentence for the terminal: tokens where the latent fires in reverse video, the strongest in bold."""
+    line = Text()
+    for token, a in zip(tokens, acts):
+        strength = 0.0 if scale <= 0 else a / scale
+        line.append(token, style="" if strength <= 0 else "bold reverse" if strength >= 0.5 else "reverse")
+    return line
+
+
+def latent(
+    features_dir: FeaturesArg,
+    latent_id: Annotated[int, typer.Argument(metavar="LATENT", min=0, help="latent id")],
+    n: Annotated[int, typer.Option("-n", min=1, help="top sentences to show")] = 8,
+) -> None:
+    """Show one latent in the terminal: explanation and scores, frequency, top and quantile sentences (the
+    tokens where it fires highlighted, with their activation)."""
+    from llama_sae.features import load_features
+
+    f = load_features(features_dir)
+    top = f.examples(latent_id, "max", n)
+    e = f.explanation(latent_id)
+    console.print(Text(f"latent {latent_id}", style="bold"), Text(f"fires on {float(f.frequency[latent_id]):.3%} of "
+                  f"tokens · typical max activation {float(f.typical_max[latent_id]):.3g}"))
+    console.print(Text(f"explanation: {e.text}  ({_scores(e)})") if e else
+                  Text("no explanation yet (run `llama-sae explain` and `score`)", style="dim"))
+    scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
+    for title, rows in (("top sentences", top), ("quantile samples (lowest first)", f.examples(latent_id, "quantile"))):
+        console.print(Text(title, style="underline"))
+        for x in rows:
+            peak = max(range(len(x.acts)), key=x.acts.__getitem__, default=None)
+            where = f"   (peak at {x.tokens[peak]!r})" if peak is not None and x.acts[peak] > 0 else ""
+            console.print(Text(f"{x.activation:7.3f}  ") + token_line(x.tokens, x.acts, scale) + Text(where, "dim"))
+        if not rows:
+            console.print(Text("none", style="dim"))
+
+
+def search(
+    features_dir: FeaturesArg,
+    query: Annotated[str, typer.Argument(help="text to find in the explanations (case-insensitive)")],
+    limit: Annotated[int, typer.Option(min=1, help="latents to list")] = 20,
+) -> None:
+    """Find latents by explanation text, best detection score first."""
+    from rich.table import Table
+
+    from llama_sae.features import load_features
+
+    f = load_features(features_dir)
+    if not f.explanations():
+        raise UserError(f"{features_dir} has no explanations to search: run `llama-sae explain {features_dir}` first")
+    hits = f.search(query, limit)
+    table = Table("latent", "detection", "frequency", "explanation", title=f"{len(hits)} latent(s) matching {query!r}")
+    for i in hits:
+        e = f.explanation(i)
+        table.add_row(str(i), "–" if e.detection is None else f"{e.detection:.2f}", f"{float(f.frequency[i]):.3%}",
+                      Text(e.text))
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add the interpretation commands to the ``llama-sae`` app."""
     app.command()(features)
     app.command()(explain)
     app.command()(score)
+    app.command()(latent)
+    app.command()(search)
