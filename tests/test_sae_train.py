@@ -326,3 +326,32 @@ def test_a_bad_config_file_is_one_line(tmp_path, content, message):
     (tmp_path / "c.yaml").write_bytes(content)
     with pytest.raises(UserError, match=message):
         load_config(None, tmp_path / "c.yaml")
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
+    """Ctrl-C (SIGINT) while training: the step in progress completes, a checkpoint of it is written (none was
+    due: checkpoint_every is past the end), and the same command ends with the uninterrupted run's weights."""
+    import signal
+
+    from llama_sae.sae.train import CHECKPOINT, Interrupted
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512 * 12, 24, generator=g) * torch.linspace(0.2, 3, 24) + 1.0
+
+    class InterruptAt(TensorSource):
+        def loader(self, *args, **kwargs):
+            for i, batch in enumerate(super().loader(*args, **kwargs)):
+                if i == 2 and kwargs.get("start_batch") == 0:
+                    os.kill(os.getpid(), signal.SIGINT)  # while step 3 (a mid-interval step) is about to run
+                yield batch
+
+    cfg = small_cfg(d_sae=256, k=4, tokens=512 * 10, checkpoint_every=100, log_every=4)
+    train_sae(TensorSource(x), cfg, tmp_path / "whole", progress=False)
+    with pytest.raises(Interrupted, match="interrupted at step 3 of 10: checkpoint written to .*; the same command "
+                                          "resumes from it"):
+        train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)
+    assert (tmp_path / "stopped" / CHECKPOINT).exists() and not (tmp_path / "stopped" / "cfg.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)  # resumes at 3: no new interrupt
+    assert (tmp_path / "whole" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "stopped" / "sae_weights.safetensors").read_bytes()

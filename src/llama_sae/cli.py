@@ -6,6 +6,8 @@ Problems with the user's input are printed as one line (``error: ...``) with exi
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,7 @@ from llama_sae.errors import (
     check_device,
     check_output_dir,
     check_output_file,
+    first_line,
     path_error_message,
 )
 
@@ -57,8 +60,25 @@ def _model_path(model: str | None) -> str:
 
 
 def _check_record_path(record: Path | None) -> None:
-    if record is not None and record.is_dir():
+    """Before generating: --record names a file that can be written and is new, or an earlier steering record
+    (a re-run replaces it); anything else is refused, never overwritten."""
+    if record is None:
+        return
+    if record.is_dir():
         raise UserError(f"--record {record} is a directory: pass a file path, e.g. {record / 'steer.json'}")
+    blocker = next((p for p in record.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--record {record}: {blocker} is a file, not a directory: pass another path")
+    if record.exists():
+        from llama_sae.steer import RECORD_KEYS
+
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict) or not set(RECORD_KEYS) <= set(old):
+            raise UserError(f"--record {record} exists and is not a steering record: it is not overwritten; pass a "
+                            "new file name (or leave --record out: runs/steer/<time>.json)")
 
 
 def _load(model: str | None, dtype: str | None, device: str):
@@ -136,7 +156,11 @@ def generate(
         if not prompts_file.is_file():
             raise UserError(f"prompts file {prompts_file} does not exist or is not a file: pass a text file, one "
                             "prompt per line")
-        prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"prompts file {prompts_file} is not UTF-8 text: pass a text file, one prompt per "
+                            "line") from None
     if not prompts:
         raise UserError("no prompt given: pass PROMPT arguments or --prompts-file FILE")
     if record is not None and not steer:
@@ -581,6 +605,17 @@ def main() -> None:
         err_console.print(f"error: {path_error_message(e)}", style="bold red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        err_console.print(str(e) or "interrupted (a long job run again with the same command resumes from its "
+                          "last checkpoint)", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except Exception as e:  # an input no check foresaw, or a bug: one line, the traceback on request
+        if os.environ.get("LLAMA_SAE_TRACEBACK"):
+            raise
+        err_console.print(f"error: {type(e).__name__}: {first_line(e, 240)} (an input llama-sae does not check, or "
+                          "a bug; LLAMA_SAE_TRACEBACK=1 shows where: please report it)", style="bold red",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llama_sae.errors import check_output_dir
+
 
 def _world(console: Console) -> None:
     from llama_sae import tinyworld
@@ -130,6 +132,9 @@ def _export(console: Console, sae_dir: Path, report: dict, out: Path) -> Path:
     return path
 
 
+DEMO_FILES = {"store", "sae", f"sae_{STEER_HOOK}", "export", "frequency.png", "report.json", "features", "dashboard"}
+
+
 def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> None:
     """Run the demo, writing its store, SAE and reports under ``out``; the model, the capture, training and every
     later stage run on ``device`` (cpu, cuda, ...)."""
@@ -138,6 +143,7 @@ def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> 
     from llama_sae.ui.demo import stage as steer_stage
 
     console = console or Console(emoji=False)
+    check_output_dir(out, "the demo's files", ours=DEMO_FILES)  # a re-run finds its own files there
     out.mkdir(parents=True, exist_ok=True)
     _world(console)
     model, tokenizer = _model(console, device)

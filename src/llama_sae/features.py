@@ -704,20 +704,34 @@ class Features:
         """Every explained latent -> its Explanation (read from explanations.jsonl and scores.jsonl, cached)."""
         if self._explanations is None:
             scores: dict[int, dict] = {}
-            for row in read_jsonl(self.path / SCORES_FILE):
+            for row in self.rows(SCORES_FILE):
                 if row.get("control"):
                     continue
-                scores.setdefault(int(row["latent"]), {})[row.get("method", "detection")] = row.get(
-                    "balanced_accuracy")
+                scores.setdefault(row["latent"], {})[row.get("method", "detection")] = row.get("balanced_accuracy")
             self._explanations = {}
-            for row in read_jsonl(self.path / EXPLANATIONS_FILE):
+            for row in self.rows(EXPLANATIONS_FILE):
                 if row.get("explanation") is None:
                     continue
-                latent = int(row["latent"])
+                latent = row["latent"]
                 s = scores.get(latent, {})
                 self._explanations[latent] = Explanation(row["explanation"], row.get("certainty"), s.get("detection"),
                                                          s.get("fuzzing"), row.get("backend"))
         return self._explanations
+
+    def rows(self, name: str) -> list[dict]:
+        """The records of the artifact's ``name`` (explanations.jsonl, scores.jsonl), each checked to name a latent
+        of this SAE: a damaged line is a UserError that names it, never a silently dropped latent."""
+        rows = read_jsonl(self.path / name, strict=True)
+        for number, row in enumerate(rows, 1):
+            latent = row.get("latent")
+            if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < self.d_sae:
+                raise UserError(f"{self.path / name}, record {number}: latent {latent!r} is not a latent of this "
+                                f"SAE (0..{self.d_sae - 1}): the file is damaged; fix that line, or write the file "
+                                "again (explain / score with --fresh)")
+            if "explanation" in row and not isinstance(row["explanation"], str | None):
+                raise UserError(f"{self.path / name}, record {number}: the explanation is not text: the file is "
+                                "damaged; fix that line, or explain again with --fresh")
+        return rows
 
     def explanation(self, latent: int) -> Explanation | None:
         """The latent's explanation with its scores (from explanations.jsonl and scores.jsonl), or None."""
@@ -751,6 +765,13 @@ def load_features(path: str | Path) -> Features:
     except (OSError, ValueError, KeyError, TypeError) as e:  # a missing, truncated or garbled file
         raise UserError(f"{path} holds a corrupt features artifact ({type(e).__name__}: {e}): rebuild it with "
                         "`llama-sae features ... --overwrite`") from e
+    kinds = {"d_sae": int, "sae_fingerprint": str, "settings": dict, "sentences": int, "hook_name": str}
+    bad = [key for key, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(key), kind)
+           or isinstance(meta.get(key), bool)]
+    if bad or meta["d_sae"] <= 0 or columns.get("frequency", np.zeros(0)).shape != (meta["d_sae"],):
+        what = f"{bad[0]} is missing or of the wrong type" if bad else "d_sae does not match its tensors"
+        raise UserError(f"{meta_file}: {what}: the artifact is damaged; rebuild it with `llama-sae features ... "
+                        "--overwrite`")
     if build_id != meta.get("build_id") or meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: {TENSORS_FILE} and {META_FILE} are from different builds (or an old format): "
                         "rebuild with `llama-sae features ... --overwrite`")

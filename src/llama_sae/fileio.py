@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from llama_sae.errors import UserError
+
 TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # what atomic_writer names its temp files: .NAME.tmpPID
 
 
@@ -99,8 +101,9 @@ def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
         _fsync_dir(path.parent)
 
 
-def read_jsonl(path: str | os.PathLike, *, journal: bool = False) -> list[dict]:
-    """The records of a JSON-lines file ([] if there is no file); lines that are not JSON objects are skipped.
+def read_jsonl(path: str | os.PathLike, *, journal: bool = False, strict: bool = False) -> list[dict]:
+    """The records of a JSON-lines file ([] if there is no file); lines that are not JSON objects are skipped,
+    or, with ``strict`` (a file written whole, where such a line is damage), a UserError names the first.
 
     ``journal``: the file is an append-only journal (:func:`append_jsonl`), whose last line counts only with its
     newline: without it the append was cut short (a kill, a full disk, a power loss), even if what was written
@@ -114,13 +117,16 @@ def read_jsonl(path: str | os.PathLike, *, journal: bool = False) -> list[dict]:
     if lines[-1] == "" or journal:
         lines.pop()  # the empty piece after the final newline, or a journal's torn last line
     out = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            rec = None
         if isinstance(rec, dict):
             out.append(rec)
+        elif strict:
+            raise UserError(f"{path}, line {number}: not a JSON object ({line[:60]!r}): the file is damaged; fix or "
+                            "delete that line, or write the file again")
     return out
 
 

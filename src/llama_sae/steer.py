@@ -523,6 +523,33 @@ def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[S
 
 
 RECORD_KEYS = ("model", "saes", "steers", "error_term", "prompts", "outputs", "chat", "sampling")
+SAMPLING_TYPES = {"max_new_tokens": int, "temperature": int | float, "top_p": int | float, "seed": int | None}
+
+
+def _check_record(rec: dict) -> None:
+    """UserError naming the first field of a record that is not what :func:`record` writes (a hand edit)."""
+    def strings(x):
+        return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+    sampling = rec["sampling"]
+    checks = [("model", isinstance(rec["model"], str)), ("chat", isinstance(rec["chat"], bool)),
+              ("error_term", isinstance(rec["error_term"], bool)),
+              ("outputs", strings(rec["outputs"])),
+              ("prompts", strings(rec["prompts"]) or isinstance(rec["prompts"], list) and rec["chat"]),
+              ("saes", isinstance(rec["saes"], dict) and all(
+                  isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("fingerprint"), str)
+                  for v in rec["saes"].values())),
+              ("steers", isinstance(rec["steers"], list) and all(
+                  isinstance(d, dict) and isinstance(d.get("spec"), str) and isinstance(d.get("unit"), int | float)
+                  for d in rec["steers"])),
+              ("sampling", isinstance(sampling, dict) and set(sampling) <= set(SAMPLING_TYPES) and all(
+                  isinstance(v, SAMPLING_TYPES[k]) and not isinstance(v, bool) for k, v in sampling.items()))]
+    bad = next((name for name, ok in checks if not ok), None)
+    if bad is not None:
+        raise UserError(f"the record's {bad!r} is not what llama-sae writes there (edited or damaged): make a new "
+                        "record")
+    if rec["steers"] and not rec["saes"]:
+        raise UserError("the record has steers but no SAEs (edited or damaged): make a new record")
 
 
 def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[str]:
@@ -539,6 +566,7 @@ def replay(rec: dict, *, device: str = "cpu", dtype: str | None = None) -> list[
     if missing:
         raise UserError(f"the record lacks {', '.join(missing)}: it was not written by llama-sae generate or chat "
                         "(or was edited); make a new one")
+    _check_record(rec)
     dtype = dtype or rec.get("dtype")
     model, tok = load_model(rec["model"], dtype=dtype, device=device), load_tokenizer(rec["model"])
     steering = None

@@ -295,10 +295,38 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}): the store is damaged; capture it again") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise UserError(f"{path} is not a version-{VERSION} {FORMAT} manifest: capture the store again with this "
                         "version of llama-sae")
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+MANIFEST_CHECKS: dict[str, Callable[[Any], bool]] = {  # what capture writes there: anything else is damage
+    "status": lambda v: isinstance(v, str),
+    "hooks": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(h, str) for h in v),
+    "d": lambda v: _count(v) and v > 0,
+    "dtype": lambda v: v in STORE_DTYPES,
+    "model": lambda v: isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("fingerprint"), str),
+    "corpus": lambda v: isinstance(v, dict) and isinstance(v.get("source"), str),
+    "split": lambda v: isinstance(v, dict) and _count(v.get("val_percent")),
+    "capture": lambda v: isinstance(v, dict) and _count(v.get("tokens")),
+    "shards": lambda v: isinstance(v, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and _count(e.get("rows")) and _count(e.get("bytes"))
+        for e in v),
+}
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """UserError naming the first field of ``manifest`` that is not what capture writes (a hand edit, damage)."""
+    for key, ok in MANIFEST_CHECKS.items():
+        if not ok(manifest.get(key)):
+            raise UserError(f"{path}: {key} is {str(manifest.get(key))[:60]!r}, not what llama-sae capture writes: "
+                            "the store is damaged; capture it again (or restore manifest.json from a copy)")
 
 
 def progress_path(directory: str | os.PathLike, rank: int) -> Path:

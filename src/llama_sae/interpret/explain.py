@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from llama_sae.features import EXPLANATIONS_FILE, Features
-from llama_sae.fileio import atomic_write, read_jsonl
+from llama_sae.fileio import atomic_write
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import explain_prompt, parse_explanation
 from llama_sae.interpret.run import Chunk, first_error, outcome_counts, run_requests
@@ -69,6 +69,6 @@ def _merge_write(f: Features, rows: list[dict]) -> None:
     """Rewrite explanations.jsonl: these rows replace earlier ones for the same latents."""
     path = f.path / EXPLANATIONS_FILE
     mine = {r["latent"] for r in rows}
-    kept = [r for r in read_jsonl(path) if r.get("latent") not in mine]
+    kept = [r for r in f.rows(EXPLANATIONS_FILE) if r["latent"] not in mine]  # a damaged line: an error, not lost
     rows = sorted(kept + rows, key=lambda r: r["latent"])
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -24,7 +24,7 @@ import torch
 
 from llama_sae.errors import UserError
 from llama_sae.features import EXPLANATIONS_FILE, SCORES_FILE, Example, Features, hash01
-from llama_sae.fileio import atomic_write, read_jsonl
+from llama_sae.fileio import atomic_write
 from llama_sae.interpret.backends import Backend, Request
 from llama_sae.interpret.prompts import detection_prompt, fuzzing_prompt, marked, parse_answers
 from llama_sae.interpret.run import Chunk, first_error, outcome_counts, run_requests
@@ -125,7 +125,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     if not explanations:
         raise UserError(f"{f.path} holds no explanations to score: run `llama-sae explain {f.path}` first")
     latents = sorted(explanations)
-    n_tops = {int(r["latent"]): int(r.get("n_top", 10)) for r in read_jsonl(f.path / EXPLANATIONS_FILE)}
+    n_tops = {r["latent"]: int(r.get("n_top", 10)) for r in f.rows(EXPLANATIONS_FILE)}
 
     shuffled = derangement(latents)
 

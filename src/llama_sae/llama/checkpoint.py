@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
-from llama_sae.errors import UserError, check_device
+from llama_sae.errors import UserError, check_device, first_line
 from llama_sae.fileio import atomic_write, atomic_write_file, atomic_write_json, atomic_writer
 from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
@@ -82,9 +83,12 @@ def detect_format(path: Path) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object of settings: re-download it")
+    return data
 
 
 # --------------------------------------------------------------------------- configs
@@ -304,9 +308,16 @@ def read_args(path: str | os.PathLike, *, rope_factor: float | None = None) -> t
         if fmt == "hf":
             return fmt, args_from_hf_config(_read_json(path / "config.json"))
         return fmt, args_from_meta_params(_read_json(path / "params.json"), rope_factor=rope_factor)
-    except (KeyError, ValueError) as e:
+    except ValidationError as e:  # a field of the wrong type or value: name it, in one line
         name = "config.json" if fmt == "hf" else "params.json"
-        raise UserError(f"{path / name} is not a valid Llama 3 config ({e}): check the file") from None
+        err = e.errors()[0]
+        where = ".".join(str(part) for part in err["loc"])
+        raise UserError(f"{path / name} is not a valid Llama 3 config ({where + ': ' if where else ''}"
+                        f"{err['msg'].removeprefix('Value error, ')}): check the file") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        name = "config.json" if fmt == "hf" else "params.json"
+        what = f"no {e}" if isinstance(e, KeyError) else first_line(e, 160)
+        raise UserError(f"{path / name} is not a valid Llama 3 config ({what}): check the file") from None
 
 
 def load_model(path: str | os.PathLike, *, dtype=None, device="cpu", rope_factor: float | None = None
@@ -356,6 +367,10 @@ def _check_state(state: dict[str, Tensor], model: Transformer, path: Path) -> No
     if missing:
         raise UserError(f"{path}: {len(missing)} tensor(s) missing, first {missing[0]!r}: "
                         "the checkpoint is incomplete or does not match its config")
+    unused = sorted(set(state) - set(expected) - {"output.weight"})
+    if unused:  # e.g. more layers of weights than the config's layer count: the model would silently be cut
+        raise UserError(f"{path}: {len(unused)} tensor(s) the config does not use, first {unused[0]!r}: the "
+                        f"weights do not fit the config (it says {model.args.n_layers} layers)")
     for key, shape in expected.items():
         if state[key].shape != shape:
             got = tuple(state[key].shape)

@@ -43,11 +43,11 @@ class ModelArgs(BaseModel):
     """Shape and numerics of a Llama 3.x text model (names follow Meta's params.json)."""
 
     model_config = ConfigDict(extra="forbid")
-    dim: int = Field(description="residual stream width (d_model)")
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int | None = Field(None, description="key/value heads (GQA); None = n_heads")
-    vocab_size: int
+    dim: int = Field(gt=0, description="residual stream width (d_model)")
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads (GQA); None = n_heads")
+    vocab_size: int = Field(gt=0)
     multiple_of: int = Field(256, description="FFN width is rounded up to a multiple of this")
     ffn_dim_multiplier: float | None = None
     hidden_dim: int | None = Field(None, description="FFN width; None = derived from dim as Meta does")

@@ -749,10 +749,11 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     bar = Progress(progress and world.rank == 0, total, step)
     pos = Position(step, step)
     try:
-        while pos.step < total:
-            train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra)
-            if evaluator is not None:
-                evaluator.maybe(runs, pos.step, pos.step * cfg.batch_size)
+        with StopOnInterrupt(world.size == 1) as stop:
+            while pos.step < total:
+                train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra, stop)
+                if evaluator is not None:
+                    evaluator.maybe(runs, pos.step, pos.step * cfg.batch_size)
     except FloatingPointError as e:
         where = (f"the last good checkpoint (step {pos.saved}) is kept in {out / CHECKPOINT}" if pos.saved
                  else "no checkpoint was written yet")
@@ -793,6 +794,40 @@ def _chain(first: torch.Tensor, rest: Iterable[torch.Tensor]) -> Iterator[torch.
     yield from rest
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after a whole step, with a checkpoint of that step written."""
+
+
+class StopOnInterrupt:
+    """While training (one process, main thread), Ctrl-C asks the loop to stop after the current step and write
+    a checkpoint there; a second Ctrl-C stops at once. Elsewhere (several ranks, which must stop at the same
+    step) Ctrl-C keeps its default: the run resumes from its last periodic checkpoint."""
+
+    def __init__(self, enabled: bool):
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopOnInterrupt:
+        if self.enabled:
+            import signal
+
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+
+
 @dataclass
 class Position:
     """Completed optimizer steps (= loader batches consumed) and the step of the last checkpoint (0: none)."""
@@ -802,7 +837,8 @@ class Position:
 
 
 def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainConfig, world: World, pos: Position,
-                   total: int, out: Path, log: MetricsLog | None, bar: Progress, extra: dict) -> None:
+                   total: int, out: Path, log: MetricsLog | None, bar: Progress, extra: dict,
+                   stop: StopOnInterrupt | None = None) -> None:
     """Steps up to the next metrics record (advancing ``pos``), checkpointing on the way; then the record.
 
     A record averages over the steps since the previous record, or since the resume for the first one. A
@@ -821,6 +857,10 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
         if pos.step % cfg.checkpoint_every == 0 and not record_step:
             _checkpoint(runs, cfg, world, pos, out, extra)
         bar.update(pos.step)
+        if stop is not None and stop.requested:  # Ctrl-C: this step is whole; keep it and stop
+            _checkpoint(runs, cfg, world, pos, out, extra)
+            raise Interrupted(f"interrupted at step {pos.step:,} of {total:,}: checkpoint written to "
+                              f"{out / CHECKPOINT}; the same command resumes from it")
     for a in acc:
         world.all_reduce_(a)
     records = metric_records(runs, acc, pos.step - start, pos.step, pos.step * cfg.batch_size,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from llama_sae.errors import UserError
+from llama_sae.errors import UserError, check_output_dir
 from llama_sae.fileio import atomic_write_json, atomic_writer
 from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer
 
@@ -177,6 +177,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
 
     cfg = cfg or TinyTrainConfig()
     out = Path(out)
+    check_output_dir(out, "a tinyworld training run", ours={"tokenizer", "checkpoint.pt", "model"})
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tok_dir = out / "tokenizer"

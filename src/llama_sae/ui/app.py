@@ -115,10 +115,13 @@ def load_session(model: str | None = None, sae_paths: list[str] | None = None,
     from llama_sae.llama import load_model, load_tokenizer
     from llama_sae.steer import build_steering, load_saes, match_features
 
-    notes, shipped = [], not sae_paths
+    notes, shipped = [], not sae_paths and not feature_paths  # the shipped SAE with its own artifact
     model_path = str(model or tinyworld.model_path())
-    if shipped:
+    if not sae_paths:
         if model is not None:
+            from llama_sae.llama.checkpoint import read_args
+
+            read_args(model)  # a wrong path says so first
             raise UserError("--model without --sae: pass the SAE trained on that model with --sae PATH")
         sae_paths = [str(tinyworld.sae_path())]
         if not feature_paths and tinyworld.features_path().exists():
