@@ -1,0 +1,148 @@
+"""Damaged or hand-edited inputs across the CLI: each is a one-line error naming the file and the field or line,
+never a traceback, and nothing is written over. Built from copies of the shipped tiny model, SAE and artifact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from llama_sae import tinyworld
+from llama_sae.cli import app
+from llama_sae.errors import UserError
+
+runner = CliRunner()
+
+
+def _error(args: list[str]) -> str:
+    """The UserError message of a CLI run that must fail with one."""
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError), (args, result.output, result.exception)
+    return str(result.exception)
+
+
+def _edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    data = change(data) or data
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad") / "model"
+    shutil.copytree(tinyworld.model_path(), path)
+    return path
+
+
+def test_checkpoint_configs_of_the_wrong_shape_or_values(tmp_path, model_copy):
+    bad = tmp_path / "list"
+    shutil.copytree(model_copy, bad)
+    (bad / "config.json").write_text("[1, 2]")
+    assert "config.json holds a JSON list, not an object of settings" in _error(["info", "-m", str(bad)])
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text("[3]")
+    assert "params.json holds a JSON list" in _error(["convert", str(meta), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    for layers, message in ((-1, "n_layers: Input should be greater than 0"),
+                            (4, "tensor(s) the config does not use, first 'layers.4.")):  # 6 layers of weights
+        edited = tmp_path / f"layers{layers}"
+        shutil.copytree(model_copy, edited)
+        _edit_json(edited / "config.json", lambda c, n=layers: c.update(num_hidden_layers=n))
+        assert message in _error(["generate", "-m", str(edited), "-n", "2", "hello"])
+    typed = tmp_path / "typed"
+    shutil.copytree(model_copy, typed)
+    _edit_json(typed / "config.json", lambda c: c.update(hidden_size="wide"))
+    msg = _error(["info", "-m", str(typed)])
+    assert "not a valid Llama 3 config (dim: " in msg and "\n" not in msg
+
+
+def test_damaged_features_artifacts_name_the_file_and_line(tmp_path):
+    for name, change, message in [
+        ("list", lambda p: (p / "features.json").write_text("[]"), "features.json: d_sae is missing or of the wrong"),
+        ("typed", lambda p: _edit_json(p / "features.json", lambda m: m.update(d_sae="big")), "d_sae is missing"),
+        ("latent", lambda p: p.joinpath("explanations.jsonl").open("a").write('{"latent": "x", "explanation": "y"}\n'),
+         "explanations.jsonl, record 1024: latent 'x' is not a latent of this SAE (0..1023)"),
+        ("garbage", lambda p: p.joinpath("explanations.jsonl").open("a").write("garbage{\n"),
+         "explanations.jsonl, line 1024: not a JSON object ('garbage{')"),
+    ]:
+        feats = tmp_path / name
+        shutil.copytree(tinyworld.features_path(), feats)
+        change(feats)
+        before = {p.name: p.read_bytes() for p in feats.iterdir()}
+        for args in (["score", str(feats), "--backend", "offline"], ["search", str(feats), "court"]):
+            assert message in _error(args), (name, args)
+        assert {p.name: p.read_bytes() for p in feats.iterdir()} == before  # nothing rewritten or dropped
+
+
+def test_damaged_store_manifests_name_the_field(tmp_path):
+    store = tmp_path / "store"
+    result = runner.invoke(app, ["capture", "--corpus", "tinyworld:60", "--hook", "resid_post.5", "--tokens", "600",
+                                 "--out", str(store), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for name, change, message in [
+        ("d", lambda m: m.update(d="256"), "d is '256', not what llama-sae capture writes"),
+        ("hooks", lambda m: m.update(hooks="resid_post.5"), "hooks is 'resid_post.5'"),
+        ("rows", lambda m: m["shards"][0].update(rows=-5), "shards is"),
+    ]:
+        copy = tmp_path / name
+        shutil.copytree(store, copy)
+        _edit_json(copy / "manifest.json", change)
+        for args in (["store", "info", str(copy)], ["train", "--store", str(copy), "--out", str(tmp_path / "o"),
+                                                    "--d-sae", "64", "--k", "4", "--tokens", "512"]):
+            msg = _error(args)
+            assert message in msg and "the store is damaged; capture it again" in msg, (name, args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_records_and_prompt_files(tmp_path):
+    victim = tmp_path / "notes.json"
+    victim.write_text('{"precious": 1}')
+    assert "exists and is not a steering record: it is not overwritten" in _error(
+        ["generate", "-n", "2", "--steer", "969:add:2", "--record", str(victim), "hello"])
+    assert victim.read_text() == '{"precious": 1}'
+    assert f"{victim} is a file, not a directory" in _error(
+        ["generate", "-n", "2", "--steer", "969:add:2", "--record", str(victim / "r.json"), "hello"])
+    rec = tmp_path / "rec.json"
+    for _ in range(2):  # an earlier record of the same command is replaced
+        assert runner.invoke(app, ["generate", "-n", "2", "--steer", "969:add:2", "--record", str(rec), "hi"]
+                             ).exit_code == 0
+    _edit_json(rec, lambda r: r["sampling"].update(max_new_tokens="x"))
+    assert "the record's 'sampling' is not what llama-sae writes there" in _error(["generate", "--replay", str(rec)])
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert "is not UTF-8 text: pass a text file, one prompt per line" in _error(
+        ["generate", "--prompts-file", str(binary)])
+
+
+def test_runs_refuse_an_unrelated_non_empty_directory(tmp_path, model_copy):
+    victim = tmp_path / "victim"
+    shutil.copytree(model_copy, victim)
+    before = sorted(p.name for p in victim.iterdir())
+    assert "which is not part of a tinyworld training run" in _error(
+        ["tinyworld", "train", "--out", str(victim), "--steps", "1", "--no-evaluate"])
+    assert "which is not part of the demo's files" in _error(["demo", "--out", str(victim)])
+    assert sorted(p.name for p in victim.iterdir()) == before
+
+
+def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_path):
+    """The console script turns an exception no check foresaw into one line (exit 1); LLAMA_SAE_TRACEBACK=1
+    shows the traceback. Forced here with a sitecustomize that breaks `llama-sae info`."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import llama_sae.llama.checkpoint as c\n"
+        "def broken(*a, **k):\n    raise RuntimeError('something nobody checked')\n"
+        "c.read_args = broken\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    code = "from llama_sae.cli import main; main()"
+    one = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 1 and "Traceback" not in one.stderr
+    assert one.stderr.strip().splitlines() == [
+        "error: RuntimeError: something nobody checked (an input llama-sae does not check, or a bug; "
+        "LLAMA_SAE_TRACEBACK=1 shows where: please report it)"]
+    full = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
+                          env={**env, "LLAMA_SAE_TRACEBACK": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr and "something nobody checked" in full.stderr
