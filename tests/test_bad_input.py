@@ -79,6 +79,19 @@ def test_damaged_features_artifacts_name_the_file_and_line(tmp_path):
         assert {p.name: p.read_bytes() for p in feats.iterdir()} == before  # nothing rewritten or dropped
 
 
+def test_a_file_of_an_artifact_names_it_and_unused_options_are_said(tmp_path):
+    from llama_sae.features import load_features
+
+    meta = tinyworld.features_path() / "features.json"
+    assert load_features(meta).path == tinyworld.features_path()
+    feats = tmp_path / "feats"
+    shutil.copytree(tinyworld.features_path(), feats)
+    result = runner.invoke(app, ["explain", str(feats), "--latents", "3", "--backend", "offline", "--base-url",
+                                 "http://127.0.0.1:9/v1"])
+    assert result.exit_code == 0 and "the offline backend sends nothing anywhere: --base-url is not used" in \
+        " ".join(result.output.split())
+
+
 def test_damaged_store_manifests_name_the_field(tmp_path):
     store = tmp_path / "store"
     result = runner.invoke(app, ["capture", "--corpus", "tinyworld:60", "--hook", "resid_post.5", "--tokens", "600",
@@ -97,6 +110,13 @@ def test_damaged_store_manifests_name_the_field(tmp_path):
             msg = _error(args)
             assert message in msg and "the store is damaged; capture it again" in msg, (name, args)
     assert not (tmp_path / "o").exists()
+    info = " ".join(runner.invoke(app, ["store", "info", str(store)]).output.replace("│", " ").split())
+    assert "shard files all there at their sizes" in info
+    missing = tmp_path / "missing"
+    shutil.copytree(store, missing)
+    next(missing.glob("*.safetensors")).unlink()
+    info = " ".join(runner.invoke(app, ["store", "info", str(missing)]).output.replace("│", " ").split())
+    assert "1 missing or of the wrong size, first rank00-" in info and "run `llama-sae store verify`" in info
 
 
 def test_records_and_prompt_files(tmp_path):
@@ -146,3 +166,13 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_
     full = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
                           env={**env, "LLAMA_SAE_TRACEBACK": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "something nobody checked" in full.stderr
+
+
+def test_settings_outside_what_the_model_or_a_link_can_take(tmp_path):
+    assert "--context 100,000 is longer than the model's 2,048 positions" in _error(
+        ["capture", "--corpus", "tinyworld:10", "--hook", "resid_post.2", "--tokens", "100", "--context", "100000",
+         "--out", str(tmp_path / "store")])
+    assert not (tmp_path / "store").exists()
+    assert "--ui-url 'javascript:alert(1)' is not an http(s) address" in _error(
+        ["dashboard", "--out", str(tmp_path / "dash"), "--latents", "3", "--ui-url", "javascript:alert(1)"])
+    assert not (tmp_path / "dash").exists()

@@ -61,6 +61,7 @@ def test_parse_specs_and_round_trip():
     ("12:add:1:all+2", "positions 'all\\+2'"),
     ("12:add:1:last+", "positions 'last\\+'"),
     ("12:add:1:last-1", "last\\+N or prompt\\+N"),
+    ("foo@5:add:2", "'foo' is not a hook point: write KIND.LAYER@ before the latent"),
 ])
 def test_parser_rejects_malformed_specs(spec, message):
     with pytest.raises(UserError, match=message):

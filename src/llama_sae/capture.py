@@ -568,6 +568,9 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
     t0 = time.perf_counter()
     _, args = read_args(cfg.model)
     hooks = _check_hooks(cfg.hooks, args.n_layers)
+    if cfg.context > args.max_seq_len:  # positions past it were never trained (and RoPE scaling assumes less)
+        raise UserError(f"--context {cfg.context:,} is longer than the model's {args.max_seq_len:,} positions: pass "
+                        f"--context {args.max_seq_len} or less")
     tokenizer = load_tokenizer(cfg.model)
     corpus = Corpus(cfg.corpus)
     dist = _Dist(cfg.device)

@@ -105,6 +105,10 @@ def _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minu
     from llama_sae.interpret import make_backend
 
     check_device(device)  # a bad value is an error whatever the backend (only the local one uses it)
+    if backend in ("offline", "local") and (base_url or llm_model):
+        given = " and ".join(name for name, v in (("--base-url", base_url), ("--llm-model", llm_model)) if v)
+        err_console.print(f"note: the {backend} backend sends nothing anywhere: {given} is not used", style="yellow",
+                          markup=False, highlight=False)
     llama = tok = checkpoint = None
     if backend == "local":
         from llama_sae.capture import model_fingerprint

@@ -68,6 +68,9 @@ def dashboard(
     from llama_sae.sae import load
     from llama_sae.ui.dashboard import write_dashboard
 
+    if not ui_url.startswith(("http://", "https://")):  # it goes into every page's steer link
+        raise UserError(f"--ui-url {ui_url!r} is not an http(s) address: pass where `llama-sae ui` serves, e.g. "
+                        "http://127.0.0.1:7860")
     check_output_dir(out, "a dashboard", ours={"index.html", "latents", "dashboard.json", "features"})
     sae, features = resolve_sae(model, sae, features)
     llama, tok = _load(model, None, device)

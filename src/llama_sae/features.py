@@ -750,8 +750,11 @@ class Features:
 
 
 def load_features(path: str | Path) -> Features:
-    """Read a features artifact directory (UserError if it is missing, unfinished or corrupt)."""
+    """Read a features artifact directory (UserError if it is missing, unfinished or corrupt); a file of one
+    (its features.json) names the directory."""
     path = Path(path)
+    if path.is_file() and path.name in (META_FILE, TENSORS_FILE):
+        path = path.parent
     meta_file = path / META_FILE
     if not meta_file.exists():
         hint = " (a build is in progress or was interrupted: run it again to resume)" if (

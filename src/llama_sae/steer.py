@@ -80,6 +80,9 @@ def parse_steer(text: str) -> Steer:
         raise UserError(f"steering spec {text!r} has {len(fields)} field(s): write {SPEC_HELP}, e.g. 123:clamp:8")
     latent, kind, strength = fields[:3]
     positions = fields[3] if len(fields) == 4 else "all"
+    if "@" in latent:  # a prefix the hook pattern did not take
+        raise UserError(f"steering spec {text!r}: {latent.split('@')[0]!r} is not a hook point: write KIND.LAYER@ "
+                        f"before the latent (e.g. resid_post.5@123:add:4), or leave it out for the only SAE loaded")
     if not latent.strip().isdecimal():
         raise UserError(f"steering spec {text!r}: latent {latent!r} is not a non-negative integer (e.g. 123:add:4)")
     if kind not in KINDS:

@@ -1047,6 +1047,11 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             info[f"{h} norm"] = (f"mean {s['norm']['mean']:.4g}, std {s['norm']['std']:.4g}, "
                                  f"max {s['norm']['max']:.4g}; mean |mean| "
                                  f"{np.abs(s['mean']).mean():.4g}, mean std {np.sqrt(s['var']).mean():.4g}")
+    wrong = [e["name"] for e in shards if not (directory / e["name"]).is_file()
+             or (directory / e["name"]).stat().st_size != e["bytes"]]
+    info["shard files"] = (f"{len(wrong)} missing or of the wrong size, first {wrong[0]}: run `llama-sae store "
+                           "verify` (and capture --repair)" if wrong else
+                           "all there at their sizes (checksums: `llama-sae store verify`)")
     return info
 
 
