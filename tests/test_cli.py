@@ -130,6 +130,15 @@ def test_pipeline_capture_store_train_evaluate(tmp_path):
     assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()
     final = json.loads(next(sae.rglob("evaluation.json")).read_text())  # spliced into the store's model
     assert final["ce_zero_ablated"] > final["ce_spliced"] > final["ce_clean"] > 0
+    # the SAE remembers the checkpoint its activations came from; evaluate says when a store's differs
+    cfg = json.loads((sae / "cfg.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert cfg["metadata"]["model_fingerprint"] == manifest["model"]["fingerprint"]
+    cfg["metadata"]["model_fingerprint"] = "0" * 64
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    other = runner.invoke(app, ["evaluate", "--sae", str(sae), "--store", str(store)])
+    assert other.exit_code == 0 and "trained on activations of another checkpoint (fingerprint 0000000000000000)" \
+        in " ".join(other.output.split())
 
 
 @pytest.mark.parametrize("args, option", [

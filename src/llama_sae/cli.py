@@ -529,6 +529,13 @@ def evaluate(
         from llama_sae.store import ActivationStore
 
         src = ActivationStore(store)
+        from llama_sae.sae.formats import find
+
+        trained_on, holds = find(sae).metadata.get("model_fingerprint"), src.manifest["model"]["fingerprint"]
+        if trained_on and trained_on != holds:  # a transfer test, or a mix-up
+            err_console.print(f"note: the SAE was trained on activations of another checkpoint (fingerprint "
+                              f"{trained_on[:16]}) than store {store} holds ({holds[:16]})", style="yellow",
+                              markup=False, highlight=False)
         if src.d != net.cfg.d_in:
             raise UserError(f"the SAE reads {net.cfg.d_in}-wide activations but store {store} holds {src.d}-wide ones: "
                             "the SAE belongs to another model (or layer kind); pass its own store")

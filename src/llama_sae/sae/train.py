@@ -692,8 +692,10 @@ class Progress:
             self.bar.stop()
 
 
-def export(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, total: int) -> list[Path]:
-    """Write every SAE (SAELens v6 directory, with its sparsity) and train_config.yaml; returns the SAE dirs."""
+def export(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, total: int,
+           model_fingerprint: str | None = None) -> list[Path]:
+    """Write every SAE (SAELens v6 directory, with its sparsity) and train_config.yaml; returns the SAE dirs.
+    ``model_fingerprint``: the store's checkpoint fingerprint, kept in the metadata (evaluate compares it)."""
     from llama_sae import __version__
 
     dirs = []
@@ -701,7 +703,8 @@ def export(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, total: int) 
         path = out / run.name if run.name else out
         density = run.fire_counts.double() / max(run.fire_tokens, 1)
         formats.save(run.sae, path, sparsity=torch.log10(density + 1e-10), trained_tokens=total * cfg.batch_size,
-                     trained_with=f"llama-sae {__version__}")
+                     trained_with=f"llama-sae {__version__}",
+                     **({"model_fingerprint": model_fingerprint} if model_fingerprint else {}))
         dirs.append(path)
     resolved = "".join(f"#   {run.name or 'sae'}: d_sae={run.sae.cfg.d_sae} k={run.sae.cfg.k} lr={run.lr:.3g} "
                        f"lr_min={run.lr_min:.3g} k_aux={run.k_aux}\n" for run in runs)
@@ -767,7 +770,8 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
         world.close()  # waits for rank 0's export
         return []
     try:
-        dirs = export(out, runs, cfg, source.d, total)
+        fingerprint = identity["model"] if isinstance(identity["model"], str) else None
+        dirs = export(out, runs, cfg, source.d, total, fingerprint)
         if evaluator is not None:
             evaluator.final(runs, dirs, total, total * cfg.batch_size, plots=cfg.plots)
         if cfg.plots:
