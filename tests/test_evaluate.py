@@ -56,6 +56,14 @@ def test_model_metrics_ce_and_kl(hf_checkpoints, hook):
     assert abs(report["kl"] - (kl * mask).sum().item() / mask.sum().item()) < 1e-6
     rec = (report["ce_zero_ablated"] - report["ce_spliced"]) / (report["ce_zero_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered"] - rec) < 1e-12
+    # mean ablation: the hook set to the mean of its real tokens after BOS (float64 here), at every position
+    keep = mask.clone()
+    keep[:, 0] = False
+    mu = model.capture(tokens, [hook])[hook][keep].double().mean(0).float()
+    with model.hooked({hook: lambda x: mu.expand_as(x)}):
+        assert abs(report["ce_mean_ablated"] - mean_ce(model(tokens))) < 1e-5
+    vs_mean = (report["ce_mean_ablated"] - report["ce_spliced"]) / (report["ce_mean_ablated"] - report["ce_clean"])
+    assert abs(report["ce_recovered_vs_mean"] - vs_mean) < 1e-12
     assert report["predicted_tokens"] == 11 + 7 and len(report["kl_by_position"]) == 12
 
 

@@ -6,8 +6,9 @@ Activation metrics (held-out rows of a store, or any batches [N, d_in]):
     and the firing-frequency histogram.
 Model metrics (token batches through the Llama with the SAE spliced in at its hook point):
     CE clean, CE spliced (the model runs on x̂, no error term), CE zero-ablated (the hook point set to 0),
-    CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), and KL(clean ‖ spliced) per position.
-    The three forwards share the blocks before the hook's: those run once per batch.
+    CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), the same against mean ablation (the hook
+    point set to the batch's mean activation), and KL(clean ‖ spliced) per position.
+    The four forwards share the blocks before the hook's: those run once per batch.
 """
 
 from __future__ import annotations
@@ -72,25 +73,26 @@ def activation_metrics(sae: SAE, batches: Iterable[Tensor], *, dense_threshold: 
             "frequency": freq.cpu().tolist()}
 
 
-def position_metrics(clean: Tensor, recon: Tensor, zero: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Per position, from logits [B, T, V] of the clean, spliced and zero-ablated model on tokens [B, T]: the
-    next-token NLL of each, [3, B, T-1], and KL(clean ‖ spliced), [B, T], float32.
+def position_metrics(clean: Tensor, recon: Tensor, *others: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Per position, from logits [B, T, V] of the clean and spliced model and any others (the ablations) on
+    tokens [B, T]: the next-token NLL of each, [2 + len(others), B, T-1], and KL(clean ‖ spliced), [B, T],
+    float32.
 
     The softmax math runs in float32 over at most LOGIT_CHUNK logits at a time: with Llama 3's 128k vocabulary a
     whole batch in float32 would be several copies of 1 GB.
     """
     B, T, V = clean.shape
     targets = F.pad(tokens[:, 1:], (0, 1)).reshape(-1, 1)  # [B·T, 1]; the last position's target is a dummy
-    logits = [t.reshape(B * T, V) for t in (clean, recon, zero)]
-    nll, kl = torch.empty(3, B * T, device=clean.device), torch.empty(B * T, device=clean.device)
+    logits = [t.reshape(B * T, V) for t in (clean, recon, *others)]
+    nll, kl = torch.empty(len(logits), B * T, device=clean.device), torch.empty(B * T, device=clean.device)
     step = max(1, LOGIT_CHUNK // V)
     for s in range(0, B * T, step):
         rows = slice(s, s + step)
-        logp, logq, logz = (F.log_softmax(t[rows].float(), -1) for t in logits)
-        for i, lp in enumerate((logp, logq, logz)):
+        logps = [F.log_softmax(t[rows].float(), -1) for t in logits]
+        for i, lp in enumerate(logps):
             nll[i, rows] = -lp.gather(-1, targets[rows])[:, 0]
-        kl[rows] = (logp.exp() * (logp - logq)).sum(-1)
-    return nll.view(3, B, T)[:, :, :-1], kl.view(B, T)
+        kl[rows] = (logps[0].exp() * (logps[0] - logps[1])).sum(-1)
+    return nll.view(len(logits), B, T)[:, :, :-1], kl.view(B, T)
 
 
 @torch.no_grad()
@@ -112,7 +114,7 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     if kind == "resid_post" and layer + 1 < model.args.n_layers:
         layer, point = layer + 1, f"resid_pre.{layer + 1}"  # the same tensor, one block later
     splice = splice_fn(sae, error_term=False, compute_dtype=compute_dtype)
-    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
     kl_pos = torch.zeros(0, dtype=torch.float64)
     count_pos = torch.zeros(0, dtype=torch.float64)
     n = 0.0
@@ -125,8 +127,10 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
             recon = model(tokens, resume=resume)
         with model.hooked({point: torch.zeros_like}):
             zero = model(tokens, resume=resume)
-        nll, kl = position_metrics(clean, recon, zero, tokens)
-        for name, row in zip(("clean", "spliced", "zero"), nll * mask[:, 1:]):
+        with model.hooked({point: lambda x, m=mask: batch_mean(x, m)}):
+            mean = model(tokens, resume=resume)
+        nll, kl = position_metrics(clean, recon, zero, mean, tokens=tokens)
+        for name, row in zip(("clean", "spliced", "zero", "mean"), nll * mask[:, 1:]):
             sums[name] += float(row.sum())
         kl = kl * mask  # [B, T]
         sums["kl"] += float(kl.sum())
@@ -140,10 +144,12 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     if n == 0:
         raise UserError("no token to predict in the evaluation texts (each needs a token after BOS): pass "
                         "longer or more texts")
-    ce = {k: sums[k] / n for k in ("clean", "spliced", "zero")}
+    ce = {k: sums[k] / n for k in ("clean", "spliced", "zero", "mean")}
     recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
+    vs_mean = (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"])
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablated": ce["zero"],
-            "ce_recovered": recovered, "kl": sums["kl"] / float(count_pos.sum()), "predicted_tokens": int(n),
+            "ce_recovered": recovered, "ce_mean_ablated": ce["mean"], "ce_recovered_vs_mean": vs_mean,
+            "kl": sums["kl"] / float(count_pos.sum()), "predicted_tokens": int(n),
             "kl_by_position": (kl_pos / count_pos.clamp_min(1)).tolist()}
 
 
@@ -155,6 +161,16 @@ def hook_activations(model, hook: str, token_batches: Iterable[tuple[Tensor, Ten
         keep = mask.to(model.device).clone()
         keep[:, 0] = False  # BOS
         yield model.capture(tokens.to(model.device), [hook])[hook][keep].float()
+
+
+def batch_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean ablation: every position of x [B, T, d] set to the mean of x over the batch's real tokens after BOS
+    (mask [B, T] marks real tokens): a second baseline beside zero ablation (a zeroed residual stream predicts
+    nearly uniformly; the mean keeps the stream's typical direction and scale, which can predict worse)."""
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    rows = x[keep] if keep.any() else x.reshape(-1, x.shape[-1])
+    return rows.float().mean(0).to(x.dtype).expand_as(x).clone()
 
 
 def token_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 16, max_tokens: int = 128
@@ -192,7 +208,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if "ce_clean" in report:
         rows += [("CE clean", f"{report['ce_clean']:.4f}"), ("CE spliced", f"{report['ce_spliced']:.4f}"),
                  ("CE zero-ablated", f"{report['ce_zero_ablated']:.4f}"),
-                 ("CE recovered", f"{report['ce_recovered']:.3f}"), ("KL(clean ‖ spliced)", f"{report['kl']:.4f}")]
+                 ("CE recovered", f"{report['ce_recovered']:.3f}")]
+        if "ce_mean_ablated" in report:  # reports of earlier versions have no mean ablation
+            rows += [("CE mean-ablated", f"{report['ce_mean_ablated']:.4f}"),
+                     ("CE recovered vs mean ablation", f"{report['ce_recovered_vs_mean']:.3f}")]
+        rows += [("KL(clean ‖ spliced)", f"{report['kl']:.4f}")]
     return rows
 
 
@@ -237,7 +257,7 @@ class TrainingEval:
     SAE_DIR/frequency.png); curves to out/plots/eval_*.png.
     """
 
-    KEYS = ("ce_recovered", "kl", "ce_spliced", "fvu", "l0", "dead_fraction")
+    KEYS = ("ce_recovered", "ce_recovered_vs_mean", "kl", "ce_spliced", "fvu", "l0", "dead_fraction")
 
     def __init__(self, model: str, corpus: str, n_texts: int, every: int, out: Path, resume_step: int = 0,
                  device: str = "cpu"):
