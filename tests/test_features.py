@@ -184,11 +184,13 @@ def test_explanations_and_search_read_from_the_artifact(setup, tmp_path):
 
     _, _, _, out = setup
     shutil.copytree(out, tmp_path / "f")
-    (tmp_path / "f" / "explanations.jsonl").write_text(
-        json.dumps({"latent": 3, "explanation": "Cooking words", "certainty": 0.8, "backend": "offline"}) + "\n"
-        + '{"latent": 4, "explan' + "\n")  # a torn last line is skipped
+    good = json.dumps({"latent": 3, "explanation": "Cooking words", "certainty": 0.8, "backend": "offline"}) + "\n"
+    (tmp_path / "f" / "explanations.jsonl").write_text(good + '{"latent": 4, "explan')  # cut short
     (tmp_path / "f" / "scores.jsonl").write_text(
         json.dumps({"latent": 3, "method": "detection", "balanced_accuracy": 0.93}) + "\n")
+    with pytest.raises(UserError, match="explanations.jsonl, line 2: not a JSON object"):  # written whole: damage
+        load_features(tmp_path / "f").explanation(3)
+    (tmp_path / "f" / "explanations.jsonl").write_text(good)
     f = load_features(tmp_path / "f")
     e = f.explanation(3)
     assert (e.text, e.certainty, e.detection, e.fuzzing) == ("Cooking words", 0.8, 0.93, None)
