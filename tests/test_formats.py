@@ -298,6 +298,13 @@ def test_cli_info_and_convert(tmp_path):
                                  str(tmp_path / "meta_sl")])
     assert result.exit_code == 0 and "sparsity.safetensors skipped, it is unreadable" in result.output
     assert not (tmp_path / "meta_sl" / "sparsity.safetensors").exists()
+    for i, tensors in enumerate(({"log_sparsity": torch.zeros(96)}, {"sparsity": torch.zeros(10)})):  # not ours
+        save_file(tensors, str(sparsity))
+        result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "saelens", "--out",
+                                     str(tmp_path / f"odd{i}")])
+        assert result.exit_code == 0 and "not the SAE's 96 log10 firing rates" in " ".join(result.output.split())
+        assert not (tmp_path / f"odd{i}" / "sparsity.safetensors").exists()
+        assert dict(describe(tmp_path / "meta"))["sparsity"].startswith("unreadable (optional")
     # a hook point with no equivalent here is refused, not written out as "none"
     cfg = json.loads((tmp_path / "meta" / "cfg.json").read_text())
     cfg["metadata"]["hook_name"] = "blocks.1.attn.hook_z"

@@ -328,9 +328,11 @@ def test_a_bad_config_file_is_one_line(tmp_path, content, message):
         load_config(None, tmp_path / "c.yaml")
 
 
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
-    """Ctrl-C (SIGINT) while training: the step in progress completes, a checkpoint of it is written (none was
-    due: checkpoint_every is past the end), and the same command ends with the uninterrupted run's weights."""
+@pytest.mark.parametrize("at", [3, 4, 10])  # between records; a record's own step; the last step
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path, at):
+    """Ctrl-C (SIGINT) while training: the step in progress completes (and its metrics record, if one is due),
+    a checkpoint of it is written (none was due: checkpoint_every is past the end), and the same command ends
+    with the uninterrupted run's weights and records. On the last step the run just finishes."""
     import signal
 
     from llama_sae.sae.train import CHECKPOINT, Interrupted
@@ -341,17 +343,36 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(t
     class InterruptAt(TensorSource):
         def loader(self, *args, **kwargs):
             for i, batch in enumerate(super().loader(*args, **kwargs)):
-                if i == 2 and kwargs.get("start_batch") == 0:
-                    os.kill(os.getpid(), signal.SIGINT)  # while step 3 (a mid-interval step) is about to run
+                if i == at - 1 and kwargs.get("start_batch") == 0:
+                    os.kill(os.getpid(), signal.SIGINT)  # while step `at` is about to run
                 yield batch
 
     cfg = small_cfg(d_sae=256, k=4, tokens=512 * 10, checkpoint_every=100, log_every=4)
     train_sae(TensorSource(x), cfg, tmp_path / "whole", progress=False)
-    with pytest.raises(Interrupted, match="interrupted at step 3 of 10: checkpoint written to .*; the same command "
-                                          "resumes from it"):
-        train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)
-    assert (tmp_path / "stopped" / CHECKPOINT).exists() and not (tmp_path / "stopped" / "cfg.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
-    train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)  # resumes at 3: no new interrupt
+    if at < 10:
+        with pytest.raises(Interrupted, match=f"interrupted at step {at} of 10: checkpoint written to .*; the same "
+                                              "command resumes from it"):
+            train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)
+        assert (tmp_path / "stopped" / CHECKPOINT).exists() and not (tmp_path / "stopped" / "cfg.json").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)  # resumes at `at`: no new interrupt
     assert (tmp_path / "whole" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "stopped" / "sae_weights.safetensors").read_bytes()
+    whole, stopped = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("whole", "stopped"))
+    assert [r["step"] for r in stopped] == [r["step"] for r in whole] == [4, 8, 10]  # no record lost or added
+
+
+def test_cli_train_says_what_an_interrupt_kept(monkeypatch):
+    """typer turns a KeyboardInterrupt into a silent exit 130: the train command prints the trainer's message."""
+    from typer.testing import CliRunner
+
+    import llama_sae.sae.train as T
+    from llama_sae.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise T.Interrupted("interrupted at step 7 of 9: checkpoint written to out/checkpoint.pt; the same command "
+                            "resumes from it")
+
+    monkeypatch.setattr(T, "train", interrupted)
+    result = CliRunner().invoke(app, ["train", "--store", "s", "--out", "o", "--d-sae", "64", "--k", "4"])
+    assert result.exit_code == 130 and "interrupted at step 7 of 9: checkpoint written" in result.output

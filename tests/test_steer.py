@@ -468,6 +468,8 @@ def test_an_sae_keeps_its_features_artifact_in_its_directory(tmp_path):
     model, tok = load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path())
     saes, sources = load_saes(model, [own])
     assert match_features([], saes) == {}  # no sources, no look in the directory
+    by_file = load_saes(model, [own / "cfg.json"])  # a file of the SAE names its directory, there too
+    assert set(match_features([], *by_file)) == {"resid_post.5"}
     steering = build_steering(model, tok, saes, parse_steers(["969:add:4"]), sources=sources)
     assert steering.sources["resid_post.5"]["units"] == f"features:{own / 'features'}"
     changed = load(own)

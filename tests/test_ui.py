@@ -119,6 +119,12 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "own" / "latents" / "11.html").read_text()
     assert f"<code>llama-sae ui --sae {own.resolve()} --features {tinyworld.features_path().resolve()}</code>" in page
+    feats = tmp_path / "feats"  # the shipped SAE with another artifact (other units): the command names it
+    shutil.copytree(tinyworld.features_path(), feats)
+    result = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "own2"), "--features", str(feats),
+                                      "--latents", "11"])
+    assert result.exit_code == 0, result.output
+    assert f"--features {feats.resolve()}</code>" in (tmp_path / "own2" / "latents" / "11.html").read_text()
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "new"), "--sae", str(tinyworld.sae_path()),
                                    "--corpus", "bogus"])  # building features from a bad SOURCE: nothing made
     assert "unknown corpus source 'bogus'" in str(bad.exception) and not (tmp_path / "new").exists()
@@ -196,8 +202,8 @@ def test_decoder_tables_stream_the_unembedding_and_match_float64(session):
 
     sae, model, tok = session.saes[session.hook], session.model, session.tokenizer
     latents = [0, 5, 17, 969, 1023, 300, 766]
-    # blocks that do not divide the vocabulary (4,096) or the latents; one with fewer rows than `top`
-    logits, near = decoder_tables(model, tok, sae, latents, top=6, chunk=3, vocab_block=1021)
+    # blocks that do not divide the vocabulary (4,096) or the latents; the last has fewer rows (4) than `top`
+    logits, near = decoder_tables(model, tok, sae, latents, top=6, chunk=3, vocab_block=1364)
     ref = (sae.W_dec.double()[latents] * model.norm.weight.double()) @ model.output.weight.double().T
     special = [i for i in tok.special_tokens.values() if i < ref.shape[1]]
     ref[:, special] = float("nan")

@@ -317,7 +317,7 @@ def tinyworld_concepts() -> None:
 def tinyworld_recovery(
     sae: Annotated[str, typer.Option(help="SAE of a tinyworld model (any format `sae info` reads)")],
     model: ModelOpt = None,
-    sentences: Annotated[int, typer.Option(min=20, help="held-out sentences: half choose each concept's best "
+    sentences: Annotated[int, typer.Option(min=100, help="held-out sentences: half choose each concept's best "
                                                         "latent, half score it")] = 4000,
     threshold: Annotated[float, typer.Option(min=0.5, max=1.0, help="AUROC that counts as recovered")] = 0.95,
     out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
@@ -336,6 +336,9 @@ def tinyworld_recovery(
     print_recovery(console, result)
     if out is not None:
         atomic_write_json(out, result)
+
+
+@corpus_app.command("preview")
 def corpus_preview(
     source: Annotated[str, typer.Argument(help="tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
                                                "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
@@ -470,16 +473,22 @@ def train(
 
     from llama_sae.capture import parse_count
 
-    if eval_model is None and (eval_every is not None or eval_corpus is not None):
+    defaults = {}
+    if eval_every is not None or eval_corpus is not None:  # below a preset's or config file's eval_model
         from llama_sae.store import ActivationStore
 
-        eval_model = ActivationStore(store).manifest["model"]["path"]  # the model the activations came from
-    cfg = load_config(preset, config, d_sae=parse_int_list(d_sae), k=parse_int_list(k), batch_size=batch_size,
-                      tokens=None if tokens is None else parse_count(tokens), epochs=epochs, lr=lr, bf16=bf16,
-                      hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every, eval_model=eval_model,
-                      eval_corpus=eval_corpus)
-    for path in run_train(store, out, cfg):
-        console.print(f"SAE: {path}")
+        defaults["eval_model"] = ActivationStore(store).manifest["model"]["path"]  # where the activations came from
+    cfg = load_config(preset, config, defaults=defaults, d_sae=parse_int_list(d_sae), k=parse_int_list(k),
+                      batch_size=batch_size, tokens=None if tokens is None else parse_count(tokens), epochs=epochs,
+                      lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every,
+                      eval_model=eval_model, eval_corpus=eval_corpus)
+    try:
+        for path in run_train(store, out, cfg):
+            console.print(f"SAE: {path}")
+    except KeyboardInterrupt as e:  # typer turns a KeyboardInterrupt into a silent exit 130: say what was kept
+        err_console.print(str(e) or "interrupted: the same command resumes from the last checkpoint",
+                          style="bold red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -81,7 +81,8 @@ def dashboard(
         build_features(llama, tok, net, corpus, features, sentences=sentences, sae_path=str(sae))
     f = load_features(features)
     ui_command = "llama-sae ui"  # the UI that serves the steer links: this SAE and artifact, this model
-    if Path(sae).resolve() != tinyworld.sae_path().resolve() or model is not None:
+    if Path(sae).resolve() != tinyworld.sae_path().resolve() or model is not None or \
+            Path(features).resolve() != tinyworld.features_path().resolve():  # another artifact: other units
         ui_command += (f" --sae {shlex.quote(str(Path(sae).resolve()))} --features "
                        f"{shlex.quote(str(Path(features).resolve()))}")
         if model is not None:

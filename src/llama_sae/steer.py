@@ -492,8 +492,14 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object],
                             f"{f.sae_fingerprint}): load that SAE with --sae, or rebuild the artifact")
         out[prints[f.sae_fingerprint]] = f
     for hook, sae in saes.items():
-        bundled = Path((sources or {}).get(hook, {}).get("path", "")) / BUNDLED_FEATURES
-        if hook in out or sources is None or not (bundled / META_FILE).is_file():
+        given = (sources or {}).get(hook, {}).get("path")
+        if hook in out or not given:
+            continue
+        from llama_sae.sae.formats import find
+
+        found = find(given)  # the SAE's directory, whether given as it, a file of it, or hf:// (the download)
+        bundled = found.path / BUNDLED_FEATURES
+        if found.format == "seed" or not (bundled / META_FILE).is_file():
             continue
         try:
             f = load_features(bundled)

@@ -405,10 +405,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int 
     return sae.eval()
 
 
-def load_sparsity(path: str | os.PathLike) -> torch.Tensor | None:
-    """The [d_sae] log10 firing rates of an SAE directory, or None if it has no sparsity file."""
+def load_sparsity(path: str | os.PathLike, d_sae: int | None = None) -> torch.Tensor | None:
+    """The [d_sae] log10 firing rates of an SAE directory, or None if it has no sparsity file; UserError if the
+    file holds no "sparsity" tensor, or (given ``d_sae``) one of another length."""
     file = Path(path) / SPARSITY_FILE
-    return _safetensors(file)["sparsity"] if file.exists() else None
+    if not file.exists():
+        return None
+    tensors = _safetensors(file)
+    rates = tensors.get("sparsity")
+    if rates is None or rates.dim() != 1 or d_sae is not None and rates.shape[0] != d_sae:
+        got = "no 'sparsity' tensor" if rates is None else f"a 'sparsity' tensor of shape {list(rates.shape)}"
+        raise UserError(f"{file} holds {got}, not the SAE's {d_sae or 'd_sae'} log10 firing rates: delete it, or "
+                        "write it again")
+    return rates
 
 
 def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -423,7 +432,8 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
     rows += [(key, str(v[key])) for key in ("model_name", "context_size", "prepend_bos") if key in v]
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
         try:
-            log_rate = load_sparsity(found.path)  # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
+            # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
+            log_rate = load_sparsity(found.path, v.get("d_sae") if isinstance(v.get("d_sae"), int) else None)
             rows.append(("sparsity", f"{SPARSITY_FILE}: median firing rate {10 ** float(log_rate.median()):.2g}, "
                                      f"{int((log_rate <= -9.99).sum())} latents never fired"))
         except UserError as e:
@@ -561,7 +571,7 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
     sparsity = None
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
         try:
-            sparsity = load_sparsity(found.path)
+            sparsity = load_sparsity(found.path, sae.cfg.d_sae)
         except UserError as e:  # optional: the SAE converts without it
             print(f"note: {SPARSITY_FILE} skipped, it is unreadable ({e})", file=sys.stderr)
     return save(sae, out, sparsity=sparsity, **extra)

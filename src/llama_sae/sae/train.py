@@ -119,9 +119,11 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_config(preset: str | None = None, file: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a preset, then a YAML file, then explicit overrides (None values are ignored)."""
-    data: dict[str, Any] = {}
+def load_config(preset: str | None = None, file: str | os.PathLike | None = None, *,
+                defaults: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from ``defaults``, then a preset, then a YAML file, then explicit overrides (None values are
+    ignored at every level)."""
+    data: dict[str, Any] = {key: value for key, value in (defaults or {}).items() if value is not None}
     for path in [preset_path(preset) if preset else None, Path(file) if file else None]:
         if path is not None:
             if not path.is_file():
@@ -755,8 +757,13 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
         with StopOnInterrupt(world.size == 1) as stop:
             while pos.step < total:
                 train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra, stop)
-                if evaluator is not None:
+                if evaluator is not None:  # even after a Ctrl-C: a resume would skip an evaluation due here
                     evaluator.maybe(runs, pos.step, pos.step * cfg.batch_size)
+                if stop.requested and pos.step < total:  # Ctrl-C: keep the whole steps done, then stop
+                    if pos.saved != pos.step:
+                        _checkpoint(runs, cfg, world, pos, out, extra)
+                    raise Interrupted(f"interrupted at step {pos.step:,} of {total:,}: checkpoint written to "
+                                      f"{out / CHECKPOINT}; the same command resumes from it")
     except FloatingPointError as e:
         where = (f"the last good checkpoint (step {pos.saved}) is kept in {out / CHECKPOINT}" if pos.saved
                  else "no checkpoint was written yet")
@@ -861,10 +868,8 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
         if pos.step % cfg.checkpoint_every == 0 and not record_step:
             _checkpoint(runs, cfg, world, pos, out, extra)
         bar.update(pos.step)
-        if stop is not None and stop.requested:  # Ctrl-C: this step is whole; keep it and stop
-            _checkpoint(runs, cfg, world, pos, out, extra)
-            raise Interrupted(f"interrupted at step {pos.step:,} of {total:,}: checkpoint written to "
-                              f"{out / CHECKPOINT}; the same command resumes from it")
+        if stop is not None and stop.requested and not record_step:
+            return  # Ctrl-C between records: the caller checkpoints this step (a resume's first record starts here)
     for a in acc:
         world.all_reduce_(a)
     records = metric_records(runs, acc, pos.step - start, pos.step, pos.step * cfg.batch_size,

@@ -90,6 +90,13 @@ def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 4000, seed: in
     rows = []
     for c in tinyworld.concepts():
         labels = torch.tensor([c.name in r.concepts for r in records])
+        for half in (labels[select], labels[~select]):  # an AUROC needs both classes in each half
+            if half.all() or not half.any():
+                from llama_sae.errors import UserError
+
+                raise UserError(f"concept {c.name!r} is in too few (or too many) of the {n_sentences:,} sentences "
+                                "to choose a latent on one half and score it on the other: pass more sentences "
+                                "(the demo uses 4,000)")
         latent, score = _best(latents, labels, select)
         neuron, n_score = _best(neurons, labels, select)
         rows.append({"concept": c.name, "kind": c.kind, "latent": latent, "auroc": score,
