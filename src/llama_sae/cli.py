@@ -621,10 +621,6 @@ def main() -> None:
         err_console.print(f"error: {path_error_message(e)}", style="bold red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt as e:
-        err_console.print(str(e) or "interrupted (a long job run again with the same command resumes from its "
-                          "last checkpoint)", style="bold red", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(130)
     except Exception as e:  # an input no check foresaw, or a bug: one line, the traceback on request
         if os.environ.get("LLAMA_SAE_TRACEBACK"):
             raise
