@@ -321,6 +321,8 @@ def test_latent_and_search_in_the_terminal(tmp_path):
     assert found.exit_code == 0, found.output
     rows = [line.split("│")[1].strip() for line in found.output.splitlines() if line.startswith("│")]
     assert rows and [r for r in rows if r] == [str(i) for i in f.search("courthouse", 5)]
+    many = runner.invoke(app, ["search", str(feats), "the tokens", "--limit", "2"])
+    assert f"2 of {len(f.search('the tokens', 2000)):,} latent(s) matching" in " ".join(many.output.split())
     bad = runner.invoke(app, ["latent", str(feats), "5000"])
     assert isinstance(bad.exception, UserError) and "out of range" in str(bad.exception)
     bare = tmp_path / "bare"

@@ -305,6 +305,15 @@ def test_cli_info_and_convert(tmp_path):
         assert result.exit_code == 0 and "not the SAE's 96 log10 firing rates" in " ".join(result.output.split())
         assert not (tmp_path / f"odd{i}" / "sparsity.safetensors").exists()
         assert dict(describe(tmp_path / "meta"))["sparsity"].startswith("unreadable (optional")
+    # --overwrite leaves none of the old SAE's files that the new one does not write (they would be read as its)
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens", "--out",
+                                 str(tmp_path / "lens"), "--overwrite"])  # lens had a sparsity file; sp has none
+    assert result.exit_code == 0 and not (tmp_path / "lens" / "sparsity.safetensors").exists()
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "sparsify", "--out",
+                                 str(tmp_path / "lens"), "--overwrite"])  # in place, into the other format
+    assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "lens").iterdir()) == \
+        ["cfg.json", "sae.safetensors"]
+    torch.testing.assert_close(load(tmp_path / "lens")(x), sae(x), rtol=0, atol=0)
     # a hook point with no equivalent here is refused, not written out as "none"
     cfg = json.loads((tmp_path / "meta" / "cfg.json").read_text())
     cfg["metadata"]["hook_name"] = "blocks.1.attn.hook_z"

@@ -47,6 +47,8 @@ def test_training_runs_spliced_evaluations_and_stores_the_final_one(tmp_path, ac
     assert all(r["kl"] >= 0 and 0 < r["fvu"] < 1 and r["l0"] <= 8 for r in records)
     final = json.loads((path / EVAL_REPORT).read_text())
     assert final["step"] == 12 and final["ce_recovered"] == records[-1]["ce_recovered"]
+    train_sae(TensorSource(acts, hook=HOOK, model="tinyworld"), cfg, out, progress=False)  # the finished run again
+    assert (out / EVAL_LOG).read_text().count("\n") == 2  # no second record of the last step
     assert (path / "frequency.png").read_bytes()[:8] == PNG
     assert (out / "plots" / "eval_ce_recovered.png").read_bytes()[:8] == PNG
     # independent: the saved SAE, spliced into a freshly loaded model on the same texts, gives the same numbers
@@ -78,6 +80,14 @@ def test_evaluation_settings_go_together(tmp_path, acts):
     with pytest.raises(UserError, match="unknown hook point 'acts'"):  # before any step is run
         train_sae(TensorSource(acts), cfg, tmp_path / "nohook", progress=False)
     assert not (tmp_path / "nohook" / "checkpoint.pt").exists()
+    # a run stopped before its first checkpoint leaves its logs (metrics.jsonl, eval.jsonl): it starts over
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"step": 4}\n')
+    (early / EVAL_LOG).write_text('{"step": 4, "sae": ""}\n')
+    cfg = TrainConfig(d_sae=512, k=8, batch_size=256, tokens=256 * 2, log_every=1, plots=False)
+    train_sae(TensorSource(acts, hook=HOOK), cfg, early, progress=False)
+    assert not (early / EVAL_LOG).exists() and '"step": 4' not in (early / "metrics.jsonl").read_text()
 
 
 def test_cli_evaluate_writes_report_and_histogram(tmp_path, acts):

@@ -482,11 +482,16 @@ def train(
                       batch_size=batch_size, tokens=None if tokens is None else parse_count(tokens), epochs=epochs,
                       lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every,
                       eval_model=eval_model, eval_corpus=eval_corpus)
+    from_store = cfg.eval_model is not None and cfg.eval_model == defaults.get("eval_model")
+    if from_store and not Path(cfg.eval_model).exists():
+        raise UserError(f"the spliced evaluation uses the store's model, {cfg.eval_model} (from its manifest), "
+                        "which is not there any more: pass --eval-model PATH")
     try:
         for path in run_train(store, out, cfg):
             console.print(f"SAE: {path}")
     except KeyboardInterrupt as e:  # typer turns a KeyboardInterrupt into a silent exit 130: say what was kept
-        err_console.print(str(e) or "interrupted: the same command resumes from the last checkpoint",
+        err_console.print(str(e) or f"interrupted: the same command resumes from {out / 'checkpoint.pt'} if one "
+                          "was written (every checkpoint_every steps), else starts over",
                           style="bold red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 

@@ -295,7 +295,9 @@ def search(
     if not f.explanations():
         raise UserError(f"{features_dir} has no explanations to search: run `llama-sae explain {features_dir}` first")
     hits = f.search(query, limit)
-    table = Table("latent", "detection", "frequency", "explanation", title=f"{len(hits)} latent(s) matching {query!r}")
+    matching = len(f.search(query, limit=f.d_sae))
+    table = Table("latent", "detection", "frequency", "explanation",
+                  title=f"{len(hits)} of {matching:,} latent(s) matching {query!r}")
     for i in hits:
         e = f.explanation(i)
         table.add_row(str(i), "–" if e.detection is None else f"{e.detection:.2f}", f"{float(f.frequency[i]):.3%}",

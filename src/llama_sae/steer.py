@@ -524,7 +524,7 @@ def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[S
         f = (features or {}).get(hook)
         if f is not None:
             units[hook] = fill_dead_units(torch.as_tensor(f.typical_max))
-            sources[hook]["units"] = f"features:{f.path}"
+            sources[hook]["units"] = f"features:{Path(f.path).resolve()}"
         else:
             units[hook] = estimate_units(model, tokenizer, sae, n_sentences=estimate_sentences)
             sources[hook]["units"] = f"estimate:{estimate_sentences} tinyworld sentences"

@@ -278,6 +278,7 @@ class TrainingEval:
         self.reports: dict[str, dict] = {}  # the last full report of each SAE, by run name
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.logged = {(r["step"], r.get("sae")) for r in kept}  # a finished run run again: no second record
 
     def check(self, saes: Iterable[SAE]) -> None:
         """Fail before training if an SAE does not fit the model (width, hook point)."""
@@ -312,7 +313,9 @@ class TrainingEval:
         records = []
         for run in runs:
             rep = self.reports[run.name] = self.report(run.sae)
-            records.append({"step": step, "tokens": tokens, "sae": run.name, **{k: rep[k] for k in self.KEYS}})
+            if (step, run.name) not in self.logged:
+                records.append({"step": step, "tokens": tokens, "sae": run.name, **{k: rep[k] for k in self.KEYS}})
+                self.logged.add((step, run.name))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
         return records

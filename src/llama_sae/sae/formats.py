@@ -567,11 +567,22 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
                         "where it reads here")
     extra = {key: value for key, value in found.metadata.items() if key not in ("sae", "path", "sparsity")}
     if to == "sparsify":
-        return save_sparsify(sae, out, **extra)
+        written = save_sparsify(sae, out, **extra)
+        _remove_stale(written, (WEIGHTS_FILE, SPARSITY_FILE))
+        return written
     sparsity = None
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
         try:
             sparsity = load_sparsity(found.path, sae.cfg.d_sae)
         except UserError as e:  # optional: the SAE converts without it
             print(f"note: {SPARSITY_FILE} skipped, it is unreadable ({e})", file=sys.stderr)
-    return save(sae, out, sparsity=sparsity, **extra)
+    written = save(sae, out, sparsity=sparsity, **extra)
+    _remove_stale(written, (SPARSIFY_WEIGHTS,) + (() if sparsity is not None else (SPARSITY_FILE,)))
+    return written
+
+
+def _remove_stale(out: Path, names: tuple[str, ...]) -> None:
+    """After a conversion into an existing directory (--overwrite): remove the SAE files the new SAE did not
+    write (the other format's weights, an old sparsity file), which would otherwise be read as this SAE's."""
+    for name in names:
+        (Path(out) / name).unlink(missing_ok=True)

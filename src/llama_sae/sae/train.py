@@ -652,14 +652,18 @@ def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: 
             raise UserError(f"checkpoint {ckpt} was trained on other activations ({what}): resume it with the "
                             "store it started on, or train into a new --out")
         return step, extra
+    from llama_sae.sae.evaluate import EVAL_LOG
+
+    early = {METRICS, EVAL_LOG}  # what a run that stopped before its first checkpoint leaves behind
     found = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if found - {METRICS}:  # only a run that stopped before its first checkpoint leaves metrics.jsonl alone
+    if found - early:
         raise UserError(f"{out} is not empty and holds no {CHECKPOINT} to resume from: choose a new --out "
                         "(nothing was overwritten)")
     if world.size > 1:
         dist.barrier()  # every rank has looked before rank 0 creates files
-    if METRICS in found and world.rank == 0:  # that run starts over from step 0, and so do its metrics
-        (out / METRICS).unlink()
+    for name in found & early:  # that run starts over from step 0, and so do its logs
+        if world.rank == 0:
+            (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     return 0, {}
 
