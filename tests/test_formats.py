@@ -305,6 +305,10 @@ def test_cli_info_and_convert(tmp_path):
         assert result.exit_code == 0 and "not the SAE's 96 log10 firing rates" in " ".join(result.output.split())
         assert not (tmp_path / f"odd{i}" / "sparsity.safetensors").exists()
         assert dict(describe(tmp_path / "meta"))["sparsity"].startswith("unreadable (optional")
+    theirs = sparsity.read_bytes()  # converted in place: a file we could not read is not ours to delete
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "meta"), "--to", "saelens", "--out",
+                                 str(tmp_path / "meta"), "--overwrite"])
+    assert result.exit_code == 0 and sparsity.read_bytes() == theirs
     # --overwrite leaves none of the old SAE's files that the new one does not write (they would be read as its)
     result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens", "--out",
                                  str(tmp_path / "lens"), "--overwrite"])  # lens had a sparsity file; sp has none

@@ -143,3 +143,52 @@ def test_demo_export_stage(tmp_path, acts):
     assert str(path) in console.export_text() and (tmp_path / "frequency.png").read_bytes()[:8] == PNG
     assert sorted(p.name for p in path.iterdir()) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
     torch.testing.assert_close(load(path)(acts[:50]), sae(acts[:50]), rtol=0, atol=0)
+
+
+def test_ctrl_c_between_records_keeps_the_evaluation_schedule(tmp_path, acts):
+    """Stopped by Ctrl-C between metrics records and resumed, a run evaluates at the same steps as one that ran
+    through (the evaluation due at the next record is still owed); run again when finished, with other
+    evaluation settings, its last record is replaced, not duplicated, and agrees with evaluation.json."""
+    import os
+    import signal
+
+    from llama_sae.sae.train import Interrupted
+
+    class InterruptAt(TensorSource):
+        def loader(self, *args, **kwargs):
+            for i, batch in enumerate(super().loader(*args, **kwargs)):
+                if i == 5 and kwargs.get("start_batch") == 0:
+                    os.kill(os.getpid(), signal.SIGINT)  # during step 6: between the records at 4 and 8
+                yield batch
+
+    cfg = TrainConfig(d_sae=512, k=8, batch_size=256, tokens=256 * 12, lr=2e-3, log_every=4, checkpoint_every=100,
+                      plots=False, eval_every=5, eval_model=str(tinyworld.model_path()),
+                      eval_corpus="tinyworld:6:heldout", eval_texts=6)
+    train_sae(TensorSource(acts, hook=HOOK), cfg, tmp_path / "whole", progress=False)
+    with pytest.raises(Interrupted, match="interrupted at step 6 of 12"):
+        train_sae(InterruptAt(acts, hook=HOOK), cfg, tmp_path / "stopped", progress=False)
+    train_sae(InterruptAt(acts, hook=HOOK), cfg, tmp_path / "stopped", progress=False)
+    whole, stopped = ([json.loads(line) for line in (tmp_path / d / EVAL_LOG).read_text().splitlines()]
+                      for d in ("whole", "stopped"))
+    assert [r["step"] for r in stopped] == [r["step"] for r in whole] == [8, 12]
+    assert stopped == whole
+    fewer = cfg.model_copy(update={"eval_texts": 3})
+    train_sae(TensorSource(acts, hook=HOOK), fewer, tmp_path / "whole", progress=False)  # finished: evaluated again
+    again = [json.loads(line) for line in (tmp_path / "whole" / EVAL_LOG).read_text().splitlines()]
+    final = json.loads((tmp_path / "whole" / EVAL_REPORT).read_text())
+    assert [r["step"] for r in again] == [8, 12] and again[-1]["ce_spliced"] == final["ce_spliced"] != \
+        whole[-1]["ce_spliced"]
+
+
+def test_a_written_config_passed_back_keeps_the_store_model_default(tmp_path, acts):
+    """train_config.yaml says `eval_model: null`; passed back with --config, --eval-every still splices into the
+    store's model (the default fills what every level leaves unset)."""
+    from llama_sae.sae.train import load_config
+
+    written = tmp_path / "train_config.yaml"
+    written.write_text("d_sae: 512\nk: 8\neval_model: null\neval_corpus: null\n")
+    cfg = load_config(None, written, defaults={"eval_model": "STORE_MODEL"}, eval_every=2, eval_corpus="c")
+    assert cfg.eval_model == "STORE_MODEL"
+    written.write_text("d_sae: 512\nk: 8\neval_model: OTHER\n")
+    assert load_config(None, written, defaults={"eval_model": "STORE_MODEL"}, eval_every=2,
+                       eval_corpus="c").eval_model == "OTHER"

@@ -279,6 +279,8 @@ class TrainingEval:
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.logged = {(r["step"], r.get("sae")) for r in kept}  # a finished run run again: no second record
+        # the last evaluation, not the resume's step: a run stopped between records still owes the one due next
+        self.last = max((r["step"] for r in kept), default=0)
 
     def check(self, saes: Iterable[SAE]) -> None:
         """Fail before training if an SAE does not fit the model (width, hook point)."""
@@ -313,11 +315,17 @@ class TrainingEval:
         records = []
         for run in runs:
             rep = self.reports[run.name] = self.report(run.sae)
-            if (step, run.name) not in self.logged:
-                records.append({"step": step, "tokens": tokens, "sae": run.name, **{k: rep[k] for k in self.KEYS}})
-                self.logged.add((step, run.name))
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+            records.append({"step": step, "tokens": tokens, "sae": run.name, **{k: rep[k] for k in self.KEYS}})
+        again = {(r["step"], r["sae"]) for r in records} & self.logged
+        if again:  # a finished run run again (its evaluation settings may differ): replace, never duplicate
+            from llama_sae.sae.train import read_metrics
+
+            old = [r for r in read_metrics(self.path) if (r.get("step"), r.get("sae")) not in again]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in old + records))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+        self.logged |= {(r["step"], r["sae"]) for r in records}
         return records
 
     def final(self, runs: list, dirs: list[Path], step: int, tokens: int, plots: bool = True) -> None:

@@ -570,14 +570,17 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
         written = save_sparsify(sae, out, **extra)
         _remove_stale(written, (WEIGHTS_FILE, SPARSITY_FILE))
         return written
-    sparsity = None
+    sparsity, skipped = None, False
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
         try:
             sparsity = load_sparsity(found.path, sae.cfg.d_sae)
         except UserError as e:  # optional: the SAE converts without it
             print(f"note: {SPARSITY_FILE} skipped, it is unreadable ({e})", file=sys.stderr)
+            skipped = True
     written = save(sae, out, sparsity=sparsity, **extra)
-    _remove_stale(written, (SPARSIFY_WEIGHTS,) + (() if sparsity is not None else (SPARSITY_FILE,)))
+    in_place = Path(written).resolve() == found.path.resolve()
+    keep_sparsity = sparsity is not None or (skipped and in_place)  # a file we could not read is not ours to delete
+    _remove_stale(written, (SPARSIFY_WEIGHTS,) + (() if keep_sparsity else (SPARSITY_FILE,)))
     return written
 
 

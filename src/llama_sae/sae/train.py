@@ -121,9 +121,9 @@ def preset_path(name: str) -> Path:
 
 def load_config(preset: str | None = None, file: str | os.PathLike | None = None, *,
                 defaults: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from ``defaults``, then a preset, then a YAML file, then explicit overrides (None values are
-    ignored at every level)."""
-    data: dict[str, Any] = {key: value for key, value in (defaults or {}).items() if value is not None}
+    """A TrainConfig from a preset, then a YAML file, then explicit overrides (None values are ignored), and
+    ``defaults`` for the fields all of them leave unset (None: a written train_config.yaml says `eval_model: null`)."""
+    data: dict[str, Any] = {}
     for path in [preset_path(preset) if preset else None, Path(file) if file else None]:
         if path is not None:
             if not path.is_file():
@@ -138,6 +138,9 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
                                 "fields (e.g. `k: 32`)")
             data.update(loaded)
     data.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in (defaults or {}).items():
+        if data.get(key) is None:
+            data[key] = value
     return validated(data)
 
 
@@ -760,8 +763,8 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     try:
         with StopOnInterrupt(world.size == 1) as stop:
             while pos.step < total:
-                train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra, stop)
-                if evaluator is not None:  # even after a Ctrl-C: a resume would skip an evaluation due here
+                recorded = train_interval(runs, batches, cfg, world, pos, total, out, log, bar, extra, stop)
+                if evaluator is not None and recorded:  # even after a Ctrl-C: a resume would skip one due here
                     evaluator.maybe(runs, pos.step, pos.step * cfg.batch_size)
                 if stop.requested and pos.step < total:  # Ctrl-C: keep the whole steps done, then stop
                     if pos.saved != pos.step:
@@ -853,8 +856,9 @@ class Position:
 
 def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainConfig, world: World, pos: Position,
                    total: int, out: Path, log: MetricsLog | None, bar: Progress, extra: dict,
-                   stop: StopOnInterrupt | None = None) -> None:
+                   stop: StopOnInterrupt | None = None) -> bool:
     """Steps up to the next metrics record (advancing ``pos``), checkpointing on the way; then the record.
+    Returns whether the record was written (not when a Ctrl-C stopped the interval between records).
 
     A record averages over the steps since the previous record, or since the resume for the first one. A
     checkpoint due at the record's own step is written after the record: a kill between the two then costs the
@@ -873,7 +877,7 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
             _checkpoint(runs, cfg, world, pos, out, extra)
         bar.update(pos.step)
         if stop is not None and stop.requested and not record_step:
-            return  # Ctrl-C between records: the caller checkpoints this step (a resume's first record starts here)
+            return False  # Ctrl-C between records: the caller checkpoints this step (a resume's records start here)
     for a in acc:
         world.all_reduce_(a)
     records = metric_records(runs, acc, pos.step - start, pos.step, pos.step * cfg.batch_size,
@@ -883,6 +887,7 @@ def train_interval(runs: list[Run], batches: Iterator[torch.Tensor], cfg: TrainC
     if pos.step % cfg.checkpoint_every == 0 or pos.step == total:
         _checkpoint(runs, cfg, world, pos, out, extra)
     bar.update(pos.step, records)
+    return True
 
 
 def _checkpoint(runs: list[Run], cfg: TrainConfig, world: World, pos: Position, out: Path, extra: dict) -> None:
