@@ -166,6 +166,14 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_
     full = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
                           env={**env, "LLAMA_SAE_TRACEBACK": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "something nobody checked" in full.stderr
+    (tmp_path / "sitecustomize.py").write_text(  # Ctrl-C: typer exits 130 without a word; main says what it means
+        "import llama_sae.llama.checkpoint as c\n"
+        "def interrupted(*a, **k):\n    raise KeyboardInterrupt\n"
+        "c.read_args = interrupted\n")
+    stopped = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert stopped.returncode == 130 and stopped.stderr.startswith("interrupted (capture, features, explain and "
+                                                                   "score resume")
 
 
 def test_settings_outside_what_the_model_or_a_link_can_take(tmp_path):

@@ -633,6 +633,9 @@ def main() -> None:
                           "a bug; LLAMA_SAE_TRACEBACK=1 shows where: please report it)", style="bold red",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+    if rc == 130 and "train" not in sys.argv[1:2]:  # typer's silent exit on Ctrl-C (train says what it kept)
+        err_console.print("interrupted (capture, features, explain and score resume from what they finished when "
+                          "run again)", style="bold red", markup=False, highlight=False)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
