@@ -302,6 +302,33 @@ def test_full_disk_is_one_line_and_keeps_committed_shards(tiny, reference, tmp_p
     _assert_same_store(out, reference)
 
 
+def test_unfinished_store_missing_a_committed_shard_says_so(tiny, tmp_path, monkeypatch):
+    """A committed shard of an unfinished capture deleted since: the resume stops with one line naming it (not a
+    path error deep in the merge), and verify does not advise --repair, which needs a finished store."""
+    import llama_sae.store as S
+
+    out, calls = tmp_path / "acts", []
+    real = S._write_shard_file
+
+    def full_on_third(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(S, "_write_shard_file", full_on_third)
+    with pytest.raises(UserError, match="disk full"):
+        capture(_cfg(tiny, out))
+    monkeypatch.setattr(S, "_write_shard_file", real)
+    lost = sorted(out.glob("rank00-*.safetensors"))[0]
+    lost.unlink()
+    report = verify_store(out)
+    assert not report.ok and "the capture is unfinished, so it cannot be repaired" in " ".join(report.problems)
+    with pytest.raises(UserError, match=f"shard {lost.name} of the unfinished store .* is missing or of the wrong "
+                                        "size: restore it from a copy, or capture again into a new --out"):
+        capture(_cfg(tiny, out))
+
+
 def _torchrun(tiny: Path, out: Path, tmp_path: Path, patch: str = "", **popen) -> subprocess.Popen:
     """``torchrun --nproc_per_node 2`` of a capture script (gloo on CPU, one thread per rank)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

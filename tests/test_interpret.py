@@ -912,3 +912,17 @@ def test_a_rerun_with_nothing_to_send_asks_nothing(feats, server, monkeypatch):
     monkeypatch.setattr(run_mod, "code_digest", lambda: "another version")
     out = explain(f, b, latents=latents, chunk=4, say=said.append)  # confirm=None: would refuse if it asked
     assert out["explained"] == 8 and "8 requests, 8 already answered, 0 in open batches, 0 to send" in said[0]
+
+
+def test_a_reply_with_a_lone_surrogate_is_written_not_fatal(feats, server):
+    """A server may send JSON with an unpaired surrogate escape (\\ud800): the explanation is kept with the
+    character replaced, so explanations.jsonl (UTF-8) can be written and later runs are not stuck on it."""
+    f = feats
+    lat = f.live_latents()[:1]
+    server.state.reply = lambda text: '{"explanation": "kitchen \\ud800 words", "certainty": 0.3}'
+    out = explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v1"), latents=lat,
+                  threshold=100.0, say=lambda s: None)
+    assert out["outcomes"] == {"succeeded": 1}
+    f.reload_explanations()
+    assert f.explanation(lat[0]).text == "kitchen ? words"
+    (f.path / "explanations.jsonl").read_text(encoding="utf-8")  # valid UTF-8 throughout

@@ -620,6 +620,12 @@ def _run(cap: _Capturer, dist: _Dist, t0: float, console) -> CaptureSummary:
     """The lockstep loop of one rank; rank 0 merges the store at the end."""
     out, W, r, N = Path(cap.cfg.out), dist.world, dist.rank, cap.manifest["capture"]["tokens"]
     lead, mine, resumed = _resume_point(out, W, r)
+    for q in range(W):  # a resume counts every committed shard: one lost since (deleted, moved) ends it here
+        for entry in (read_progress(out, q) or {}).get("shards", []):
+            file = out / entry["name"]
+            if not file.is_file() or file.stat().st_size != entry["bytes"]:
+                raise UserError(f"shard {entry['name']} of the unfinished store {out} is missing or of the wrong "
+                                "size: restore it from a copy, or capture again into a new --out")
     step0, fed = lead["batch"] // W, lead["fed_before"]
     writer = StoreWriter(out, cap.hooks, cap.manifest["d"], rank=r, shard_rows=cap.manifest["capture"]["shard_rows"],
                          dtype=cap.dtype, val_percent=cap.manifest["split"]["val_percent"],

@@ -977,7 +977,10 @@ def verify_store(path: str | os.PathLike, *, on_shard: Callable[[int, int], None
     report = VerifyReport(directory)
     shards = _store_shards(directory, manifest)
     total = sum(e["bytes"] for e in shards)
-    fix = "re-run the capture command with --repair (one process, even for a torchrun store) to recompute it"
+    fix = ("re-run the capture command with --repair (one process, even for a torchrun store) to recompute it"
+           if manifest["status"] == "complete" else  # --repair needs a finished store; a resume trusts its shards
+           "the capture is unfinished, so it cannot be repaired: restore the shard from a copy, or capture again "
+           "into a new --out")
     for entry in shards:
         name, file = entry["name"], directory / entry["name"]
         problem = None

@@ -56,13 +56,19 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
             if res is None or res["status"] != "succeeded":
                 continue
             text, certainty = parse_explanation(res["text"])
-            rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": text,
+            rows.append({"latent": journal.state.requests[cid]["latent"], "explanation": _writable(text),
                          "certainty": certainty, "backend": backend.name, "model": backend.model, "custom_id": cid,
-                         "raw": res["text"], "n_top": n_top})  # the scorer holds out only top sentences past these
+                         "raw": _writable(res["text"]), "n_top": n_top})  # scoring holds out top sentences past it
         _merge_write(f, rows)
     f.reload_explanations()
     return {"explained": len(rows), "requests": len(ids), "outcomes": outcome_counts(journal, ids),
             "first_error": first_error(journal, ids)}
+
+
+def _writable(text: str | None) -> str | None:
+    """``text`` with any unpaired surrogate (a reply may escape one, "\\ud800") replaced by "?": UTF-8 files,
+    pages and the UI cannot hold it."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _merge_write(f: Features, rows: list[dict]) -> None:
