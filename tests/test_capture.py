@@ -281,23 +281,28 @@ S._write_shard_file = half_then_die
     assert verify_store(out).leftovers == []
 
 
-def test_full_disk_is_one_line_and_keeps_committed_shards(tiny, reference, tmp_path, monkeypatch):
+def _disk_full_at(n: int, monkeypatch) -> None:
+    """Make the n-th shard write fail with ENOSPC (the earlier ones are written); undone by monkeypatch.undo()."""
     import llama_sae.store as S
 
-    out, calls = tmp_path / "acts", []
-    real = S._write_shard_file
+    calls, real = [], S._write_shard_file
 
-    def full_on_fourth(path, data):
+    def full_at_n(path, data):
         calls.append(path)
-        if len(calls) == 4:
+        if len(calls) == n:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(S, "_write_shard_file", full_on_fourth)
+    monkeypatch.setattr(S, "_write_shard_file", full_at_n)
+
+
+def test_full_disk_is_one_line_and_keeps_committed_shards(tiny, reference, tmp_path, monkeypatch):
+    out = tmp_path / "acts"
+    _disk_full_at(4, monkeypatch)
     with pytest.raises(UserError, match=r"disk full .* 3 shard\(s\) already written are kept"):
         capture(_cfg(tiny, out))
     assert _committed(out) == 3 and verify_store(out).ok
-    monkeypatch.setattr(S, "_write_shard_file", real)
+    monkeypatch.undo()
     capture(_cfg(tiny, out))
     _assert_same_store(out, reference)
 
@@ -305,21 +310,11 @@ def test_full_disk_is_one_line_and_keeps_committed_shards(tiny, reference, tmp_p
 def test_unfinished_store_missing_a_committed_shard_says_so(tiny, tmp_path, monkeypatch):
     """A committed shard of an unfinished capture deleted since: the resume stops with one line naming it (not a
     path error deep in the merge), and verify does not advise --repair, which needs a finished store."""
-    import llama_sae.store as S
-
-    out, calls = tmp_path / "acts", []
-    real = S._write_shard_file
-
-    def full_on_third(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(S, "_write_shard_file", full_on_third)
+    out = tmp_path / "acts"
+    _disk_full_at(3, monkeypatch)
     with pytest.raises(UserError, match="disk full"):
         capture(_cfg(tiny, out))
-    monkeypatch.setattr(S, "_write_shard_file", real)
+    monkeypatch.undo()
     lost = sorted(out.glob("rank00-*.safetensors"))[0]
     lost.unlink()
     report = verify_store(out)
