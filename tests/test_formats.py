@@ -310,13 +310,16 @@ def test_cli_info_and_convert(tmp_path):
                                  str(tmp_path / "meta"), "--overwrite"])
     assert result.exit_code == 0 and sparsity.read_bytes() == theirs
     # --overwrite leaves none of the old SAE's files that the new one does not write (they would be read as its)
+    (tmp_path / "lens" / "evaluation.json").write_text("{}")  # the old SAE's evaluation (the trainer writes it)
     result = runner.invoke(app, ["sae", "convert", str(tmp_path / "sp"), "--to", "saelens", "--out",
                                  str(tmp_path / "lens"), "--overwrite"])  # lens had a sparsity file; sp has none
     assert result.exit_code == 0 and not (tmp_path / "lens" / "sparsity.safetensors").exists()
+    assert not (tmp_path / "lens" / "evaluation.json").exists()
+    (tmp_path / "lens" / "evaluation.json").write_text("{}")  # now this SAE's: an in-place conversion keeps it
     result = runner.invoke(app, ["sae", "convert", str(tmp_path / "lens"), "--to", "sparsify", "--out",
                                  str(tmp_path / "lens"), "--overwrite"])  # in place, into the other format
     assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "lens").iterdir()) == \
-        ["cfg.json", "sae.safetensors"]
+        ["cfg.json", "evaluation.json", "sae.safetensors"]
     torch.testing.assert_close(load(tmp_path / "lens")(x), sae(x), rtol=0, atol=0)
     # a hook point with no equivalent here is refused, not written out as "none"
     cfg = json.loads((tmp_path / "meta" / "cfg.json").read_text())

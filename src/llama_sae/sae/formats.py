@@ -565,10 +565,14 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
     if sae.cfg.hook_name is None and unknown:  # the file names a hook point: writing "none" would lose it
         raise UserError(f"{src}: {unknown}: pass --hook KIND.LAYER (one of {', '.join(HOOK_KINDS)}) to say "
                         "where it reads here")
+    from llama_sae.sae.evaluate import EVAL_REPORT
+
     extra = {key: value for key, value in found.metadata.items() if key not in ("sae", "path", "sparsity")}
+    in_place = Path(out).resolve() == found.path.resolve()
+    results = () if in_place else (EVAL_REPORT, "frequency.png")  # another SAE's evaluation, left in --out
     if to == "sparsify":
         written = save_sparsify(sae, out, **extra)
-        _remove_stale(written, (WEIGHTS_FILE, SPARSITY_FILE))
+        _remove_stale(written, (WEIGHTS_FILE, SPARSITY_FILE, *results))
         return written
     sparsity, skipped = None, False
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
@@ -578,14 +582,14 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
             print(f"note: {SPARSITY_FILE} skipped, it is unreadable ({e})", file=sys.stderr)
             skipped = True
     written = save(sae, out, sparsity=sparsity, **extra)
-    in_place = Path(written).resolve() == found.path.resolve()
     keep_sparsity = sparsity is not None or (skipped and in_place)  # a file we could not read is not ours to delete
-    _remove_stale(written, (SPARSIFY_WEIGHTS,) + (() if keep_sparsity else (SPARSITY_FILE,)))
+    _remove_stale(written, (SPARSIFY_WEIGHTS, *results) + (() if keep_sparsity else (SPARSITY_FILE,)))
     return written
 
 
 def _remove_stale(out: Path, names: tuple[str, ...]) -> None:
     """After a conversion into an existing directory (--overwrite): remove the SAE files the new SAE did not
-    write (the other format's weights, an old sparsity file), which would otherwise be read as this SAE's."""
+    write (the other format's weights, an old sparsity file, another SAE's evaluation.json and frequency.png),
+    which would otherwise be read, or pushed to the hub, as this SAE's."""
     for name in names:
         (Path(out) / name).unlink(missing_ok=True)
