@@ -493,7 +493,7 @@ def train(
         err_console.print(str(e) or f"interrupted: the same command resumes from {out / 'checkpoint.pt'} if one "
                           "was written (every checkpoint_every steps), else starts over",
                           style="bold red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        sys.exit(130)  # past typer and main: their exit-130 message would repeat this one
 
 
 @app.command()
@@ -535,7 +535,10 @@ def evaluate(
 
     if out is not None:
         check_output_file(out)
-    net = load(sae, device=device, k=k, hook_name=hook)
+    from llama_sae.sae.formats import find
+
+    found = find(sae)  # once: an hf:// SAE is not looked up again for its metadata
+    net = load(found.path, device=device, k=k, hook_name=hook)
     if store is None and corpus is None:
         raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
     report: dict = {}
@@ -543,9 +546,7 @@ def evaluate(
         from llama_sae.store import ActivationStore
 
         src = ActivationStore(store)
-        from llama_sae.sae.formats import find
-
-        trained_on, holds = find(sae).metadata.get("model_fingerprint"), src.manifest["model"]["fingerprint"]
+        trained_on, holds = found.metadata.get("model_fingerprint"), src.manifest["model"]["fingerprint"]
         if trained_on and trained_on != holds:  # a transfer test, or a mix-up
             err_console.print(f"note: the SAE was trained on activations of another checkpoint (fingerprint "
                               f"{trained_on[:16]}) than store {store} holds ({holds[:16]})", style="yellow",
@@ -633,7 +634,7 @@ def main() -> None:
                           "a bug; LLAMA_SAE_TRACEBACK=1 shows where: please report it)", style="bold red",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    if rc == 130 and "train" not in sys.argv[1:2]:  # typer's silent exit on Ctrl-C (train says what it kept)
+    if rc == 130:  # typer's silent exit on Ctrl-C (train says what it kept, and exits itself)
         err_console.print("interrupted (capture, features, explain and score resume from what they finished when "
                           "run again)", style="bold red", markup=False, highlight=False)
     sys.exit(rc if isinstance(rc, int) else 0)

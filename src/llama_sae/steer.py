@@ -482,6 +482,7 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object],
     With ``sources`` ({hook: {"path": SAE path}}, from :func:`load_saes`), an SAE that no path matched gets the
     artifact in its own directory's ``features/`` (as the shipped SAE keeps its own), if built from that SAE."""
     from llama_sae.features import META_FILE, load_features, sae_fingerprint
+    from llama_sae.sae.formats import find
 
     prints = {sae_fingerprint(sae): hook for hook, sae in saes.items()}
     out = {}
@@ -495,8 +496,6 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object],
         given = (sources or {}).get(hook, {}).get("path")
         if hook in out or not given:
             continue
-        from llama_sae.sae.formats import find
-
         found = find(given)  # the SAE's directory, whether given as it, a file of it, or hf:// (the download)
         bundled = found.path / BUNDLED_FEATURES
         if found.format == "seed" or not (bundled / META_FILE).is_file():

@@ -273,7 +273,7 @@ class TrainingEval:
         if not texts:
             raise UserError(f"eval corpus {corpus!r} gave no texts: pass another --eval-corpus SOURCE")
         self.batches = [(t.to(device), m.to(device)) for t, m in token_batches(tok, texts)]
-        self.every, self.last, self.path = every, resume_step, out / EVAL_LOG
+        self.every, self.path = every, out / EVAL_LOG
         self.acts: dict[str, Tensor] = {}
         self.reports: dict[str, dict] = {}  # the last full report of each SAE, by run name
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []

@@ -23,6 +23,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -822,8 +824,6 @@ class StopOnInterrupt:
     step) Ctrl-C keeps its default: the run resumes from its last periodic checkpoint."""
 
     def __init__(self, enabled: bool):
-        import threading
-
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
 
@@ -834,15 +834,11 @@ class StopOnInterrupt:
 
     def __enter__(self) -> StopOnInterrupt:
         if self.enabled:
-            import signal
-
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
-            import signal
-
             signal.signal(signal.SIGINT, self._old)
 
 
