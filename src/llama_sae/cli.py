@@ -537,6 +537,7 @@ def evaluate(
         check_output_file(out)
     from llama_sae.sae.formats import find
 
+    check_device(device)  # before any file is read, as load does
     found = find(sae)  # once: an hf:// SAE is not looked up again for its metadata
     net = load(found.path, device=device, k=k, hook_name=hook)
     if store is None and corpus is None:
