@@ -110,6 +110,15 @@ def test_damaged_store_manifests_name_the_field(tmp_path):
             msg = _error(args)
             assert message in msg and "the store is damaged; capture it again" in msg, (name, args)
     assert not (tmp_path / "o").exists()
+    flipped = tmp_path / "flipped"  # a shard changed at its size: train checks the sha256 before using it
+    shutil.copytree(store, flipped)
+    shard = next(flipped.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 4
+    shard.write_bytes(bytes(data))
+    msg = _error(["train", "--store", str(flipped), "--out", str(tmp_path / "o"), "--d-sae", "64", "--k", "4",
+                  "--tokens", "512", "--batch-size", "64"])
+    assert f"shard {shard.name} of store {flipped} does not match its checksum" in msg and "--repair" in msg
     info = " ".join(runner.invoke(app, ["store", "info", str(store)]).output.replace("│", " ").split())
     assert "shard files all there at their sizes" in info
     missing = tmp_path / "missing"

@@ -218,6 +218,23 @@ def test_verify_names_the_shard_with_a_flipped_byte(tmp_path):
     assert report.leftovers == [".rank00-000009.safetensors.tmp123"]
 
 
+def test_the_loader_refuses_a_shard_changed_at_the_same_size(tmp_path):
+    path = make_store(tmp_path / "acts")
+    store = ActivationStore(path)
+    victim = store.shards[2]["name"]
+    clean = [b.clone() for b in store.loader(16, shuffle=False, split="all", epochs=1)]
+    data = bytearray((path / victim).read_bytes())
+    data[-5] ^= 1  # one bit of an activation: the size and the header still match the manifest
+    (path / victim).write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"shard {victim} of store .* does not match its checksum.*"
+                                        "llama-sae store verify.*--repair"):
+        list(ActivationStore(path).loader(16, shuffle=False, split="all", epochs=1))
+    with pytest.raises(UserError, match="does not match its checksum"):
+        ActivationStore(path).read(2)
+    assert ActivationStore(path).read(2, verify=False)["acts"].shape[0] == store.shards[2]["rows"]
+    assert len(list(store.loader(16, shuffle=False, split="all", epochs=1))) == len(clean)  # checked once per object
+
+
 def test_damaged_or_unfinished_stores_give_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="is not an activation store"):
         ActivationStore(tmp_path)

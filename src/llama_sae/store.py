@@ -18,10 +18,11 @@ atomically, so a shard counts once it is complete, and ``kill -9`` at any moment
 not yet in a committed shard. Statistics (count, mean and M2 in float64, and the same for per-token L2
 norms) are computed per shard during capture and merged with Chan's formula: no second pass.
 
-Reading (``ActivationStore``): shards are memory-mapped; ``loader`` fills a buffer of whole shards, shuffles
-its rows (token level) and cuts batches; the order is a pure function of (seed, epoch), so a loader started
-at ``start_batch=N`` continues exactly where a run that consumed N batches stopped. The validation split is
-a fixed fraction of sentences: ``splitmix64(sentence_id) % 100 < val_percent``.
+Reading (``ActivationStore``): shards are memory-mapped, and each is checked against its sha256 the first time a
+store object reads it (a shard changed on disk at the same size is an error, not silent data); ``loader`` fills a
+buffer of whole shards, shuffles its rows (token level) and cuts batches; the order is a pure function of (seed,
+epoch), so a loader started at ``start_batch=N`` continues exactly where a run that consumed N batches stopped. The
+validation split is a fixed fraction of sentences: ``splitmix64(sentence_id) % 100 < val_percent``.
 
 Example:
     >>> store = ActivationStore("runs/acts")
@@ -41,7 +42,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -715,13 +716,18 @@ class ActivationStore:
         self.dtype: torch.dtype = STORE_DTYPES[self.manifest["dtype"]]
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.val_percent: int = self.manifest["split"]["val_percent"]
+        self._verified: set[int] = set()  # shards whose sha256 this object has checked (see verify_shards)
+        self._verify_lock = threading.Lock()
         for entry in self.shards:
             self._check_file(entry)
 
+    def _fix(self) -> str:
+        return (f"run `llama-sae store verify {self.path}`, then re-run the capture command with --repair (one "
+                "process, even for a torchrun store)")
+
     def _check_file(self, entry: dict[str, Any]) -> None:
         path = self.path / entry["name"]
-        fix = (f"run `llama-sae store verify {self.path}`, then re-run the capture command with --repair (one "
-               "process, even for a torchrun store)")
+        fix = self._fix()
         if not path.exists():
             raise UserError(f"shard {entry['name']} of store {self.path} is missing: {fix}")
         size = path.stat().st_size
@@ -773,8 +779,34 @@ class ActivationStore:
         """Rows in a split: "train", "val" or "all"."""
         return sum(_split_rows(e, split) for e in self.shards)
 
-    def read(self, index: int, hook: str | None = None) -> dict[str, Tensor]:
-        """Shard ``index`` memory-mapped: acts [rows, d] (storage dtype), sentence_id, position, token_id."""
+    def verify_shards(self, indices: list[int]) -> None:
+        """Check the sha256 of the shards ``indices`` against the manifest, each once per store object (the
+        loader calls this before a shard's first read): a shard changed on disk since its capture, at the same
+        size (bit rot, a file copied over it), is a one-line UserError instead of silent training on it. Up to
+        four shards hash at once (hashlib releases the GIL): ~1 GB/s per core."""
+        with self._verify_lock:
+            todo = [i for i in dict.fromkeys(indices) if i not in self._verified]
+            if not todo:
+                return
+            workers = min(len(todo), 4, os.cpu_count() or 1)
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    digests = list(pool.map(lambda i: _hash_file(self.path / self.shards[i]["name"]), todo))
+            else:
+                digests = [_hash_file(self.path / self.shards[i]["name"]) for i in todo]
+            for i, digest in zip(todo, digests):
+                entry = self.shards[i]
+                if digest != entry["sha256"]:
+                    raise UserError(f"shard {entry['name']} of store {self.path} does not match its checksum (sha256 "
+                                    f"{digest[:12]}…, manifest {entry['sha256'][:12]}…): it changed on disk since "
+                                    f"the capture; {self._fix()}")
+                self._verified.add(i)
+
+    def read(self, index: int, hook: str | None = None, *, verify: bool = True) -> dict[str, Tensor]:
+        """Shard ``index`` memory-mapped: acts [rows, d] (storage dtype), sentence_id, position, token_id.
+        ``verify``: check its sha256 first, the first time this object reads it (:meth:`verify_shards`)."""
+        if verify:
+            self.verify_shards([index])
         entry = self.shards[index]
         names = [f"acts.{self.hook(hook)}", "sentence_id", "position", "token_id"]
         t = _read_tensors(self.path / entry["name"], names)
@@ -919,6 +951,7 @@ class StoreLoader:
         dest = (torch.from_numpy(np.random.default_rng([self.seed, epoch, 1, g]).permutation(total))
                 if self.shuffle else torch.arange(total))
         off = 0
+        self.store.verify_shards(shards)  # the group's shards hash in parallel, once per store object
         for s in shards:
             t = self.store.read(s, self.hook)
             acts = t["acts"]
