@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llama_sae import tinyworld
+from llama_sae.errors import UserError
 from llama_sae.llama import generate, load_model, load_tokenizer
 from llama_sae.tinyworld.probe import auroc
 from llama_sae.tinyworld.train import TinyTrainConfig, batch_for_step, make_chunk, train
@@ -96,6 +97,8 @@ TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300, context
 def test_data_stream_is_a_pure_function_of_the_step(tmp_path):
     cfg = TinyTrainConfig(**TINY)
     train(tmp_path / "a", cfg.model_copy(update={"steps": 1}), progress=False)
+    with pytest.raises(UserError, match=r"another configuration: steps 1 \(now 2\); the learning-rate schedule"):
+        train(tmp_path / "a", cfg.model_copy(update={"steps": 2}), progress=False)  # a finished run is not extended
     tok = load_tokenizer(tmp_path / "a" / "tokenizer")
     assert torch.equal(make_chunk(tok, cfg, 3), make_chunk(tok, cfg, 3))
     assert not torch.equal(make_chunk(tok, cfg, 3), make_chunk(tok, cfg, 4))

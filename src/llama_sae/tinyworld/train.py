@@ -155,8 +155,12 @@ def _save_checkpoint(path: Path, model, opt, step: int, cfg: TinyTrainConfig, hi
 def _load_checkpoint(path: Path, model, opt, cfg: TinyTrainConfig) -> tuple[int, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != cfg.model_dump():
-        raise UserError(f"{path} was written with another configuration: use the same options, "
-                        "or a new --out directory")
+        saved, now = state["config"], cfg.model_dump()
+        changed = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+                            if saved.get(k) != now.get(k))
+        raise UserError(f"{path} was written with another configuration: {changed}; the learning-rate schedule "
+                        "and data stream follow the configuration, so a run cannot change it midway: use the same "
+                        "options, or a new --out directory")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -194,11 +198,12 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
     if ckpt.exists():
         step, history = _load_checkpoint(ckpt, model, opt, cfg)
         if progress or log_every:
-            print(f"resumed from {ckpt}: step {step:,} of {cfg.steps:,}", flush=True)
+            done = "finished, " if step >= cfg.steps else ""
+            print(f"resumed from {ckpt}: {done}step {step:,} of {cfg.steps:,}", flush=True)
     model.train()
     cache: dict = {}
-    t0, tokens_per_step = time.perf_counter(), cfg.batch_rows * cfg.context
-    bar = _progress(progress, cfg.steps, step)
+    t0, tokens_per_step, first = time.perf_counter(), cfg.batch_rows * cfg.context, step
+    bar = _progress(progress and step < cfg.steps, cfg.steps, step, history[-1][1] if history else float("nan"))
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -212,7 +217,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
         opt.step()
         step += 1
         history.append([step, round(loss.item(), 4)])
-        rate = tokens_per_step * len(history) / max(1e-9, time.perf_counter() - t0)
+        rate = tokens_per_step * (step - first) / max(1e-9, time.perf_counter() - t0)  # this process's steps
         bar.update(step, loss.item(), rate)
         if log_every and step % log_every == 0:
             eta = (cfg.steps - step) * tokens_per_step / rate
@@ -233,7 +238,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, progress: bool
 class _progress:
     """A rich progress bar with loss, tokens/s and ETA (or nothing when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, done: int):
+    def __init__(self, enabled: bool, total: int, done: int, loss: float = float("nan")):
         self.bar = None
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -242,7 +247,7 @@ class _progress:
                                 TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:,.0f} tok/s"),
                                 TimeRemainingColumn())
             self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0)
+            self.task = self.bar.add_task("train", total=total, completed=done, loss=loss, rate=0.0)
 
     def update(self, step: int, loss: float, rate: float) -> None:
         if self.bar is not None:
