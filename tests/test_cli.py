@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,16 @@ def test_every_command_renders_its_help():
     for path in commands:  # option texts are rich markup: a stray "[/x]" fails only when help is shown
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, (path, result.exception)
+
+
+def test_help_names_values_plainly_and_keeps_long_specs_readable():
+    out = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "100"}).output
+    assert "<bool>" not in out and "<list" not in out and "<int" not in out  # typer 0.16+'s annotation names
+    assert "SPEC" in out and "INTEGER [x>=1]" in out and "PATH" in out
+    assert "prompt+N" in out and "…" not in out  # the steer syntax wraps instead of being cut
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "evaluate" in listing and not [line for line in listing.splitlines() if re.match(r"│\s{4,}\S", line)]
+    # (no command's summary breaks onto a second line: the first docstring paragraph is one line)
 
 
 def test_info_shows_shape(hf_checkpoints):
@@ -226,7 +237,7 @@ def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
     (["generate", "-n", "0"], "error: Invalid value for '--max-new-tokens' / '-n': Input should be greater than or "
                               "equal to 1 (see llama-sae generate --help)"),
     (["info", "--bogus"], "error: No such option: --bogus (see llama-sae info --help)"),
-    (["sae", "info"], "error: Missing argument 'path'. (see llama-sae sae info --help)"),
+    (["sae", "info"], "error: Missing argument 'SAE'. (see llama-sae sae info --help)"),
 ])
 def test_usage_errors_are_one_line(monkeypatch, capsys, argv, message):
     """A bad option or value through the entry point: one line and status 2, not click's boxed usage screen."""
@@ -294,10 +305,16 @@ def test_tinyworld_recovery_on_any_sae(tmp_path):
     assert f"concepts recovered (AUROC ≥ 0.95): {rec['recovered']:.0%}" in " ".join(result.output.split())
     bad = runner.invoke(app, ["tinyworld", "recovery", "--sae", str(tmp_path / "none")])
     assert isinstance(bad.exception, UserError) and "does not exist" in str(bad.exception)
-    few = runner.invoke(app, ["tinyworld", "recovery", "--sae", str(tinyworld.sae_path()), "--sentences", "100",
-                              "--out", str(tmp_path / "few.json")])  # rare concepts miss a half: no NaN rows
-    assert isinstance(few.exception, UserError) and "is in too few (or too many) of the 100 sentences" in \
-        str(few.exception) and not (tmp_path / "few.json").exists()
+    few = runner.invoke(app, ["tinyworld", "recovery", "--sae", str(tinyworld.sae_path()), "--sentences", "400",
+                              "--out", str(tmp_path / "few.json")])  # too few for the rarest concepts: refused
+    assert few.exit_code == 2 and "--sentences" in few.output and not (tmp_path / "few.json").exists()
+    from llama_sae.llama import load_model, load_tokenizer
+    from llama_sae.sae import load
+    from llama_sae.tinyworld.recovery import concept_recovery
+
+    with pytest.raises(UserError, match=r"is in too few .* of the 100 sentences .*\(1,000 or more"):  # no NaN rows
+        concept_recovery(load_model(tinyworld.model_path()), load_tokenizer(tinyworld.model_path()),
+                         load(tinyworld.sae_path()), n_sentences=100)
 
 
 def test_latent_and_search_in_the_terminal(tmp_path):

@@ -479,3 +479,15 @@ def test_an_sae_keeps_its_features_artifact_in_its_directory(tmp_path):
     assert match_features([], saes, sources) == {}
     steering = build_steering(model, tok, saes, parse_steers(["969:add:4"]), sources=sources, estimate_sentences=50)
     assert steering.sources["resid_post.5"]["units"].startswith("estimate:")
+
+
+def test_a_record_takes_the_generated_texts():
+    from llama_sae.steer import record
+
+    class Completion:  # what steer.generate returns: the text is one of its fields
+        text = " a word"
+
+    with pytest.raises(TypeError, match=r"not Completion: pass \[o.text for o in outputs\]"):
+        record(None, "model", ["The"], [Completion()], {"max_new_tokens": 2})
+    rec = record(None, "model", ["The"], [Completion.text], {"max_new_tokens": 2})
+    assert rec["outputs"] == [" a word"] and json.loads(json.dumps(rec)) == rec

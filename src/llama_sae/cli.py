@@ -26,6 +26,44 @@ from llama_sae.errors import (
     path_error_message,
 )
 
+
+def _plain_help_types() -> None:
+    """Show option values in help as PATH, INTEGER, TEXT... and nothing after a flag.
+
+    typer 0.16+ prints each parameter's Python annotation instead (``<bool>`` after every flag, ``--help`` included,
+    ``<list[Path]>``, ``<int range>``); older typer prints click's words already. An explicit ``metavar`` wins.
+    """
+    from typing import get_args
+
+    from typer import core
+
+    for cls in (getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)):
+        typed = getattr(cls, "display_type_rich", None)
+        if typed is None or getattr(typed, "plain", False):
+            continue
+
+        def display(self, ctx, typed=typed, argument=cls.__name__ == "TyperArgument"):
+            if argument and self.metavar is not None:
+                return None  # the argument's column already shows its metavar
+            if self.metavar is not None:
+                return self.metavar
+            if getattr(self, "is_flag", False):
+                return None
+            desc = getattr(self, "type_descriptor", None)
+            if desc is None or desc.is_choice or desc.is_tuple or desc.is_datetime:
+                return typed(self, ctx)
+            annotation = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+            word = {int: "INTEGER", float: "FLOAT", str: "TEXT"}.get(annotation, "PATH" if desc.is_path or
+                                                                      annotation is Path else None)
+            if word is None:
+                return typed(self, ctx)
+            return word  # a repeatable option says so in its help
+
+        display.plain = True
+        cls.display_type_rich = display
+
+
+_plain_help_types()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
 console = Console(emoji=False)
@@ -42,9 +80,12 @@ TopPOpt = Annotated[float, typer.Option(min=0, max=1, help="nucleus sampling: ke
 SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (repeatable output)")]
 SaeOpt = Annotated[list[Path] | None, typer.Option("--sae", help="SAE directory to splice in (repeatable, one per "
                                                                "hook point); default: the shipped tinyworld SAE")]
-SteerOpt = Annotated[list[str] | None, typer.Option("--steer", help="[HOOK@]LATENT:clamp|add|bias:STRENGTH[:all|"
-                                                                  "prompt|generated|last|last+N|prompt+N], strength "
-                                                                  "in units of the latent's typical max (repeatable)")]
+SteerOpt = Annotated[list[str] | None, typer.Option(
+    "--steer", metavar="SPEC", help="a steer (repeatable): LATENT:KIND:STRENGTH with KIND clamp, add or bias and "
+    "STRENGTH in units of the latent's typical max; append :WHERE (all, the default; prompt, generated, last, last+N, "
+    "prompt+N) to choose the tokens, prefix HOOK@ to choose the SAE")]
+CORPUS_HELP = ("one of tinyworld[:N], txt:PATH, jsonl:PATH[:FIELD], parquet:PATH[:COLUMN], hf:NAME:SPLIT or "
+               "hf:NAME:CONFIG:SPLIT (then [:COLUMN]), hfdisk:PATH[:COLUMN], or openwebtext-sentences")
 FeaturesOpt = Annotated[list[Path] | None, typer.Option("--features", help="features artifact of a loaded SAE: "
                                                                          "steering units and explanations")]
 RecordOpt = Annotated[Path | None, typer.Option(help="write the steering record (JSON) here; default "
@@ -122,7 +163,8 @@ def info(model: ModelOpt = None) -> None:
 
 @app.command()
 def generate(
-    prompt: Annotated[list[str] | None, typer.Argument(help="prompt(s); several are generated as one batch")] = None,
+    prompt: Annotated[list[str] | None, typer.Argument(
+        metavar="PROMPT", help="prompt(s); several are generated as one batch")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="read prompts from a file, one per line")] = None,
     model: ModelOpt = None,
     max_new_tokens: MaxTokensOpt = 48,
@@ -254,8 +296,9 @@ def chat(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Meta checkpoint directory (params.json, consolidated.*.pth)")],
-    out: Annotated[Path, typer.Argument(help="output directory for the Hugging Face checkpoint")],
+    src: Annotated[Path, typer.Argument(metavar="SRC",
+                                        help="Meta checkpoint directory (params.json, consolidated.*.pth)")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory for the Hugging Face checkpoint")],
     rope_factor: Annotated[float | None, typer.Option(help="'llama3' RoPE factor; default inferred "
                                                            "(32 for 3.2 1B/3B, else 8)")] = None,
     overwrite: Annotated[bool, typer.Option(help="write into a non-empty OUT (stale weight files are removed)")]
@@ -317,14 +360,15 @@ def tinyworld_concepts() -> None:
 def tinyworld_recovery(
     sae: Annotated[str, typer.Option(help="SAE of a tinyworld model (any format `sae info` reads)")],
     model: ModelOpt = None,
-    sentences: Annotated[int, typer.Option(min=100, help="held-out sentences: half choose each concept's best "
+    sentences: Annotated[int, typer.Option(min=1000, help="held-out sentences: half choose each concept's best "
                                                         "latent, half score it")] = 4000,
     threshold: Annotated[float, typer.Option(min=0.5, max=1.0, help="AUROC that counts as recovered")] = 0.95,
     out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Ground truth: for every planted concept, the SAE latent that best picks it out (held-out AUROC), against
-    the best single neuron: the demo's stage 7 on any SAE of a tinyworld model."""
+    """Ground truth: the SAE latent that best picks out each planted concept, against the best single neuron.
+
+    Held-out AUROC per concept: the demo's stage 7 on any SAE of a tinyworld model."""
     from llama_sae.fileio import atomic_write_json
     from llama_sae.sae import load
     from llama_sae.tinyworld.recovery import concept_recovery, print_recovery
@@ -340,9 +384,7 @@ def tinyworld_recovery(
 
 @corpus_app.command("preview")
 def corpus_preview(
-    source: Annotated[str, typer.Argument(help="tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
-                                               "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
-                                               "hfdisk:PATH[:COLUMN] | openwebtext-sentences")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help=CORPUS_HELP)],
     n: Annotated[int, typer.Option("-n", min=0, help="samples to show")] = 5,
     scan: Annotated[int, typer.Option(min=1, help="sentences to scan for the counts")] = 1000,
     dedupe: Annotated[bool, typer.Option(help="drop exact duplicate sentences")] = False,
@@ -355,10 +397,9 @@ def corpus_preview(
 
 @app.command()
 def capture(
-    corpus: Annotated[str, typer.Option(help="SOURCE: tinyworld[:N] | txt:PATH | jsonl:PATH[:FIELD] | "
-                                             "parquet:PATH[:COLUMN] | hf:NAME[:CONFIG]:SPLIT[:COLUMN] | "
-                                             "hfdisk:PATH[:COLUMN] | openwebtext-sentences")],
-    hook: Annotated[list[str], typer.Option(help="hook point KIND.LAYER (repeatable), e.g. resid_post.12")],
+    corpus: Annotated[str, typer.Option(metavar="SOURCE", help=CORPUS_HELP)],
+    hook: Annotated[list[str], typer.Option(metavar="HOOK",
+                                            help="hook point KIND.LAYER (repeatable), e.g. resid_post.12")],
     tokens: Annotated[str, typer.Option(help="tokens to capture, BOS excluded (e.g. 2M, 700_000_000)")],
     out: Annotated[Path, typer.Option(help="store directory; re-run the same command to resume")],
     model: ModelOpt = None,
@@ -400,7 +441,7 @@ app.add_typer(store_app, name="store")
 
 
 @store_app.command("info")
-def store_info(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+def store_info(path: Annotated[Path, typer.Argument(metavar="STORE", help="store directory")]) -> None:
     """Show a store's model, hook points, rows, bytes per token, split and statistics (finished or not)."""
     from llama_sae.store import store_info_table
 
@@ -408,7 +449,7 @@ def store_info(path: Annotated[Path, typer.Argument(help="store directory")]) ->
 
 
 @store_app.command("verify")
-def store_verify(path: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+def store_verify(path: Annotated[Path, typer.Argument(metavar="STORE", help="store directory")]) -> None:
     """Re-hash every shard against the manifest's sha256; exit status 1 names the bad shards and the fix."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -515,8 +556,9 @@ def evaluate(
                             ] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Evaluate an SAE: FVU, L0, dead / dense latents (--store, or the --corpus texts); with --corpus, CE loss
-    recovered and KL in the model."""
+    """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, also CE loss recovered and KL in the model.
+
+    The activation metrics run on --store's held-out split, or on the --corpus texts' activations."""
     from itertools import islice
 
     import torch

@@ -20,7 +20,8 @@ from llama_sae.errors import UserError
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
-FeaturesArg = Annotated[Path, typer.Argument(help="features artifact directory (from `llama-sae features`)")]
+FeaturesArg = Annotated[Path, typer.Argument(metavar="FEATURES",
+                                             help="features artifact directory (from `llama-sae features`)")]
 
 
 def features(
@@ -259,8 +260,9 @@ def latent(
     latent_id: Annotated[int, typer.Argument(metavar="LATENT", min=0, help="latent id")],
     n: Annotated[int, typer.Option("-n", min=1, help="top sentences to show")] = 8,
 ) -> None:
-    """Show one latent in the terminal: explanation and scores, frequency, top and quantile sentences (the
-    tokens where it fires highlighted, with their activation)."""
+    """Show one latent in the terminal: explanation, scores, frequency, top and quantile sentences.
+
+    The tokens where it fires are highlighted, and the peak token named with its activation."""
     from llama_sae.features import load_features
 
     f = load_features(features_dir)
@@ -283,7 +285,7 @@ def latent(
 
 def search(
     features_dir: FeaturesArg,
-    query: Annotated[str, typer.Argument(help="text to find in the explanations (case-insensitive)")],
+    query: Annotated[str, typer.Argument(metavar="TEXT", help="text to find in the explanations (case-insensitive)")],
     limit: Annotated[int, typer.Option(min=1, help="latents to list")] = 20,
 ) -> None:
     """Find latents by explanation text, best detection score first."""

@@ -11,7 +11,7 @@ from rich.console import Console
 sae_app = typer.Typer(no_args_is_help=True, help="SAE files: info, convert (SAELens, sparsify, seed .pth), push, pull.")
 console = Console(emoji=False)
 
-PathArg = Annotated[str, typer.Argument(help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo\\[/dir]")]
+PathArg = Annotated[str, typer.Argument(metavar="SAE", help="SAE directory (SAELens or sparsify), seed .pth, or hf://org/repo\\[/dir]")]
 KOpt = Annotated[int | None, typer.Option(min=1, help="k (default: the file's; the seed's .pth has none: pass --k 64, "
                                                       "its setting)")]
 HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file lacks it (e.g. attn_in.23)")]
@@ -19,8 +19,9 @@ HookOpt = Annotated[str | None, typer.Option(help="hook point, where the file la
 
 @sae_app.command("info")
 def info(path: PathArg) -> None:
-    """What an SAE file says: format, shape, k, normalization, hook point, what is missing, and whether it loads
-    (exit status 1 when it does not)."""
+    """What an SAE file says: format, shape, k, normalization, hook point, what is missing, whether it loads.
+
+    The exit status is 1 when it does not load."""
     from rich.table import Table
 
     from llama_sae.sae.formats import describe
@@ -61,8 +62,8 @@ def convert(
 
 @sae_app.command("push")
 def push(
-    path: Annotated[Path, typer.Argument(help="SAE directory to upload")],
-    repo: Annotated[str, typer.Argument(help="Hugging Face repo: org/name, or hf://org/name/subdir")],
+    path: Annotated[Path, typer.Argument(metavar="SAE", help="SAE directory to upload")],
+    repo: Annotated[str, typer.Argument(metavar="REPO", help="Hugging Face repo: org/name, or hf://org/name/subdir")],
     subdir: Annotated[str | None, typer.Option(help="folder inside the repo (one SAE per hook, e.g. resid_post.3)")]
     = None,
     private: Annotated[bool, typer.Option(help="create the repo private")] = False,
@@ -75,8 +76,8 @@ def push(
 
 @sae_app.command("pull")
 def pull(
-    uri: Annotated[str, typer.Argument(help="hf://org/repo\\[/subdir]\\[@revision]")],
-    out: Annotated[Path, typer.Argument(help="directory to copy the SAE into")],
+    uri: Annotated[str, typer.Argument(metavar="URI", help="hf://org/repo, optionally /subdir and @revision")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="directory to copy the SAE into")],
     overwrite: Annotated[bool, typer.Option(help="copy into a non-empty directory")] = False,
 ) -> None:
     """Download an SAE from the Hugging Face hub into a directory."""

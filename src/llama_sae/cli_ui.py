@@ -60,8 +60,10 @@ def dashboard(
         "http://127.0.0.1:7860"),
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
-    """Write a static HTML feature dashboard (opens from disk): explanations, top and quantile sentences, histogram,
-    decoder logits, nearest latents, a link to steer each latent in the UI."""
+    """Write a static HTML feature dashboard that opens from disk, one page per latent.
+
+    Each page: explanation, top and quantile sentences, histogram, decoder logits, nearest latents, and a link to
+    steer the latent in the UI."""
     from llama_sae import tinyworld
     from llama_sae.cli import _load, console
     from llama_sae.features import build_features, load_features

@@ -8,8 +8,8 @@ A steer is ``[HOOK@]LATENT:KIND:STRENGTH[:POSITIONS]``:
                             on the generated tokens only
     resid_post.2@123:clamp:8   the SAE at resid_post.2 (needed only when several SAEs are loaded)
 
-A unit is the latent's typical maximum activation (``typical_max`` of the features artifact, or a
-quick estimate over a few hundred sentences), so "+5" is the same push for every latent. POSITIONS is
+A unit is the latent's typical maximum activation (``typical_max`` of the features artifact, or an
+estimate over 2,000 corpus sentences), so "+5" is the same push for every latent. POSITIONS is
 ``all`` (default), ``prompt`` (the prompt's tokens), ``generated`` (the last prompt token and every
 generated token: the positions whose predictions are sampled), ``last`` (the last prompt token only: a push
 on the first generated word that leaves the rest of the text to the model), or ``last+N`` / ``prompt+N``
@@ -23,7 +23,7 @@ add steers decode the steered latents' changes only (no dense [tokens, d_sae] la
 
     >>> steering = Steering({"resid_post.2": sae}, parse_steers(["123:clamp:8"]), units={"resid_post.2": u})
     >>> outs = generate(model, tok, ["The"], steering, max_new_tokens=24)
-    >>> record(steering, model_path, ["The"], outs, sampling)   # JSON: replay with llama-sae generate --replay
+    >>> record(steering, model_path, ["The"], [o.text for o in outs], sampling)   # replay: generate --replay
 """
 
 from __future__ import annotations
@@ -441,6 +441,10 @@ def record(steering: Steering | None, model_path: str, prompts, outputs: Sequenc
     from llama_sae import __version__
     from llama_sae.features import sae_fingerprint
 
+    outputs = list(outputs)
+    other = next((o for o in outputs if not isinstance(o, str)), None)
+    if other is not None:
+        raise TypeError(f"record takes the generated texts, not {type(other).__name__}: pass [o.text for o in outputs]")
     saes = {}
     if steering is not None:
         for hook, sae in steering.saes.items():

@@ -747,7 +747,7 @@ class ActivationStore:
         if hook is None:
             if len(self.hooks) > 1:
                 raise UserError(f"store {self.path} holds {len(self.hooks)} hook points ({', '.join(self.hooks)}): "
-                                "name one with --hook")
+                                "name one with --hook (in Python: hook=... or store.stats(hook))")
             return self.hooks[0]
         if hook not in self.hooks:
             raise UserError(f"store {self.path} holds {', '.join(self.hooks)}, not {hook}: capture {hook} with "

@@ -96,7 +96,7 @@ def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 4000, seed: in
 
                 raise UserError(f"concept {c.name!r} is in too few (or too many) of the {n_sentences:,} sentences "
                                 "to choose a latent on one half and score it on the other: pass more sentences "
-                                "(the demo uses 4,000)")
+                                "(1,000 or more; the demo uses 4,000)")
         latent, score = _best(latents, labels, select)
         neuron, n_score = _best(neurons, labels, select)
         rows.append({"concept": c.name, "kind": c.kind, "latent": latent, "auroc": score,
