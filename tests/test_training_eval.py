@@ -180,6 +180,37 @@ def test_ctrl_c_between_records_keeps_the_evaluation_schedule(tmp_path, acts):
         whole[-1]["ce_spliced"]
 
 
+def test_a_run_killed_during_an_evaluation_runs_it_when_resumed(tmp_path, acts, monkeypatch):
+    """The checkpoint at step 8 is written before step 8's evaluation: killed during that evaluation, the resumed
+    run evaluates step 8 first, and its eval.jsonl equals an uninterrupted run's."""
+    from llama_sae.sae.evaluate import TrainingEval
+
+    cfg = TrainConfig(d_sae=512, k=8, batch_size=256, tokens=256 * 12, lr=2e-3, log_every=4, checkpoint_every=8,
+                      plots=False, eval_every=8, eval_model=str(tinyworld.model_path()),
+                      eval_corpus="tinyworld:6:heldout", eval_texts=6)
+    train_sae(TensorSource(acts, hook=HOOK), cfg, tmp_path / "whole", progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    report = TrainingEval.report
+
+    def killed_at_8(self, sae):
+        if self.last == 8:
+            raise Killed  # as kill -9 inside the evaluation: nothing after the checkpoint is written
+        return report(self, sae)
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainingEval, "report", killed_at_8)
+        with pytest.raises(Killed):
+            train_sae(TensorSource(acts, hook=HOOK), cfg, tmp_path / "killed", progress=False)
+    assert (tmp_path / "killed" / EVAL_LOG).read_text() == ""
+    train_sae(TensorSource(acts, hook=HOOK), cfg, tmp_path / "killed", progress=False)
+    whole, killed = ([json.loads(line) for line in (tmp_path / d / EVAL_LOG).read_text().splitlines()]
+                     for d in ("whole", "killed"))
+    assert [r["step"] for r in killed] == [8, 12] and killed == whole
+
+
 def test_a_written_config_passed_back_keeps_the_store_model_default(tmp_path, acts):
     """train_config.yaml says `eval_model: null`; passed back with --config, --eval-every still splices into the
     store's model (the default fills what every level leaves unset)."""

@@ -760,6 +760,9 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     if log is not None and log.wandb is not None:
         extra["wandb_id"] = log.wandb.id
     evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
+    if evaluator is not None and 0 < step < total and step % cfg.log_every == 0:
+        # the checkpoint at a record step is written before that step's evaluation: a run killed during it owes it
+        evaluator.maybe(runs, step, step * cfg.batch_size)
     bar = Progress(progress and world.rank == 0, total, step)
     pos = Position(step, step)
     try:
