@@ -26,6 +26,35 @@ def test_atomic_write_file_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
+def test_a_writer_that_replaces_the_temp_file_gets_the_usual_mode_and_fsync(tmp_path, monkeypatch):
+    """safetensors 0.7+ writes its own temp file (mode 0600) and renames it over the name it is given: the result
+    still gets the mode open() gives (0666 less the umask, as atomic_write's files), and the fsync reaches the
+    new file, not the one first created at that name."""
+    import os
+
+    from llama_sae.fileio import atomic_write
+
+    atomic_write(tmp_path / "plain.json", "{}")
+    usual = (tmp_path / "plain.json").stat().st_mode & 0o777
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), fsync(fd)))
+
+    def replaces(tmp):
+        other = tmp.with_name("elsewhere")
+        other.write_bytes(b"the whole file")
+        os.chmod(other, 0o600)
+        os.replace(other, tmp)
+        replaces.inode = os.stat(tmp).st_ino
+
+    atomic_write_file(tmp_path / "w.bin", replaces)
+    assert (tmp_path / "w.bin").read_bytes() == b"the whole file"
+    assert (tmp_path / "w.bin").stat().st_mode & 0o777 == usual
+    assert replaces.inode in synced
+    atomic_write_file(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.ones(3)}, tmp))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == usual
+
+
 def test_jsonl_lines_split_on_newlines_only(tmp_path):
     """append_jsonl writes non-ASCII raw (ensure_ascii=False): U+2028, U+2029 and U+0085 inside a record's strings
     are line breaks to str.splitlines() but not to JSON lines, so a reader must split on "\\n" alone."""

@@ -43,7 +43,7 @@ def sweep_temp_files(directory: str | os.PathLike, recursive: bool = False) -> i
 def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside ``path``; on a clean exit it is fsynced and renamed to ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     encoding = None if "b" in mode else "utf-8"
     try:
         with open(tmp, mode, encoding=encoding) as f:
@@ -55,6 +55,10 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -72,10 +76,29 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Write ``path`` atomically with a writer that takes a file name (safetensors' ``save_file``, which streams
-    the tensors instead of building the file's bytes in memory): ``write(tmp)`` fills the temp file of
-    :func:`atomic_writer` (fsync covers the file, whichever descriptor wrote it)."""
-    with atomic_writer(path, "wb") as f:
-        write(Path(f.name))
+    the tensors instead of building the file's bytes in memory): ``write(tmp)`` fills a temp file beside ``path``,
+    which is then fsynced and renamed over it.
+
+    The writer may put a new file at ``tmp`` instead of writing into it (safetensors 0.7+ writes its own temp
+    file, mode 0600, and renames it): the fsync opens ``tmp`` again, and the file gets the mode every other
+    file of ours gets (0666 less the umask)."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:  # created as open() creates every file: its mode is the umask's
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+        write(tmp)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
