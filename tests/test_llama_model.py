@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from llama_sae.llama import load_model, preset
 from llama_sae.llama.checkpoint import (
     hf_to_meta_qk,
     meta_to_hf_qk,
+    read_args,
     save_hf,
     save_meta,
 )
@@ -170,6 +172,12 @@ def test_meta_checkpoint_two_shards_loads_to_same_logits(hf_checkpoints, tmp_pat
         again = load_model(meta_dir, rope_factor=factor)
         tokens = _tokens()
         assert (again(tokens) - ours(tokens)).abs().max() <= 1e-5
+        # read without the weights (`llama-sae info`), the tie is what loading finds: no output.weight means tied
+        assert read_args(meta_dir)[1].tie_embeddings == again.args.tie_embeddings == (shape == "gqa-tied-f32")
+    (tmp_path / "download" / "original").mkdir(parents=True)  # huggingface-cli ... --include "original/*"
+    shutil.copytree(meta_dir, tmp_path / "download" / "original", dirs_exist_ok=True)
+    with pytest.raises(UserError, match=r"holds a Meta checkpoint in original/ and no config.json: pass .*original"):
+        load_model(tmp_path / "download")
 
 
 def test_meta_permutation_is_interleaved_pairs():

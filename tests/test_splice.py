@@ -279,3 +279,6 @@ def test_recovery_and_unit_estimates_refuse_an_sae_that_does_not_fit(model):
         next(iter_sentence_activations(model, None, sae, ["x"]))
     with pytest.raises(UserError, match="belongs to another model"):
         estimate_units(model, None, sae, n_sentences=2)
+    named = SAE(sae.cfg.model_copy(update={"model_name": "/models/Llama-3.2-3B"}))
+    with pytest.raises(UserError, match=r"another model \(its files name /models/Llama-3.2-3B: pass that with --model"):
+        estimate_units(model, None, named, n_sentences=2)

@@ -525,3 +525,20 @@ def test_encode_rejects_non_str(ours, tiny_hf):
     for tok in (ours, tiny_hf):
         with pytest.raises(TypeError):
             tok.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_with_another_models_tokenizer_is_refused(tmp_path):
+    """Ids past the model's vocabulary would fail deep in the first embedding lookup (capture, evaluate, features):
+    loading the checkpoint's tokenizer says so instead."""
+    import shutil
+
+    from llama_sae import tinyworld
+
+    ckpt = Path(shutil.copytree(tinyworld.model_path(), tmp_path / "model"))
+    assert load_tokenizer(ckpt).vocab_size == 4096
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer.model").symlink_to(meta_tokenizer_model_path())  # Llama 3's: 128,256 tokens
+    with pytest.raises(UserError, match="has 128,256 tokens but the model's vocabulary is 4,096: the tokenizer "
+                                        "belongs to another model"):
+        load_tokenizer(ckpt)
+    assert load_tokenizer(ckpt / "tokenizer.model").vocab_size == 128256  # the file alone: nothing to check against

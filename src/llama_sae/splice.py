@@ -172,8 +172,9 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     parse_hook_name(hook, model.args.n_layers)
     sae.check_float32()
     if sae.cfg.d_in != model.args.dim:
+        named = f" (its files name {sae.cfg.model_name}: pass that with --model)" if sae.cfg.model_name else ""
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
-                        f"{model.args.dim} wide: the SAE belongs to another model")
+                        f"{model.args.dim} wide: the SAE belongs to another model{named}")
     if sae.W_enc.device != model.device:
         raise UserError(f"the SAE is on {sae.W_enc.device} but the model on {model.device}: load it with "
                         f"sae.load(path, device=model.device), or move it with sae.to(model.device)")

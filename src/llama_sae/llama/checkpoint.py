@@ -77,6 +77,8 @@ def detect_format(path: Path) -> str:
         return "hf"
     if (path / "params.json").exists():
         return "meta"
+    if (path / "original" / "params.json").exists():  # `huggingface-cli download ... --include "original/*"`
+        raise UserError(f"{path} holds a Meta checkpoint in original/ and no config.json: pass {path / 'original'}")
     raise UserError(f"{path} holds neither config.json (Hugging Face) nor params.json (Meta): "
                     "pass a Llama 3 checkpoint directory")
 
@@ -141,10 +143,21 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
+SMALL_LLAMA_32 = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B: RoPE factor 32, tied embeddings
+
+
 def infer_rope_factor(params: dict) -> float:
     """Meta's params.json only says ``use_scaled_rope``: 3.2 1B/3B use factor 32, 3.1/3.3 use 8."""
-    small = (params["dim"], params["n_layers"]) in {(2048, 16), (3072, 28)}
-    return 32.0 if small else 8.0
+    return 32.0 if (params["dim"], params["n_layers"]) in SMALL_LLAMA_32 else 8.0
+
+
+def meta_ties_embeddings(path: Path, args: ModelArgs) -> bool:
+    """Whether a Meta checkpoint ties its output to the embedding: its first shard has no ``output.weight`` (read
+    memory-mapped: the tensor index only), or, with no shard at hand, the shape is a 3.2 1B/3B one."""
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if shards:
+        return "output.weight" not in _load_meta_shard(shards[0])
+    return (args.dim, args.n_layers) in SMALL_LLAMA_32
 
 
 def args_from_meta_params(params: dict, *, rope_factor: float | None = None) -> ModelArgs:
@@ -307,7 +320,9 @@ def read_args(path: str | os.PathLike, *, rope_factor: float | None = None) -> t
     try:
         if fmt == "hf":
             return fmt, args_from_hf_config(_read_json(path / "config.json"))
-        return fmt, args_from_meta_params(_read_json(path / "params.json"), rope_factor=rope_factor)
+        args = args_from_meta_params(_read_json(path / "params.json"), rope_factor=rope_factor)
+        args.tie_embeddings = meta_ties_embeddings(path, args)
+        return fmt, args
     except ValidationError as e:  # a field of the wrong type or value: name it, in one line
         name = "config.json" if fmt == "hf" else "params.json"
         err = e.errors()[0]
@@ -338,8 +353,8 @@ def load_model(path: str | os.PathLike, *, dtype=None, device="cpu", rope_factor
     check_device(str(device))
     fmt, args = read_args(path, rope_factor=rope_factor)
     state = hf_state_dict(path, args) if fmt == "hf" else meta_state_dict(path, args)
-    if fmt == "meta" and "output.weight" not in state:
-        args.tie_embeddings = True  # Meta's 3.2 1B/3B files have no output.weight
+    if fmt == "meta":
+        args.tie_embeddings = "output.weight" not in state  # Meta's 3.2 1B/3B files have no output.weight
     with torch.device("meta"):
         model = Transformer(args)
     if args.tie_embeddings:

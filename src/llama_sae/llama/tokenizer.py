@@ -479,6 +479,20 @@ def _tokenizer_from_dir(directory: Path) -> LlamaTokenizer:
     )
 
 
+def _check_fits_checkpoint(tok: LlamaTokenizer, directory: Path) -> None:
+    """A checkpoint directory's tokenizer must not make ids past its model's vocabulary (they would fail deep
+    in the embedding lookup of whichever stage runs first)."""
+    if not ((directory / "config.json").is_file() or (directory / "params.json").is_file()):
+        return  # a tokenizer directory alone: nothing to check against
+    from llama_sae.llama.checkpoint import read_args
+
+    vocab = read_args(directory)[1].vocab_size
+    if tok.vocab_size > vocab:
+        raise UserError(f"the tokenizer in {directory} has {tok.vocab_size:,} tokens but the model's vocabulary is "
+                        f"{vocab:,}: the tokenizer belongs to another model; put the model's own tokenizer "
+                        "(tokenizer.json or tokenizer.model) in the checkpoint directory")
+
+
 def load_tokenizer(path: str | Path) -> LlamaTokenizer:
     """Load a tokenizer from a checkpoint directory, a ``tokenizer.json`` or a ``tokenizer.model``.
 
@@ -488,7 +502,9 @@ def load_tokenizer(path: str | Path) -> LlamaTokenizer:
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        return _tokenizer_from_dir(p)
+        tok = _tokenizer_from_dir(p)
+        _check_fits_checkpoint(tok, p)
+        return tok
     if not p.exists():
         raise UserError(
             f"tokenizer path {p} does not exist: pass a Llama 3 checkpoint directory, tokenizer.json "
