@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -227,6 +228,27 @@ def test_hf_hub_dataset_offline_is_a_clear_error():
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match=fix):
         Corpus("openwebtext-sentences").take(1)
+
+
+def test_without_network_hf_sources_go_offline_instead_of_retrying(monkeypatch):
+    """A host that cannot resolve (RFC 2606's .invalid) means no network: datasets is imported in offline mode, so
+    the hub client fails at once (it would retry each request for ~25 s) and a cached dataset still loads."""
+    import subprocess
+
+    from llama_sae.corpus import hub_resolves
+
+    pytest.importorskip("datasets")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "https://hub.invalid"
+    code = ("import os\nfrom llama_sae.corpus import iter_sentences\ntry:\n"
+            "    list(iter_sentences('hf:org/name:train'))\n"
+            "except Exception as e:\n    print(type(e).__name__, os.environ.get('HF_HUB_OFFLINE'), e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("UserError 1 could not reach the Hugging Face hub for org/name (offline?)"), out
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    assert not hub_resolves()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # a proxy resolves names itself: assume reachable
+    assert hub_resolves()
 
 
 def test_missing_datasets_package(monkeypatch, tmp_path):

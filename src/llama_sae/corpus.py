@@ -339,7 +339,32 @@ def _parquet_records(files: list[Path], column: str) -> Iterator[Record]:
                     yield value, ()
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_resolves() -> bool:
+    """Whether the Hugging Face endpoint's host name resolves (``HF_ENDPOINT``, default huggingface.co). A machine
+    without network answers at once; behind a proxy (which resolves names itself) the answer is always yes."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def _import_datasets() -> Any:
+    import sys
+
+    if "datasets" not in sys.modules and not os.environ.get("HF_HUB_OFFLINE") and not hub_resolves():
+        # no network: the hub client would retry each request for ~25 s before failing; in offline mode it reads
+        # the local cache at once (a dataset downloaded before still loads)
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import datasets
     except ImportError as e:
