@@ -279,6 +279,11 @@ def test_recovery_and_unit_estimates_refuse_an_sae_that_does_not_fit(model):
         next(iter_sentence_activations(model, None, sae, ["x"]))
     with pytest.raises(UserError, match="belongs to another model"):
         estimate_units(model, None, sae, n_sentences=2)
-    named = SAE(sae.cfg.model_copy(update={"model_name": "/models/Llama-3.2-3B"}))
-    with pytest.raises(UserError, match=r"another model \(its files name /models/Llama-3.2-3B: pass that with --model"):
+    named = SAE(sae.cfg.model_copy(update={"model_name": "meta-llama/Llama-3.2-3B"}))
+    with pytest.raises(UserError, match=r"another model \(its files name meta-llama/Llama-3.2-3B\)$"):
         estimate_units(model, None, named, n_sentences=2)
+    from llama_sae import tinyworld
+
+    on_disk = SAE(sae.cfg.model_copy(update={"model_name": str(tinyworld.model_path())}))
+    with pytest.raises(UserError, match=r"another model \(its files name .*model: load that checkpoint\)$"):
+        estimate_units(model, None, on_disk, n_sentences=2)

@@ -30,8 +30,9 @@ from llama_sae.errors import (
 def _plain_help_types() -> None:
     """Show option values in help as PATH, INTEGER, TEXT... and nothing after a flag.
 
-    typer 0.16+ prints each parameter's Python annotation instead (``<bool>`` after every flag, ``--help`` included,
-    ``<list[Path]>``, ``<int range>``); older typer prints click's words already. An explicit ``metavar`` wins.
+    typer 0.27+ prints each parameter's Python annotation instead (``<bool>`` after every flag, ``--help`` included,
+    ``<list[Path]>``, ``<int range>``); from 0.29 (the version pyproject requires) that text comes from
+    ``display_type_rich``, which this replaces. An explicit ``metavar`` wins.
     """
     from typing import get_args
 

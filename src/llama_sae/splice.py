@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,9 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     parse_hook_name(hook, model.args.n_layers)
     sae.check_float32()
     if sae.cfg.d_in != model.args.dim:
-        named = f" (its files name {sae.cfg.model_name}: pass that with --model)" if sae.cfg.model_name else ""
+        name = sae.cfg.model_name
+        named = "" if not name else f" (its files name {name}: load that checkpoint)" if Path(name).is_dir() else \
+            f" (its files name {name})"
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
                         f"{model.args.dim} wide: the SAE belongs to another model{named}")
     if sae.W_enc.device != model.device:

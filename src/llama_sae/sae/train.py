@@ -750,6 +750,8 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     extra.setdefault("source", identity)
     if step and world.rank == 0 and progress:
         print(f"resumed from {out / CHECKPOINT}: step {step:,} of {total:,}", flush=True)
+    if world.rank != 0 and hasattr(source, "verify_reads"):
+        source.verify_reads = False  # every rank reads every shard: rank 0 checks their sha256 for all of them
     batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
                                  start_batch=step, dtype=torch.float32))
     if step == 0:
