@@ -32,7 +32,7 @@ def _model(console: Console, device: str = "cpu"):
     from llama_sae.llama.checkpoint import read_args
 
     path = tinyworld.model_path()
-    console.rule("[bold]2. the tiny Llama 3 model (our own implementation, Hugging Face format on disk)")
+    console.rule("[bold]2. the tiny Llama 3 model (ours; Hugging Face format on disk)")
     fmt, args = read_args(path)
     console.print(model_table(args, fmt, str(path)))
     return load_model(path, device=device), load_tokenizer(path)
@@ -65,8 +65,7 @@ def _capture(console: Console, out: Path, device: str = "cpu") -> Path:
     from llama_sae.capture import capture as run_capture
     from llama_sae.capture import capture_config
 
-    console.rule(f"[bold]5. capture {DEMO_HOOK} and {STEER_HOOK} activations of tinyworld sentences into a sharded "
-                 "store")
+    console.rule(f"[bold]5. capture {DEMO_HOOK} and {STEER_HOOK} into a sharded store")
     cfg = capture_config(model=str(tinyworld.model_path()), corpus="tinyworld:60000", hooks=[DEMO_HOOK, STEER_HOOK],
                          tokens=600_000, out=str(out / "store"), context=128, batch_tokens=8192, device=device)
     summary = run_capture(cfg, console=console)
@@ -154,8 +153,8 @@ def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> 
     report = _evaluate(console, model, tokenizer, sae, store)
     _export(console, sae_dir, report, out)
     interpretation = interpret_stage(console, model, tokenizer, sae, recovery, out, sae_path=str(sae_dir))
-    steer_sae, _ = _train(console, store, out, STEER_HOOK, f"[bold]10. steering: a second SAE, at {STEER_HOOK} "
-                          "(reading is best mid-model, writing at the last block)", device)
+    title = f"[bold]10. steering: a second SAE at {STEER_HOOK}, the last block"
+    steer_sae, _ = _train(console, store, out, STEER_HOOK, title, device)
     steering = steer_stage(console, model, tokenizer, sae, sae_dir, Path(interpretation["features"]), out,
                            steer_sae=steer_sae)
     report.pop("frequency")

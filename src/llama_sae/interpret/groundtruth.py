@@ -101,7 +101,7 @@ def stage(console, model, tokenizer, sae, recovery: dict, out, *, sae_path: str 
     from llama_sae.features import build_features, load_features
     from llama_sae.interpret import explain, make_backend, score
 
-    console.rule("[bold]9. interpret: top sentences per latent, offline explanations, detection / fuzzing scores")
+    console.rule("[bold]9. interpret: top sentences, offline explanations, detection / fuzzing")
     t0 = time.perf_counter()
     path = build_features(model, tokenizer, sae, f"tinyworld:{sentences}:heldout", out / "features",
                           sentences=sentences, sae_path=sae_path)
