@@ -476,7 +476,12 @@ def test_an_sae_keeps_its_features_artifact_in_its_directory(tmp_path):
     changed.b_enc.data[0] += 1.0
     changed.save(own)  # other weights, the old artifact beside them
     saes, sources = load_saes(model, [own])
-    assert match_features([], saes, sources) == {}
+    notes = []
+    assert match_features([], saes, sources, notes) == {}
+    assert notes == [f"{own / 'features'} is not used for resid_post.5: it was built from other weights than the "
+                     "SAE's (rebuild it with llama-sae features)"]
+    out = _cli("generate", "The", "--sae", str(own), "--steer", "969:add:4", "-n", "1")
+    assert out.exit_code == 0 and f"note: {own / 'features'} is not used" in " ".join(out.output.split())
     steering = build_steering(model, tok, saes, parse_steers(["969:add:4"]), sources=sources, estimate_sentences=50)
     assert steering.sources["resid_post.5"]["units"].startswith("estimate:")
 

@@ -57,7 +57,10 @@ def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feat
         err_console.print(f"note: no --sae: using the shipped tinyworld SAE {sae_paths[0]}", style="dim",
                           markup=False, highlight=False)
     saes, sources = load_saes(model, sae_paths)
-    features = match_features(feature_paths, saes, sources)
+    notes: list[str] = []
+    features = match_features(feature_paths, saes, sources, notes)
+    for line in notes:
+        err_console.print(f"note: {line}", style="yellow", markup=False, highlight=False)
     steering = None
     if steers:
         missing = [h for h in saes if h not in features]

@@ -480,11 +480,12 @@ def load_saes(model, paths: Sequence[str | Path]) -> tuple[dict[str, object], di
 
 
 def match_features(paths: Sequence[str | Path], saes: dict[str, object],
-                   sources: dict[str, dict] | None = None) -> dict[str, object]:
+                   sources: dict[str, dict] | None = None, notes: list[str] | None = None) -> dict[str, object]:
     """Features artifacts by the hook of the loaded SAE each was built from (UserError if one matches none).
 
     With ``sources`` ({hook: {"path": SAE path}}, from :func:`load_saes`), an SAE that no path matched gets the
-    artifact in its own directory's ``features/`` (as the shipped SAE keeps its own), if built from that SAE."""
+    artifact in its own directory's ``features/`` (as the shipped SAE keeps its own), if built from that SAE;
+    ``notes`` (a list, if given) gets a line for each such artifact passed over, and why."""
     from llama_sae.features import META_FILE, load_features, sae_fingerprint
     from llama_sae.sae.formats import find
 
@@ -506,10 +507,15 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object],
             continue
         try:
             f = load_features(bundled)
-        except UserError:  # unfinished or damaged: the caller estimates units instead
+        except UserError as e:  # unfinished or damaged: the caller estimates units instead
+            if notes is not None:
+                notes.append(f"{bundled} is not used for {hook}: {e}")
             continue
         if f.sae_fingerprint == sae_fingerprint(sae):  # not an artifact of an older version of these weights
             out[hook] = f
+        elif notes is not None:
+            notes.append(f"{bundled} is not used for {hook}: it was built from other weights than the SAE's "
+                         "(rebuild it with llama-sae features)")
     return out
 
 
