@@ -162,6 +162,26 @@ def test_chat_without_compare_leaves_the_unsteered_column_alone(session):
     assert last[2] == [] and [m["role"] for m in last[1]] == ["user", "assistant"]
 
 
+def test_regenerate_after_a_turn_the_unsteered_column_skipped(session):
+    """Turn 1 with compare on, turn 2 with it off: Regenerate leaves the unsteered column as it is (compare off),
+    or adds turn 2 after turn 1, generated with it as context (compare on), as a new message would."""
+    fns, off = _handlers(session), [None, "add", 0.0, "prompt"] * 3
+    *_, one = fns["chat_fn"]("What does the chef cook?", [], [], True, "", 4, 0.0, 0.9, 0, *off)
+    steered, plain = one[-2:]
+    *_, two = fns["chat_fn"]("And the baker?", steered, plain, False, "", 4, 0.0, 0.9, 0, *off)
+    steered, plain = two[-2:]
+    assert [m["content"] for m in plain] == [m["content"] for m in one[-1]]  # turn 2 skipped it
+    *_, kept = fns["regenerate_fn"](steered, plain, False, "", 4, 0.0, 0.9, 0, *off)
+    assert kept[-1] == plain and kept[-2] == steered  # greedy and unsteered: the same reply again
+    *_, both = fns["regenerate_fn"](steered, plain, True, "", 4, 0.0, 0.9, 0, *off)
+    assert [m["content"] for m in both[-1]][:2] == [m["content"] for m in plain]  # turn 1 kept
+    assert [m["role"] for m in both[-1]] == ["user", "assistant"] * 2 and both[-1][2]["content"] == "And the baker?"
+    assert both[-1][3]["content"] == both[-2][3]["content"]  # no steer: the same reply as the steered column's
+    assert all(set(m) == {"role", "content"} for m in both[2])  # the Chatbot shows role and content only
+    *_, again = fns["regenerate_fn"](both[-2], both[-1], True, "", 4, 0.0, 0.9, 0, *off)
+    assert [m["content"] for m in again[-1]] == [m["content"] for m in both[-1]]  # replaced, not appended
+
+
 def test_a_steer_link_the_slot_cannot_hold_goes_to_the_specs_box(session):
     class Request:
         def __init__(self, spec):
@@ -173,6 +193,7 @@ def test_a_steer_link_the_slot_cannot_hold_goes_to_the_specs_box(session):
     for spec in ("11:add:8:last+2", "11:add:100"):  # positions or strength outside the slot's widgets
         box = on_load(Request(spec))[4]
         assert box == f"resid_post.5@{parse_steer(spec).spec}"
+    assert on_load(Request("11:add:8:last 2"))[4] == "resid_post.5@11:add:8:last+2"  # a typed "+", URL-decoded
 
 
 def test_token_view_rows_join_up_to_the_text(session):

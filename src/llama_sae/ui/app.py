@@ -230,23 +230,25 @@ def build_app(session: Session):
         history = [{"role": m["role"], "content": _text(m["content"])} for m in steered] + [
             {"role": "user", "content": message}]
         steered = history + [{"role": "assistant", "content": ""}]
-        plain = [{"role": m["role"], "content": _text(m["content"])} for m in plain]
-        if compare:  # the unsteered column gets this turn only when it is generated
-            plain += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        plain = [{**m, "content": _text(m["content"])} for m in plain]
+        if compare:  # the unsteered column gets this turn only when it is generated; its user message keeps the
+            # turn's number (the state's copy only), so Regenerate finds this turn there, or knows it is not there
+            turn = sum(m["role"] == "user" for m in history) - 1
+            plain += [{"role": "user", "content": message, "turn": turn}, {"role": "assistant", "content": ""}]
         item = ("", [], [])
         for item in stream(history, steering, True, sampling):
             steered[-1]["content"] = item[0]
-            yield "", steered, plain, gr.skip(), gr.skip(), gr.skip(), steered, plain
+            yield "", steered, _shown(plain), gr.skip(), gr.skip(), gr.skip(), steered, plain
         view = session.token_view(item[1], item[2])
         outputs = [steered[-1]["content"]]
         rec = json.dumps(record(steering, session.model_path, history, outputs, sampling, chat=True,
                                 model=session.model), indent=1)
-        yield "", steered, plain, _highlight(view), view, rec, steered, plain
+        yield "", steered, _shown(plain), _highlight(view), view, rec, steered, plain
         if compare:
-            plain_history = plain[:-1]
+            plain_history = [{"role": m["role"], "content": m["content"]} for m in plain[:-1]]
             for text, _, _ in stream(plain_history, None, True, sampling):
                 plain[-1]["content"] = text
-                yield "", steered, plain, gr.skip(), gr.skip(), gr.skip(), steered, plain
+                yield "", steered, _shown(plain), gr.skip(), gr.skip(), gr.skip(), steered, plain
 
     def regenerate_fn(steered, plain, compare, extra, max_new, temperature, top_p, seed, *slots):
         users = [m for m in steered if m["role"] == "user"]
@@ -255,8 +257,10 @@ def build_app(session: Session):
             return
         last = _text(users[-1]["content"])
         cut_s = max(i for i, m in enumerate(steered) if m["role"] == "user")
-        plain_users = [i for i, m in enumerate(plain) if m["role"] == "user"]
-        cut_p = plain_users[-1] if plain_users else len(plain)
+        # the unsteered column holds this turn only if it was generated there (compare on when it was sent); with
+        # compare off it stays as it is (steering does not change it), with compare on this turn is generated anew
+        cut_p = len(plain) if not compare else next(
+            (i for i, m in enumerate(plain) if m["role"] == "user" and m.get("turn") == len(users) - 1), len(plain))
         yield from chat_fn(last, steered[:cut_s], plain[:cut_p], compare, extra, max_new, temperature, top_p, seed,
                            *slots)
 
@@ -297,6 +301,7 @@ def build_app(session: Session):
 
     def on_load(request: gr.Request):
         spec = (request.query_params or {}).get("steer") if request else None
+        spec = spec and spec.replace(" ", "+")  # a typed ?steer=...:last+2 arrives with "+" decoded as a space
         if not spec:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
@@ -393,6 +398,11 @@ def tinyworld_model() -> Path:
     from llama_sae import tinyworld
 
     return tinyworld.model_path()
+
+
+def _shown(messages: list[dict]) -> list[dict]:
+    """What a Chatbot shows of a conversation: role and content (the state's copy keeps more)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _text(content) -> str:
