@@ -176,7 +176,9 @@ def test_pre_6_standard_architecture_with_topk_activation_reads(tmp_path):
 def test_hook_name_translation():
     assert our_hook_name("blocks.7.hook_mlp_out") == ("mlp_out.7", None)
     assert our_hook_name("model.layers.2.self_attn") == ("attn_out.2", None)
-    assert our_hook_name("blocks.1.ln1.hook_normalized")[0] == "attn_in.1"  # with a note on folded norms
+    hook, note = our_hook_name("blocks.1.ln1.hook_normalized")  # x / rms(x) before the weight: not our attn_in
+    assert hook is None and "before its weight; attn_in.1 here includes the weight" in note
+    assert our_hook_name("blocks.4.ln2.hook_normalized")[0] is None
     assert our_hook_name("blocks.1.attn.hook_z")[0] is None
     assert our_hook_name("layers.03") == our_hook_name("resid_post.03") == ("resid_post.3", None)  # sparsify dirs
     assert our_hook_name("blocks.07.hook_mlp_out") == ("mlp_out.7", None)
@@ -420,3 +422,56 @@ def test_sae_written_by_saelens_reads_and_agrees(tmp_path, norm):
     feats = theirs.encode(x)
     torch.testing.assert_close(ours.encode(x), feats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours(x), theirs.decode(feats), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("apply_b_dec", "rescale"), [(False, False), (True, True), (False, True)])
+def test_saelens_sae_without_b_dec_input_or_with_decoder_norm_rescaling_reads_exactly(tmp_path, apply_b_dec, rescale):
+    """apply_b_dec_to_input=false (b_dec folds into b_enc) and rescale_acts_by_decoder_norm=true (SAELens's
+    fold_W_dec_norm, done on reading: rescale is SAELens's TopK training default) load with SAELens's own math."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed: pip install -e '.[dev]'")
+    cfg = sae_lens.TopKSAEConfig(d_in=16, d_sae=64, k=4, normalize_activations="layer_norm",
+                                 apply_b_dec_to_input=apply_b_dec, rescale_acts_by_decoder_norm=rescale)
+    theirs = sae_lens.TopKSAE(cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    theirs.save_model(str(tmp_path / "theirs"))
+    ours = load(tmp_path / "theirs")
+    x = torch.randn(40, 16, generator=g) * 2 + 1
+    feats = theirs.encode(x)
+    torch.testing.assert_close(ours.encode(x), feats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), theirs.decode(feats), rtol=1e-5, atol=1e-5)
+    rows = describe(tmp_path / "theirs")
+    notes = " ".join(value for key, value in rows if key == "note")
+    assert dict(rows)["verdict"].startswith("loads")
+    assert ("apply_b_dec_to_input=false: read with b_enc + W_enc·b_dec" in notes) == (not apply_b_dec)
+    assert ("rescale_acts_by_decoder_norm=true: read with the decoder norms folded" in notes) == rescale
+
+
+def test_foreign_files_that_compute_more_than_topk_are_refused(tmp_path):
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):  # a string is not a boolean
+        bad = tmp_path / key
+        bad.mkdir()
+        (bad / "cfg.json").write_text(json.dumps({**cfg, key: "false"}))
+        (bad / "sae_weights.safetensors").write_bytes((tmp_path / "ours" / "sae_weights.safetensors").read_bytes())
+        with pytest.raises(UserError, match=f"{key} is 'false', not true or false"):
+            load(bad)
+    extra = tmp_path / "threshold"  # a JumpReLU threshold beside TopK weights
+    extra.mkdir()
+    (extra / "cfg.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "ours" / "sae_weights.safetensors")
+    save_file({**tensors, "threshold": torch.zeros(sae.cfg.d_sae)}, extra / "sae_weights.safetensors")
+    with pytest.raises(UserError, match=r"holds tensors a TopK SAE does not have \(threshold\)"):
+        load(extra)
+    assert dict(describe(extra))["verdict"].startswith("does not load: weights: threshold is not part of a TopK SAE")
+    plain, _ = make_sae(norm="none", dtype=torch.float32)
+    both = tmp_path / "both"  # a sparsify directory with a stray SAELens weights file: its cfg.json decides
+    save_sparsify(plain, both)
+    (both / "sae_weights.safetensors").write_bytes((tmp_path / "ours" / "sae_weights.safetensors").read_bytes())
+    assert torch.equal(load(both).W_enc, plain.W_enc)

@@ -67,8 +67,11 @@ Weights = dict[str, torch.Tensor]  # ours: W_enc [n, d], b_enc [n], W_dec [n, d]
 # --------------------------------------------------------------------------- hook names
 _HF_SUFFIX = {"": "resid_post", "input_layernorm": "attn_in", "self_attn": "attn_out",
               "post_attention_layernorm": "mlp_in", "mlp": "mlp_out"}
-_TL_NAMES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "ln1.hook_normalized": "attn_in",
-             "hook_attn_out": "attn_out", "ln2.hook_normalized": "mlp_in", "hook_mlp_out": "mlp_out"}
+_TL_NAMES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
+             "hook_mlp_out": "mlp_out"}
+# TransformerLens's ln1/ln2.hook_normalized is x / rms(x) before the RMSNorm weight multiplies it (with or without
+# fold_ln); our attn_in / mlp_in include the weight, so an SAE there would run on activations of another scale.
+_TL_BEFORE_NORM_WEIGHT = {"ln1.hook_normalized": "attn_in", "ln2.hook_normalized": "mlp_in"}
 
 
 def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
@@ -83,14 +86,14 @@ def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
     if kind in HOOK_KINDS and layer.isdecimal():
         return f"{kind}.{int(layer)}", None  # "resid_post.03" names layer 3
     if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
+        if m[2] in _TL_BEFORE_NORM_WEIGHT:
+            return None, (f"hook point {name!r} (TransformerLens) is the RMSNorm output before its weight; "
+                          f"{_TL_BEFORE_NORM_WEIGHT[m[2]]}.{int(m[1])} here includes the weight, so this SAE has no "
+                          "equivalent hook point (do not pass --hook for it: its inputs would be scaled wrongly)")
         kind = _TL_NAMES.get(m[2])
         if kind is None:
             return None, f"hook point {name!r} (TransformerLens) has no equivalent here"
-        note = None
-        if kind in ("attn_in", "mlp_in"):
-            note = (f"hook point {name!r} read as {kind}.{int(m[1])}: TransformerLens folds the RMSNorm weight into "
-                    "the next layer by default, ours includes it; the scales match only for fold_ln=False")
-        return f"{kind}.{int(m[1])}", note
+        return f"{kind}.{int(m[1])}", None
     if m := re.fullmatch(r"(?:model\.)?layers\.(\d+)(?:\.(\w+))?", name):
         kind = _HF_SUFFIX.get(m[2] or "")
         if kind is None:
@@ -180,7 +183,9 @@ def _find_saelens(path: Path) -> Found:
     file = path / CFG_FILE
     raw = _read_json(file)
     _check_types(file, raw, {"d_in": int, "d_sae": int, "metadata": dict, "activation_fn_kwargs": dict,
-                             "normalize_activations": (str, bool), "hook_name": str, "hook_point": str})
+                             "normalize_activations": (str, bool), "hook_name": str, "hook_point": str,
+                             "apply_b_dec_to_input": bool, "rescale_acts_by_decoder_norm": bool,
+                             "reshape_activations": str})
     _check_types(file, raw.get("metadata") or {}, {"hook_name": str, "hook_point": str, "model_name": str})
     act = raw.get("activation_fn", raw.get("activation_fn_str"))
     arch = raw.get("architecture") or "standard"
@@ -188,15 +193,14 @@ def _find_saelens(path: Path) -> Found:
         arch = "topk"
     if arch != "topk":
         raise UserError(f"{file}: architecture {arch!r} is not supported: only 'topk' SAEs load")
-    if not raw.get("apply_b_dec_to_input", True) or raw.get("rescale_acts_by_decoder_norm", False):
-        raise UserError(f"{file}: apply_b_dec_to_input=false or rescale_acts_by_decoder_norm=true is not "
-                        "supported: fold the decoder norms into the weights first (SAELens fold_W_dec_norm)")
+    fold_b_dec = raw.get("apply_b_dec_to_input") is False  # SAELens encodes W_enc·x + b_enc: b_dec folds into b_enc
+    fold_norms = raw.get("rescale_acts_by_decoder_norm") is True  # SAELens's fold_W_dec_norm, done on reading
     norm = raw.get("normalize_activations", "none")
     norm = {None: "none", False: "none"}.get(norm, norm) if not isinstance(norm, str) else norm
     if norm not in ("none", "layer_norm"):
         raise UserError(f"{file}: normalize_activations {norm!r} is not supported: use 'none' or 'layer_norm'")
     if raw.get("hook_head_index", raw.get("hook_point_head_index")) is not None or \
-            raw.get("reshape_activations", "none") != "none":
+            (raw.get("reshape_activations") or "none") != "none":
         raise UserError(f"{file}: SAEs on single attention heads (hook_z) are not supported: use a residual, "
                         "attention-output or MLP hook")
     meta = {**{k: raw[k] for k in (*METADATA_KEYS, "hook_point") if k in raw}, **(raw.get("metadata") or {})}
@@ -208,6 +212,11 @@ def _find_saelens(path: Path) -> Found:
     if values["k"] is None:
         notes.append('k: missing (cfg.json has no "k"): add "k": N to cfg.json, or convert it with '
                      '`llama-sae sae convert PATH --k N`')
+    if fold_b_dec:
+        notes.append("apply_b_dec_to_input=false: read with b_enc + W_enc·b_dec as b_enc (the same encoder)")
+    if fold_norms:
+        notes.append("rescale_acts_by_decoder_norm=true: read with the decoder norms folded into the encoder "
+                     "(SAELens's fold_W_dec_norm: the same latents and reconstruction)")
 
     def weights() -> Weights:
         w = _safetensors(path / WEIGHTS_FILE)
@@ -215,8 +224,19 @@ def _find_saelens(path: Path) -> Found:
         if scale is not None and not torch.all(scale == 1):
             raise UserError(f"{path}/{WEIGHTS_FILE}: a non-trivial scaling_factor (SAELens fine-tuning) is not "
                             "supported: fold it into W_dec with SAELens first")
+        _refuse_extra_tensors(path / WEIGHTS_FILE, w, {"W_enc", "b_enc", "W_dec", "b_dec"})
         if "W_enc" in w:
             w["W_enc"] = w["W_enc"].T
+        if (fold_b_dec or fold_norms) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(w) and \
+                w["W_enc"].shape[1] == w["b_dec"].shape[0] and w["W_enc"].shape[0] == w["b_enc"].shape[0]:
+            w = {name: t.double() for name, t in w.items()}
+            if fold_b_dec:
+                w["b_enc"] = w["b_enc"] + w["W_enc"] @ w["b_dec"]
+            if fold_norms:
+                norms = w["W_dec"].norm(dim=-1).clamp(min=1e-8)  # [n], as SAELens's get_W_dec_norm
+                w["W_dec"], w["W_enc"], w["b_enc"] = w["W_dec"] / norms[:, None], w["W_enc"] * norms[:, None], \
+                    w["b_enc"] * norms
+            w = {name: t.float() for name, t in w.items()}
         return w
 
     extra = {key: value for key, value in meta.items() if key not in OWN_METADATA}
@@ -227,7 +247,7 @@ def _find_sparsify(path: Path) -> Found:
     file = path / CFG_FILE
     raw = _read_json(file)
     _check_types(file, raw, {"d_in": int, "num_latents": int, "expansion_factor": (int, float), "llama_sae": dict,
-                             "activation": str})
+                             "activation": str, "transcode": bool, "skip_connection": bool, "multi_topk": bool})
     _check_types(file, raw.get("llama_sae") or {}, {"hook_name": str, "model_name": str})
     if raw.get("activation", "topk") != "topk":
         raise UserError(f"{file}: activation {raw['activation']!r} is not supported: only TopK SAEs load")
@@ -258,6 +278,7 @@ def _find_sparsify(path: Path) -> Found:
     def weights() -> Weights:
         w = _safetensors(path / SPARSIFY_WEIGHTS)
         rename = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+        _refuse_extra_tensors(path / SPARSIFY_WEIGHTS, w, set(rename))
         return {ours_: w[theirs] for theirs, ours_ in rename.items() if theirs in w}
 
     extra = {key: value for key, value in ours.items() if key not in OWN_METADATA}
@@ -316,13 +337,26 @@ def find(path: str | os.PathLike) -> Found:
         subdirs = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).exists())
         hint = f" (it has SAEs in {', '.join(subdirs[:5])}: pass one of them)" if subdirs else ""
         raise UserError(f"{path} holds no {CFG_FILE}: pass an SAE directory (SAELens or sparsify layout){hint}")
-    read = _find_saelens if (path / WEIGHTS_FILE).exists() or not (path / SPARSIFY_WEIGHTS).exists() \
-        else _find_sparsify
+    if (path / WEIGHTS_FILE).exists() and (path / SPARSIFY_WEIGHTS).exists():  # both: the config says which
+        raw = _read_json(path / CFG_FILE)
+        read = _find_saelens if "d_sae" in raw or "architecture" in raw else _find_sparsify
+    else:
+        read = _find_saelens if (path / WEIGHTS_FILE).exists() or not (path / SPARSIFY_WEIGHTS).exists() \
+            else _find_sparsify
     try:
         return read(path)
     except (TypeError, AttributeError, ValueError, KeyError) as e:  # a hand-edited field of another type
         raise UserError(f"{path / CFG_FILE}: a field has a type its format does not allow ({first_line(e)}): "
                         "the config is damaged; compare it with one `llama-sae sae convert` writes") from e
+
+
+def _refuse_extra_tensors(file: Path, tensors: Weights, known: set[str]) -> None:
+    """A tensor the format's TopK SAE does not have (a JumpReLU threshold, a skip connection) means math this
+    loader would leave out: refuse it rather than run a different SAE."""
+    extra = sorted(set(tensors) - known)
+    if extra:
+        raise UserError(f"{file}: holds tensors a TopK SAE does not have ({', '.join(extra)}): it computes something "
+                        "this loader would leave out; only plain TopK SAEs load")
 
 
 JSON_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
@@ -481,6 +515,10 @@ def _weights_rows(found: Found) -> list[tuple[str, str]]:
             got = list(shapes[name]) if name in shapes else "missing"
             rows.append(("note", f"weights: {name} should be {list(shape)} by {CFG_FILE}, found {got}: the weights "
                                  f"and {CFG_FILE} do not belong together"))
+    extra = sorted(set(shapes) - set(want) - {"scaling_factor"})
+    if extra:
+        rows.append(("note", f"weights: {', '.join(extra)} is not part of a TopK SAE: it computes something this "
+                             "loader would leave out"))
     return rows
 
 
