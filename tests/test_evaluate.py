@@ -10,7 +10,6 @@ from test_splice import _sae
 
 from llama_sae.llama import load_model
 from llama_sae.sae.evaluate import activation_metrics, model_metrics
-from llama_sae.splice import spliced
 
 
 def test_activation_metrics_match_float64(hf_checkpoints):
@@ -32,39 +31,50 @@ def test_activation_metrics_match_float64(hf_checkpoints):
 
 @pytest.mark.parametrize("hook", ["resid_post.1", "resid_post.2", "attn_in.0"])  # a block later, the last, inner
 def test_model_metrics_ce_and_kl(hf_checkpoints, hook):
+    """Against whole forwards (no shared prefix) and float64 softmax math: the SAE and both ablations replace the
+    real tokens after BOS; CE and KL average over the positions that predict a real token."""
     model = load_model(hf_checkpoints["gqa-tied-f32"][1])
     sae = _sae(model, hook)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (2, 12), generator=g)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=g)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[1, 8:] = False  # right padding
-    report = model_metrics(model, sae, [(tokens, mask)])
+    mask[2, 5:] = False
+    report = model_metrics(model, sae, [(tokens[:2], mask[:2]), (tokens[2:], mask[2:])])
+    replaced = mask.clone()
+    replaced[:, 0] = False  # BOS keeps its activation
+    counted = mask[:, 1:]  # predictions of real tokens
 
     def mean_ce(logits):
         ce = F.cross_entropy(logits.double()[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        return ((ce.view(2, -1) * mask[:, 1:]).sum() / mask[:, 1:].sum()).item()
+        return ((ce.view(3, -1) * counted).sum() / counted.sum()).item()
+
+    def replacing(new):  # the hook's activation replaced at the replaced tokens only
+        return lambda x: torch.where(replaced[..., None], new(x), x)
 
     assert abs(report["ce_clean"] - mean_ce(model(tokens))) < 1e-5
-    with model.hooked({hook: torch.zeros_like}):
+    with model.hooked({hook: replacing(torch.zeros_like)}):
         assert abs(report["ce_zero_ablated"] - mean_ce(model(tokens))) < 1e-5
     assert report["kl"] > 0 and report["ce_spliced"] != report["ce_clean"]
-    with spliced(model, sae, error_term=False):  # the whole spliced forward, no shared prefix
+    with model.hooked({hook: replacing(lambda x: sae(x).to(x.dtype))}):  # the whole forward, no shared prefix
         recon = model(tokens)
     assert abs(report["ce_spliced"] - mean_ce(recon)) < 1e-5
     logp, logq = F.log_softmax(model(tokens).double(), -1), F.log_softmax(recon.double(), -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, T] float64
-    assert abs(report["kl"] - (kl * mask).sum().item() / mask.sum().item()) < 1e-6
+    kl = (logp.exp() * (logp - logq)).sum(-1)[:, :-1]  # [B, T-1] float64: the predictions CE scores
+    assert abs(report["kl"] - (kl * counted).sum().item() / counted.sum().item()) < 1e-6
+    assert report["kl_by_position"][0] < 1e-9  # position 0 (BOS) is untouched and attends to itself alone
     rec = (report["ce_zero_ablated"] - report["ce_spliced"]) / (report["ce_zero_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered"] - rec) < 1e-12
-    # mean ablation: the hook set to the mean of its real tokens after BOS (float64 here), at every position
-    keep = mask.clone()
-    keep[:, 0] = False
-    mu = model.capture(tokens, [hook])[hook][keep].double().mean(0).float()
-    with model.hooked({hook: lambda x: mu.expand_as(x)}):
+    # mean ablation: the mean over all texts' real tokens after BOS (float64 here), one value for both batches
+    mu = model.capture(tokens, [hook])[hook][replaced].double().mean(0).float()
+    with model.hooked({hook: replacing(lambda x: mu.expand_as(x))}):
         assert abs(report["ce_mean_ablated"] - mean_ce(model(tokens))) < 1e-5
     vs_mean = (report["ce_mean_ablated"] - report["ce_spliced"]) / (report["ce_mean_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered_vs_mean"] - vs_mean) < 1e-12
-    assert report["predicted_tokens"] == 11 + 7 and len(report["kl_by_position"]) == 12
+    assert report["predicted_tokens"] == 11 + 7 + 4 and len(report["kl_by_position"]) == 11
+    one_batch = model_metrics(model, sae, [(tokens, mask)])  # the batching changes nothing but float rounding
+    for key in ("ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "kl"):
+        assert abs(one_batch[key] - report[key]) < 1e-5, key
 
 
 def test_model_metrics_in_logit_chunks_equal_one_chunk(hf_checkpoints, monkeypatch):

@@ -7,7 +7,8 @@ Activation metrics (held-out rows of a store, or any batches [N, d_in]):
 Model metrics (token batches through the Llama with the SAE spliced in at its hook point):
     CE clean, CE spliced (the model runs on x̂, no error term), CE zero-ablated (the hook point set to 0),
     CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), the same against mean ablation (the hook
-    point set to the batch's mean activation), and KL(clean ‖ spliced) per position.
+    point set to its mean activation over all the texts), and KL(clean ‖ spliced) per position. The SAE and the
+    ablations replace the real tokens after BOS (the tokens an SAE is trained on; BOS keeps its activation).
     The four forwards share the blocks before the hook's: those run once per batch.
 """
 
@@ -98,11 +99,15 @@ def position_metrics(clean: Tensor, recon: Tensor, *others: Tensor, tokens: Tens
 @torch.no_grad()
 def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]],
                   compute_dtype: torch.dtype | None = None) -> dict:
-    """CE clean / spliced / zero-ablated, CE recovered and KL, over batches of (tokens [B, T], mask [B, T]).
+    """CE clean / spliced / zero- and mean-ablated, CE recovered and KL, over batches of (tokens [B, T], mask [B, T]).
 
-    ``mask`` marks real tokens (right padding is False); a position's loss counts when its target is real.
-    Batches move to the model's device; the SAE must be on it. Returns totals plus ``kl_by_position`` (mean KL
-    at each position, for a per-position plot).
+    ``mask`` marks real tokens (right padding is False). The SAE replaces the hook's activations at the real tokens
+    after BOS, the tokens it was trained on (a store never holds BOS, whose residual norm is many times the others';
+    SAELens's evaluation leaves special tokens alone too); the ablations replace the same tokens, with zeros or with
+    the mean of those tokens' activations over all the texts (one mean, whatever the batching). A position counts
+    when it predicts a real token: CE and KL(clean ‖ spliced) are means over the same positions. Batches move to the
+    model's device; the SAE must be on it. Returns totals plus ``kl_by_position`` (at index t, the mean KL of the
+    prediction made at position t, of token t + 1, for a per-position plot).
     ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`).
     """
     from llama_sae.llama.model import parse_hook_name
@@ -113,34 +118,38 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     point = hook
     if kind == "resid_post" and layer + 1 < model.args.n_layers:
         layer, point = layer + 1, f"resid_pre.{layer + 1}"  # the same tensor, one block later
+    batches = list(token_batches)
+    mean = dataset_mean(model, hook, batches)  # [d]
     splice = splice_fn(sae, error_term=False, compute_dtype=compute_dtype)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
     kl_pos = torch.zeros(0, dtype=torch.float64)
     count_pos = torch.zeros(0, dtype=torch.float64)
     n = 0.0
-    for tokens, mask in token_batches:
-        tokens, mask = tokens.to(model.device), mask.to(model.device, torch.float32)
-        # The three forwards differ only from block `layer` on: the blocks before it run once.
+    for tokens, mask in batches:
+        tokens, mask = tokens.to(model.device), mask.to(model.device)
+        replaced = after_bos(mask)[..., None]  # [B, T, 1] the tokens the SAE and the ablations replace
+        targets = mask[:, 1:].float()  # [B, T-1] the positions whose prediction (of a real token) counts
+        # The four forwards differ only from block `layer` on: the blocks before it run once.
         resume = (layer, model.residual_before(tokens, layer))
         clean = model(tokens, resume=resume)  # [B, T, V]
-        with model.hooked({point: splice}):
+        with model.hooked({point: lambda x, r=replaced: torch.where(r, splice(x), x)}):
             recon = model(tokens, resume=resume)
-        with model.hooked({point: torch.zeros_like}):
+        with model.hooked({point: lambda x, r=replaced: torch.where(r, x.new_zeros(()), x)}):
             zero = model(tokens, resume=resume)
-        with model.hooked({point: lambda x, m=mask: batch_mean(x, m)}):
-            mean = model(tokens, resume=resume)
-        nll, kl = position_metrics(clean, recon, zero, mean, tokens=tokens)
-        for name, row in zip(("clean", "spliced", "zero", "mean"), nll * mask[:, 1:]):
+        with model.hooked({point: lambda x, r=replaced: torch.where(r, mean.to(x.dtype), x)}):
+            ablated = model(tokens, resume=resume)
+        nll, kl = position_metrics(clean, recon, zero, ablated, tokens=tokens)
+        for name, row in zip(("clean", "spliced", "zero", "mean"), nll * targets):
             sums[name] += float(row.sum())
-        kl = kl * mask  # [B, T]
+        kl = kl[:, :-1] * targets  # [B, T-1]
         sums["kl"] += float(kl.sum())
-        n += float(mask[:, 1:].sum())
-        T = tokens.shape[1]
+        n += float(targets.sum())
+        T = kl.shape[1]
         if kl_pos.numel() < T:
             kl_pos = F.pad(kl_pos, (0, T - kl_pos.numel()))
             count_pos = F.pad(count_pos, (0, T - count_pos.numel()))
         kl_pos[:T] += kl.sum(0).double().cpu()  # the per-position sums stay on the CPU, whatever the model's device
-        count_pos[:T] += mask.sum(0).double().cpu()
+        count_pos[:T] += targets.sum(0).double().cpu()
     if n == 0:
         raise UserError("no token to predict in the evaluation texts (each needs a token after BOS): pass "
                         "longer or more texts")
@@ -149,8 +158,27 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     vs_mean = (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"])
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablated": ce["zero"],
             "ce_recovered": recovered, "ce_mean_ablated": ce["mean"], "ce_recovered_vs_mean": vs_mean,
-            "kl": sums["kl"] / float(count_pos.sum()), "predicted_tokens": int(n),
+            "kl": sums["kl"] / n, "predicted_tokens": int(n),
             "kl_by_position": (kl_pos / count_pos.clamp_min(1)).tolist()}
+
+
+def after_bos(mask: Tensor) -> Tensor:
+    """The real tokens after BOS, [B, T] bool, of a mask [B, T] of real tokens (each row starts with BOS)."""
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    return keep
+
+
+def dataset_mean(model, hook: str, token_batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The mean activation at ``hook`` over the real tokens after BOS of all the batches, [d] float32 (summed in
+    float64): the mean-ablation value, the same for every batch."""
+    total, count = None, 0
+    for rows in hook_activations(model, hook, token_batches):
+        part = rows.double().sum(0)
+        total, count = part if total is None else total + part, count + rows.shape[0]
+    if not count:
+        raise UserError("no token after BOS in the evaluation texts: pass longer or more texts")
+    return (total / count).float()
 
 
 def hook_activations(model, hook: str, token_batches: Iterable[tuple[Tensor, Tensor]]) -> Iterable[Tensor]:
@@ -158,19 +186,7 @@ def hook_activations(model, hook: str, token_batches: Iterable[tuple[Tensor, Ten
     of its real tokens after BOS, [N, d] — the tokens an activation store holds (capture never stores BOS,
     whose residual norm is several times the others' and would dominate FVU)."""
     for tokens, mask in token_batches:
-        keep = mask.to(model.device).clone()
-        keep[:, 0] = False  # BOS
-        yield model.capture(tokens.to(model.device), [hook])[hook][keep].float()
-
-
-def batch_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean ablation: every position of x [B, T, d] set to the mean of x over the batch's real tokens after BOS
-    (mask [B, T] marks real tokens): a second baseline beside zero ablation (a zeroed residual stream predicts
-    nearly uniformly; the mean keeps the stream's typical direction and scale, which can predict worse)."""
-    keep = mask.bool().clone()
-    keep[:, 0] = False
-    rows = x[keep] if keep.any() else x.reshape(-1, x.shape[-1])
-    return rows.float().mean(0).to(x.dtype).expand_as(x).clone()
+        yield model.capture(tokens.to(model.device), [hook])[hook][after_bos(mask.to(model.device))].float()
 
 
 def token_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 16, max_tokens: int = 128
