@@ -19,7 +19,9 @@ How it is built (``build_features``):
    per-token activations each example needs for highlighting.
 
 The random draws (reservoir, pool) come from a hash of (sentence index, latent, seed), so the artifact
-does not depend on the batch size or on where a build was interrupted.
+does not depend on the batch size or on where a build was interrupted, with a float32 model. A bf16 model's
+activations move by bf16 rounding with the batch a sentence is padded into (the GEMMs' blocking follows the
+batch's shape), so there only a resume at the same batch size is identical.
 
 On disk (one directory, every file written atomically): ``features.json`` (meta: SAE fingerprint, corpus
 source, ``text_sha256`` chained over the sentences read, counts, settings) and ``features.safetensors``
