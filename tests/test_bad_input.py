@@ -175,6 +175,16 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_
     full = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
                           env={**env, "LLAMA_SAE_TRACEBACK": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "something nobody checked" in full.stderr
+    (tmp_path / "sitecustomize.py").write_text(  # under torchrun, a rank whose peer exited: no "please report it"
+        "import llama_sae.llama.checkpoint as c\n"
+        "def gone(*a, **k):\n    raise RuntimeError('[../gloo/transport/tcp/pair.cc:534] Connection closed by peer')\n"
+        "c.read_args = gone\n")
+    peer = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
+                          env={**env, "WORLD_SIZE": "2", "RANK": "1"})
+    assert peer.returncode == 1 and peer.stderr.strip().splitlines() == [
+        "error: rank 1 stopped: another rank of this torchrun run stopped first (its error is above)"]
+    alone = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120, env=env)
+    assert "please report it" in alone.stderr  # outside torchrun the same error is the unforeseen kind
     (tmp_path / "sitecustomize.py").write_text(  # Ctrl-C: typer exits 130 without a word; main says what it means
         "import llama_sae.llama.checkpoint as c\n"
         "def interrupted(*a, **k):\n    raise KeyboardInterrupt\n"

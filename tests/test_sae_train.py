@@ -349,12 +349,13 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(t
 
     cfg = small_cfg(d_sae=256, k=4, tokens=512 * 10, checkpoint_every=100, log_every=4)
     train_sae(TensorSource(x), cfg, tmp_path / "whole", progress=False)
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN in a background job
     if at < 10:
         with pytest.raises(Interrupted, match=f"interrupted at step {at} of 10: checkpoint written to .*; the same "
                                               "command resumes from it"):
             train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)
         assert (tmp_path / "stopped" / CHECKPOINT).exists() and not (tmp_path / "stopped" / "cfg.json").exists()
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+        assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     train_sae(InterruptAt(x), cfg, tmp_path / "stopped", progress=False)  # resumes at `at`: no new interrupt
     assert (tmp_path / "whole" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "stopped" / "sae_weights.safetensors").read_bytes()
@@ -376,3 +377,20 @@ def test_cli_train_says_what_an_interrupt_kept(monkeypatch):
     monkeypatch.setattr(T, "train", interrupted)
     result = CliRunner().invoke(app, ["train", "--store", "s", "--out", "o", "--d-sae", "64", "--k", "4"])
     assert result.exit_code == 130 and "interrupted at step 7 of 9: checkpoint written" in result.output
+
+
+def test_resume_refuses_a_store_with_another_split_or_shard_layout(tmp_path):
+    """Two captures of the same corpus by the same model, with the same row count, but another validation split or
+    other shards: other batches, so a checkpoint of one does not resume on the other."""
+    from test_store import make_store
+
+    from llama_sae.sae.train import train
+
+    stores = {name: make_store(tmp_path / name, sentences=400, d=8, val_percent=vp, shard_rows=rows)
+              for name, vp, rows in (("a", 10, 97), ("split", 20, 97), ("shards", 10, 50))}
+    cfg = small_cfg(d_sae=32, k=4, batch_size=128, tokens=128 * 6)
+    train(stores["a"], tmp_path / "run", cfg, progress=False)
+    for name in ("split", "shards"):
+        with pytest.raises(UserError, match=r"trained on other activations \(shards [0-9a-f]+… \(now [0-9a-f]+…\)\)"):
+            train(stores[name], tmp_path / "run", cfg, progress=False)
+    train(stores["a"], tmp_path / "run", cfg, progress=False)  # its own store: the finished run re-exports

@@ -645,6 +645,14 @@ def _register_stages() -> None:
 _register_stages()
 
 
+def _peer_gone(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank exited (gloo: "Connection closed by peer",
+    nccl: a DistBackendError)."""
+    text = f"{type(e).__name__}: {e}"
+    signs = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo")
+    return any(sign in text for sign in signs)
+
+
 def main() -> None:
     """Console-script entry point: user errors (and errors about paths) become one line on stderr, exit status 2."""
     try:  # recent typer vendors click (its errors are typer._click's classes, not click's)
@@ -674,6 +682,11 @@ def main() -> None:
     except Exception as e:  # an input no check foresaw, or a bug: one line, the traceback on request
         if os.environ.get("LLAMA_SAE_TRACEBACK"):
             raise
+        rank = os.environ.get("RANK", "0")
+        if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" and _peer_gone(e):
+            err_console.print(f"error: rank {rank} stopped: another rank of this torchrun run stopped first (its "
+                              "error is above)", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(1)
         err_console.print(f"error: {type(e).__name__}: {first_line(e, 240)} (an input llama-sae does not check, or "
                           "a bug; LLAMA_SAE_TRACEBACK=1 shows where: please report it)", style="bold red",
                           markup=False, highlight=False, soft_wrap=True)

@@ -20,6 +20,7 @@ Not done here: evaluation on the validation split (sae/evaluate.py), learning-ra
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -207,13 +208,21 @@ class TensorSource:
 
 def source_identity(source: Any, hook: str | None) -> dict[str, Any]:
     """What a checkpoint records about its training data, so that a resume on other data is refused: the store's
-    model and corpus fingerprints, the hook and the row count (None where the source does not say)."""
+    model and corpus fingerprints, the hook, the row count, and a digest of its shards (names, checksums) and split
+    (None where the source does not say). Two captures of one corpus with another split or another shard layout
+    (world size, shard rows) differ in the last: their batches differ."""
     manifest = getattr(source, "manifest", None) or {}
     model, corpus = manifest.get("model"), manifest.get("corpus")
     rows = len(source) if hasattr(source, "__len__") else None
+    shards = manifest.get("shards")
+    layout = None
+    if isinstance(shards, list):
+        what = {"split": manifest.get("split"), "shards": [[e.get("name"), e.get("sha256")] for e in shards
+                                                           if isinstance(e, dict)]}
+        layout = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return {"model": model.get("fingerprint") if isinstance(model, dict) else model,
             "corpus": corpus.get("fingerprint") if isinstance(corpus, dict) else None,
-            "hook": source_metadata(source, hook)["hook_name"], "rows": rows}
+            "hook": source_metadata(source, hook)["hook_name"], "rows": rows, "shards": layout}
 
 
 def source_metadata(source: Any, hook: str | None) -> dict[str, Any]:
@@ -651,9 +660,10 @@ def prepare_out(out: Path, runs: list[Run], cfg: TrainConfig, d_in: int, world: 
     if ckpt.exists():
         step, extra = load_checkpoint(ckpt, runs, cfg, d_in)
         was = extra.get("source")
-        if source is not None and was is not None and was != source:
-            what = ", ".join(f"{k} {short_hash(was.get(k))} (now {short_hash(source.get(k))})" for k in source
-                             if was.get(k) != source.get(k))
+        changed = [] if source is None or was is None else \
+            [k for k in source if k in was and was[k] != source[k]]  # (a checkpoint of an older version lacks keys)
+        if changed:
+            what = ", ".join(f"{k} {short_hash(was.get(k))} (now {short_hash(source.get(k))})" for k in changed)
             raise UserError(f"checkpoint {ckpt} was trained on other activations ({what}): resume it with the "
                             "store it started on, or train into a new --out")
         return step, extra
