@@ -185,6 +185,10 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_
         "error: rank 1 stopped: another rank of this torchrun run stopped first (its error is above)"]
     alone = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120, env=env)
     assert "please report it" in alone.stderr  # outside torchrun the same error is the unforeseen kind
+    from llama_sae.cli import _peer_gone
+
+    assert not _peer_gone(RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms"))
+    assert not _peer_gone(ConnectionResetError(104, "Connection reset by peer"))  # a network read, not a rank
     (tmp_path / "sitecustomize.py").write_text(  # Ctrl-C: typer exits 130 without a word; main says what it means
         "import llama_sae.llama.checkpoint as c\n"
         "def interrupted(*a, **k):\n    raise KeyboardInterrupt\n"

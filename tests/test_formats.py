@@ -475,3 +475,28 @@ def test_foreign_files_that_compute_more_than_topk_are_refused(tmp_path):
     save_sparsify(plain, both)
     (both / "sae_weights.safetensors").write_bytes((tmp_path / "ours" / "sae_weights.safetensors").read_bytes())
     assert torch.equal(load(both).W_enc, plain.W_enc)
+
+
+def test_an_sae_on_a_hook_with_no_equivalent_and_a_damaged_fold(tmp_path):
+    """An SAE on TransformerLens's ln1.hook_normalized: `sae info` says it runs in no model here (exit 1), not
+    "pass --hook". A decoder of the wrong shape in a file that needs the decoder-norm fold: the shape error."""
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    weights = (tmp_path / "ours" / "sae_weights.safetensors").read_bytes()
+    ln = tmp_path / "ln"
+    ln.mkdir()
+    (ln / "cfg.json").write_text(json.dumps({**cfg, "metadata": {**cfg["metadata"],
+                                                                   "hook_name": "blocks.1.ln1.hook_normalized"}}))
+    (ln / "sae_weights.safetensors").write_bytes(weights)
+    assert dict(describe(ln))["verdict"].startswith("does not run here: hook point 'blocks.1.ln1.hook_normalized'")
+    assert runner.invoke(app, ["sae", "info", str(ln)]).exit_code == 1
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "ours" / "sae_weights.safetensors")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    save_file({**tensors, "W_dec": tensors["W_dec"][:-1]}, bad / "sae_weights.safetensors")
+    with pytest.raises(UserError, match=r"W_dec should be \(96, 24\) by its config, found \(95, 24\)"):
+        load(bad)

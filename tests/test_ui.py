@@ -194,6 +194,7 @@ def test_a_steer_link_the_slot_cannot_hold_goes_to_the_specs_box(session):
         box = on_load(Request(spec))[4]
         assert box == f"resid_post.5@{parse_steer(spec).spec}"
     assert on_load(Request("11:add:8:last 2"))[4] == "resid_post.5@11:add:8:last+2"  # a typed "+", URL-decoded
+    assert on_load(Request(" 11:add:8:prompt "))[:4] == ("11", "add", 8.0, "prompt")  # spaces around it: trimmed
 
 
 def test_token_view_rows_join_up_to_the_text(session):

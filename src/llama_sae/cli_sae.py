@@ -31,7 +31,7 @@ def info(path: PathArg) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-    if dict(rows)["verdict"].startswith("does not load"):
+    if dict(rows)["verdict"].startswith(("does not load", "does not run here")):
         raise typer.Exit(1)
 
 

@@ -9,7 +9,8 @@ Model metrics (token batches through the Llama with the SAE spliced in at its ho
     CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), the same against mean ablation (the hook
     point set to its mean activation over all the texts), and KL(clean ‖ spliced) per position. The SAE and the
     ablations replace the real tokens after BOS (the tokens an SAE is trained on; BOS keeps its activation).
-    The four forwards share the blocks before the hook's: those run once per batch.
+    The four forwards share the blocks before the hook's: those run once per batch, plus once in the first pass that
+    takes the ablation mean.
 """
 
 from __future__ import annotations

@@ -227,8 +227,10 @@ def _find_saelens(path: Path) -> Found:
         _refuse_extra_tensors(path / WEIGHTS_FILE, w, {"W_enc", "b_enc", "W_dec", "b_dec"})
         if "W_enc" in w:
             w["W_enc"] = w["W_enc"].T
-        if (fold_b_dec or fold_norms) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(w) and \
-                w["W_enc"].shape[1] == w["b_dec"].shape[0] and w["W_enc"].shape[0] == w["b_enc"].shape[0]:
+        shapes_fit = {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(w) and w["W_enc"].dim() == 2 and \
+            w["W_dec"].shape == w["W_enc"].shape and w["b_enc"].shape == w["W_enc"].shape[:1] and \
+            w["b_dec"].shape == w["W_enc"].shape[1:]  # else load's shape check names what is wrong
+        if (fold_b_dec or fold_norms) and shapes_fit:
             w = {name: t.double() for name, t in w.items()}
             if fold_b_dec:
                 w["b_enc"] = w["b_enc"] + w["W_enc"] @ w["b_dec"]
@@ -488,6 +490,9 @@ def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
     bad = [value for key, value in weights if key == "note" or value.startswith("unreadable")]
     if bad:
         return f"does not load: {bad[0]}"
+    unfit = next((note for note in found.notes if "do not pass --hook" in note), None)
+    if unfit is not None:
+        return f"does not run here: {unfit}"
     needs = [what for what, missing in (("--k K (the file has no k)", missing_k),
                                         ("--hook KIND.LAYER to run it in a model (the file names no hook point of "
                                          "ours)", found.values.get("hook_name") is None)) if missing]

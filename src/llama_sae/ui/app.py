@@ -301,7 +301,7 @@ def build_app(session: Session):
 
     def on_load(request: gr.Request):
         spec = (request.query_params or {}).get("steer") if request else None
-        spec = spec and spec.replace(" ", "+")  # a typed ?steer=...:last+2 arrives with "+" decoded as a space
+        spec = spec and spec.strip().replace(" ", "+")  # a typed ?steer=...:last+2 arrives with "+" as a space
         if not spec:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
