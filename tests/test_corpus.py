@@ -218,6 +218,10 @@ def test_hf_load_dataset_streams_a_local_folder(tmp_path):
         texts(f"hf:{folder}:cfg:train")
     with pytest.raises(UserError, match=r"no hub dataset or local data folder .*check the name or path"):
         texts(f"hf:{tmp_path / 'missing'}::train")
+    (tmp_path / "bad").mkdir()  # a data file the loader cannot parse: named as such, not as a split/config problem
+    (tmp_path / "bad" / "train.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(UserError, match=r"a data file could not be parsed \(JSON parse error.*fix or remove that file"):
+        texts(f"hf:{tmp_path / 'bad'}::train")
 
 
 def test_hf_hub_dataset_offline_is_a_clear_error():
@@ -489,3 +493,46 @@ def test_empty_corpus(tmp_path):
     one_line_error(f"txt:{tmp_path / 'empty.txt'}", "gave no sentences")
     write_jsonl(tmp_path / "short.jsonl", [{"text": "Hi."}])
     one_line_error(f"jsonl:{tmp_path / 'short.jsonl'}", r"gave no sentences \(min_chars=10\)", min_chars=10)
+
+
+def test_text_files_in_other_encodings_damaged_gzip_and_binary(tmp_path):
+    """UTF-16 and UTF-8 with a byte-order mark are read as text (the mark dropped); a binary file, or a truncated
+    or fake .gz file, is a one-line error instead of mojibake sentences or an "aborted"."""
+    import gzip
+
+    (tmp_path / "utf16.txt").write_text("Hello there.\n\nSecond one.\n", encoding="utf-16")
+    (tmp_path / "bom.txt").write_bytes("\ufeffFirst with a mark.\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "A record."}\n'.encode())
+    assert texts(f"txt:{tmp_path / 'utf16.txt'}", split_sentences=False) == ["Hello there.", "Second one."]
+    assert texts(f"txt:{tmp_path / 'bom.txt'}") == ["First with a mark."]
+    assert texts(f"jsonl:{tmp_path / 'bom.jsonl'}") == ["A record."]
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(UserError, match="bin.txt holds NUL bytes: it is not a text file"):
+        texts(f"txt:{tmp_path / 'bin.txt'}")
+    whole = gzip.compress(("A sentence here.\n\n" * 20000).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "fake.txt.gz").write_text("not gzip at all\n")
+    for name in ("cut.txt.gz", "fake.txt.gz"):
+        with pytest.raises(UserError, match=f"{name} is a truncated or corrupt gzip file"):
+            texts(f"txt:{tmp_path / name}", split_sentences=False)
+
+
+def test_folder_scans_skip_hidden_folders_and_match_extensions_in_any_case(tmp_path):
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "c.txt").write_text("Hidden text.\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "B.TXT").write_text("Upper case name.\n")
+    (tmp_path / "a.txt").write_text("Plain one.\n")
+    assert texts(f"txt:{tmp_path}") == ["Plain one.", "Upper case name."]
+
+
+def test_parquet_text_stored_as_dictionary_or_view(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": pa.array(["One.", "Two.", "One."]).dictionary_encode()})  # a pandas category column
+    pq.write_table(table, tmp_path / "dict.parquet")
+    assert texts(f"parquet:{tmp_path / 'dict.parquet'}") == ["One.", "Two.", "One."]
+    if hasattr(pa, "string_view"):
+        pq.write_table(pa.table({"text": pa.array(["Three."], type=pa.string_view())}), tmp_path / "view.parquet")
+        assert texts(f"parquet:{tmp_path / 'view.parquet'}") == ["Three."]

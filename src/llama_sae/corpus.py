@@ -260,7 +260,8 @@ def _files(spec: SourceSpec) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.name.endswith(exts) and not p.name.startswith(".")),
+            (p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(exts)
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)),  # hidden files and folders
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
@@ -269,42 +270,75 @@ def _files(spec: SourceSpec) -> list[Path]:
     raise UserError(f"no such file or folder: {spec.path} (source '{spec}'): check the path")
 
 
+_SNIFF_BYTES = 8192
+
+
 def _open_text(path: Path) -> IO[str]:
-    # Web text often has stray bad bytes; replace them rather than stop a long run on one byte.
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+    """A text file (``.gz``: decompressed) as UTF-8, or UTF-16 / UTF-8 with a byte-order mark (the mark dropped).
+    Web text often has stray bad bytes: they are replaced rather than stop a long run on one byte. A file whose
+    first 8 KiB hold a NUL byte is not text (a binary file, or UTF-16 without a mark): a UserError."""
+    def raw() -> IO[bytes]:
+        return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+    with raw() as fh:
+        head = _gzip_errors(path, lambda: fh.read(_SNIFF_BYTES))
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    if encoding != "utf-16" and b"\0" in head:
+        raise UserError(f"{path} holds NUL bytes: it is not a text file (binary, or UTF-16 without a byte-order "
+                        "mark): convert it to UTF-8 text")
+    import io
+
+    return io.TextIOWrapper(raw(), encoding=encoding, errors="replace")
+
+
+def _gzip_errors(path: Path, read):
+    """``read()``, with a damaged gzip stream turned into a one-line UserError."""
+    import zlib
+
+    try:
+        return read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"{path} is a truncated or corrupt gzip file ({type(e).__name__}): copy or compress it "
+                        "again") from None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a text file (see :func:`_open_text`), a damaged gzip stream a UserError wherever it breaks."""
+    with _open_text(path) as fh:
+        while True:
+            line = _gzip_errors(path, fh.readline)
+            if not line:
+                return
+            yield line
 
 
 def _txt_records(files: list[Path]) -> Iterator[Record]:
     for path in files:
-        with _open_text(path) as fh:
-            lines: list[str] = []
-            for line in chain(fh, [""]):
-                if line.strip():
-                    lines.append(line.strip())
-                elif lines:
-                    yield " ".join(lines), ()
-                    lines = []
+        lines: list[str] = []
+        for line in chain(_lines(path), [""]):
+            if line.strip():
+                lines.append(line.strip())
+            elif lines:
+                yield " ".join(lines), ()
+                lines = []
 
 
 def _jsonl_records(files: list[Path], field: str) -> Iterator[Record]:
     for path in files:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove the line") from e
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{lineno} is not a JSON object: write one object per line")
-                if field not in obj:
-                    have = ", ".join(map(str, obj)) or "none"
-                    fix = "name one as jsonl:PATH:FIELD"
-                    raise UserError(f"{path}:{lineno} has no field {field!r} (fields: {have}): {fix}")
-                yield from _text_value(obj[field], f"{path}:{lineno} field {field!r}")
+        for lineno, line in enumerate(_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove the line") from e
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno} is not a JSON object: write one object per line")
+            if field not in obj:
+                have = ", ".join(map(str, obj)) or "none"
+                fix = "name one as jsonl:PATH:FIELD"
+                raise UserError(f"{path}:{lineno} has no field {field!r} (fields: {have}): {fix}")
+            yield from _text_value(obj[field], f"{path}:{lineno} field {field!r}")
 
 
 def _text_value(value: Any, where: str) -> Iterator[Record]:
@@ -331,7 +365,9 @@ def _parquet_records(files: list[Path], column: str) -> Iterator[Record]:
             fix = "name one as parquet:PATH:COLUMN"
             raise UserError(f"{path} has no column {column!r} (columns: {', '.join(names)}): {fix}")
         kind = pf.schema_arrow.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns
+        text_kinds = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view", None))
+        if not any(is_text is not None and is_text(value_kind) for is_text in text_kinds):
             raise UserError(f"column {column!r} in {path} holds {kind}, not text: name a text column")
         for batch in pf.iter_batches(batch_size=4096, columns=[column]):
             for value in batch.column(0).to_pylist():
@@ -409,6 +445,8 @@ def _hub_user_error(name: str, e: Exception) -> UserError | None:
             f"could not reach the Hugging Face hub for {name} (offline?): download it once with network, "
             f"or save it with save_to_disk and use hfdisk:PATH ({reason})"
         )
+    if type(e).__name__ == "ArrowInvalid" or "parse error" in reason.lower():  # a data file it could not read
+        return UserError(f"hf source {name!r}: a data file could not be parsed ({reason}): fix or remove that file")
     if isinstance(e, ValueError):  # bad split or config: the message lists the valid ones
         return UserError(f"hf source {name!r}: {reason}: fix the split/config in hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
     return None
