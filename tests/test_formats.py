@@ -245,6 +245,9 @@ def test_bad_files_are_one_line_errors_naming_the_fix(tmp_path):
     torch.save({"x": _NotATensor()}, tmp_path / "objects.pth")
     with pytest.raises(UserError, match="holds pickled Python objects"):
         load(tmp_path / "objects.pth", k=5)
+    (tmp_path / "notes.toml").write_text("[project]\nname = 'x'\n")  # a text file: not called pickled objects
+    with pytest.raises(UserError, match="notes.toml: not a torch checkpoint"):
+        load(tmp_path / "notes.toml", k=5)
     torch.save({"W": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="not the seed's SAE checkpoint: expected tensors b_pre"):
         load(tmp_path / "other.pth", k=5)

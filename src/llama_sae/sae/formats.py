@@ -288,6 +288,11 @@ def _find_sparsify(path: Path) -> Found:
 
 
 def _find_seed(path: Path) -> Found:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # a torch.save zip, or a legacy pickle (protocol 2+)
+        raise UserError(f"{path}: not a torch checkpoint (neither a torch.save zip nor a pickle): pass an SAE "
+                        "directory, a seed .pth file or hf://org/repo[/subdir]")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle (weights_only refuses its classes), not a torch file

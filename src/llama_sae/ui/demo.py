@@ -37,7 +37,7 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
     )
     from llama_sae.ui.dashboard import write_dashboard
 
-    console.rule("[bold]10. steer a topic's latent; the dashboard; the UI")
+    console.rule("[bold]10 (continued). steer a topic's latent; the dashboard; the UI")
     features = load_features(features_path)
     steer_sae = steer_sae or sae
     hook = steer_sae.cfg.hook_name
