@@ -536,3 +536,30 @@ def test_parquet_text_stored_as_dictionary_or_view(tmp_path):
     if hasattr(pa, "string_view"):
         pq.write_table(pa.table({"text": pa.array(["Three."], type=pa.string_view())}), tmp_path / "view.parquet")
         assert texts(f"parquet:{tmp_path / 'view.parquet'}") == ["Three."]
+
+
+def test_the_cli_can_force_sentence_splitting_either_way(tmp_path):
+    """A file of one-sentence lines with one multi-sentence record: the automatic rule keeps records whole;
+    --split-sentences splits it (preview, and capture records the choice in the corpus fingerprint)."""
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    lines = [f"Sentence number {i} stands alone." for i in range(30)] + ["First of two. Second of two, glued. A third!"]
+    (tmp_path / "c.txt").write_text("\n\n".join(lines) + "\n")
+    source = f"txt:{tmp_path / 'c.txt'}"
+    assert texts(source)[-1] == lines[-1]  # auto: whole records
+    runner = CliRunner()
+    whole = runner.invoke(app, ["corpus", "preview", source, "--scan", "100", "-n", "0"])
+    split = runner.invoke(app, ["corpus", "preview", source, "--scan", "100", "-n", "0", "--split-sentences"])
+    assert whole.exit_code == split.exit_code == 0, (whole.output, split.output)
+    assert "31" in " ".join(whole.output.split()) and "split into sentences" in " ".join(split.output.split())
+    assert texts(source, split_sentences=True)[-3:] == ["First of two.", "Second of two, glued.", "A third!"]
+    stores = {}
+    for flag in ([], ["--split-sentences"]):
+        out = tmp_path / f"store{len(flag)}"
+        result = runner.invoke(app, ["capture", "--corpus", source, "--hook", "resid_post.0", "--tokens", "300",
+                                     "--out", str(out), "--no-progress", *flag])
+        assert result.exit_code == 0, result.output
+        stores[len(flag)] = json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"]
+    assert stores[0] != stores[1]

@@ -98,6 +98,9 @@ class CaptureConfig(BaseModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:1; under torchrun cuda means cuda:LOCAL_RANK")
     progress: bool = Field(True, description="show a progress bar (rank 0)")
     repair: bool = Field(False, description="finished store: recompute shards that fail verification")
+    split_sentences: bool | None = Field(None, description="split records into sentences (True), keep them whole "
+                                         "(False), or decide from the first records (None); the corpus fingerprint "
+                                         "records the choice")
 
 
 @dataclass
@@ -572,7 +575,7 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
         raise UserError(f"--context {cfg.context:,} is longer than the model's {args.max_seq_len:,} positions: pass "
                         f"--context {args.max_seq_len} or less")
     tokenizer = load_tokenizer(cfg.model)
-    corpus = Corpus(cfg.corpus)
+    corpus = Corpus(cfg.corpus, split_sentences=cfg.split_sentences)
     dist = _Dist(cfg.device)
     try:
         settings = _settings(cfg, hooks, args.dim, model_fingerprint(cfg.model), corpus, tokenizer, dist.world)

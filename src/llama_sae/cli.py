@@ -85,6 +85,9 @@ SteerOpt = Annotated[list[str] | None, typer.Option(
     "--steer", metavar="SPEC", help="a steer (repeatable): LATENT:KIND:STRENGTH with KIND clamp, add or bias and "
     "STRENGTH in units of the latent's typical max; append :WHERE (all, the default; prompt, generated, last, last+N, "
     "prompt+N) to choose the tokens, prefix HOOK@ to choose the SAE")]
+SplitOpt = Annotated[bool | None, typer.Option(
+    "--split-sentences/--no-split-sentences", help="split records into sentences, or keep each whole; default: "
+    "split when more than 10% of the first 256 records hold several sentences")]
 CORPUS_HELP = ("one of tinyworld[:N], txt:PATH, jsonl:PATH[:FIELD], parquet:PATH[:COLUMN], hf:NAME:SPLIT or "
                "hf:NAME:CONFIG:SPLIT (then [:COLUMN]), hfdisk:PATH[:COLUMN], or openwebtext-sentences")
 FeaturesOpt = Annotated[list[Path] | None, typer.Option("--features", help="features artifact of a loaded SAE: "
@@ -389,11 +392,12 @@ def corpus_preview(
     n: Annotated[int, typer.Option("-n", min=0, help="samples to show")] = 5,
     scan: Annotated[int, typer.Option(min=1, help="sentences to scan for the counts")] = 1000,
     dedupe: Annotated[bool, typer.Option(help="drop exact duplicate sentences")] = False,
+    split_sentences: SplitOpt = None,
 ) -> None:
     """Show counts, a fingerprint and samples of a corpus source."""
     from llama_sae.corpus import preview, preview_table
 
-    console.print(preview_table(preview(source, n, scan=scan, dedupe=dedupe)))
+    console.print(preview_table(preview(source, n, scan=scan, dedupe=dedupe, split_sentences=split_sentences)))
 
 
 @app.command()
@@ -415,6 +419,7 @@ def capture(
     device: DeviceOpt = "cpu",
     progress: Annotated[bool, typer.Option(help="progress bar with tokens/s and ETA (rank 0)")] = True,
     repair: Annotated[bool, typer.Option(help="finished store: recompute shards that fail verification")] = False,
+    split_sentences: SplitOpt = None,
 ) -> None:
     """Capture hook-point activations over a corpus into a sharded store (resumable; torchrun for several ranks)."""
     import os
@@ -427,7 +432,8 @@ def capture(
     cfg = capture_config(model=_model_path(model), corpus=corpus, hooks=hook, tokens=parse_count(tokens),
                          out=str(out), context=context, batch_tokens=batch_tokens, dtype=dtype,
                          store_dtype=store_dtype, shard_rows=shard_rows, outlier_factor=outlier_factor,
-                         val_percent=val_percent, device=device, progress=progress, repair=repair)
+                         val_percent=val_percent, device=device, progress=progress, repair=repair,
+                         split_sentences=split_sentences)
     summary = run_capture(cfg, console=console)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for the whole store
@@ -556,6 +562,7 @@ def evaluate(
                                                     "CPUs and GPUs; may swap near-tied latents at the k-th place")
                             ] = False,
     device: DeviceOpt = "cpu",
+    split_sentences: SplitOpt = None,
 ) -> None:
     """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, also CE loss recovered and KL in the model.
 
@@ -604,7 +611,7 @@ def evaluate(
         from llama_sae.corpus import iter_sentences
 
         llama, tok = _load(model, None, device)
-        texts = [s.text for s in islice(iter_sentences(corpus), n_texts)]
+        texts = [s.text for s in islice(iter_sentences(corpus, split_sentences=split_sentences), n_texts)]
         batches = list(token_batches(tok, texts))
         if store is None:  # the activation metrics on the same texts
             from llama_sae.splice import check_fits

@@ -45,6 +45,9 @@ def features(
                                                  "(GiB; 0 = run the model again)")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="rebuild when OUT holds an artifact with other settings")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar with ETA")] = True,
+    split_sentences: Annotated[bool | None, typer.Option(
+        "--split-sentences/--no-split-sentences", help="split records into sentences, or keep each whole; "
+        "default: split when more than 10% of the first 256 records hold several sentences")] = None,
 ) -> None:
     """Top-activating sentences, quantile samples and statistics of every latent (one pass; resumable)."""
     from rich.progress import Progress
@@ -64,7 +67,7 @@ def features(
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
                        overwrite=overwrite, sae_path=str(sae), cache_bytes=int(cache_gb * 2**30),
-                       progress=lambda d, n: bar.update(task, completed=d))
+                       progress=lambda d, n: bar.update(task, completed=d), split_sentences=split_sentences)
     f = load_features(out)
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "
