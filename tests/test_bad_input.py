@@ -182,7 +182,7 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_comes_on_request(tmp_
     peer = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120,
                           env={**env, "WORLD_SIZE": "2", "RANK": "1"})
     assert peer.returncode == 1 and peer.stderr.strip().splitlines() == [
-        "error: rank 1 stopped: another rank of this torchrun run stopped first (its error is above)"]
+        "error: rank 1 stopped: another rank of this torchrun run stopped first (its error is printed beside this one)"]
     alone = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True, timeout=120, env=env)
     assert "please report it" in alone.stderr  # outside torchrun the same error is the unforeseen kind
     from llama_sae.cli import _peer_gone

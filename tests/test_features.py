@@ -245,6 +245,12 @@ def test_cli_builds_and_reports(setup, tmp_path):
     f = load_features(tmp_path / "f")
     assert f.meta["sentences"] == 40 and f.meta["sae_path"] == str(tmp_path / "sae")
     assert f"{f.meta['live_latents']} of 48 latents fired" in result.output.replace("\n", " ")
+    args = ["features", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "f"), "--corpus", SOURCE,
+            "--sentences", "40", "--top-n", "3", "--pool", "8", "--no-progress"]
+    same = CliRunner().invoke(app, [*args, "--no-split-sentences"])  # what the rule decides for tinyworld anyway
+    assert same.exit_code == 0 and load_features(tmp_path / "f").meta["build_id"] == f.meta["build_id"]
+    other = CliRunner().invoke(app, [*args, "--split-sentences"])  # another text: another artifact
+    assert other.exit_code != 0 and "built with other settings (split_sentences)" in str(other.exception)
 
 
 def test_fingerprint_is_kept_until_the_weights_change(setup):

@@ -689,9 +689,10 @@ def main() -> None:
         if os.environ.get("LLAMA_SAE_TRACEBACK"):
             raise
         rank = os.environ.get("RANK", "0")
-        if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" and _peer_gone(e):
+        if os.environ.get("WORLD_SIZE", "1") != "1" and _peer_gone(e):  # rank 0 too: any rank can fail first
             err_console.print(f"error: rank {rank} stopped: another rank of this torchrun run stopped first (its "
-                              "error is above)", style="bold red", markup=False, highlight=False, soft_wrap=True)
+                              "error is printed beside this one)", style="bold red", markup=False, highlight=False,
+                              soft_wrap=True)
             sys.exit(1)
         err_console.print(f"error: {type(e).__name__}: {first_line(e, 240)} (an input llama-sae does not check, or "
                           "a bug; LLAMA_SAE_TRACEBACK=1 shows where: please report it)", style="bold red",

@@ -687,6 +687,12 @@ class Corpus:
     def __iter__(self) -> Iterator[Sentence]:
         return self._open()[1]
 
+    def splits(self, split_sentences: bool | None = None) -> bool:
+        """Whether reading splits records into sentences: ``split_sentences`` if given, else this corpus's setting,
+        else the automatic rule (which opens the source and reads its first records)."""
+        choice = self.split_sentences if split_sentences is None else split_sentences
+        return _resolve_split(self.spec, choice, self.language)[0]
+
     def take(self, n: int) -> list[Sentence]:
         """The first ``n`` sentences (fewer if the corpus is shorter)."""
         return list(islice(self, n))

@@ -333,6 +333,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
 
     check_fits(model, sae)
     corpus = Corpus(corpus_source, split_sentences=split_sentences)  # a bad SOURCE fails here, before any directory
+    if split_sentences is not None and split_sentences == Corpus(corpus_source).splits():
+        split_sentences = None  # what the automatic rule decides anyway: the same artifact as without the flag
     if checkpoint_every is None:
         checkpoint_every = max(1_000, min(20_000, sentences // 10))
     out = Path(out)
