@@ -30,8 +30,10 @@ from __future__ import annotations
 import glob as globlib
 import gzip
 import hashlib
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -286,15 +288,11 @@ def _open_text(path: Path) -> IO[str]:
     if encoding != "utf-16" and b"\0" in head:
         raise UserError(f"{path} holds NUL bytes: it is not a text file (binary, or UTF-16 without a byte-order "
                         "mark): convert it to UTF-8 text")
-    import io
-
     return io.TextIOWrapper(raw(), encoding=encoding, errors="replace")
 
 
 def _gzip_errors(path: Path, read):
     """``read()``, with a damaged gzip stream turned into a one-line UserError."""
-    import zlib
-
     try:
         return read()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
