@@ -340,6 +340,8 @@ def test_latent_and_search_in_the_terminal(tmp_path):
     assert rows and [r for r in rows if r] == [str(i) for i in f.search("courthouse", 5)]
     many = runner.invoke(app, ["search", str(feats), "the tokens", "--limit", "2"])
     assert f"2 of {len(f.search('the tokens', 2000)):,} latent(s) matching" in " ".join(many.output.split())
+    closer = runner.invoke(app, ["search", str(feats), "closer [/]"])  # the title is text, not rich markup
+    assert closer.exit_code == 0 and "latent(s) matching 'closer [/]'" in " ".join(closer.output.split())
     bad = runner.invoke(app, ["latent", str(feats), "5000"])
     assert isinstance(bad.exception, UserError) and "out of range" in str(bad.exception)
     bare = tmp_path / "bare"

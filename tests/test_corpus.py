@@ -564,3 +564,24 @@ def test_the_cli_can_force_sentence_splitting_either_way(tmp_path):
         assert result.exit_code == 0, result.output
         stores[len(flag)] = json.loads((out / "manifest.json").read_text())["corpus"]["fingerprint"]
     assert stores[0] != stores[1]
+
+
+def test_untrusted_text_is_shown_as_written_in_the_terminal(tmp_path):
+    """Corpus text with rich markup, a stray "[/]" and escape sequences: `corpus preview` prints it literally
+    (no crash, no bold, no hyperlink, no raw ESC); a lone surrogate a JSON line can spell is replaced by U+FFFD."""
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+    from llama_sae.terminal import printable
+
+    assert printable("a\x1b[31mred\x07 b\tc\nd") == "a\\x1b[31mred\\x07 b\tc\nd"
+    rows = ["[bold]x[/bold] and [link=file:///etc/passwd]y[/link] here.", "A closer [/] alone.",
+            "Clear \x1b[2J\x1b[H the screen."]
+    write_jsonl(tmp_path / "evil.jsonl", [{"text": t} for t in rows])
+    result = CliRunner().invoke(app, ["corpus", "preview", f"jsonl:{tmp_path / 'evil.jsonl'}", "--no-split-sentences"],
+                                env={"COLUMNS": "200", "FORCE_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "[bold]x[/bold]" in result.output and "[/]" in result.output and "\\x1b[2J" in result.output
+    assert "\x1b[2J" not in result.output and "\x1b]8;" not in result.output  # no clear-screen, no hyperlink
+    (tmp_path / "surr.jsonl").write_text('{"text": "half \\ud800 a pair."}\n')
+    assert texts(f"jsonl:{tmp_path / 'surr.jsonl'}") == ["half \ufffd a pair."]

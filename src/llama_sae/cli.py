@@ -25,6 +25,7 @@ from llama_sae.errors import (
     first_line,
     path_error_message,
 )
+from llama_sae.terminal import printable
 
 
 def _plain_help_types() -> None:
@@ -221,14 +222,14 @@ def generate(
         return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
                                           show_features=show_features, top=top, record=record, stream=stream, **kw)
     if stream and len(prompts) == 1:
-        console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
+        console.print(printable(prompts[0]), end="", style="bold", markup=False, highlight=False)
         for chunk in run_generate(net, tok, prompts, stream=True, **kw):
-            console.print(chunk.text, end="", markup=False, highlight=False)
+            console.print(printable(chunk.text), end="", markup=False, highlight=False)
         console.print()
         return
     for p, c in zip(prompts, run_generate(net, tok, prompts, **kw)):
-        console.print(p, end="", style="bold", markup=False, highlight=False)
-        console.print(c.text, markup=False, highlight=False)
+        console.print(printable(p), end="", style="bold", markup=False, highlight=False)
+        console.print(printable(c.text), markup=False, highlight=False)
 
 
 @app.command()
@@ -268,7 +269,7 @@ def chat(
         answer = ""
         for chunk in run_generate(net, tok, history, steering, chat=True, stream=True, **kw):
             answer += chunk.text
-            console.print(chunk.text, end="", markup=False, highlight=False)
+            console.print(printable(chunk.text), end="", markup=False, highlight=False)
         console.print()
         if steering is not None:  # one record per conversation, rewritten after every reply
             from llama_sae.cli_steer import write_record

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from llama_sae.cli_ui import parse_latents
 from llama_sae.errors import UserError
+from llama_sae.terminal import literal, printable
 
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False, soft_wrap=True)
@@ -254,7 +255,7 @@ def token_line(tokens: list[str], acts: list[float], scale: float) -> Text:
     line = Text()
     for token, a in zip(tokens, acts):
         strength = 0.0 if scale <= 0 else a / scale
-        line.append(token, style="" if strength <= 0 else "bold reverse" if strength >= 0.5 else "reverse")
+        line.append(printable(token), style="" if strength <= 0 else "bold reverse" if strength >= 0.5 else "reverse")
     return line
 
 
@@ -273,7 +274,7 @@ def latent(
     e = f.explanation(latent_id)
     console.print(Text(f"latent {latent_id}", style="bold"), Text(f"fires on {float(f.frequency[latent_id]):.3%} of "
                   f"tokens · typical max activation {float(f.typical_max[latent_id]):.3g}"))
-    console.print(Text(f"explanation: {e.text}  ({_scores(e)})") if e else
+    console.print(Text(f"explanation: {printable(e.text)}  ({_scores(e)})") if e else
                   Text("no explanation yet (run `llama-sae explain` and `score`)", style="dim"))
     scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
     for title, rows in (("top sentences", top), ("quantile samples (lowest first)", f.examples(latent_id, "quantile"))):
@@ -302,11 +303,11 @@ def search(
     hits = f.search(query, limit)
     matching = len(f.search(query, limit=f.d_sae))
     table = Table("latent", "detection", "frequency", "explanation",
-                  title=f"{len(hits)} of {matching:,} latent(s) matching {query!r}")
+                  title=Text(f"{len(hits)} of {matching:,} latent(s) matching {query!r}"))
     for i in hits:
         e = f.explanation(i)
         table.add_row(str(i), "–" if e.detection is None else f"{e.detection:.2f}", f"{float(f.frequency[i]):.3%}",
-                      Text(e.text))
+                      literal(e.text))
     console.print(table)
 
 

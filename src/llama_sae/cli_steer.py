@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llama_sae.errors import UserError
+from llama_sae.terminal import literal, printable
 
 
 @dataclass
@@ -105,8 +106,8 @@ def run_replay(path: Path, console: Console, *, device: str = "cpu", dtype: str 
     outs = replay(rec, device=device, dtype=dtype)
     same = outs == rec["outputs"]
     for prompt, out in zip(rec["prompts"] if not rec["chat"] else [rec["prompts"][-1]["content"]], outs):
-        console.print(prompt, end="", style="bold", markup=False, highlight=False)
-        console.print(out, markup=False, highlight=False)
+        console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
+        console.print(printable(out), markup=False, highlight=False)
     console.print(f"replay of {path}: outputs {'match the record' if same else 'DIFFER from the record'}")
     if not same and not _same_device(rec.get("device", device), device):
         console.print(f"the record was made on {rec['device']}: sampled outputs repeat only there (--device "
@@ -154,7 +155,7 @@ def print_token_features(console: Console, model, tokenizer, setup: SteerSetup, 
         for t, (text, latents) in enumerate(rows):
             where = "prompt" if t < n_prompt else "gen"
             cells = [f"{i} ({v:.2f}) {explanation_text(setup.features.get(hook), i)}".rstrip() for i, v in latents]
-            table.add_row(where if t in (0, n_prompt) else "", Text(repr(text)), Text(" · ".join(cells)))
+            table.add_row(where if t in (0, n_prompt) else "", Text(repr(text)), literal(" · ".join(cells)))
         console.print(table)
 
 
@@ -165,19 +166,19 @@ def steered_generate(console: Console, err_console: Console, model, tokenizer, m
     from llama_sae import steer
 
     if stream and len(prompts) == 1 and not show_features:
-        console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
+        console.print(printable(prompts[0]), end="", style="bold", markup=False, highlight=False)
         text = ""
         for chunk in steer.generate(model, tokenizer, prompts, setup.steering, stream=True, **kw):
             text += chunk.text
-            console.print(chunk.text, end="", markup=False, highlight=False)
+            console.print(printable(chunk.text), end="", markup=False, highlight=False)
         console.print()
         outputs = [text]
     else:
         outs = steer.generate(model, tokenizer, prompts, setup.steering, **kw)
         outputs = [o.text for o in outs]
         for p, o in zip(prompts, outs):
-            console.print(p, end="", style="bold", markup=False, highlight=False)
-            console.print(o.text, markup=False, highlight=False)
+            console.print(printable(p), end="", style="bold", markup=False, highlight=False)
+            console.print(printable(o.text), markup=False, highlight=False)
             if show_features:
                 print_token_features(console, model, tokenizer, setup, o.prompt_tokens, o.tokens, top)
     if setup.steering is not None:

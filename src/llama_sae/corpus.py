@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -339,12 +340,15 @@ def _jsonl_records(files: list[Path], field: str) -> Iterator[Record]:
             yield from _text_value(obj[field], f"{path}:{lineno} field {field!r}")
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON can spell a lone surrogate ("\ud800"), which no encoder takes
+
+
 def _text_value(value: Any, where: str) -> Iterator[Record]:
     if value is None:
         return
     if not isinstance(value, str):
         raise UserError(f"{where} is {type(value).__name__}, not text: name a text field or column")
-    yield value, ()
+    yield _SURROGATE.sub("\ufffd", value), ()  # replaced, as a text file's stray bad bytes are
 
 
 def _parquet_records(files: list[Path], column: str) -> Iterator[Record]:
@@ -793,9 +797,11 @@ def preview_table(data: dict[str, Any]) -> Any:
     """Render ``preview(...)`` output as a rich Table (samples as rows, statistics in the caption)."""
     from rich.table import Table
 
+    from llama_sae.terminal import literal
+
     more = "" if data["exhausted"] else "+"
     table = Table(
-        title=data["description"],
+        title=literal(data["description"]),
         caption=(
             f"{data['scanned']:,}{more} sentences scanned, {data['chars']:,} chars, "
             f"mean {data['mean_chars']:.1f} chars / {data['mean_words']:.1f} words; "
@@ -808,8 +814,8 @@ def preview_table(data: dict[str, Any]) -> Any:
     if with_concepts:
         table.add_column("concepts", style="magenta")
     for sample in data["samples"]:
-        row = [str(sample["id"]), sample["text"]]
+        row = [str(sample["id"]), literal(sample["text"])]
         if with_concepts:
-            row.append(", ".join(sample["concepts"]))
+            row.append(literal(", ".join(sample["concepts"])))
         table.add_row(*row)
     return table

@@ -1,0 +1,27 @@
+"""Untrusted text for the terminal: corpus sentences, explanations, prompts and completions shown as written.
+
+rich interprets ``[bold]``-style markup in plain strings and passes escape sequences through, so a corpus line or
+an LLM's explanation could recolour, clear or hyperlink the terminal (or crash a table on a stray ``[/]``). Print
+such text through :func:`literal` (a rich ``Text``: no markup, no emoji codes) or :func:`printable` (a str, for
+``console.print(..., markup=False)``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.text import Text
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, BEL, CR, ...; not newline or tab) written as ``\\xNN``: sent to a
+    terminal they would move the cursor, recolour, hide text or open hyperlinks."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
+def literal(text: str, style: str = "") -> Text:
+    """A rich Text of untrusted ``text``: shown as written (markup and emoji codes not interpreted, control
+    characters visible, see :func:`printable`)."""
+    return Text(printable(text), style=style)
