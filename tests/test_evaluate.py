@@ -72,6 +72,10 @@ def test_model_metrics_ce_and_kl(hf_checkpoints, hook):
     vs_mean = (report["ce_mean_ablated"] - report["ce_spliced"]) / (report["ce_mean_ablated"] - report["ce_clean"])
     assert abs(report["ce_recovered_vs_mean"] - vs_mean) < 1e-12
     assert report["predicted_tokens"] == 11 + 7 + 4 and len(report["kl_by_position"]) == 11
+    from llama_sae.sae.evaluate import hook_activations, rows_mean
+
+    given = model_metrics(model, sae, [(tokens, mask)], mean=rows_mean(hook_activations(model, hook, [(tokens, mask)])))
+    assert abs(given["ce_mean_ablated"] - report["ce_mean_ablated"]) < 1e-5  # a caller's mean: the same value
     one_batch = model_metrics(model, sae, [(tokens, mask)])  # the batching changes nothing but float rounding
     for key in ("ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "kl"):
         assert abs(one_batch[key] - report[key]) < 1e-5, key

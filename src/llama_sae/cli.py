@@ -580,6 +580,7 @@ def evaluate(
         hook_activations,
         model_metrics,
         plot_frequency,
+        rows_mean,
         summary_rows,
         token_batches,
     )
@@ -614,12 +615,16 @@ def evaluate(
         llama, tok = _load(model, None, device)
         texts = [s.text for s in islice(iter_sentences(corpus, split_sentences=split_sentences), n_texts)]
         batches = list(token_batches(tok, texts))
-        if store is None:  # the activation metrics on the same texts
+        mean = None
+        if store is None:  # the activation metrics on the same texts, whose mean is also the mean ablation's
             from llama_sae.splice import check_fits
 
-            report.update(activation_metrics(net, hook_activations(llama, check_fits(llama, net), batches)))
+            acts = list(hook_activations(llama, check_fits(llama, net), batches))
+            report.update(activation_metrics(net, acts))
             report["activations"] = f"{corpus}, first {len(texts)} texts (no --store)"
-        report.update(model_metrics(llama, net, batches, compute_dtype=torch.bfloat16 if bf16_encoder else None))
+            mean = rows_mean(acts)
+        report.update(model_metrics(llama, net, batches, compute_dtype=torch.bfloat16 if bf16_encoder else None,
+                                    mean=mean))
         report["encoder_dtype"] = "bfloat16" if bf16_encoder else str(net.W_enc.dtype).removeprefix("torch.")
     table = Table("metric", "value", title=f"evaluation of {sae}")
     for key, value in summary_rows(report):

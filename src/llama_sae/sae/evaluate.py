@@ -9,8 +9,8 @@ Model metrics (token batches through the Llama with the SAE spliced in at its ho
     CE recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), the same against mean ablation (the hook
     point set to its mean activation over all the texts), and KL(clean ‖ spliced) per position. The SAE and the
     ablations replace the real tokens after BOS (the tokens an SAE is trained on; BOS keeps its activation).
-    The four forwards share the blocks before the hook's: those run once per batch, plus once in the first pass that
-    takes the ablation mean.
+    The four forwards share the blocks before the hook's: those run once per batch (plus once for the ablation
+    mean, unless the caller passes it from the activations it already has).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def position_metrics(clean: Tensor, recon: Tensor, *others: Tensor, tokens: Tens
 
 @torch.no_grad()
 def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]],
-                  compute_dtype: torch.dtype | None = None) -> dict:
+                  compute_dtype: torch.dtype | None = None, mean: Tensor | None = None) -> dict:
     """CE clean / spliced / zero- and mean-ablated, CE recovered and KL, over batches of (tokens [B, T], mask [B, T]).
 
     ``mask`` marks real tokens (right padding is False). The SAE replaces the hook's activations at the real tokens
@@ -109,7 +109,9 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     when it predicts a real token: CE and KL(clean ‖ spliced) are means over the same positions. Batches move to the
     model's device; the SAE must be on it. Returns totals plus ``kl_by_position`` (at index t, the mean KL of the
     prediction made at position t, of token t + 1, for a per-position plot).
-    ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`).
+    ``compute_dtype`` bfloat16 runs the SAE's encoder GEMM in bf16 (see :meth:`SAE.select`). ``mean`` [d]: the
+    mean-ablation value when the caller has it (:func:`rows_mean` of the texts' :func:`hook_activations`), else a
+    first pass over the batches takes it.
     """
     from llama_sae.llama.model import parse_hook_name
     from llama_sae.splice import check_fits, splice_fn
@@ -120,7 +122,8 @@ def model_metrics(model, sae: SAE, token_batches: Iterable[tuple[Tensor, Tensor]
     if kind == "resid_post" and layer + 1 < model.args.n_layers:
         layer, point = layer + 1, f"resid_pre.{layer + 1}"  # the same tensor, one block later
     batches = list(token_batches)
-    mean = dataset_mean(model, hook, batches)  # [d]
+    if mean is None:
+        mean = rows_mean(hook_activations(model, hook, batches))  # [d]
     splice = splice_fn(sae, error_term=False, compute_dtype=compute_dtype)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
     kl_pos = torch.zeros(0, dtype=torch.float64)
@@ -170,11 +173,11 @@ def after_bos(mask: Tensor) -> Tensor:
     return keep
 
 
-def dataset_mean(model, hook: str, token_batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """The mean activation at ``hook`` over the real tokens after BOS of all the batches, [d] float32 (summed in
-    float64): the mean-ablation value, the same for every batch."""
+def rows_mean(blocks: Iterable[Tensor]) -> Tensor:
+    """The mean row of blocks of rows [N_i, d], [d] float32 (summed in float64): over :func:`hook_activations`,
+    the mean-ablation value of :func:`model_metrics`, the same for every batch."""
     total, count = None, 0
-    for rows in hook_activations(model, hook, token_batches):
+    for rows in blocks:
         part = rows.double().sum(0)
         total, count = part if total is None else total + part, count + rows.shape[0]
     if not count:
@@ -318,8 +321,9 @@ class TrainingEval:
         was_training = sae.training
         sae.eval()
         try:
-            rep = activation_metrics(sae, [self._acts(sae.cfg.hook_name)])
-            rep.update(model_metrics(self.model, sae, self.batches))
+            acts = self._acts(sae.cfg.hook_name)  # the model does not change: neither do these, nor their mean
+            rep = activation_metrics(sae, [acts])
+            rep.update(model_metrics(self.model, sae, self.batches, mean=rows_mean([acts])))
         finally:
             sae.train(was_training)
         return rep

@@ -72,6 +72,7 @@ _TL_NAMES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "ho
 # TransformerLens's ln1/ln2.hook_normalized is x / rms(x) before the RMSNorm weight multiplies it (with or without
 # fold_ln); our attn_in / mlp_in include the weight, so an SAE there would run on activations of another scale.
 _TL_BEFORE_NORM_WEIGHT = {"ln1.hook_normalized": "attn_in", "ln2.hook_normalized": "mlp_in"}
+NO_HOOK_HERE = "do not pass --hook for it"  # a note's words for an SAE no hook point here can run (see _verdict)
 
 
 def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
@@ -89,7 +90,7 @@ def our_hook_name(name: str | None) -> tuple[str | None, str | None]:
         if m[2] in _TL_BEFORE_NORM_WEIGHT:
             return None, (f"hook point {name!r} (TransformerLens) is the RMSNorm output before its weight; "
                           f"{_TL_BEFORE_NORM_WEIGHT[m[2]]}.{int(m[1])} here includes the weight, so this SAE has no "
-                          "equivalent hook point (do not pass --hook for it: its inputs would be scaled wrongly)")
+                          f"equivalent hook point ({NO_HOOK_HERE}: its inputs would be scaled wrongly)")
         kind = _TL_NAMES.get(m[2])
         if kind is None:
             return None, f"hook point {name!r} (TransformerLens) has no equivalent here"
@@ -495,7 +496,7 @@ def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
     bad = [value for key, value in weights if key == "note" or value.startswith("unreadable")]
     if bad:
         return f"does not load: {bad[0]}"
-    unfit = next((note for note in found.notes if "do not pass --hook" in note), None)
+    unfit = next((note for note in found.notes if NO_HOOK_HERE in note), None)
     if unfit is not None:
         return f"does not run here: {unfit}"
     needs = [what for what, missing in (("--k K (the file has no k)", missing_k),
