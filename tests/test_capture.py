@@ -494,3 +494,25 @@ def test_model_fingerprint_sees_a_change_anywhere_in_the_weights(tmp_path):
     tensors["layers.1.w"][500, 500] += 1  # a single value, megabytes from either end of the file
     save_file(tensors, tmp_path / "model.safetensors")
     assert model_fingerprint(tmp_path) != before
+
+
+def test_a_huge_line_is_tokenized_only_as_far_as_the_context(tiny, tmp_path, monkeypatch):
+    from llama_sae.llama.tokenizer import HFTokenizer, load_tokenizer
+
+    huge = "the llama walks far " * 100_000  # 2 MB, one sentence: no end punctuation
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("A short first line.\n" + huge + "\n")
+    longest = []
+    encode = HFTokenizer.encode
+
+    def spy(self, text, bos=True, eos=False):
+        longest.append(len(text))
+        return encode(self, text, bos, eos)
+
+    monkeypatch.setattr(HFTokenizer, "encode", spy)
+    out = tmp_path / "acts"
+    capture(_cfg(tiny, out, corpus=f"txt:{corpus}", tokens=100))
+    assert max(longest) < 20_000  # not 2,000,000
+    rows = _rows(out)
+    ids = load_tokenizer(tiny).encode(huge, bos=True)[:64]
+    assert rows["token_id"][rows["sentence_id"] == 1].tolist() == ids[1:]

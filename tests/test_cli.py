@@ -238,6 +238,9 @@ def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
                               "equal to 1 (see llama-sae generate --help)"),
     (["info", "--bogus"], "error: No such option: --bogus (see llama-sae info --help)"),
     (["sae", "info"], "error: Missing argument 'SAE'. (see llama-sae sae info --help)"),
+    (["latent", "features", "-1"], "error: -1 was read as an option: numbers given without an option name are 0 or "
+                                   "more (a negative value for an option is written --name=-1) (see llama-sae latent "
+                                   "--help)"),
 ])
 def test_usage_errors_are_one_line(monkeypatch, capsys, argv, message):
     """A bad option or value through the entry point: one line and status 2, not click's boxed usage screen."""

@@ -220,7 +220,7 @@ def test_hf_load_dataset_streams_a_local_folder(tmp_path):
         texts(f"hf:{tmp_path / 'missing'}::train")
     (tmp_path / "bad").mkdir()  # a data file the loader cannot parse: named as such, not as a split/config problem
     (tmp_path / "bad" / "train.jsonl").write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(UserError, match=r"a data file could not be parsed \(JSON parse error.*fix or remove that file"):
+    with pytest.raises(UserError, match=r"file .*bad/train.jsonl could not be parsed \(JSON parse error.*fix or"):
         texts(f"hf:{tmp_path / 'bad'}::train")
 
 
@@ -360,8 +360,8 @@ def test_dedupe_and_min_chars(news):
 class WordTokenizer:
     """One token per whitespace-separated word."""
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return [0] * bos + [1] * len(text.split())
+    def encode_prefix(self, text: str, max_tokens: int, bos: bool = True) -> list[int]:
+        return ([0] * bos + [1] * len(text.split()))[:max_tokens]
 
 
 def test_filter_by_tokens_keeps_ids():

@@ -221,6 +221,29 @@ def test_over_400k_chars_matches_meta(ours, meta):
     assert ours.decode(ids) == text
 
 
+def _long_texts(rng: random.Random) -> list[str]:
+    """Texts longer than encode_prefix's first window: natural, fuzzed, and single runs a cut falls inside."""
+    return [
+        "Llamas graze quietly on the high plains. " * 400,
+        "".join(_random_text(rng) for _ in range(400)),
+        "x" + "a" * 30_000 + " tail",  # one letter run: every prefix cuts the same pre-token
+        " " * 9_000 + "word" + "\n" * 9_000,
+        "9" * 20_000,
+        "🦙" * 5_000 + " end",
+    ]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 256, 3_000])
+def test_encode_prefix_equals_the_head_of_encode(ours, converted_hf, max_tokens):
+    rng = random.Random(max_tokens)
+    texts = _long_texts(rng) + FUZZ[:20] + [""]
+    for tok in (ours, converted_hf):
+        for text in texts:
+            for bos in (True, False):
+                assert tok.encode_prefix(text, max_tokens, bos) == tok.encode(text, bos)[:max_tokens], \
+                    (type(tok).__name__, text[:40], max_tokens, bos)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Chat format
 

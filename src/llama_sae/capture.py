@@ -281,10 +281,11 @@ def plan_batches(corpus, tokenizer, S: int, context: int, max_tokens: int | None
     are only counted). Sentences over the source's own ``max_tokens`` are skipped, as ``Corpus`` would.
     After the corpus ends, the batches are empty."""
     ranges = _SentenceRanges(iter(corpus))
+    enough = context if max_tokens is None else max(context, max_tokens + 2)  # tokens that decide the limits
     for b in count(first, world):
         sentences = []
         for s in ranges.take(b * S, (b + 1) * S):
-            ids = tokenizer.encode(s.text, bos=True)
+            ids = tokenizer.encode_prefix(s.text, enough)
             if len(ids) < 2 or (max_tokens is not None and len(ids) - 1 > max_tokens):
                 continue  # nothing to store, or over the source's own token limit (as Corpus filters)
             sentences.append((s.id, ids[:context]))
@@ -505,7 +506,7 @@ def _open_store(cfg: CaptureConfig, settings: dict[str, Any], corpus, tokenizer,
 
 def _sentences_per_batch(corpus, tokenizer, context: int, batch_tokens: int) -> int:
     """S such that a batch of S sentences holds about ``batch_tokens`` tokens (from the first 1,000)."""
-    lengths = [min(len(tokenizer.encode(s.text, bos=True)), context) for s in corpus.take(1000)]
+    lengths = [len(tokenizer.encode_prefix(s.text, context)) for s in corpus.take(1000)]
     if not lengths:
         raise UserError(f"corpus {corpus.spec} has no sentences: check the source")
     return max(1, round(batch_tokens / (sum(lengths) / len(lengths))))

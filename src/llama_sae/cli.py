@@ -665,6 +665,14 @@ def _peer_gone(e: BaseException) -> bool:
     return "gloo" in text and ("Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     """Console-script entry point: user errors (and errors about paths) become one line on stderr, exit status 2."""
     try:  # recent typer vendors click (its errors are typer._click's classes, not click's)
@@ -678,7 +686,12 @@ def main() -> None:
         if not e.format_message():  # a command group run bare: its help is already printed
             sys.exit(e.exit_code)
         where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        err_console.print(f"error: {e.format_message()}{where}", style="bold red", markup=False, highlight=False,
+        message = e.format_message()
+        option = getattr(e, "option_name", "") or ""
+        if _is_number(option):  # click reads a negative number as an option name
+            message = (f"{option} was read as an option: numbers given without an option name are 0 or more (a "
+                       f"negative value for an option is written --name={option})")
+        err_console.print(f"error: {message}{where}", style="bold red", markup=False, highlight=False,
                           soft_wrap=True)
         sys.exit(2)
     except typer.Abort:  # end of input at a prompt

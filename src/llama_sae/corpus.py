@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import zlib
@@ -137,9 +138,10 @@ PRESETS: dict[str, SourceSpec] = {
 
 
 class Tokenizer(Protocol):
-    """What ``filter_by_tokens`` needs from a tokenizer."""
+    """What ``filter_by_tokens`` needs from a tokenizer (``llama_sae.llama.tokenizer.LlamaTokenizer`` has it)."""
 
-    def encode(self, text: str, bos: bool = False) -> list[int]: ...
+    def encode_prefix(self, text: str, max_tokens: int, bos: bool = True) -> list[int]:
+        """``encode(text, bos)[:max_tokens]``."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +409,21 @@ def _import_datasets() -> Any:
         import datasets
     except ImportError as e:
         raise UserError(f"hf: and hfdisk: sources need the datasets package: {_HF_INSTALL}") from e
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    if not any(isinstance(h, _ParseFailures) for h in json_log.handlers):
+        json_log.addHandler(_ParseFailures())
+        json_log.propagate = False  # its one error line names the file the raise after it does not: ours will
     return datasets
+
+
+class _ParseFailures(logging.Handler):
+    """Keeps the file named by the datasets JSON reader's last "Failed to load JSON from file" line."""
+
+    file: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"from file '(.+?)' with error", record.getMessage())
+        _ParseFailures.file = found.group(1) if found else None
 
 
 def _hub_errors(name: str, what: Iterable[Any]) -> Iterator[Any]:
@@ -448,7 +464,9 @@ def _hub_user_error(name: str, e: Exception) -> UserError | None:
             f"or save it with save_to_disk and use hfdisk:PATH ({reason})"
         )
     if type(e).__name__ == "ArrowInvalid" or "parse error" in reason.lower():  # a data file it could not read
-        return UserError(f"hf source {name!r}: a data file could not be parsed ({reason}): fix or remove that file")
+        file, _ParseFailures.file = _ParseFailures.file, None
+        which = f"data file {file}" if file else "a data file"
+        return UserError(f"hf source {name!r}: {which} could not be parsed ({reason}): fix or remove that file")
     if isinstance(e, ValueError):  # bad split or config: the message lists the valid ones
         return UserError(f"hf source {name!r}: {reason}: fix the split/config in hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
     return None
@@ -634,10 +652,12 @@ def filter_by_tokens(
 ) -> Iterator[Sentence]:
     """Keep sentences whose token count (``tokenizer.encode(text, bos=False)``) is within the limits.
 
-    Ids are kept, so they still point into the unfiltered order.
+    Ids are kept, so they still point into the unfiltered order. Only as many tokens as the limits need are
+    encoded (a 10 MB line is not tokenized whole).
     """
+    enough = max(min_tokens, 0 if max_tokens is None else max_tokens + 1)  # tokens that decide both limits
     for sentence in sentences:
-        n = len(tokenizer.encode(sentence.text, bos=False))
+        n = len(tokenizer.encode_prefix(sentence.text, enough, bos=False))
         if n >= min_tokens and (max_tokens is None or n <= max_tokens):
             yield sentence
 

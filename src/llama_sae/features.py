@@ -519,7 +519,7 @@ def _from_cache(out: _Pass2, cache: CodeCache, sid: int, text: str, max_tokens: 
     codes = cache.get(sid)
     if codes is None:
         return False
-    out.record(sid, text, np.array(out.tokenizer.encode(text, bos=True)[:max_tokens][1:], dtype=np.int32), *codes)
+    out.record(sid, text, np.array(out.tokenizer.encode_prefix(text, max_tokens)[1:], dtype=np.int32), *codes)
     return True
 
 

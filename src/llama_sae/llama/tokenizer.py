@@ -34,6 +34,11 @@ MAX_RUN_CHARS = 25_000
 
 NUM_SPECIAL_TOKENS = 256
 
+# encode_prefix encodes a long text's first max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_tokens) chars
+# (English averages ~4 chars per token), then prefixes twice as long until the first tokens stop changing.
+PREFIX_MIN_CHARS = 4096
+PREFIX_CHARS_PER_TOKEN = 16
+
 # Llama 3 special tokens, in id order after the base vocabulary (ids 128000.. for the 128,000-token BPE).
 # The rest of the 256 slots are <|reserved_special_token_3|> onwards (see _llama3_special_token_names).
 LLAMA3_NAMED_SPECIAL_TOKENS = (
@@ -237,6 +242,24 @@ class LlamaTokenizer(ABC):
     @abstractmethod
     def stream_decoder(self) -> StreamDecoder:
         """Return a fresh UTF-8-safe streaming decoder for this tokenizer."""
+
+    def encode_prefix(self, text: str, max_tokens: int, bos: bool = True) -> list[int]:
+        """``encode(text, bos)[:max_tokens]`` without encoding the whole of a very long text.
+
+        A text of up to a few thousand chars is encoded whole. A longer one is encoded by prefixes, each
+        twice as long as the last, until two in a row agree on the first ``max_tokens`` tokens: only the
+        pieces near a cut can change with it, so a single 10 MB line costs milliseconds instead of seconds
+        and gigabytes.
+        """
+        window = max(PREFIX_MIN_CHARS, PREFIX_CHARS_PER_TOKEN * max_tokens)
+        ids = self.encode(text[:window], bos)[:max_tokens]
+        while window < len(text):
+            window *= 2
+            longer = self.encode(text[:window], bos)[:max_tokens]
+            if longer == ids and len(ids) == max_tokens:
+                break
+            ids = longer
+        return ids
 
     def encode_chat(self, messages: Iterable[Mapping[str, str]]) -> list[int]:
         """Encode a dialogue as a Llama 3 chat prompt ending in an open assistant header.

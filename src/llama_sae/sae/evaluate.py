@@ -208,7 +208,7 @@ def token_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 16, max_
         return tokens, mask
 
     for text in texts:
-        batch.append(tokenizer.encode(text, bos=True)[:max_tokens])
+        batch.append(tokenizer.encode_prefix(text, max_tokens))
         if len(batch) == batch_size:
             yield flush()
             batch = []
