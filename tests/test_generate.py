@@ -54,6 +54,18 @@ def test_sampling_is_repeatable_with_a_seed(hf_checkpoints):
     a = _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7)
     assert a == _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7)
     assert a != _run(ours, prompts, temperature=1.0, top_p=0.9, seed=8)
+    # each prompt samples the same text alone, in another order, and without the cache
+    assert [_run(ours, [p], temperature=1.0, top_p=0.9, seed=7)[0] for p in prompts] == a
+    assert _run(ours, prompts[::-1], temperature=1.0, top_p=0.9, seed=7) == a[::-1]
+    assert _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7, use_cache=False) == a
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-39, 1e-45])
+def test_a_tiny_temperature_is_greedy(temperature):
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.25], [0.0, 0.0, 3.0, 0.0]]).bfloat16()
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, temperature, 1.0, g).tolist() == [1, 2]
+    assert sample(logits, temperature, 0.9, [g, g]).tolist() == [1, 2]
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -114,6 +126,10 @@ def test_bad_generation_inputs(llama_vocab_model):
     model, tok = llama_vocab_model
     with pytest.raises(UserError, match="exceeds the model's context"):
         generate(model, tok, "hi", max_new_tokens=10**6)
+    n = model.args.max_seq_len  # the last new token is never fed back: a full context still gives one more
+    assert len(_run(model, [[5] * n], n=1)[0]) == 1
+    with pytest.raises(UserError, match=f"exceeds the model's context of {n} by 1:"):
+        _run(model, [[5] * n], n=2)
     with pytest.raises(UserError, match="at least one token"):
         generate(model, tok, [[]], max_new_tokens=2)
     with pytest.raises(UserError, match="max_new_tokens is -1: ask for 0 or more"):

@@ -39,6 +39,18 @@ def test_fp32_logits_match_transformers(hf_checkpoints, shape):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+def test_cached_forward_in_chunks_equals_the_whole_forward(hf_checkpoints):
+    """Prefill in chunks of several tokens (start > 0) attends to every cached key before each query."""
+    ref, path = hf_checkpoints["gqa-tied-f32"]
+    ours = load_model(path)
+    tokens = _tokens(batch=2, length=21)
+    with torch.no_grad():
+        expected = ref(tokens).logits
+    cache = ours.new_cache(2, 21)
+    got = torch.cat([ours(tokens[:, a:b], start=a, cache=cache) for a, b in ((0, 8), (8, 9), (9, 15), (15, 21))], 1)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
 def test_bf16_error_no_worse_than_transformers(hf_checkpoints):
     ref32, path = hf_checkpoints["gqa-tied-f32"]
     tokens = _tokens(batch=4, length=64)

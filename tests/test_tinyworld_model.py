@@ -53,6 +53,25 @@ def test_shipped_model_loads_in_transformers_with_our_logits(shipped):
     assert (bf16.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.99
 
 
+def test_transformers_generate_stops_where_ours_does(shipped, tmp_path):
+    """config.json states the tokenizer's own BOS and stop ids (not Llama 3's 128k ones), here and in save_hf."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_sae.llama.checkpoint import save_hf
+
+    path, model, tok = shipped
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["bos_token_id"] == tok.bos_id and cfg["eos_token_id"] == sorted(tok.stop_ids)
+    saved = json.loads((save_hf(model, tmp_path / "hf", tokenizer_dir=path) / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"]) == (cfg["bos_token_id"], cfg["eos_token_id"])
+    assert json.loads((save_hf(model, tmp_path / "bare") / "config.json").read_text())["eos_token_id"] is None
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = generate(load_model(path, dtype="float32"), tok, "Once upon a time", max_new_tokens=20)[0]
+    ids = tok.encode("Once upon a time")
+    theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert ours.stop_reason == "stop" and theirs == [*ours.tokens, theirs[-1]] and theirs[-1] in tok.stop_ids
+
+
 def test_shipped_model_card_reports_probes_and_topics(shipped):
     path, _, _ = shipped
     card = (path / "README.md").read_text()

@@ -124,8 +124,16 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     )
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """A Hugging Face ``config.json`` dict that transformers' LlamaForCausalLM loads."""
+LLAMA3_BOS, LLAMA3_STOPS = 128000, [128001, 128008, 128009]  # what Meta's Hugging Face configs state
+
+
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
+                        eos_ids: list[int] | None = None) -> dict:
+    """A Hugging Face ``config.json`` dict that transformers' LlamaForCausalLM loads. ``bos_id`` and ``eos_ids``
+    (the tokenizer's; transformers' generate stops at any of the latter) default to Llama 3's where the
+    vocabulary holds them, else null: ids of another vocabulary would point at ordinary tokens."""
+    if bos_id is None and eos_ids is None and args.vocab_size > max(LLAMA3_STOPS):
+        bos_id, eos_ids = LLAMA3_BOS, LLAMA3_STOPS
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
@@ -134,7 +142,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "hidden_act": "silu",
         "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "bos_token_id": bos_id, "eos_token_id": eos_ids,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "rope_scaling": None,
     }
@@ -433,9 +441,13 @@ def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | 
     stale += [out / HF_INDEX] if len(shards) == 1 and (out / HF_INDEX).exists() else []
     for f in stale:
         f.unlink()
-    atomic_write_json(out / "config.json", hf_config_from_args(args, model.dtype))
+    bos_id = eos_ids = None
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), out)
+        tokenizer = _tokenizer_in(Path(tokenizer_dir))
+        if tokenizer is not None:
+            bos_id, eos_ids = tokenizer.bos_id, sorted(tokenizer.stop_ids)
+    atomic_write_json(out / "config.json", hf_config_from_args(args, model.dtype, bos_id, eos_ids))
     return out
 
 
@@ -500,6 +512,14 @@ def _meta_ffn_rule(a: ModelArgs) -> tuple[int, float | None]:
     base = int(2 * 4 * a.dim / 3)
     multiplier = None if base <= a.hidden_dim else a.hidden_dim / base * (1 - 1e-9)
     return a.hidden_dim, multiplier
+
+
+def _tokenizer_in(directory: Path):
+    """The tokenizer in ``directory`` (tokenizer.json or tokenizer.model, as load_tokenizer picks), or None."""
+    from llama_sae.llama.tokenizer import load_tokenizer
+
+    names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+    return load_tokenizer(directory) if any((directory / n).is_file() for n in names) else None
 
 
 def _copy_tokenizer(src: Path, out: Path) -> None:

@@ -36,18 +36,26 @@ class StreamChunk:
     text: str
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else nucleus sampling."""
+def sample(logits: Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else nucleus sampling.
+
+    ``generator``: one for the whole batch, or one per row (each row's draws then depend on its own
+    generator alone, not on the rows beside it)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # upcast: bf16 softmax loses mass
+    z = logits.float()  # upcast: bf16 softmax loses mass
+    probs = torch.softmax((z - z.amax(-1, keepdim=True)) / temperature, dim=-1)  # max first: a tiny temperature
+    order = None  # gives -inf, not inf - inf = NaN
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the first token always
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [B, 1]
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # keep the first token always
+        probs = probs.masked_fill(outside, 0.0)
+    if generator is None or isinstance(generator, torch.Generator):
+        choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+    else:
+        choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+    return (choice if order is None else order.gather(-1, choice)).squeeze(-1)
 
 
 class _Batch:
@@ -128,15 +136,16 @@ def generate_tokens(
         raise UserError(f"token id {bad} is outside this model's vocabulary 0..{vocab - 1}: the prompt was encoded "
                         "with another tokenizer")
     T = max(len(p) for p in prompts)
-    total = T + max_new_tokens
+    total = max(T, T + max_new_tokens - 1)  # positions the model reads: the last new token is never fed back
     if total > model.args.max_seq_len:
         raise UserError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"context of {model.args.max_seq_len}: shorten the prompt or ask for fewer tokens")
+                        f"context of {model.args.max_seq_len} by {total - model.args.max_seq_len}: shorten the "
+                        "prompt or ask for fewer tokens")
     device = model.device
     batch = _Batch(prompts, pad_id, total, device)
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if seed is not None:  # one per row: a prompt samples the same text alone or in any batch
+        generator = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     running = torch.ones(len(prompts), dtype=torch.bool, device=device)
     cache = model.new_cache(len(prompts), total) if use_cache else None  # this generation's own
@@ -190,7 +199,8 @@ def generate(
     Args:
         prompts: a string, a list of strings, a list of token-id lists, or (chat) a list of messages
             ``[{"role", "content"}]`` or a list of such dialogues.
-        temperature, top_p, seed: sampling (temperature 0 = greedy; a seed makes sampling repeatable).
+        temperature, top_p, seed: sampling (temperature 0 = greedy; a seed makes sampling repeatable: each
+            prompt samples the same text with it, alone or beside others, cached or not).
         stop_ids: token ids that end a row (default None: the tokenizer's stop tokens; an empty set: none).
         stream: yield StreamChunk pieces as they are produced instead of returning Completions.
 

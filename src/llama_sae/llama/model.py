@@ -316,6 +316,11 @@ class Transformer(nn.Module):
             stop_after = max(parse_hook_name(n, self.args.n_layers)[1] for n in capture)
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if mask is None and cache is not None and start > 0 and T > 1:
+            # SDPA's is_causal aligns its triangle top-left (query i sees keys 0..i), but these queries sit at
+            # start.. over keys 0..start+T-1: query i sees keys 0..start+i
+            q = torch.arange(start, start + T, device=tokens.device)[:, None]
+            mask = (torch.arange(start + T, device=tokens.device)[None, :] <= q)[None, None]  # [1, 1, T, start+T]
         run = _HookRun(self.edits, capture or set())
         first = 0
         if resume is None:
