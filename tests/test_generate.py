@@ -54,10 +54,9 @@ def test_sampling_is_repeatable_with_a_seed(hf_checkpoints):
     a = _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7)
     assert a == _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7)
     assert a != _run(ours, prompts, temperature=1.0, top_p=0.9, seed=8)
-    # each prompt samples the same text alone, in another order, and without the cache
-    assert [_run(ours, [p], temperature=1.0, top_p=0.9, seed=7)[0] for p in prompts] == a
-    assert _run(ours, prompts[::-1], temperature=1.0, top_p=0.9, seed=7) == a[::-1]
     assert _run(ours, prompts, temperature=1.0, top_p=0.9, seed=7, use_cache=False) == a
+    twice = _run(ours, [prompts[0]] * 2, temperature=1.0, top_p=0.9, seed=7)
+    assert twice[0] != twice[1]  # copies of a prompt in one batch are separate samples
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-39, 1e-45])
@@ -65,7 +64,7 @@ def test_a_tiny_temperature_is_greedy(temperature):
     logits = torch.tensor([[2.0, 7.5, -1.0, 7.25], [0.0, 0.0, 3.0, 0.0]]).bfloat16()
     g = torch.Generator().manual_seed(0)
     assert sample(logits, temperature, 1.0, g).tolist() == [1, 2]
-    assert sample(logits, temperature, 0.9, [g, g]).tolist() == [1, 2]
+    assert sample(logits, temperature, 0.9, g).tolist() == [1, 2]
 
 
 def test_top_p_keeps_only_the_nucleus():

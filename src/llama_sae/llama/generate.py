@@ -36,12 +36,8 @@ class StreamChunk:
     text: str
 
 
-def sample(logits: Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
-    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else nucleus sampling.
-
-    ``generator``: one for the whole batch, or one per row (each row's draws then depend on its own
-    generator alone, not on the rows beside it)."""
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     z = logits.float()  # upcast: bf16 softmax loses mass
@@ -51,10 +47,7 @@ def sample(logits: Tensor, temperature: float, top_p: float,
         probs, order = probs.sort(dim=-1, descending=True)
         outside = probs.cumsum(dim=-1) - probs > top_p  # keep the first token always
         probs = probs.masked_fill(outside, 0.0)
-    if generator is None or isinstance(generator, torch.Generator):
-        choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-    else:
-        choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+    choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
     return (choice if order is None else order.gather(-1, choice)).squeeze(-1)
 
 
@@ -144,8 +137,8 @@ def generate_tokens(
     device = model.device
     batch = _Batch(prompts, pad_id, total, device)
     generator = None
-    if seed is not None:  # one per row: a prompt samples the same text alone or in any batch
-        generator = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
+    if seed is not None:  # one stream for the batch: copies of a prompt in it sample different texts
+        generator = torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     running = torch.ones(len(prompts), dtype=torch.bool, device=device)
     cache = model.new_cache(len(prompts), total) if use_cache else None  # this generation's own
@@ -199,8 +192,9 @@ def generate(
     Args:
         prompts: a string, a list of strings, a list of token-id lists, or (chat) a list of messages
             ``[{"role", "content"}]`` or a list of such dialogues.
-        temperature, top_p, seed: sampling (temperature 0 = greedy; a seed makes sampling repeatable: each
-            prompt samples the same text with it, alone or beside others, cached or not).
+        temperature, top_p, seed: sampling (temperature 0 = greedy; a seed makes a batch's sampling repeatable,
+            cached or not: one random stream serves the batch, so copies of a prompt sample different texts
+            and a prompt's text depends on the prompts beside it, as in transformers).
         stop_ids: token ids that end a row (default None: the tokenizer's stop tokens; an empty set: none).
         stream: yield StreamChunk pieces as they are produced instead of returning Completions.
 
