@@ -445,8 +445,9 @@ def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | 
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), out)
         tokenizer = _tokenizer_in(Path(tokenizer_dir))
-        if tokenizer is not None:
-            bos_id, eos_ids = tokenizer.bos_id, sorted(tokenizer.stop_ids)
+        ids = [] if tokenizer is None else [tokenizer.bos_id, *sorted(tokenizer.stop_ids)]
+        if ids and max(ids) < args.vocab_size:  # (a tokenizer too large for the model is refused at load)
+            bos_id, eos_ids = ids[0], ids[1:]
     atomic_write_json(out / "config.json", hf_config_from_args(args, model.dtype, bos_id, eos_ids))
     return out
 
@@ -516,10 +517,10 @@ def _meta_ffn_rule(a: ModelArgs) -> tuple[int, float | None]:
 
 def _tokenizer_in(directory: Path):
     """The tokenizer in ``directory`` (tokenizer.json or tokenizer.model, as load_tokenizer picks), or None."""
-    from llama_sae.llama.tokenizer import load_tokenizer
+    from llama_sae.llama.tokenizer import _tokenizer_from_dir
 
     names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
-    return load_tokenizer(directory) if any((directory / n).is_file() for n in names) else None
+    return _tokenizer_from_dir(directory) if any((directory / n).is_file() for n in names) else None
 
 
 def _copy_tokenizer(src: Path, out: Path) -> None:
