@@ -39,6 +39,7 @@ class FakeState:
         self.cut_next_download = False
         self.garbage_next_create = False
         self.error_after_next_create = False  # create the batch, then answer 500 (a retry would make a second)
+        self.refuse_next_create: tuple[int, dict] | None = None  # (status, body): create nothing, answer that
         self.openai_batch_status = "completed"  # or "expired", "failed"
         self.anthropic: dict[str, dict] = {}
         self.openai: dict[str, dict] = {}
@@ -138,6 +139,9 @@ class Handler(BaseHTTPRequestHandler):
         if method == "POST" and not rest and st.garbage_next_create:
             st.garbage_next_create = False
             return self._send(200, "<html>upstream error</html>")
+        if method == "POST" and not rest and st.refuse_next_create:
+            (status, body), st.refuse_next_create = st.refuse_next_create, None
+            return self._send(status, body)
         if method == "POST" and not rest:
             bid = st.next_id("msgbatch_")
             st.anthropic[bid] = {"id": bid, "requests": body["requests"], "created": time.time(), "polls": 0}

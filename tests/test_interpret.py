@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -203,6 +204,43 @@ def test_a_failed_creation_is_not_retried_into_a_second_batch(feats, server, bac
     assert any(r.get("reconciled") for r in _journal(f))
 
 
+@pytest.mark.parametrize("status, message", [
+    (401, "refused the API key in ANTHROPIC_API_KEY when asked to create a batch.*set it to a valid key"),
+    (413, "failed to create a batch.*fix the request or the settings it names"),
+])
+def test_a_batch_the_server_refused_is_priced_and_asked_about_again(feats, server, status, message):
+    """A creation answered 4xx made no batch: the next run prices those requests and asks (it used to count them
+    as in an open batch, print cost $0.00 and send them unasked); the key's variable is named, never the key."""
+    f = feats
+    server.state.refuse_next_create = (status, {"type": "error", "error": {
+        "type": "authentication_error", "message": "invalid x-api-key sk-ant-test-secret"}})
+    with pytest.raises(UserError, match=message) as e:
+        explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), threshold=100.0, say=lambda s: None)
+    assert "sk-ant-test-secret" not in str(e.value) and "***" in str(e.value)
+    said, asked = [], []
+    with pytest.raises(UserError, match="above the --confirm-above threshold"):
+        explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), threshold=0.0, say=said.append,
+                confirm=lambda q: asked.append(q) or False)
+    n = len(f.live_latents())
+    assert asked == [f"send {n} requests for {said[-1].rsplit('cost ≤ ', 1)[1]}?"] and "0 in open batches" in said[-1]
+    assert server.calls("POST", "/v1/messages/batches") == 1 and not list(f.path.rglob("*secret*"))
+    assert "sk-ant-test-secret" not in (f.path / "explain.journal.jsonl").read_text()
+
+
+def test_a_batch_whose_creation_may_have_reached_the_server_is_looked_up_before_the_estimate(feats, server):
+    """A 5xx after creating: the next run finds that batch before pricing, so nothing is counted twice."""
+    f = feats
+    server.state.error_after_next_create = True
+    with pytest.raises(UserError, match="run the same command again"):
+        explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), threshold=100.0, say=lambda s: None)
+    said = []
+    out = explain(f, make_backend("anthropic", f, base_url=server.url, **FAST), threshold=0.0, say=said.append,
+                  confirm=lambda q: False)  # nothing left to send: not asked
+    n = len(f.live_latents())
+    assert f"{n} in open batches, 0 to send" in said[0] and out["explained"] == n
+    assert server.calls("POST", "/v1/messages/batches") == 1
+
+
 def test_reconcile_never_adopts_a_batch_the_journal_knows(feats, server):
     """A creation killed before it reached the server, with an earlier batch of the same size a minute old:
     the earlier batch is not adopted; the requests go out again in a new batch."""
@@ -266,6 +304,42 @@ def test_chat_retries_429_and_5xx_and_records_garbage_and_4xx(feats, server):
     assert server.calls("POST", "/v1/chat/completions") == 8  # 6 requests + 2 retries
     explain(f, b, latents=latents, threshold=100.0, say=lambda s: None)
     assert server.calls("POST", "/v1/chat/completions") == 8  # nothing re-sent
+
+
+def test_a_refused_key_stops_the_run_and_bad_retry_after_values_are_ignored(feats, server):
+    """A 401 names the variable and sends nothing more; a key the server echoes is not journaled; a negative or
+    NaN retry-after falls back to back-off (it crashed the run)."""
+    f = feats
+    latents = f.live_latents()[:6]
+    server.state.chat_script = [(429, '{"error": {"message": "slow"}}', {"retry-after": "-1"}),
+                                (503, '{"error": {"message": "busy"}}', {"retry-after": "nan"}),
+                                (401, '{"error": {"message": "bad key sk-test-secret"}}', {})]
+    b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=1)
+    b.backoff = 0.0
+    out = explain(f, b, latents=latents, threshold=100.0, say=lambda s: None)
+    assert out["outcomes"] == {"errored": 6} and server.calls("POST", "/v1/chat/completions") == 3
+    text = (f.path / "explain.journal.jsonl").read_text()
+    assert "sk-test-secret" not in text and "bad key ***" in text
+    assert "the server refused the key in OPENAI_API_KEY: set it to a key this server accepts" in text
+    assert text.count("not sent: HTTP 401") == 5
+
+
+def test_ctrl_c_drops_the_requests_not_started(feats, server):
+    """KeyboardInterrupt in a concurrent chat run: the queued requests are cancelled, not sent on the way out
+    (every one of them used to be sent before the run exited)."""
+    f = feats
+    b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=2)
+    complete, first = b.complete, threading.Lock()
+
+    def interrupted_at_the_first(request):
+        if first.acquire(blocking=False):
+            raise KeyboardInterrupt  # reaches the main thread through the first future's result()
+        return complete(request)
+
+    b.complete = interrupted_at_the_first
+    with pytest.raises(KeyboardInterrupt):
+        explain(f, b, threshold=100.0, say=lambda s: None)
+    assert len(f.live_latents()) > 10 and server.calls("POST", "/v1/chat/completions") <= 2
 
 
 def test_a_run_with_no_answer_is_set_aside_when_the_model_changes(feats, server):
@@ -833,7 +907,7 @@ def test_offline_answers_of_another_algorithm_are_made_again(feats, monkeypatch)
 
 
 def test_a_refused_journal_leaves_no_lock_file_and_urls_lose_their_userinfo(feats, server):
-    from llama_sae.interpret.backends import url_without_userinfo
+    from llama_sae.interpret.backends import url_for_record
 
     f = feats
     latents = f.live_latents()[:2]
@@ -841,7 +915,7 @@ def test_a_refused_journal_leaves_no_lock_file_and_urls_lose_their_userinfo(feat
     with pytest.raises(UserError, match="another run"):
         explain(f, make_backend("chat", f, model="m", base_url=server.url + "/v2"), latents=latents, say=lambda s: None)
     assert not list(f.path.glob("*.lock"))
-    assert url_without_userinfo("https://user:sk-secret@example.com:8443/v1/") == "https://example.com:8443/v1/"
+    assert url_for_record("https://user:sk-secret@example.com:8443/v1/?key=sk-2#x") == "https://example.com:8443/v1/"
 
 
 def test_an_unreachable_server_fails_the_run_after_the_first_requests_retries(feats, server):

@@ -12,6 +12,7 @@ the caller has already recorded the ``request`` lines.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
@@ -48,6 +49,7 @@ class Backend(ABC):
     model: str = ""
     batch_api: bool = False  # priced at the batch discount
     paid: bool = False  # a metered API: its cost is estimated and confirmed above a threshold
+    secrets: tuple[str, ...] = ()  # the API keys it holds: redacted from every error it records or raises
 
     @abstractmethod
     def run(self, requests: Sequence[Request], journal: Journal) -> None:
@@ -72,13 +74,23 @@ def env_key(variable: str, what: str) -> str:
     return key
 
 
-def url_without_userinfo(url: str) -> str:
-    """``url`` without a ``user:password@`` part (a key in a URL must not reach the journal)."""
+def url_for_record(url: str) -> str:
+    """``url`` without a ``user:password@`` part, query or fragment (where a key in a URL would travel): what
+    journals and messages may show of a server's address."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host))
+    return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` (API keys this run holds) shown as ``***``: a server or proxy that
+    echoes the key in an error message must not put it into a journal or onto the terminal."""
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return text
 
 
 def is_local_url(url: str) -> bool:
@@ -117,7 +129,12 @@ class RetryableError(Exception):
 
 
 class RequestFailed(Exception):
-    """A permanent failure of one request (HTTP 4xx, refused input): recorded as errored."""
+    """A permanent failure of one request (HTTP 4xx, refused input): recorded as errored. ``fatal``: every
+    other request would fail the same way (the key was refused): they are recorded unsent, not sent."""
+
+    def __init__(self, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class MalformedReply(Exception):
@@ -154,20 +171,22 @@ class SyncBackend(Backend):
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self.attempts = 0  # HTTP attempts made (for tests and reports)
         self.reached = False  # the server has answered something in this run
-        self.unreachable: str | None = None  # why the rest is not sent: no request of this run ever reached it
+        self.halted: str | None = None  # why the rest is not sent (never reached, or the key refused)
 
     def begin_run(self) -> None:
-        self.reached, self.unreachable = False, None  # a server fixed since the last run is tried again
+        self.reached, self.halted = False, None  # a server fixed since the last run is tried again
 
     @abstractmethod
     def complete(self, request: Request) -> str:
         """The reply text, or raise RetryableError / RequestFailed / MalformedReply."""
 
     def _one(self, request: Request, journal: Journal) -> None:
+        def failed(status: str, error: str) -> None:
+            journal.record_result(request.custom_id, status, error=redact(error, self.secrets))
+
         for attempt in range(self.max_attempts):
-            if self.unreachable:  # a wrong URL: the first requests' retries said so, the rest are not tried
-                journal.record_result(request.custom_id, "errored", error=f"not sent: {self.unreachable}")
-                return
+            if self.halted:  # a wrong URL or key: the first requests said so, the rest are not tried
+                return failed("errored", f"not sent: {self.halted}")
             self.limiter.wait()
             self.attempts += 1
             try:
@@ -176,22 +195,21 @@ class SyncBackend(Backend):
                 if not e.unreachable:  # (set only, never cleared: another thread may have set it)
                     self.reached = True
                 if attempt + 1 == self.max_attempts:
-                    journal.record_result(request.custom_id, "errored", error=f"gave up after {attempt + 1} "
-                                          f"attempts: {e}")
                     if e.unreachable and not self.reached:
-                        self.unreachable = f"the server could not be reached ({e}) in {attempt + 1} attempts"
-                    return
+                        self.halted = redact(f"the server could not be reached ({e}) in {attempt + 1} attempts",
+                                             self.secrets)
+                    return failed("errored", f"gave up after {attempt + 1} attempts: {e}")
                 delay = e.retry_after if e.retry_after is not None else self.backoff * 2**attempt
                 time.sleep(min(delay, self.max_backoff) * (1 + 0.1 * random.random()))
                 continue
             except RequestFailed as e:
                 self.reached = True
-                journal.record_result(request.custom_id, "errored", error=str(e))
-                return
+                if e.fatal:
+                    self.halted = redact(str(e), self.secrets)
+                return failed("errored", str(e))
             except MalformedReply as e:
                 self.reached = True
-                journal.record_result(request.custom_id, "malformed", error=str(e))
-                return
+                return failed("malformed", str(e))
             self.reached = True
             journal.record_result(request.custom_id, "succeeded", text=text)
             return
@@ -201,9 +219,12 @@ class SyncBackend(Backend):
             for r in requests:
                 self._one(r, journal)
             return
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
             for future in [pool.submit(self._one, r, journal) for r in requests]:
                 future.result()
+        finally:  # Ctrl-C (or a bug): the requests not started yet are dropped, not sent while the run exits
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class OfflineBackend(SyncBackend):
@@ -263,13 +284,14 @@ class ChatBackend(SyncBackend):
         self.official = "api.openai.com" in url
         variable = api_key_env or "OPENAI_API_KEY"
         needed = api_key_env is not None or self.paid
-        key = env_key(variable, f"the chat backend ({url})") if needed else os.environ.get(variable)
+        key = env_key(variable, f"the chat backend ({url_for_record(url)})") if needed else os.environ.get(variable)
+        self.key_variable, self.secrets = variable, (key,) if key else ()
         self.openai = openai
         self.client = openai.OpenAI(api_key=key or "none", base_url=url, max_retries=0, timeout=timeout)
         self.model, self.temperature = model, temperature
 
     def identity(self) -> dict[str, Any]:
-        return {"base_url": url_without_userinfo(str(self.client.base_url)), "temperature": self.temperature}
+        return {"base_url": url_for_record(str(self.client.base_url)), "temperature": self.temperature}
 
     def complete(self, request: Request) -> str:
         o = self.openai
@@ -285,6 +307,10 @@ class ChatBackend(SyncBackend):
         except o.APIStatusError as e:
             if e.status_code >= 500 or e.status_code in (408, 409):
                 raise RetryableError(str(e), _retry_after(e)) from e
+            if e.status_code in (401, 403):  # the key: every request would be refused the same way
+                fix = (f"the server refused the key in {self.key_variable}: set it to a key this server accepts"
+                       if self.secrets else f"the server wants a key: set {self.key_variable}")
+                raise RequestFailed(f"HTTP {e.status_code}: {e.message} ({fix})", fatal=True) from e
             raise RequestFailed(f"HTTP {e.status_code}: {e.message}") from e
         except (o.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON at all
             raise MalformedReply(f"the server's reply is not a chat completion: {e}") from e
@@ -308,12 +334,14 @@ def openai_limits(model: str, max_tokens: int, temperature: float, *, official: 
 
 
 def _retry_after(e: Exception) -> float | None:
+    """Seconds from a ``retry-after`` header, or None (absent, an HTTP date, negative, NaN: back off instead)."""
     response = getattr(e, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 class LocalBackend(Backend):

@@ -25,7 +25,15 @@ from typing import Any
 
 from llama_sae.errors import UserError
 from llama_sae.fileio import atomic_write
-from llama_sae.interpret.backends import Backend, Request, env_key, openai_limits, sdk, url_without_userinfo
+from llama_sae.interpret.backends import (
+    Backend,
+    Request,
+    env_key,
+    openai_limits,
+    redact,
+    sdk,
+    url_for_record,
+)
 from llama_sae.interpret.journal import Journal
 
 Outcome = tuple[str, str | None, str | None]  # (status, text, error)
@@ -36,6 +44,7 @@ class BatchBackend(Backend):
 
     batch_api = True
     paid = True
+    key_variable = ""  # the environment variable its key comes from
 
     def __init__(self, model: str, *, results_dir: Path, temperature: float = 0.0, max_batch: int = 10_000,
                  poll_interval: float = 30.0, wait: bool = True, download_attempts: int = 3, timeout: float = 120.0):
@@ -45,7 +54,7 @@ class BatchBackend(Backend):
         self.download_attempts = download_attempts
 
     def identity(self) -> dict[str, Any]:
-        return {"base_url": url_without_userinfo(str(self.client.base_url)),  # the batch ids live there
+        return {"base_url": url_for_record(str(self.client.base_url)),  # the batch ids live there
                 "temperature": self.temperature}
 
     # ---- protocol-specific
@@ -79,8 +88,9 @@ class BatchBackend(Backend):
         self.submit(requests, journal)
         self.collect(journal)
 
-    def submit(self, requests: Sequence[Request], journal: Journal) -> None:
-        """Reconcile interrupted creations, then create batches for the requests that are in none."""
+    def reconcile(self, journal: Journal) -> None:
+        """Look up each batch recorded as pending (its creation interrupted) on the server: adopted if found,
+        else its requests are free again. Run before the cost estimate, which counts pending requests as sent."""
         st = journal.state
         for local_id, pending in list(st.pending_batches.items()):
             batch_id = self._server("look up an interrupted batch", self.find, pending, st.known_batches)
@@ -89,6 +99,11 @@ class BatchBackend(Backend):
             else:
                 journal.append({"kind": "batch", "local_id": local_id, "batch_id": batch_id,
                                 "custom_ids": pending["custom_ids"], "reconciled": True})
+
+    def submit(self, requests: Sequence[Request], journal: Journal) -> None:
+        """Reconcile interrupted creations, then create batches for the requests that are in none."""
+        st = journal.state
+        self.reconcile(journal)
         busy = st.in_batch()
         todo = [r for r in requests if r.custom_id not in busy]
         for i in range(0, len(todo), self.max_batch):
@@ -97,7 +112,12 @@ class BatchBackend(Backend):
             ids = [r.custom_id for r in chunk]
             journal.append({"kind": "batch_pending", "local_id": local_id, "custom_ids": ids,
                             "at": dt.datetime.now(dt.timezone.utc).isoformat()})
-            batch_id = self._server("create a batch", self.create, chunk, local_id)
+            try:
+                batch_id = self._server("create a batch", self.create, chunk, local_id)
+            except UserError as e:
+                if _refused(e.__cause__):  # the server answered no: nothing was created (a 5xx or a cut
+                    journal.append({"kind": "batch_lost", "local_id": local_id})  # connection stays pending)
+                raise
             journal.append({"kind": "batch", "local_id": local_id, "batch_id": batch_id, "custom_ids": ids})
 
     def collect(self, journal: Journal) -> None:
@@ -120,9 +140,13 @@ class BatchBackend(Backend):
         except UserError:
             raise
         except Exception as e:  # the SDKs' APIError family, httpx errors, JSON errors from garbage bodies
-            raise UserError(f"the {self.name} server failed to {what} ({type(e).__name__}: {str(e)[:300]}): "
-                            "nothing is lost, the journal knows what was sent; run the same command again to "
-                            "resume") from e
+            detail = redact(f"{type(e).__name__}: {str(e)[:300]}", self.secrets)
+            if getattr(e, "status_code", None) in (401, 403):
+                raise UserError(f"the {self.name} server refused the API key in {self.key_variable} when asked to "
+                                f"{what} ({detail}): set it to a valid key; nothing was sent") from e
+            fix = "fix the request or the settings it names" if _refused(e) else "run the same command again to resume"
+            raise UserError(f"the {self.name} server failed to {what} ({detail}): nothing is lost, the journal "
+                            f"knows what was sent; {fix}") from e
 
     def _collect(self, batch_id: str, custom_ids: list[str], journal: Journal) -> None:
         raw = self._raw(batch_id)
@@ -154,8 +178,8 @@ class BatchBackend(Backend):
                                         f"({bad_lines} malformed lines)")
         for cid in custom_ids:
             status, text, error = outcomes.get(cid, missing)
-            records.append({"kind": "result", "custom_id": cid, "status": status, "text": text, "error": error,
-                            "batch_id": batch_id})
+            records.append({"kind": "result", "custom_id": cid, "status": status, "text": text,
+                            "error": None if error is None else redact(error, self.secrets), "batch_id": batch_id})
         journal.append(*records, {"kind": "batch_done", "batch_id": batch_id})
 
     def _raw(self, batch_id: str) -> bytes:
@@ -177,6 +201,12 @@ class BatchBackend(Backend):
                         f"attempts ({type(error).__name__}: {error}): run the same command again to retry")
 
 
+def _refused(e: BaseException | None) -> bool:
+    """Whether the server answered with a 4xx status (it refused the call: a batch it refused was not made)."""
+    status = getattr(e, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500
+
+
 def _since(pending: dict) -> dt.datetime:
     return dt.datetime.fromisoformat(pending["at"]) - dt.timedelta(minutes=2)
 
@@ -192,6 +222,7 @@ class AnthropicBatchBackend(BatchBackend):
     def __init__(self, model: str = "claude-haiku-4-5", *, base_url: str | None = None, **kw):
         super().__init__(model, **kw)
         key = env_key("ANTHROPIC_API_KEY", "the anthropic batch backend")
+        self.key_variable, self.secrets = "ANTHROPIC_API_KEY", (key,)
         self.client = sdk("anthropic", self.name).Anthropic(api_key=key, base_url=base_url, max_retries=4,
                                                                    timeout=self.timeout)
 
@@ -253,6 +284,7 @@ class OpenAIBatchBackend(BatchBackend):
     def __init__(self, model: str = "gpt-4o-mini", *, base_url: str | None = None, **kw):
         super().__init__(model, **kw)
         key = env_key("OPENAI_API_KEY", "the openai batch backend")
+        self.key_variable, self.secrets = "OPENAI_API_KEY", (key,)
         self.client = sdk("openai", self.name).OpenAI(api_key=key, base_url=base_url, max_retries=4,
                                                              timeout=self.timeout)
 

@@ -122,6 +122,8 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
         say(f"{task}: a new journal; the old one is kept as {journal.set_aside.name}" if fresh else
             f"{task}: the journal held {journal.set_aside_why}: set aside as {journal.set_aside.name}")
     st = journal.state
+    if backend.batch_api and st.pending_batches:  # before the estimate, which counts their requests as sent
+        backend.reconcile(journal)
     answered = {i for i, k in enumerate(keys) if k in st.chunks and all(st.succeeded(c) for c in st.chunks[k])}
     reused = sum(len(st.chunks[keys[i]]) for i in answered)
     if answered and len(answered) == len(chunks):
