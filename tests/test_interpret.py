@@ -491,6 +491,9 @@ def test_parsing_is_tolerant_and_strict_where_it_matters():
         "cooking", 0.75)
     assert parse_explanation('{"explanation": "x", "certainty": 90}') == ("x", 0.9)
     assert parse_explanation("no json here") == (None, None)
+    assert parse_explanation('{"explanation": "dates\\n2. sentence\\t one"}') == ("dates 2. sentence one", None)
+    long = parse_explanation(json.dumps({"explanation": "word " * 500}))[0]
+    assert len(long) <= 401 and long.endswith("word…")
     assert parse_explanation('{"explanation": ""}') == (None, None)
     assert parse_explanation('{"explanation": "x", "certainty": "high"}') == ("x", None)
     assert parse_answers('{"answers": [1, 0, "1"]}', 3) == [1, 0, 1]

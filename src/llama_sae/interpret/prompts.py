@@ -158,15 +158,25 @@ def _certainty(value) -> float | None:
     return max(value, 0.0)
 
 
+MAX_EXPLANATION_CHARS = 400  # the prompt asks for at most 15 words; a reply that rambles is cut here
+
+
 def parse_explanation(text: str) -> tuple[str | None, float | None]:
-    """(explanation, certainty) from a reply; explanation None when the reply breaks the contract."""
+    """(explanation, certainty) from a reply; explanation None when the reply breaks the contract.
+
+    The explanation is one line (whitespace runs, newlines included, become one space: it is quoted inside the
+    scoring prompts, where a newline could add numbered lines of its own) of at most MAX_EXPLANATION_CHARS
+    characters (cut at a word, with "…")."""
     obj = last_json_object(text, ("explanation", "common_semantic"))
     if obj is None:
         return None, None
     expl = obj.get("explanation", obj.get("common_semantic"))
     if not isinstance(expl, str) or not expl.strip():
         return None, None
-    return expl.strip(), _certainty(obj.get("certainty"))
+    expl = " ".join(expl.split())
+    if len(expl) > MAX_EXPLANATION_CHARS:
+        expl = expl[:MAX_EXPLANATION_CHARS].rsplit(" ", 1)[0] + "…"
+    return expl, _certainty(obj.get("certainty"))
 
 
 def parse_answers(text: str, n: int) -> list[int] | None:
