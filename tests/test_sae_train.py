@@ -316,6 +316,10 @@ def test_trains_on_a_captured_store(tmp_path):
     assert sae.cfg.model_name == str(Path(model_dir).resolve())
     with pytest.raises(UserError, match="not resid_post.0"):
         train(store, tmp_path / "sae2", cfg.model_copy(update={"hook": "resid_post.0"}), progress=False)
+    evaluated = cfg.model_copy(update={"eval_every": 2, "eval_model": str(model_dir), "eval_corpus": "txt:/nonexist"})
+    with pytest.raises(UserError, match="no such file or folder: /nonexist"):
+        train(store, tmp_path / "sae3", evaluated, progress=False)
+    assert not (tmp_path / "sae3").exists()  # a run that fails while setting up leaves no new, empty --out
 
 
 @pytest.mark.parametrize("content, message", [(b"k: [1\n", "not readable YAML"), (b"- 1\n- 2\n", "holds a list"),

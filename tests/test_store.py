@@ -254,6 +254,22 @@ def test_damaged_or_unfinished_stores_give_one_line_errors(tmp_path):
         ActivationStore(path)
 
 
+@pytest.mark.parametrize("field", ["d", "rows"])
+def test_a_manifest_that_disagrees_with_its_shards_is_named_where_they_are_read(tmp_path, field):
+    """A manifest edited to another width or row count: one line at the first read (training on it crashed in
+    index_copy_ or, with inflated rows, trained silently on unfilled buffer rows)."""
+    path = make_store(tmp_path / "acts")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if field == "d":
+        manifest["d"] *= 2
+    else:
+        manifest["shards"][0]["rows"] *= 10
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    store = ActivationStore(path)
+    with pytest.raises(UserError, match=rf"shard {store.shards[0]['name']} .* where the manifest says .*store verify"):
+        store.read(0)
+
+
 def test_loader_refuses_a_split_smaller_than_a_batch(store):
     with pytest.raises(UserError, match="fewer than one batch"):
         store.loader(10**6)

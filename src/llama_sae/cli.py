@@ -7,6 +7,7 @@ Problems with the user's input are printed as one line (``error: ...``) with exi
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -66,6 +67,48 @@ def _plain_help_types() -> None:
 
 
 _plain_help_types()
+
+
+def _finite_numbers() -> None:
+    """Refuse NaN, infinities and integers of 2^63 or more for every INTEGER and FLOAT option, by name.
+
+    Without this an option's own bound names the wrong reason for NaN ("should be greater than or equal to 0")
+    and a number past 64 bits reaches torch or islice and ends in an internal error."""
+    from typing import get_args
+
+    from typer import core
+
+    cls = getattr(core, "_TyperParameter", None)
+    original = getattr(cls, "process_value", None)
+    if original is None or getattr(original, "finite", False):
+        return
+    try:
+        from typer._click.exceptions import BadParameter
+    except ImportError:
+        from click.exceptions import BadParameter
+
+    def process_value(self, ctx, value):
+        desc = getattr(self, "type_descriptor", None)
+        annotation = None if desc is None else get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+        if annotation in (int, float):
+            for raw in value if isinstance(value, (list, tuple)) else [value]:
+                try:
+                    number = float(raw) if isinstance(raw, str) else None
+                except ValueError:
+                    continue  # not a number at all: typer says so
+                if number is None:
+                    continue
+                why = ("is not a number" if math.isnan(number) else "is not a finite number" if math.isinf(number)
+                       else "is too large: give a number below 2^63" if abs(number) >= 2**63 else None)
+                if why:
+                    raise BadParameter(f"{raw} {why}", ctx=ctx, param=self)
+        return original(self, ctx, value)
+
+    process_value.finite = True
+    cls.process_value = process_value
+
+
+_finite_numbers()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders for Llama 3.x: capture, train, interpret, steer.")
 console = Console(emoji=False)

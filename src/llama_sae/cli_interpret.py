@@ -182,7 +182,7 @@ def explain(
     from llama_sae.interpret import explain as run_explain
 
     f = load_features(path)
-    chosen = parse_latents(latents, f.meta["d_sae"]) if latents else None
+    chosen = parse_latents(latents, f.meta["d_sae"])
     _check_fresh_and_retry(fresh, retry_failed)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
                  timeout)

@@ -24,14 +24,13 @@ def parse_latents(text: str | None, d_sae: int) -> list[int] | None:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdecimal() or (hi and not hi.isdecimal()):
             raise UserError(f"--latents {text!r}: write ids and ranges like 3,17,40-49 (or 'live')")
-        if hi and int(hi) < int(lo):
+        first, last = int(lo), int(hi or lo)
+        if last < first:
             raise UserError(f"--latents {text!r}: the range {part.strip()} runs backwards: write it low-high")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    out = list(dict.fromkeys(out))  # a latent named twice is one latent
-    bad = [i for i in out if i >= d_sae]
-    if bad:
-        raise UserError(f"--latents: latent {bad[0]} is out of range, the SAE has latents 0..{d_sae - 1}")
-    return out
+        if last >= d_sae:  # (checked before the range is listed: 0-99999999999 is no list to build)
+            raise UserError(f"--latents: latent {last} is out of range, the SAE has latents 0..{d_sae - 1}")
+        out += range(first, last + 1)
+    return list(dict.fromkeys(out))  # a latent named twice is one latent
 
 
 def resolve_sae(model: str | None, sae: Path | None, features: Path | None) -> tuple[Path, Path | None]:

@@ -190,9 +190,9 @@ def _parse_count(n_text: str, text: str) -> int:
     digits = n_text[:-1] if scale > 1 else n_text
     try:
         n = int(float(digits) * scale) if scale > 1 else int(digits)
-    except ValueError:
+    except (ValueError, OverflowError):  # (infk, nank)
         n = -1
-    if n <= 0:
+    if not 0 < n < 2**63:
         raise UserError(f"bad sentence count {n_text!r} in {text!r}: use a positive number such as 5000 or 5k")
     return n
 

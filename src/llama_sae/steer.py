@@ -103,6 +103,9 @@ def check_positions(positions: str, where: str = "steer") -> None:
     if m is None or (m["n"] is not None and m["base"] not in ("last", "prompt")):
         raise UserError(f"{where}: positions {positions!r} is not one of {', '.join(POSITIONS)}, last+N or "
                         "prompt+N (N generated tokens more, e.g. last+2)")
+    if m["n"] is not None and int(m["n"]) >= 2**31:
+        raise UserError(f"{where}: positions {positions!r} reaches past any context: for every generated token "
+                        "write 'generated' (or 'all')")
 
 
 def positions_window(positions: str, prompt_len: int) -> tuple[int, int | None]:

@@ -815,6 +815,11 @@ class ActivationStore:
         names = [f"acts.{self.hook(hook)}", "sentence_id", "position", "token_id"]
         t = _read_tensors(self.path / entry["name"], names)
         t["acts"] = t.pop(names[0])
+        rows = entry["rows"]
+        if tuple(t["acts"].shape) != (rows, self.d) or any(t[k].shape != (rows,) for k in names[1:]):
+            raise UserError(f"shard {entry['name']} of the store {self.path} holds {list(t['acts'].shape)} activations "
+                            f"where the manifest says [{rows}, {self.d}]: the manifest or the shard is damaged "
+                            f"(`llama-sae store verify {self.path}` lists every problem)")
         return t
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, split: str = "train",

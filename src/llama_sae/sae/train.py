@@ -19,6 +19,7 @@ Not done here: evaluation on the validation split (sae/evaluate.py), learning-ra
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -756,22 +757,43 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     runs = make_runs(cfg, source.d, source_metadata(source, cfg.hook), world.device)
     total = total_steps(source, cfg)
     identity = source_identity(source, cfg.hook)
+    created = not out.exists()
     step, extra = prepare_out(out, runs, cfg, source.d, world, identity)
     extra.setdefault("source", identity)
     if step and world.rank == 0 and progress:
         print(f"resumed from {out / CHECKPOINT}: step {step:,} of {total:,}", flush=True)
     if world.rank != 0 and hasattr(source, "verify_reads"):
         source.verify_reads = False  # every rank reads every shard: rank 0 checks their sha256 for all of them
-    batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
-                                 start_batch=step, dtype=torch.float32))
-    if step == 0:
-        first = next(batches)
-        init_runs_(runs, first.to(world.device), cfg)
-        batches = _chain(first, batches)
-    log = MetricsLog(out, step, cfg, extra.get("wandb_id")) if world.rank == 0 else None
-    if log is not None and log.wandb is not None:
-        extra["wandb_id"] = log.wandb.id
-    evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
+    log = None
+    try:  # set-up: a bad first shard, eval model or eval corpus leaves no new, empty --out behind
+        batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
+                                     start_batch=step, dtype=torch.float32))
+        if step == 0:
+            first = next(batches)
+            init_runs_(runs, first.to(world.device), cfg)
+            batches = _chain(first, batches)
+        log = MetricsLog(out, step, cfg, extra.get("wandb_id")) if world.rank == 0 else None
+        if log is not None and log.wandb is not None:
+            extra["wandb_id"] = log.wandb.id
+        evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
+    except BaseException:
+        if log is not None:
+            log.close()
+        if created and world.rank == 0:
+            _remove_new_out(out)
+        raise
+    try:
+        return _train_loop(runs, batches, cfg, world, step, total, out, log, extra, evaluator, progress, identity,
+                           source.d)
+    except BaseException:
+        if created and world.rank == 0 and not (out / CHECKPOINT).exists():
+            _remove_new_out(out)  # (a log with records stays: a run that diverged at once is read from it)
+        raise
+
+
+def _train_loop(runs, batches, cfg: TrainConfig, world, step: int, total: int, out: Path, log, extra: dict,
+                evaluator, progress: bool, identity: dict, d_in: int) -> list[Path]:
+    """The steps of :func:`train_sae` from ``step`` on, its evaluations and the export of the SAEs."""
     if evaluator is not None and 0 < step < total and step % cfg.log_every == 0:
         # the checkpoint at a record step is written before that step's evaluation: a run killed during it owes it
         evaluator.maybe(runs, step, step * cfg.batch_size)
@@ -802,7 +824,7 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
         return []
     try:
         fingerprint = identity["model"] if isinstance(identity["model"], str) else None
-        dirs = export(out, runs, cfg, source.d, total, fingerprint)
+        dirs = export(out, runs, cfg, d_in, total, fingerprint)
         if evaluator is not None:
             evaluator.final(runs, dirs, total, total * cfg.batch_size, plots=cfg.plots)
         if cfg.plots:
@@ -822,6 +844,19 @@ def training_eval(cfg: TrainConfig, out: Path, step: int, runs: list[Run]):
                              device=str(runs[0].sae.W_enc.device))
     evaluator.check(run.sae for run in runs)
     return evaluator
+
+
+def _remove_new_out(out: Path) -> None:
+    """Remove the --out a run created and stopped in before its first checkpoint, if it holds nothing but empty
+    logs: no new, empty folder is left behind."""
+    from llama_sae.sae.evaluate import EVAL_LOG
+
+    for name in (METRICS, EVAL_LOG):
+        with contextlib.suppress(OSError):
+            if (out / name).stat().st_size == 0:
+                (out / name).unlink()
+    with contextlib.suppress(OSError):  # (something else in it: left as it is)
+        out.rmdir()
 
 
 def _chain(first: torch.Tensor, rest: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
