@@ -142,6 +142,8 @@ def test_records_and_prompt_files(tmp_path):
                              ).exit_code == 0
     _edit_json(rec, lambda r: r["sampling"].update(max_new_tokens="x"))
     assert "the record's 'sampling' is not what llama-sae writes there" in _error(["generate", "--replay", str(rec)])
+    _edit_json(rec, lambda r: r["sampling"].update(max_new_tokens=2) or r.update(prompts=[]))
+    assert "the record's 'prompts' is not what llama-sae writes there" in _error(["generate", "--replay", str(rec)])
     binary = tmp_path / "prompts.bin"
     binary.write_bytes(bytes(range(128, 256)))
     assert "is not UTF-8 text: pass a text file, one prompt per line" in _error(

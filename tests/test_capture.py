@@ -516,3 +516,18 @@ def test_a_huge_line_is_tokenized_only_as_far_as_the_context(tiny, tmp_path, mon
     rows = _rows(out)
     ids = load_tokenizer(tiny).encode(huge, bos=True)[:64]
     assert rows["token_id"][rows["sentence_id"] == 1].tolist() == ids[1:]
+
+
+def test_a_capture_that_failed_before_committing_anything_starts_afresh_with_fixed_settings(tiny, tmp_path):
+    """The model failed to load after the manifest was written: the fixed command (another model fingerprint)
+    used to be refused as 'captured with other settings', though nothing was there to resume."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "acts"
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        capture(_cfg(broken, out, tokens=500))
+    assert (out / "manifest.json").exists()
+    summary = capture(_cfg(tiny, out, tokens=500))
+    assert summary.tokens == 500 and ActivationStore(out).manifest["model"]["path"] == str(Path(tiny).resolve())

@@ -324,6 +324,30 @@ def test_piece_blob_is_each_tokens_own_decode(chunk):
     assert len(empty_blob) == 0 and empty_off.tolist() == [0]
 
 
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizer.json"])
+def test_pieces_of_sentences_join_up_to_their_text(backend, tmp_path):
+    """With sentence lengths, a split character shows on the token that completes it (as the UI shows it): the
+    pieces join up to each sentence, and sentences without one keep each token's own decode."""
+    from test_tokenizer import meta_tokenizer_model_path
+
+    from llama_sae.features import piece_blob_of
+    from llama_sae.llama.tokenizer import HFTokenizer, TiktokenLlama3Tokenizer, write_hf_tokenizer_json
+
+    tok = TiktokenLlama3Tokenizer(meta_tokenizer_model_path())
+    if backend == "tokenizer.json":
+        pytest.importorskip("transformers.convert_slow_tokenizer")
+        tok = HFTokenizer(write_hf_tokenizer_json(meta_tokenizer_model_path(), tmp_path))
+    texts = ["plain words only", "naïve café 🦙 — 東京 𝔘", "", "ok 🦙🦙"]
+    sentences = [tok.encode(t, bos=False) for t in texts]
+    assert any("\ufffd" in tok.decode([i]) for i in sentences[1])  # a character is split across tokens
+    blob, offsets = piece_blob_of(tok, np.array([i for s in sentences for i in s], dtype=np.int32),
+                                  lengths=[len(s) for s in sentences])
+    pieces = [bytes(blob[a:b].numpy()).decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+    at = np.cumsum([0] + [len(s) for s in sentences])
+    assert ["".join(pieces[at[i]:at[i + 1]]) for i in range(len(texts))] == texts
+    assert pieces[:at[1]] == [tok.decode([i]) for i in sentences[0]]
+
+
 def test_decoded_pieces_are_cached_but_every_caller_gets_its_own_list(monkeypatch):
     import llama_sae.features as features_mod
 

@@ -62,6 +62,8 @@ def test_parse_specs_and_round_trip():
     ("12:add:1:last+", "positions 'last\\+'"),
     ("12:add:1:last-1", "last\\+N or prompt\\+N"),
     ("foo@5:add:2", "'foo' is not a hook point: write KIND.LAYER@ before the latent"),
+    ("foo.3@5:add:2", "'foo.3' is not a hook point: write KIND.LAYER@ with KIND one of resid_pre"),
+    ("5:add:1:last+99999999999999999999", "reaches past any context: for every generated token write 'generated'"),
 ])
 def test_parser_rejects_malformed_specs(spec, message):
     with pytest.raises(UserError, match=message):

@@ -270,6 +270,13 @@ def test_a_manifest_that_disagrees_with_its_shards_is_named_where_they_are_read(
         store.read(0)
 
 
+def test_a_hook_the_store_lacks_is_told_apart_from_a_name_no_model_has(store):
+    with pytest.raises(UserError, match="holds resid_post.0, not resid_post.4: capture resid_post.4 with"):
+        store.hook("resid_post.4")
+    with pytest.raises(UserError, match="unknown hook point .foo.3.: use KIND.LAYER .*holds resid_post.0"):
+        store.hook("foo.3")
+
+
 def test_loader_refuses_a_split_smaller_than_a_batch(store):
     with pytest.raises(UserError, match="fewer than one batch"):
         store.loader(10**6)

@@ -55,6 +55,7 @@ from llama_sae.store import (
     FORMAT,
     GPU_WRITER_THREADS,
     MANIFEST,
+    PROGRESS_DIR,
     STORE_DTYPES,
     VERSION,
     ActivationStore,
@@ -489,6 +490,7 @@ def _open_store(cfg: CaptureConfig, settings: dict[str, Any], corpus, tokenizer,
     out = Path(cfg.out)
     if dist.rank == 0:
         sweep_temp_files(out)  # the other ranks read nothing before the barrier below
+        _forget_an_empty_start(out, settings)
     if dist.rank == 0 and not (out / MANIFEST).exists():
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} is not empty and holds no {MANIFEST}: choose a new --out directory")
@@ -502,6 +504,27 @@ def _open_store(cfg: CaptureConfig, settings: dict[str, Any], corpus, tokenizer,
     manifest = read_manifest(out)
     _check_same(manifest, settings, out, repair=cfg.repair and manifest["status"] == "complete")
     return manifest
+
+
+def _forget_an_empty_start(out: Path, settings: dict[str, Any]) -> None:
+    """Remove the manifest of a capture that stopped before committing anything (e.g. its model failed to load)
+    when this command's settings differ: there is nothing to resume, and the fixed command starts afresh."""
+    if not (out / MANIFEST).is_file() or any(out.glob("*.safetensors")):
+        return
+    progress = out / PROGRESS_DIR
+    if progress.is_dir() and any(p.stat().st_size for p in progress.iterdir()):
+        return
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("status") != "capturing":
+            return
+        _check_same(manifest, settings, out)
+    except UserError:
+        (out / MANIFEST).unlink()
+        if progress.is_dir():
+            for p in progress.iterdir():
+                p.unlink()
+            progress.rmdir()
 
 
 def _sentences_per_batch(corpus, tokenizer, context: int, batch_tokens: int) -> int:

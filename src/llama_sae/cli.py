@@ -504,8 +504,9 @@ def store_verify(path: Annotated[Path, typer.Argument(metavar="STORE", help="sto
     """Re-hash every shard against the manifest's sha256; exit status 1 names the bad shards and the fix."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from llama_sae.store import verify_store
+    from llama_sae.store import read_manifest, verify_store
 
+    read_manifest(path)  # not a store: one line, before the progress bar starts (it would leave a blank line)
     with Progress(TextColumn("verify"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console,
                   transient=True) as bar:
         task = bar.add_task("verify", total=None)

@@ -39,7 +39,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -332,7 +332,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     from llama_sae.splice import check_fits
 
     check_fits(model, sae)
-    corpus = Corpus(corpus_source, split_sentences=split_sentences)  # a bad SOURCE fails here, before any directory
+    corpus = Corpus(corpus_source, split_sentences=split_sentences)
+    next(iter(corpus), None)  # a bad SOURCE (a missing file, column or dataset) fails here, before any directory
     if split_sentences is not None and split_sentences == Corpus(corpus_source).splits():
         split_sentences = None  # what the automatic rule decides anyway: the same artifact as without the flag
     if checkpoint_every is None:
@@ -508,7 +509,8 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
             n = row_start[b + 1] - row_start[b]
             rows = slice(row_start[b], row_start[b + 1])
             out.record(sid, texts[b], tokens[b, 1:n + 1].numpy(), vals[rows], idx[rows])
-    piece_blob, piece_off = piece_blob_of(tokenizer, np.concatenate(out.token_ids))
+    piece_blob, piece_off = piece_blob_of(tokenizer, np.concatenate(out.token_ids),
+                                          lengths=[len(t) for t in out.token_ids])
     n_pieces = torch.tensor([len(t) for t in out.token_ids], dtype=torch.int64)
     return _pack(ex, slot, out.texts, (piece_blob, piece_off), n_pieces, out.acts, pool_ids, out.pool_fire, state,
                  settings, d_sae)
@@ -532,13 +534,31 @@ def _blob(strings: list[str]) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(blob), torch.from_numpy(offsets)
 
 
-def piece_blob_of(tokenizer, ids: np.ndarray, chunk: int = 1 << 20) -> tuple[Tensor, Tensor]:
-    """The UTF-8 concatenation uint8 [bytes] and offsets int64 [n + 1] of each token's own piece,
-    ``tokenizer.decode([id])`` (a byte-level token that is part of a character decodes to U+FFFD), for
-    token ids [n]. Each distinct id is decoded once, and the bytes are gathered from that table a chunk
-    of tokens at a time: no Python object per token."""
+def piece_blob_of(tokenizer, ids: np.ndarray, chunk: int = 1 << 20, lengths: Sequence[int] | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """The UTF-8 concatenation uint8 [bytes] and offsets int64 [n + 1] of each token's piece, for token ids [n].
+
+    A token's piece is its own ``tokenizer.decode([id])``. With ``lengths`` (the token count of each sentence
+    the ids are the concatenation of), a sentence holding a token that is part of a character (its own decode
+    holds U+FFFD) has its pieces from a stream decoder instead, as the UI shows them: the token holding part of a
+    character shows nothing and the one completing it the whole character, so the pieces join up to the text.
+    Each distinct id is decoded once, and the bytes are gathered from that table a chunk of tokens at a time:
+    no Python object per token, except in the sentences with split characters."""
     uniq, inv = np.unique(ids, return_inverse=True)
     table = [tokenizer.decode([int(t)]).encode("utf-8") for t in uniq]
+    partial = np.array([b"\xef\xbf\xbd" in b for b in table], dtype=bool)
+    if lengths is not None and len(ids) and partial[inv].any():
+        inv = inv.copy()
+        lengths = np.asarray(lengths, dtype=np.int64)
+        ends = np.cumsum(lengths)
+        split = np.concatenate([[0], np.cumsum(partial[inv])])  # tokens with a split character, up to each position
+        for sentence in np.flatnonzero(split[ends] > split[ends - lengths]):
+            lo, hi = int(ends[sentence] - lengths[sentence]), int(ends[sentence])
+            decoder = tokenizer.stream_decoder()
+            pieces = [decoder.feed(int(t)) for t in ids[lo:hi]]
+            pieces[-1] += decoder.flush()
+            inv[lo:hi] = np.arange(len(table), len(table) + len(pieces))  # each a piece of its own in the table
+            table += [p.encode("utf-8") for p in pieces]
     start = np.zeros(len(table) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in table], out=start[1:])
     table_bytes = np.frombuffer(b"".join(table), dtype=np.uint8)
@@ -764,6 +784,9 @@ def load_features(path: str | Path) -> Features:
     if path.is_file() and path.name in (META_FILE, TENSORS_FILE):
         path = path.parent
     meta_file = path / META_FILE
+    if not path.exists():
+        raise UserError(f"no features artifact at {path}: it does not exist (check the path, or build one with "
+                        "`llama-sae features --sae SAE --out DIR`)")
     if not meta_file.exists():
         hint = " (a build is in progress or was interrupted: run it again to resume)" if (
             path / PARTIAL_DIR).exists() else ""

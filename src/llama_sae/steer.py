@@ -94,6 +94,12 @@ def parse_steer(text: str) -> Steer:
     if not math.isfinite(value):
         raise UserError(f"steering spec {text!r}: strength must be a finite number")
     check_positions(positions, f"steering spec {text!r}")
+    if m["hook"] is not None:
+        from llama_sae.llama.model import HOOK_KINDS
+
+        if m["hook"].partition(".")[0] not in HOOK_KINDS:
+            raise UserError(f"steering spec {text!r}: {m['hook']!r} is not a hook point: write KIND.LAYER@ with KIND "
+                            f"one of {', '.join(HOOK_KINDS)} (e.g. resid_post.5@123:add:4)")
     return Steer(int(latent), kind, value, positions, m["hook"])
 
 
@@ -556,7 +562,8 @@ def _check_record(rec: dict) -> None:
     checks = [("model", isinstance(rec["model"], str)), ("chat", isinstance(rec["chat"], bool)),
               ("error_term", isinstance(rec["error_term"], bool)),
               ("outputs", strings(rec["outputs"])),
-              ("prompts", strings(rec["prompts"]) or isinstance(rec["prompts"], list) and rec["chat"]),
+              ("prompts", bool(rec["prompts"]) and (strings(rec["prompts"]) or isinstance(rec["prompts"], list)
+                                                     and rec["chat"])),
               ("saes", isinstance(rec["saes"], dict) and all(
                   isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("fingerprint"), str)
                   for v in rec["saes"].values())),

@@ -751,6 +751,12 @@ class ActivationStore:
                                 "name one with --hook (in Python: hook=... or store.stats(hook))")
             return self.hooks[0]
         if hook not in self.hooks:
+            from llama_sae.llama.model import HOOK_KINDS
+
+            kind, _, layer = hook.partition(".")
+            if kind not in HOOK_KINDS or not layer.isdecimal():  # a name no model has: not sent to capture
+                raise UserError(f"unknown hook point {hook!r}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)} "
+                                f"(store {self.path} holds {', '.join(self.hooks)})")
             raise UserError(f"store {self.path} holds {', '.join(self.hooks)}, not {hook}: capture {hook} with "
                             f"llama-sae capture --hook {hook}")
         return hook
