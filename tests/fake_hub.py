@@ -25,6 +25,8 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.shas: dict[str, str] = {}
         self.requests: list[str] = []
+        self.refuse: dict[str, tuple[int, str]] = {}  # repo -> (status, X-Error-Code) for every request about it
+        self.cut: set[str] = set()  # repos whose file downloads stop halfway (the connection closes)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +84,10 @@ class FakeHub:
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             sha = self._commit(m[1])
             return self._json(req, {"commitUrl": f"{self.url}/{m[1]}/commit/{sha}", "commitOid": sha})
+        repo = re.match(r"/(?:api/models/)?([^/]+/[^/]+)", path)
+        if repo and repo[1] in self.refuse:
+            status, code = self.refuse[repo[1]]
+            return self._json(req, {"error": code}, status, {"X-Error-Code": code})
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
             if m[1] not in self.repos:
                 return self._json(req, {"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
@@ -98,6 +104,14 @@ class FakeHub:
                 return self._json(req, {"error": "Entry not found"}, 404, {"X-Error-Code": "EntryNotFound"})
             headers = {"X-Repo-Commit": self.shas[m[1]], "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                        "Content-Type": "application/octet-stream"}
+            if m[1] in self.cut and method == "GET":  # half the bytes, then the connection closes
+                req.send_response(200)
+                for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                    req.send_header(key, value)
+                req.end_headers()
+                req.wfile.write(data[: len(data) // 2])
+                req.close_connection = True
+                return None
             return self._send(req, data, 200, headers, head=method == "HEAD")
         return self._json(req, {"error": f"fake hub: no route for {method} {path}"}, 404)
 

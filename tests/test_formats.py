@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -399,15 +400,64 @@ def test_hub_push_pull_and_load(tmp_path, fake_hub, monkeypatch):
         load("hf://org/other-repo")
 
 
-def test_hub_errors(fake_hub):
+def test_hub_errors(fake_hub, tmp_path, monkeypatch):
+    from llama_sae.sae import hub
     from llama_sae.sae.hub import parse_uri
 
     assert parse_uri("hf://a/b/c/d@v1") == ("a/b", "c/d", "v1")
-    for bad in ("hf://only-one", "hf://a b/c", "hf://org/re$po"):
+    for bad in ("hf://only-one", "hf://a b/c", "hf://org/re$po", "hf://org/x--y", "hf://org/x.git", "hf://org/r/l*"):
         with pytest.raises(UserError, match="write hf://org/repo"):
             parse_uri(bad)
     with pytest.raises(UserError, match="no such repo"):
         load("hf://org/missing")
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "sae")
+    for subdir in ("../evil", "/abs", "a/./b"):
+        with pytest.raises(UserError, match="--subdir .*: name a folder inside the repo"):
+            hub.push(tmp_path / "sae", "org/saes", subdir=subdir)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "sae", truncated)
+    (truncated / "sae_weights.safetensors").write_bytes((truncated / "sae_weights.safetensors").read_bytes()[:500])
+    with pytest.raises(UserError, match="truncated"):
+        hub.push(truncated, "org/saes")  # an SAE that does not load is not uploaded
+    assert "org/saes" not in fake_hub.repos
+    hub.push(tmp_path / "sae", "org/saes")
+    fake_hub.refuse["org/saes"] = (403, "GatedRepo")
+    with pytest.raises(UserError, match="the repo is gated: accept its conditions"):
+        load("hf://org/saes")
+    fake_hub.refuse["org/saes"] = (401, "")
+    with pytest.raises(UserError, match="HF_TOKEN was refused: set a valid token"):
+        load("hf://org/saes")
+    del fake_hub.refuse["org/saes"]
+    fake_hub.cut.add("org/saes")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
+    with pytest.raises(UserError, match="the download was cut off or timed out .*run the same command again"):
+        load("hf://org/saes")
+
+
+def test_hub_pull_overwrite_and_a_repo_of_many_saes(fake_hub, tmp_path):
+    """pull --overwrite leaves none of the previous SAE's files to be read as the new one's; a repo of SAEs in
+    folders is named folder by folder before any weights are downloaded."""
+    from llama_sae.sae import hub
+
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "a", sparsity=torch.full((96,), -3.0))
+    (tmp_path / "a" / "features").mkdir()
+    (tmp_path / "a" / "features" / "features.json").write_text("{}")
+    hub.push(tmp_path / "a", "org/one")
+    save(sae, tmp_path / "b")
+    hub.push(tmp_path / "b", "org/two")
+    out = hub.pull("hf://org/one", tmp_path / "pulled")
+    assert (out / "sparsity.safetensors").is_file() and (out / "features" / "features.json").is_file()
+    hub.pull("hf://org/two", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    hub.push(tmp_path / "b", "org/many", subdir="resid_post.3")
+    hub.push(tmp_path / "b", "org/many", subdir="layers/attn_out.1")
+    fake_hub.requests.clear()
+    with pytest.raises(UserError, match=r"its SAEs are in layers/attn_out.1, resid_post.3; pull "
+                                        r"hf://org/many/layers/attn_out.1"):
+        hub.pull("hf://org/many", tmp_path / "many")
+    assert not any("/resolve/" in r for r in fake_hub.requests)  # no file downloaded to say so
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "none"])
