@@ -461,7 +461,7 @@ def test_missing_paths(tmp_path):
     one_line_error(f"txt:{tmp_path}/nope.txt", "no such file or folder: .*nope.txt .*check the path")
     one_line_error(f"jsonl:{tmp_path}/*.jsonl", r"no files match .*\*\.jsonl.*check the pattern")
     one_line_error(f"parquet:{tmp_path}", r"no \.parquet files in folder")
-    one_line_error(f"hfdisk:{tmp_path}/nope", "no such folder: .*save_to_disk")
+    one_line_error(f"hfdisk:{tmp_path}/nope", "nope does not exist .*save_to_disk")
     one_line_error(f"hfdisk:{tmp_path}", "is not a dataset folder written by save_to_disk")
 
 

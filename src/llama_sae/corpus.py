@@ -503,7 +503,8 @@ def _hfdisk_records(spec: SourceSpec) -> Iterator[Record]:
     datasets = _import_datasets()
     path = os.path.expanduser(spec.path)
     if not os.path.isdir(path):
-        raise UserError(f"no such folder: {spec.path} (source '{spec}'): give a folder written by save_to_disk")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise UserError(f"{spec.path} {what} (source '{spec}'): give a folder written by save_to_disk")
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as e:

@@ -87,6 +87,8 @@ def check_output_file(path) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: pass a file path, e.g. {path / 'report.json'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is a file, not a directory")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: its directory {path.parent} does not exist (create it first)")
 

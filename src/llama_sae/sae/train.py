@@ -131,7 +131,8 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
     for path in [preset_path(preset) if preset else None, Path(file) if file else None]:
         if path is not None:
             if not path.is_file():
-                raise UserError(f"config file {path} does not exist: pass a YAML file of TrainConfig fields")
+                what = "is a directory" if path.is_dir() else "does not exist"
+                raise UserError(f"config file {path} {what}: pass a YAML file of TrainConfig fields")
             try:
                 loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
