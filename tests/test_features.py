@@ -251,6 +251,8 @@ def test_cli_builds_and_reports(setup, tmp_path):
     assert same.exit_code == 0 and load_features(tmp_path / "f").meta["build_id"] == f.meta["build_id"]
     other = CliRunner().invoke(app, [*args, "--split-sentences"])  # another text: another artifact
     assert other.exit_code != 0 and "built with other settings (split_sentences)" in str(other.exception)
+    float32 = CliRunner().invoke(app, [*args, "--dtype", "float32"])  # another model dtype: another artifact
+    assert float32.exit_code != 0 and "built with other settings (model_dtype)" in str(float32.exception)
 
 
 def test_fingerprint_is_kept_until_the_weights_change(setup):

@@ -41,6 +41,9 @@ def features(
     model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory; default: the "
                                                                      "shipped tinyworld model")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="the model's dtype (bfloat16, float16, float32); default: the "
+                                                   "checkpoint's. float32 chooses the same sentences at any "
+                                                   "batch size")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random samples")] = 0,
     cache_gb: Annotated[float, typer.Option(min=0, help="disk for pass 1's sparse codes, which spare pass 2 the model "
                                                  "(GiB; 0 = run the model again)")] = 2.0,
@@ -57,7 +60,7 @@ def features(
     from llama_sae.features import PARTIAL_DIR, STATE_FILE, build_features, load_features
     from llama_sae.sae import load
 
-    llama, tok = _load(model, None, device)
+    llama, tok = _load(model, dtype, device)
     net = load(sae, device=device)
     if (out / PARTIAL_DIR / STATE_FILE).exists():
         console.print(f"resuming the interrupted build in {out} (a build with other settings starts over)",
@@ -68,7 +71,8 @@ def features(
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
                        overwrite=overwrite, sae_path=str(sae), cache_bytes=int(cache_gb * 2**30),
-                       progress=lambda d, n: bar.update(task, completed=d), split_sentences=split_sentences)
+                       progress=lambda d, n: bar.update(task, completed=d), split_sentences=split_sentences,
+                       model_dtype=None if dtype is None else str(llama.dtype).removeprefix("torch."))
     f = load_features(out)
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "

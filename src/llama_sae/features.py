@@ -278,12 +278,14 @@ def _encode_batch(model, sae, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Ten
 
 
 def _settings(sae, corpus_source: str, sentences: int, top_n: int, reservoir: int, pool: int, n_quantiles: int,
-              max_tokens: int, seed: int, split_sentences: bool | None = None) -> dict[str, Any]:
+              max_tokens: int, seed: int, split_sentences: bool | None = None, model_dtype: str | None = None
+              ) -> dict[str, Any]:
     return {"sae_fingerprint": sae_fingerprint(sae), "corpus": corpus_source, "sentences": sentences,
             "top_n": top_n, "reservoir": reservoir, "pool": pool, "n_quantiles": n_quantiles,
             "max_tokens": max_tokens, "seed": seed, "hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k, "format": FORMAT_VERSION,
-            **({} if split_sentences is None else {"split_sentences": split_sentences})}  # (absent: automatic)
+            **({} if split_sentences is None else {"split_sentences": split_sentences}),  # (absent: automatic)
+            **({} if model_dtype is None else {"model_dtype": model_dtype})}  # (absent: the checkpoint's)
 
 
 def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
@@ -305,7 +307,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
                    reservoir: int = 40, pool: int = 512, n_quantiles: int = 10, batch_size: int = 64,
                    max_tokens: int = 128, seed: int = 0, checkpoint_every: int | None = None, overwrite: bool = False,
                    cache_bytes: int = 2 << 30, progress: Callable[[int, int], None] | None = None,
-                   sae_path: str | None = None, split_sentences: bool | None = None) -> Path:
+                   sae_path: str | None = None, split_sentences: bool | None = None,
+                   model_dtype: str | None = None) -> Path:
     """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
 
     Args:
@@ -325,6 +328,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         progress: called with (sentences done, sentences) after each batch.
         split_sentences: split the corpus's records into sentences (True), keep them whole (False), or decide
             from its first records (None; see :mod:`llama_sae.corpus`).
+        model_dtype: the dtype ``model`` was loaded in when it is not the checkpoint's own (recorded, so a build
+            in float32, exact whatever the batch size, is not resumed or taken for one in bf16).
     Returns:
         ``out``. Calling again with the same settings returns at once; after a kill, it resumes.
     """
@@ -347,7 +352,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():  # not (yet) an artifact of ours
         check_output_dir(out, "a features artifact", ours={TENSORS_FILE})
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed,
-                         split_sentences)
+                         split_sentences, model_dtype)
     sweep_temp_files(out)
     if _check_out(out, settings, overwrite):
         shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # a kill between the last write and this removal
