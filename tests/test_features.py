@@ -253,6 +253,13 @@ def test_cli_builds_and_reports(setup, tmp_path):
     assert other.exit_code != 0 and "built with other settings (split_sentences)" in str(other.exception)
     float32 = CliRunner().invoke(app, [*args, "--dtype", "float32"])  # another model dtype: another artifact
     assert float32.exit_code != 0 and "built with other settings (model_dtype)" in str(float32.exception)
+    repeats = tmp_path / "repeats.txt"
+    repeats.write_text("The cat sat on the mat.\n" * 30 + "A dog ran in the park.\n" * 30)
+    deduped = CliRunner().invoke(app, ["features", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "d"),
+                                       "--corpus", f"txt:{repeats}", "--dedupe", "--top-n", "3", "--pool", "8",
+                                       "--no-progress"])
+    assert deduped.exit_code == 0, deduped.output
+    assert load_features(tmp_path / "d").meta["sentences"] == 2
 
 
 def test_fingerprint_is_kept_until_the_weights_change(setup):

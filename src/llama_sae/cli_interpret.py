@@ -45,6 +45,8 @@ def features(
                                                    "checkpoint's. float32 chooses the same sentences at any "
                                                    "batch size")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random samples")] = 0,
+    dedupe: Annotated[bool, typer.Option(help="read each distinct sentence once (repeats would fill the top "
+                                              "lists)")] = False,
     cache_gb: Annotated[float, typer.Option(min=0, help="disk for pass 1's sparse codes, which spare pass 2 the model "
                                                  "(GiB; 0 = run the model again)")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="rebuild when OUT holds an artifact with other settings")] = False,
@@ -72,7 +74,7 @@ def features(
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
                        overwrite=overwrite, sae_path=str(sae), cache_bytes=int(cache_gb * 2**30),
                        progress=lambda d, n: bar.update(task, completed=d), split_sentences=split_sentences,
-                       model_dtype=None if dtype is None else str(llama.dtype).removeprefix("torch."))
+                       model_dtype=None if dtype is None else str(llama.dtype).removeprefix("torch."), dedupe=dedupe)
     f = load_features(out)
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "

@@ -278,14 +278,15 @@ def _encode_batch(model, sae, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Ten
 
 
 def _settings(sae, corpus_source: str, sentences: int, top_n: int, reservoir: int, pool: int, n_quantiles: int,
-              max_tokens: int, seed: int, split_sentences: bool | None = None, model_dtype: str | None = None
-              ) -> dict[str, Any]:
+              max_tokens: int, seed: int, split_sentences: bool | None = None, model_dtype: str | None = None,
+              dedupe: bool = False) -> dict[str, Any]:
     return {"sae_fingerprint": sae_fingerprint(sae), "corpus": corpus_source, "sentences": sentences,
             "top_n": top_n, "reservoir": reservoir, "pool": pool, "n_quantiles": n_quantiles,
             "max_tokens": max_tokens, "seed": seed, "hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k, "format": FORMAT_VERSION,
             **({} if split_sentences is None else {"split_sentences": split_sentences}),  # (absent: automatic)
-            **({} if model_dtype is None else {"model_dtype": model_dtype})}  # (absent: the checkpoint's)
+            **({} if model_dtype is None else {"model_dtype": model_dtype}),  # (absent: the checkpoint's)
+            **({"dedupe": True} if dedupe else {})}
 
 
 def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
@@ -308,7 +309,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
                    max_tokens: int = 128, seed: int = 0, checkpoint_every: int | None = None, overwrite: bool = False,
                    cache_bytes: int = 2 << 30, progress: Callable[[int, int], None] | None = None,
                    sae_path: str | None = None, split_sentences: bool | None = None,
-                   model_dtype: str | None = None) -> Path:
+                   model_dtype: str | None = None, dedupe: bool = False) -> Path:
     """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
 
     Args:
@@ -330,6 +331,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
             from its first records (None; see :mod:`llama_sae.corpus`).
         model_dtype: the dtype ``model`` was loaded in when it is not the checkpoint's own (recorded, so a build
             in float32, exact whatever the batch size, is not resumed or taken for one in bf16).
+        dedupe: read each distinct sentence once (a web corpus's repeats would otherwise fill the top lists).
     Returns:
         ``out``. Calling again with the same settings returns at once; after a kill, it resumes.
     """
@@ -337,7 +339,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     from llama_sae.splice import check_fits
 
     check_fits(model, sae)
-    corpus = Corpus(corpus_source, split_sentences=split_sentences)
+    corpus = Corpus(corpus_source, split_sentences=split_sentences, dedupe=dedupe)
     next(iter(corpus), None)  # a bad SOURCE (a missing file, column or dataset) fails here, before any directory
     if split_sentences is not None and split_sentences == Corpus(corpus_source).splits():
         split_sentences = None  # what the automatic rule decides anyway: the same artifact as without the flag
@@ -352,7 +354,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
     if not (out / META_FILE).exists() and not (out / PARTIAL_DIR).exists():  # not (yet) an artifact of ours
         check_output_dir(out, "a features artifact", ours={TENSORS_FILE})
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed,
-                         split_sentences, model_dtype)
+                         split_sentences, model_dtype, dedupe)
     sweep_temp_files(out)
     if _check_out(out, settings, overwrite):
         shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # a kill between the last write and this removal
