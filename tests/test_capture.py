@@ -529,5 +529,11 @@ def test_a_capture_that_failed_before_committing_anything_starts_afresh_with_fix
     with pytest.raises(UserError, match="not a readable safetensors file"):
         capture(_cfg(broken, out, tokens=500))
     assert (out / "manifest.json").exists()
+    foreign = tmp_path / "webapp"  # another program's manifest.json is not a store's to forget
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "My PWA"}')
+    with pytest.raises(UserError):
+        capture(_cfg(tiny, foreign, tokens=500))
+    assert (foreign / "manifest.json").read_text() == '{"name": "My PWA"}'
     summary = capture(_cfg(tiny, out, tokens=500))
     assert summary.tokens == 500 and ActivationStore(out).manifest["model"]["path"] == str(Path(tiny).resolve())

@@ -238,6 +238,11 @@ def test_path_errors_no_check_caught_are_one_line(monkeypatch, capsys):
                               "equal to 1 (see llama-sae generate --help)"),
     (["info", "--bogus"], "error: No such option: --bogus (see llama-sae info --help)"),
     (["sae", "info"], "error: Missing argument 'SAE'. (see llama-sae sae info --help)"),
+    (["generate", "--seed", "9223372036854775808", "x"], "error: Invalid value for '--seed': 9223372036854775808 is "
+                                                         "too large: give a number in -2^63..2^63-1 (see llama-sae "
+                                                         "generate --help)"),
+    (["generate", "--top-p", "nan", "x"], "error: Invalid value for '--top-p': nan is not a number (see llama-sae "
+                                          "generate --help)"),
     (["latent", "features", "-1"], "error: -1 was read as an option: numbers given without an option name are 0 or "
                                    "more (a negative value for an option is written --name=-1) (see llama-sae latent "
                                    "--help)"),

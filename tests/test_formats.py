@@ -451,6 +451,11 @@ def test_hub_pull_overwrite_and_a_repo_of_many_saes(fake_hub, tmp_path):
     assert (out / "sparsity.safetensors").is_file() and (out / "features" / "features.json").is_file()
     hub.pull("hf://org/two", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    hub.push(tmp_path / "b", "org/one", subdir="resid_post.3")  # the cache then holds another SAE of org/one
+    hub.pull("hf://org/one/resid_post.3", tmp_path / "folder")
+    again = hub.pull("hf://org/one", tmp_path / "root")
+    assert sorted(p.name for p in again.iterdir()) == ["cfg.json", "features", "sae_weights.safetensors",
+                                                       "sparsity.safetensors"]
     hub.push(tmp_path / "b", "org/many", subdir="resid_post.3")
     hub.push(tmp_path / "b", "org/many", subdir="layers/attn_out.1")
     fake_hub.requests.clear()

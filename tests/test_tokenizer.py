@@ -461,6 +461,16 @@ def test_hf_without_bos_is_rejected(tmp_path):
     path = _train_tiny_tokenizer(tmp_path / "t.json", [], bos_post_processor=False)
     with pytest.raises(UserError, match="no BOS token"):
         HFTokenizer(path)
+    # save_hf copies such a tokenizer all the same and writes config.json, stating no ids of it
+    from llama_sae.llama.checkpoint import save_hf
+    from llama_sae.llama.model import ModelArgs, Transformer
+
+    (tmp_path / "tok").mkdir()
+    path.rename(tmp_path / "tok" / "tokenizer.json")
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, multiple_of=32))
+    out = save_hf(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer.json").is_file() and config["bos_token_id"] is None and config["eos_token_id"] is None
 
 
 @pytest.fixture(scope="module")

@@ -516,8 +516,11 @@ def _forget_an_empty_start(out: Path, settings: dict[str, Any]) -> None:
         return
     try:
         manifest = read_manifest(out)
-        if manifest.get("status") != "capturing":
-            return
+    except UserError:  # not a store's manifest (or another version's): not ours to remove
+        return
+    if manifest.get("status") != "capturing":
+        return
+    try:
         _check_same(manifest, settings, out)
     except UserError:
         (out / MANIFEST).unlink()

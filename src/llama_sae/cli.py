@@ -70,7 +70,7 @@ _plain_help_types()
 
 
 def _finite_numbers() -> None:
-    """Refuse NaN, infinities and integers of 2^63 or more for every INTEGER and FLOAT option, by name.
+    """Refuse NaN and infinities for every FLOAT option, and integers outside int64 for every INTEGER one, by name.
 
     Without this an option's own bound names the wrong reason for NaN ("should be greater than or equal to 0")
     and a number past 64 bits reaches torch or islice and ends in an internal error."""
@@ -94,12 +94,14 @@ def _finite_numbers() -> None:
             for raw in value if isinstance(value, (list, tuple)) else [value]:
                 try:
                     number = float(raw) if isinstance(raw, str) else None
+                    whole = int(raw) if isinstance(raw, str) and annotation is int else None
                 except ValueError:
                     continue  # not a number at all: typer says so
                 if number is None:
                     continue
                 why = ("is not a number" if math.isnan(number) else "is not a finite number" if math.isinf(number)
-                       else "is too large: give a number below 2^63" if abs(number) >= 2**63 else None)
+                       else "is too large: give a number in -2^63..2^63-1" if whole is not None
+                       and not -(2**63) <= whole < 2**63 else None)
                 if why:
                     raise BadParameter(f"{raw} {why}", ctx=ctx, param=self)
         return original(self, ctx, value)

@@ -444,7 +444,10 @@ def save_hf(model: Transformer, out: str | os.PathLike, *, tokenizer_dir: str | 
     bos_id = eos_ids = None
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), out)
-        tokenizer = _tokenizer_in(Path(tokenizer_dir))
+        try:
+            tokenizer = _tokenizer_in(Path(tokenizer_dir))
+        except UserError:  # a tokenizer our loaders refuse (no BOS, ...): copied all the same, its ids not stated
+            tokenizer = None
         ids = [] if tokenizer is None else [tokenizer.bos_id, *sorted(tokenizer.stop_ids)]
         if ids and max(ids) < args.vocab_size:  # (a tokenizer too large for the model is refused at load)
             bos_id, eos_ids = ids[0], ids[1:]

@@ -139,7 +139,8 @@ def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         inner = sorted(p.parent.name for p in src.glob("*/cfg.json"))
         hint = f": its SAEs are in {', '.join(inner)}; pull {uri.split('@')[0].rstrip('/')}/{inner[0]}" if inner else ""
         raise UserError(f"{uri} holds no SAE (no cfg.json){hint}")
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    # this SAE's files and its features/ (the cache folder may also hold other folders' SAEs of the same repo)
+    files = sorted(p for p in [*src.iterdir(), *(src / "features").rglob("*")] if p.is_file())
     out.mkdir(parents=True, exist_ok=True)
     for file in files:  # (a bundled features/ artifact too)
         (out / file.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
