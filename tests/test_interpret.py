@@ -364,7 +364,10 @@ def test_a_run_with_no_answer_is_set_aside_when_the_model_changes(feats, server)
 def test_chat_concurrent_each_request_once(feats, server):
     f = feats
     b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=4)
-    out = explain(f, b, threshold=100.0, say=lambda s: None)
+    seen = []
+    out = explain(f, b, threshold=100.0, say=lambda s: None, progress=lambda done, total: seen.append((done, total)))
+    n = len(f.live_latents())  # progress from the backend's threads: 0 .. n, never backwards
+    assert seen[0] == (0, n) and seen[-1] == (n, n) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert out["explained"] == len(f.live_latents())
     assert server.calls("POST", "/v1/chat/completions") == len(f.live_latents())
     ids = [r["custom_id"] for r in _journal(f) if r["kind"] == "result"]

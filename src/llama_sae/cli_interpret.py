@@ -6,6 +6,7 @@ registers them with ``register(app)``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated
@@ -160,6 +161,32 @@ def _fail_if_nothing_came_back(out: dict, stage: str) -> None:
                           "--retry-failed", style="yellow", markup=False, highlight=False)
 
 
+@contextlib.contextmanager
+def _answers_bar(task: str, enabled: bool):
+    """A progress bar with ETA over a run's requests (shown once the run has something to send); yields the
+    ``progress(done, total)`` callback for run_requests (called from the backend's threads too)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn(f"[bold]{task}[/bold] answers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not enabled) as bar:
+        tasks = []
+
+        def update(done: int, total: int) -> None:
+            if not tasks:
+                tasks.append(bar.add_task(task, total=total))
+            bar.update(tasks[0], completed=done, total=total)
+
+        yield update
+
+
 def explain(
     path: FeaturesArg,
     backend: BackendOpt = "offline",
@@ -182,6 +209,7 @@ def explain(
     timeout: TimeoutOpt = 120.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
     device: LocalDeviceOpt = "cpu",
+    progress: Annotated[bool, typer.Option(help="progress bar with ETA while answers come in")] = True,
 ) -> None:
     """Explain every live latent (journaled: a killed run started again neither re-sends nor loses)."""
     from llama_sae.features import load_features
@@ -192,8 +220,10 @@ def explain(
     _check_fresh_and_retry(fresh, retry_failed)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
                  timeout)
-    out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
-                      retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print)
+    with _answers_bar("explain", progress) as bar:
+        out = run_explain(f, b, latents=chosen, n_top=n_top, max_tokens=max_tokens, fresh=fresh,
+                          retry_failed=retry_failed, confirm=_confirm(yes), threshold=confirm_above, say=console.print,
+                          progress=bar)
     console.print(f"{out['explained']:,} of {out['requests']:,} latents explained; outcomes: {out['outcomes']}; "
                   f"{path / 'explanations.jsonl'}")
     _fail_if_nothing_came_back(out, "explain")
@@ -221,6 +251,7 @@ def score(
     timeout: TimeoutOpt = 120.0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="local backend: the checkpoint")] = None,
     device: LocalDeviceOpt = "cpu",
+    progress: Annotated[bool, typer.Option(help="progress bar with ETA while answers come in")] = True,
 ) -> None:
     """Score every explanation: detection and fuzzing balanced accuracy per latent, and the shuffled control."""
     from llama_sae.features import load_features
@@ -232,8 +263,9 @@ def score(
     f = load_features(path)
     b = _backend(f, backend, llm_model, base_url, api_key_env, concurrency, per_minute, poll, no_wait, model, device,
                  timeout)
-    out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,
-                    confirm=_confirm(yes), threshold=confirm_above, say=console.print)
+    with _answers_bar("score", progress) as bar:
+        out = run_score(f, b, n=n, sample=sample, control=control, fresh=fresh, retry_failed=retry_failed,
+                        confirm=_confirm(yes), threshold=confirm_above, say=console.print, progress=bar)
     for name in ("detection", "fuzzing", "control_detection", "control_fuzzing"):
         if out.get(name) is not None:
             ci = out.get(f"{name}_ci")

@@ -35,11 +35,12 @@ def explain_requests(f: Features, latents: Sequence[int], *, n_top: int = 10, ma
 def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = None, n_top: int = 10,
             max_tokens: int = 300, chunk: int = 5000, fresh: bool = False, retry_failed: bool = False,
             confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-            say: Callable[[str], None] = print) -> dict:
+            say: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> dict:
     """Explain ``latents`` (default: every live one) and (re)write explanations.jsonl from the journal.
 
-    ``chunk`` latents' prompts are built at a time. Returns {"explained", "requests", "outcomes": {status: count},
-    "first_error": the first failed request's status and error, or None}.
+    ``chunk`` latents' prompts are built at a time; ``progress`` is called with (requests with a result, requests)
+    as answers come in. Returns {"explained", "requests", "outcomes": {status: count}, "first_error": the first
+    failed request's status and error, or None}.
     """
     latents = f.live_latents() if latents is None else list(dict.fromkeys(latents))  # each latent once
     parts = [latents[i:i + chunk] for i in range(0, len(latents), chunk)]
@@ -48,7 +49,8 @@ def explain(f: Features, backend: Backend, *, latents: Sequence[int] | None = No
     settings = {"n_top": n_top, "max_tokens": max_tokens, "prompt_version": PROMPT_VERSION}
     journal, ids = run_requests(f, "explain", backend, chunks, settings,
                                 parse=lambda req, text: parse_explanation(text)[0], fresh=fresh,
-                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say)
+                                retry_failed=retry_failed, confirm=confirm, threshold=threshold, say=say,
+                                progress=progress)
     with journal:  # still locked: another explain run cannot merge its rows into the file at the same time
         rows = []
         for cid in ids:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class Journal:
         self.path = Path(path)
         self.state = JournalState()
         self.lock = threading.Lock()
+        self.listener: Callable[[Sequence[dict]], None] | None = None  # called with each append's records (locked)
         self._hold(self.path.with_name(self.path.name + ".lock"))
         self.set_aside: Path | None = None  # where an old journal went (fresh, or another run's that can go)
         self.set_aside_why = ""
@@ -136,6 +138,8 @@ class Journal:
             append_jsonl(self.path, list(records))
             for r in records:
                 self.state.apply(r)
+            if self.listener is not None:
+                self.listener(records)
 
     def record_result(self, custom_id: str, status: str, text: str | None = None, error: str | None = None,
                       **extra: Any) -> None:

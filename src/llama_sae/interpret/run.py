@@ -72,7 +72,8 @@ class Chunk:
 def run_requests(features, task: str, backend: Backend, chunks: Sequence[Chunk], settings: dict, *,
                  parse: Callable[[dict, str], object | None], fresh: bool = False, retry_failed: bool = False,
                  confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-                 say: Callable[[str], None] = print) -> tuple[Journal, list[str]]:
+                 say: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None
+                 ) -> tuple[Journal, list[str]]:
     """Answer requests, built chunk by chunk, through ``backend`` with a journal in the features directory.
 
     Requests are built and released chunk by chunk (a million latents never sit in memory at once); a
@@ -91,6 +92,8 @@ def run_requests(features, task: str, backend: Backend, chunks: Sequence[Chunk],
         retry_failed: re-send requests whose last result was errored / canceled / expired / malformed / missing.
         confirm: asked (with the estimate) when it exceeds ``threshold`` dollars or the price is unknown;
             None = refuse such runs (the CLI passes a prompt, or --yes).
+        progress: called with (requests with a result, requests of the run as estimated) whenever results
+            come in (from the backend's threads too), once there is something to send.
     Returns:
         (the journal, the custom_ids of this run's requests in order). The journal is still open and locked:
         write the outputs inside ``with journal:``, so that no other run rewrites them in between.
@@ -102,7 +105,8 @@ def run_requests(features, task: str, backend: Backend, chunks: Sequence[Chunk],
     try:
         backend.begin_run()
         keys = [chunk_key(header["features_build"], settings, c.inputs) for c in chunks]
-        wanted = _run(journal, backend, chunks, keys, parse, fresh, retry_failed, confirm, threshold, say, task)
+        wanted = _run(journal, backend, chunks, keys, parse, fresh, retry_failed, confirm, threshold, say, task,
+                      progress)
         return journal, wanted
     except BaseException:
         journal.close()
@@ -116,7 +120,7 @@ def chunk_key(build: str | None, settings: dict, inputs: Any) -> str:
 
 
 def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list[str], parse, fresh: bool,
-         retry_failed: bool, confirm, threshold: float, say, task: str) -> list[str]:
+         retry_failed: bool, confirm, threshold: float, say, task: str, progress=None) -> list[str]:
     """The body of :func:`run_requests`, with the journal open (and locked)."""
     if journal.set_aside is not None:
         say(f"{task}: a new journal; the old one is kept as {journal.set_aside.name}" if fresh else
@@ -155,9 +159,12 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
                       "in_batch": len(todo) - len(new)}
             before = {k: before[k] + counts[k] for k in before}
             if new or i == to_build[-1]:  # priced at the first chunk with something to send (none before it sent)
-                _check_cost(task, backend, requests, new, units_after[i] / max(chunk.units, 1), before, confirm,
-                            threshold, say)
+                rest = units_after[i] / max(chunk.units, 1)
+                _check_cost(task, backend, requests, new, rest, before, confirm, threshold, say)
                 estimated = True
+                if progress is not None and new:
+                    _follow(journal, progress, before["answered"] + before["failed"],
+                            before["requests"] + round(len(requests) * rest))
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
         if todo and backend.batch_api:
@@ -170,6 +177,20 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
         _record_finished(journal, built)
     mark_malformed(journal, wanted, parse)
     return wanted
+
+
+def _follow(journal: Journal, progress: Callable[[int, int], None], done_before: int, total: int) -> None:
+    """Report progress as results come in: (requests with a result, ``total``), counting each request once."""
+    answered: set[str] = set()
+
+    def listen(records) -> None:
+        new = {r["custom_id"] for r in records if r.get("kind") == "result"} - answered
+        if new:
+            answered.update(new)
+            progress(min(done_before + len(answered), total), total)
+
+    journal.listener = listen
+    progress(done_before, total)
 
 
 def _record_finished(journal: Journal, built: list[tuple[str, list[str]]]) -> None:

@@ -113,7 +113,7 @@ def score_requests(f: Features, explanations: dict[int, str], source: dict[int, 
 def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", control: bool = True,
           chunk: int = 2000, fresh: bool = False, retry_failed: bool = False,
           confirm: Callable[[str], bool] | None = None, threshold: float = 5.0,
-          say: Callable[[str], None] = print) -> dict:
+          say: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> dict:
     """Score every explanation in the artifact (and the shuffled control); writes scores.jsonl.
 
     ``chunk`` latents' prompts are built at a time. Returns {"detection": mean BA, "fuzzing": mean BA,
@@ -142,7 +142,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
     journal, ids = run_requests(f, "score", backend, chunks, settings,
                                 parse=lambda req, text: parse_answers(text, len(req.get("labels", []))),
                                 fresh=fresh, retry_failed=retry_failed, confirm=confirm, threshold=threshold,
-                                say=say)
+                                say=say, progress=progress)
     with journal:  # still locked: another score run cannot write the file at the same time
         rows = []
         for cid in ids:
