@@ -270,7 +270,7 @@ def test_rich_output_keeps_colons_in_user_text():
     assert cap.get().strip() == "tinyworld:100:train 123:clamp:8"
 
 
-def test_train_takes_token_counts_with_suffixes(tmp_path):
+def test_train_takes_token_counts_with_suffixes(tmp_path, monkeypatch):
     """--tokens 20k as capture takes it (the store is checked after: a missing one is the error here)."""
     from llama_sae.errors import UserError
 
@@ -280,6 +280,18 @@ def test_train_takes_token_counts_with_suffixes(tmp_path):
     result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                                  "--tokens", "lots"])
     assert isinstance(result.exception, UserError) and "bad token count 'lots'" in str(result.exception)
+    import llama_sae.sae.train as train_mod
+
+    seen = {}
+
+    def fake_train(store, out, cfg):  # what the CLI hands the trainer
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    result = runner.invoke(app, ["train", "--store", "s", "--out", "o", "--preset", "seed", "--dead-tokens", "10M"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].dead_tokens_threshold == 10_000_000 and seen["cfg"].k == 64  # the preset, scaled down
 
 
 def test_train_help_states_the_config_defaults():

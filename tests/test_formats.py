@@ -137,7 +137,9 @@ def test_seed_checkpoint_with_ddp_prefix_and_convert(tmp_path):
     out = convert(tmp_path / "seed.pth", "saelens", tmp_path / "conv", k=5, hook_name="attn_in.1")
     back = load(out)
     assert back.cfg.hook_name == "attn_in.1" and back.cfg.k == 5
-    assert json.loads((out / "cfg.json").read_text())["metadata"]["hf_hook_name"] == "model.layers.1.input_layernorm"
+    metadata = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert metadata["hf_hook_name"] == "model.layers.1.input_layernorm"
+    assert metadata["prepend_bos"] is False and back.cfg.prepend_bos is False  # the seed fed no BOS
     torch.testing.assert_close(back.W_dec, state["decoder.weight"].T)
 
 

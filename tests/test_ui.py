@@ -106,6 +106,15 @@ def test_dashboard_pages_from_the_cli(tmp_path):
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "an_sae"), "--latents", "3"])
     assert "not empty: it holds cfg.json, which is not part of a dashboard" in str(bad.exception)
     assert sorted(p.name for p in (tmp_path / "an_sae").iterdir()) == ["cfg.json"]
+    from llama_sae.llama.checkpoint import save_hf
+    from llama_sae.llama.model import ModelArgs, Transformer
+
+    other = save_hf(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=4096,
+                                          multiple_of=32)), tmp_path / "other", tokenizer_dir=tinyworld.model_path())
+    bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "d2"), "--model", str(other), "--sae",
+                                   str(tinyworld.sae_path()), "--features", str(tinyworld.features_path())])
+    assert "layer 5 is out of range, this model has layers 0..1: the SAE belongs to another model" in \
+        str(bad.exception) and not (tmp_path / "d2").exists()  # (it crashed in the decoder's logit table)
     again = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "10-11"])  # fewer latents
     assert again.exit_code == 0 and sorted(p.name for p in (out / "latents").iterdir()) == ["10.html", "11.html"]
     import shutil

@@ -551,6 +551,10 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu)")] = None,
     wandb: Annotated[bool | None, typer.Option(help="also log to Weights & Biases (default: off)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the init and the shuffle (default: 0)")] = None,
+    dead_tokens: Annotated[str | None, typer.Option(help="a latent that has not fired for this many tokens is dead "
+                                                         "and gets the aux-k loss, e.g. 10M (default: 1M; the seed "
+                                                         "preset's 655M suits its 6.5B tokens: scale it with a "
+                                                         "shorter run)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="steps between spliced evaluations (CE recovered, KL) "
                                                         "in --eval-model, taken at the next metrics record (every "
                                                         "log_every = 50 steps); one more at the end")] = None,
@@ -576,7 +580,8 @@ def train(
     cfg = load_config(preset, config, defaults=defaults, d_sae=parse_int_list(d_sae), k=parse_int_list(k),
                       batch_size=batch_size, tokens=None if tokens is None else parse_count(tokens), epochs=epochs,
                       lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every,
-                      eval_model=eval_model, eval_corpus=eval_corpus)
+                      eval_model=eval_model, eval_corpus=eval_corpus,
+                      dead_tokens_threshold=None if dead_tokens is None else parse_count(dead_tokens))
     from_store = cfg.eval_model is not None and cfg.eval_model == defaults.get("eval_model")
     if from_store and not Path(cfg.eval_model).exists():
         raise UserError(f"the spliced evaluation uses the store's model, {cfg.eval_model} (from its manifest), "

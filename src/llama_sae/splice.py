@@ -170,12 +170,16 @@ def check_fits(model: Transformer, sae: SAE) -> str:
         raise UserError("the SAE does not name a hook point of ours (`llama-sae sae info` shows what it says): "
                         "pass --hook KIND.LAYER (e.g. resid_post.3; in Python sae.load(path, hook_name=...)), or "
                         "write it into the files once with `llama-sae sae convert PATH --hook KIND.LAYER --out DIR`")
-    parse_hook_name(hook, model.args.n_layers)
+    name = sae.cfg.model_name
+    named = "" if not name else f" (its files name {name}: load that checkpoint)" if Path(name).is_dir() else \
+        f" (its files name {name})"
+    try:
+        parse_hook_name(hook, model.args.n_layers)
+    except UserError as e:  # a layer this model lacks: most often the SAE of another model
+        raise UserError(f"{e}: the SAE belongs to another model{named}" if "out of range" in str(e) else str(e)) \
+            from None
     sae.check_float32()
     if sae.cfg.d_in != model.args.dim:
-        name = sae.cfg.model_name
-        named = "" if not name else f" (its files name {name}: load that checkpoint)" if Path(name).is_dir() else \
-            f" (its files name {name})"
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "
                         f"{model.args.dim} wide: the SAE belongs to another model{named}")
     if sae.W_enc.device != model.device:

@@ -312,7 +312,8 @@ def _find_seed(path: Path) -> Found:
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not the seed's SAE checkpoint: expected tensors {', '.join(want)}, found {found}")
     n, d = state["encoder.weight"].shape
-    values = {"d_in": d, "d_sae": n, "k": None, "normalize_activations": "layer_norm", "hook_name": None}
+    values = {"d_in": d, "d_sae": n, "k": None, "normalize_activations": "layer_norm", "hook_name": None,
+              "prepend_bos": False}  # the seed fed its sentences without BOS (its README)
     notes = [f"k: missing (the seed's checkpoint does not store it): convert it once with `llama-sae sae convert "
              f"{path} --k {SEED_K} --hook attn_in.L --to saelens --out DIR` ({SEED_K} is the seed's setting; in "
              f"Python sae.load(path, k={SEED_K}, hook_name=...))",

@@ -206,7 +206,10 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
                     ui_url: str = "http://127.0.0.1:7860", n_examples: int = 10,
                     ui_command: str = "llama-sae ui") -> Path:
     """Write the dashboard for ``latents`` (default: every latent that fired) under ``out``; returns index.html."""
+    from llama_sae.splice import check_fits
+
     features.check_sae(sae)
+    check_fits(model, sae)  # its decoder goes through this model's unembedding: another model's is refused
     out = Path(out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     for directory in (out, out / "latents"):  # temp files of a killed run's writes
