@@ -801,7 +801,8 @@ def test_score_estimate_counts_only_the_requests_scorable_latents_make(feats):
     res = score(f, make_backend("offline", f), n=5, say=said.append)
     sent = sum(res["outcomes"].values())
     assert res["unscorable"] > 0 and sent < 4 * res["latents"]  # the case this is about
-    assert any(s.startswith(f"score: {sent} requests, 0 already answered") for s in said), said
+    assert any(s.startswith(f"score: ~{sent} requests, 0 already answered") for s in said), said  # (~: the control's
+    # chunk is counted by its units before it is built)
 
 
 def test_a_run_killed_between_chunks_builds_only_the_unfinished_chunks_again(feats, built, tmp_path, monkeypatch):

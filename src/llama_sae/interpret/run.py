@@ -237,10 +237,11 @@ def _check_cost(task: str, backend: Backend, requests: Sequence[Request], new: l
     shown = "unknown (no price for this model)" if dollars is None else f"${dollars:.2f}"
     tokens_in = now["input_tokens"] + per_chunk["input_tokens"] * rest
     tokens_out = now["output_tokens"] + per_chunk["output_tokens"] * rest
-    say(f"{task}: {counts['requests'] + round(len(requests) * rest)} requests, {counts['answered']} already "
+    about = "~" if rest else ""  # the chunks not built yet are counted by their units, not their requests
+    say(f"{task}: {about}{counts['requests'] + round(len(requests) * rest)} requests, {counts['answered']} already "
         "answered, " + (f"{counts['failed']} failed earlier (sent again only with --retry-failed), "
                         if counts["failed"] else "")
-        + f"{counts['in_batch']} in open batches, {n_new} to send ({backend.name}:{backend.model}): "
+        + f"{counts['in_batch']} in open batches, {about}{n_new} to send ({backend.name}:{backend.model}): "
         f"~{round(tokens_in):,} input tokens, ≤ {round(tokens_out):,} output tokens, cost ≤ {shown}"
         + ("" if rest == 0 else f" (the chunks not built yet priced like the {len(requests)} requests of this one)"))
     if n_new and (dollars is None or dollars > threshold):
