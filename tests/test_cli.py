@@ -354,6 +354,10 @@ def test_latent_and_search_in_the_terminal(tmp_path):
     assert all(" ".join(x.text.split()) in text for x in top) and " ".join(f.explanation(969).text.split()) in text
     peak = max(range(len(top[0].acts)), key=top[0].acts.__getitem__)
     assert f"{top[0].activation:.3f}" in text and f"(peak at {top[0].tokens[peak]!r})" in text
+    by_last = runner.invoke(app, ["latent", str(feats), "969", "-n", "2", "--by", "last"], terminal_width=400)
+    text = " ".join(by_last.output.split())
+    assert "top sentences by last activation" in text
+    assert all(" ".join(x.text.split()) in text for x in f.examples(969, "last", 2))
     found = runner.invoke(app, ["search", str(feats), "courthouse", "--limit", "5"], terminal_width=400)
     assert found.exit_code == 0, found.output
     rows = [line.split("│")[1].strip() for line in found.output.splitlines() if line.startswith("│")]

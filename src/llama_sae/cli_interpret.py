@@ -301,21 +301,26 @@ def latent(
     features_dir: FeaturesArg,
     latent_id: Annotated[int, typer.Argument(metavar="LATENT", min=0, help="latent id")],
     n: Annotated[int, typer.Option("-n", min=1, help="top sentences to show")] = 8,
+    by: Annotated[str, typer.Option(help="rank the top sentences by the latent's max, mean or last-token "
+                                         "activation over the sentence")] = "max",
 ) -> None:
     """Show one latent in the terminal: explanation, scores, frequency, top and quantile sentences.
 
     The tokens where it fires are highlighted, and the peak token named with its activation."""
     from llama_sae.features import load_features
 
+    if by not in ("max", "mean", "last"):
+        raise UserError(f"--by must be max, mean or last, not {by!r}")
     f = load_features(features_dir)
-    top = f.examples(latent_id, "max", n)
+    top = f.examples(latent_id, by, n)
     e = f.explanation(latent_id)
     console.print(Text(f"latent {latent_id}", style="bold"), Text(f"fires on {float(f.frequency[latent_id]):.3%} of "
                   f"tokens · typical max activation {float(f.typical_max[latent_id]):.3g}"))
     console.print(Text(f"explanation: {printable(e.text)}  ({_scores(e)})") if e else
                   Text("no explanation yet (run `llama-sae explain` and `score`)", style="dim"))
     scale = max((max(x.acts, default=0.0) for x in top), default=0.0)
-    for title, rows in (("top sentences", top), ("quantile samples (lowest first)", f.examples(latent_id, "quantile"))):
+    for title, rows in ((f"top sentences{'' if by == 'max' else f' by {by} activation'}", top),
+                        ("quantile samples (lowest first)", f.examples(latent_id, "quantile"))):
         console.print(Text(title, style="underline"))
         for x in rows:
             peak = max(range(len(x.acts)), key=x.acts.__getitem__, default=None)
