@@ -90,8 +90,9 @@ def explain(examples: list[Example], df: Counter, n_pool: int) -> dict:
     top = max((e.activation for e in examples), default=0.0)
     pairs = [(word_weights(e), e.activation / top if top > 0 else 0.0) for e in examples]
     pairs = [(w, level) for w, level in pairs if w]
-    if not pairs:
-        return {"explanation": "no activating examples", "certainty": 0.0, "terms": []}
+    if not pairs:  # (examples that fire only on symbols, or on the first bytes of a split character, have no word)
+        what = "no word among the activating tokens" if examples else "no activating examples"
+        return {"explanation": what, "certainty": 0.0, "terms": []}
     weights = [w for w, _ in pairs]
     total: Counter = Counter()
     for w, level in pairs:
