@@ -383,6 +383,8 @@ def test_fingerprint_is_stable_and_sensitive(news, tmp_path):
     fp = C.fingerprint(news, 3)
     assert len(fp) == 64 and fp == C.fingerprint(news, 3) == Corpus(news).fingerprint(3)
     assert fp == C.fingerprint(news.replace(".jsonl", ".jsonl:text"), 3)  # same canonical source
+    folder, name = news.split(":", 1)[1].rsplit("/", 1)
+    assert fp == C.fingerprint(f"jsonl:{folder}//./{name}", 3)  # the same path spelled another way
     different = {
         C.fingerprint(news, 2),
         C.fingerprint(news, 3, split_sentences=False),

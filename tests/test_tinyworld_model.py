@@ -178,6 +178,6 @@ def test_sentence_activations_are_each_sentences_max_over_its_tokens(shipped):
         dense = sae.encode(acts[mask])  # [tokens of the batch, d_sae], encoded together as the function does
         lengths = mask.sum(1).tolist()
         for x, h in zip(acts[mask].split(lengths), dense.split(lengths)):
-            assert torch.equal(latents[i], h.amax(0)) and torch.equal(neurons[i], x.amax(0)), i
+            assert torch.equal(latents[i], h.amax(0)) and torch.equal(neurons[i], torch.cat([x, -x], -1).amax(0)), i
             i += 1
     assert i == len(texts) == len(latents)

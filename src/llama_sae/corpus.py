@@ -166,11 +166,11 @@ def parse_source(spec: str | SourceSpec) -> SourceSpec:
         hint = f" or a preset ({', '.join(PRESETS)})"
         raise UserError(f"unknown corpus source {spec!r}: use one of {_FORMS}{hint}")
     if kind == "txt":
-        return SourceSpec(kind="txt", path=rest)
+        return SourceSpec(kind="txt", path=os.path.normpath(rest))  # ./a/ and a: one source, one fingerprint
     if kind == "hf":
         return _parse_hf(text, rest)
     path, field = _path_and_field(rest)
-    return SourceSpec(kind=kind, path=path, field=field or "text")
+    return SourceSpec(kind=kind, path=os.path.normpath(path), field=field or "text")
 
 
 def _parse_tinyworld(text: str, rest: str) -> SourceSpec:

@@ -19,7 +19,8 @@ from llama_sae.tinyworld.probe import auroc
 @torch.no_grad()
 def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int = 64
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sentence max over tokens of (SAE latents [N, d_sae], model neurons [N, d_in]) at the SAE's hook."""
+    """Per-sentence max over tokens of (SAE latents [N, d_sae], model neurons of either sign [N, 2·d_in]: column j
+    is dimension j's max, column d_in + j the max of its negation) at the SAE's hook."""
     lat_rows, neu_rows = [], []
     for lat, neu in iter_sentence_activations(model, tokenizer, sae, texts, batch=batch):
         lat_rows.append(lat)
@@ -31,7 +32,7 @@ def sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int 
 def iter_sentence_activations(model, tokenizer, sae, texts: list[str], *, batch: int = 64
                               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`sentence_activations` one batch of sentences at a time, on the host: (latents [B, d_sae],
-    neurons [B, d_in]) per batch, for callers that keep a summary rather than every row."""
+    neurons [B, 2·d_in]) per batch, for callers that keep a summary rather than every row."""
     from llama_sae.sae.evaluate import token_batches
     from llama_sae.splice import check_fits
 
@@ -49,8 +50,9 @@ def iter_sentence_activations(model, tokenizer, sae, texts: list[str], *, batch:
         lat = torch.zeros(len(tokens) * n, device=vals.device).scatter_reduce_(
             0, (owner * n + idx).flatten(), vals.flatten(), "amax").view(len(tokens), n)
         # (latents are >= 0: the zeros stand for "never fired")
-        neu = torch.full((len(tokens), x.shape[-1]), float("-inf"), device=flat.device).scatter_reduce_(
-            0, owner.expand_as(flat), flat, "amax")
+        signed = torch.cat([flat, -flat], dim=1)  # a neuron may code a concept by going negative: max(-x), not -max(x)
+        neu = torch.full((len(tokens), signed.shape[-1]), float("-inf"), device=flat.device).scatter_reduce_(
+            0, owner.expand_as(signed), signed, "amax")
         yield lat.cpu(), neu.cpu()
 
 
@@ -85,7 +87,6 @@ def concept_recovery(model, tokenizer, sae, *, n_sentences: int = 4000, seed: in
 
     records = tinyworld.sentences(n_sentences, seed=seed, split="heldout")
     latents, neurons = sentence_activations(model, tokenizer, sae, [r.text for r in records])
-    neurons = torch.cat([neurons, -neurons], dim=1)  # a neuron may code a concept by going negative
     select = torch.arange(n_sentences) % 2 == 0
     rows = []
     for c in tinyworld.concepts():
