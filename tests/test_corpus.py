@@ -314,7 +314,8 @@ def test_tinyworld_preview_shows_concepts(tinyworld):
     from rich.console import Console
 
     data = C.preview("tinyworld:50", n=3, scan=50)
-    assert data["scanned"] == 50 and not data["exhausted"]  # "exhausted" only when it ends before `scan`
+    assert data["scanned"] == 50 and data["exhausted"]  # the corpus ends right there: "50 scanned", not "50+"
+    assert not C.preview("tinyworld:51", n=3, scan=50)["exhausted"]
     assert all(sample["concepts"] for sample in data["samples"])
     console = Console(record=True, width=200)
     console.print(C.preview_table(data))
@@ -470,6 +471,13 @@ def test_missing_paths(tmp_path):
 def test_missing_field_or_column_names_the_ones_that_exist(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"body": "x", "title": "y"}])
     one_line_error(f"jsonl:{tmp_path / 'a.jsonl'}", r"a.jsonl:1 has no field 'text' \(fields: body, title\)")
+    # once the field has been seen, a record without it is skipped (as a null text is), and a folder's
+    # pretty-printed metadata .json is not read as lines of records
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "data.jsonl", [{"text": "One."}, {"title": "no text here"}, {"text": "Two."}])
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": "string"}}, indent=2))
+    assert [s.text for s in Corpus(f"jsonl:{folder}", split_sentences=False)] == ["One.", "Two."]
     write_parquet(tmp_path / "a.parquet", {"body": ["x"], "n": [1]})
     one_line_error(f"parquet:{tmp_path / 'a.parquet'}:sentence", r"no column 'sentence' \(columns: body, n\)")
     one_line_error(f"parquet:{tmp_path / 'a.parquet'}:n", "column 'n' .* holds int64, not text")

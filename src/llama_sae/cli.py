@@ -134,7 +134,7 @@ SteerOpt = Annotated[list[str] | None, typer.Option(
 SplitOpt = Annotated[bool | None, typer.Option(
     "--split-sentences/--no-split-sentences", help="split records into sentences, or keep each whole; default: "
     "split when more than 10% of the first 256 records hold several sentences")]
-CORPUS_HELP = ("one of tinyworld[:N], txt:PATH, jsonl:PATH[:FIELD], parquet:PATH[:COLUMN], hf:NAME:SPLIT or "
+CORPUS_HELP = ("one of tinyworld[:N[:heldout]], txt:PATH, jsonl:PATH[:FIELD], parquet:PATH[:COLUMN], hf:NAME:SPLIT or "
                "hf:NAME:CONFIG:SPLIT (then [:COLUMN]), hfdisk:PATH[:COLUMN], or openwebtext-sentences")
 FeaturesOpt = Annotated[list[Path] | None, typer.Option("--features", help="features artifact of a loaded SAE: "
                                                                          "steering units and explanations")]

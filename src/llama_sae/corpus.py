@@ -325,7 +325,10 @@ def _txt_records(files: list[Path]) -> Iterator[Record]:
 
 
 def _jsonl_records(files: list[Path], field: str) -> Iterator[Record]:
+    seen = False  # a record has had the field: later ones without it are skipped, as a null text is
     for path in files:
+        if len(files) > 1 and path.name.lower().endswith(".json") and _json_document(path):
+            continue  # a folder's metadata file (dataset_info.json, pretty-printed): not lines of records
         for lineno, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
@@ -336,10 +339,30 @@ def _jsonl_records(files: list[Path], field: str) -> Iterator[Record]:
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno} is not a JSON object: write one object per line")
             if field not in obj:
+                if seen:
+                    continue
                 have = ", ".join(map(str, obj)) or "none"
-                fix = "name one as jsonl:PATH:FIELD"
-                raise UserError(f"{path}:{lineno} has no field {field!r} (fields: {have}): {fix}")
+                raise UserError(f"{path}:{lineno} has no field {field!r} (fields: {have}): name one as "
+                                "jsonl:PATH:FIELD")
+            seen = True
             yield from _text_value(obj[field], f"{path}:{lineno} field {field!r}")
+
+
+def _json_document(path: Path) -> bool:
+    """Whether a .json file is one JSON document over several lines (not JSON Lines): its first line alone does
+    not parse, the whole file does."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        json.loads(first)
+        return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON can spell a lone surrogate ("\ud800"), which no encoder takes
@@ -798,14 +821,16 @@ def preview(spec: str | SourceSpec | Corpus, n: int = 5, *, scan: int = 1000, **
     """
     corpus = spec if isinstance(spec, Corpus) else Corpus(spec, **settings)
     do_split, sentences = corpus._open()  # one pass: a hub dataset is opened once
-    head = list(islice(sentences, max(scan, n)))
+    head = list(islice(sentences, max(scan, n) + 1))  # one more: whether the corpus ends right at the scan
+    exhausted = len(head) <= max(scan, n)
+    head = head[: max(scan, n)]
     chars = sum(len(s.text) for s in head)
     words = sum(len(s.text.split()) for s in head)
     return {
         "source": str(corpus.spec.preset or corpus.spec),
         "description": corpus._describe(do_split),
         "scanned": len(head),
-        "exhausted": len(head) < max(scan, n),
+        "exhausted": exhausted,
         "chars": chars,
         "mean_chars": chars / max(len(head), 1),
         "mean_words": words / max(len(head), 1),
@@ -822,6 +847,7 @@ def preview_table(data: dict[str, Any]) -> Any:
 
     more = "" if data["exhausted"] else "+"
     table = Table(
+        expand=True,  # the whole width: a narrow table wrapped its caption inside the fingerprint
         title=literal(data["description"]),
         caption=(
             f"{data['scanned']:,}{more} sentences scanned, {data['chars']:,} chars, "
@@ -830,7 +856,7 @@ def preview_table(data: dict[str, Any]) -> Any:
         ),
     )
     table.add_column("id", justify="right", style="cyan")
-    table.add_column("text", overflow="fold")
+    table.add_column("text", overflow="fold", ratio=1)  # (the extra width of expand goes to the text)
     with_concepts = any(sample["concepts"] for sample in data["samples"])
     if with_concepts:
         table.add_column("concepts", style="magenta")

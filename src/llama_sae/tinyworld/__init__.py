@@ -42,7 +42,8 @@ def model_path() -> Path:
 
 
 def sae_path() -> Path:
-    """Directory of the shipped SAE on the tiny model's resid_post.2 (the demo's, SAELens v6 layout)."""
+    """Directory of the shipped SAE on the tiny model's resid_post.5 (SAELens v6 layout; the demo trains its own at
+    resid_post.3)."""
     return _shipped("sae", "cfg.json", "SAE", "train one with `llama-sae demo` and pass --sae runs/demo/sae")
 
 
