@@ -537,3 +537,15 @@ def test_a_capture_that_failed_before_committing_anything_starts_afresh_with_fix
     assert (foreign / "manifest.json").read_text() == '{"name": "My PWA"}'
     summary = capture(_cfg(tiny, out, tokens=500))
     assert summary.tokens == 500 and ActivationStore(out).manifest["model"]["path"] == str(Path(tiny).resolve())
+
+
+def test_a_store_being_written_by_another_run_is_refused(tiny, tmp_path):
+    """Two captures into one store listed every shard twice (and the store verified): the second is refused."""
+    from llama_sae.fileio import lock_output
+
+    out = tmp_path / "acts"
+    with lock_output(out, "the store"):  # as a capture running in another process holds it
+        with pytest.raises(UserError, match=r"another run is using the store .*acts \(it holds .*\.acts\.lock\)"):
+            capture(_cfg(tiny, out, tokens=500))
+    assert not out.exists()
+    assert capture(_cfg(tiny, out, tokens=500)).tokens == 500

@@ -478,6 +478,12 @@ def test_missing_field_or_column_names_the_ones_that_exist(tmp_path):
     write_jsonl(folder / "data.jsonl", [{"text": "One."}, {"title": "no text here"}, {"text": "Two."}])
     (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": "string"}}, indent=2))
     assert [s.text for s in Corpus(f"jsonl:{folder}", split_sentences=False)] == ["One.", "Two."]
+    arrays = tmp_path / "arrays"  # pretty-printed JSON arrays of records are records too
+    arrays.mkdir()
+    (arrays / "a.json").write_text(json.dumps([{"text": "Three."}, {"text": "Four."}], indent=2))
+    (arrays / "b.json").write_text(json.dumps([{"text": "Five."}], indent=2))
+    assert [s.text for s in Corpus(f"jsonl:{arrays}", split_sentences=False)] == ["Three.", "Four.", "Five."]
+    one_line_error(f"jsonl:{folder / 'dataset_info.json'}", "is one JSON dict, not JSON Lines: write one object")
     write_parquet(tmp_path / "a.parquet", {"body": ["x"], "n": [1]})
     one_line_error(f"parquet:{tmp_path / 'a.parquet'}:sentence", r"no column 'sentence' \(columns: body, n\)")
     one_line_error(f"parquet:{tmp_path / 'a.parquet'}:n", "column 'n' .* holds int64, not text")

@@ -260,6 +260,9 @@ def test_cli_builds_and_reports(setup, tmp_path):
                                        "--no-progress"])
     assert deduped.exit_code == 0, deduped.output
     assert load_features(tmp_path / "d").meta["sentences"] == 2
+    dropped = CliRunner().invoke(app, ["features", "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "d"),
+                                       "--corpus", f"txt:{repeats}", "--top-n", "3", "--pool", "8", "--no-progress"])
+    assert "built with other settings (dedupe)" in str(dropped.exception)  # a flag left out is named too
 
 
 def test_fingerprint_is_kept_until_the_weights_change(setup):

@@ -65,3 +65,45 @@ def test_jsonl_lines_split_on_newlines_only(tmp_path):
     append_jsonl(path, [{"text": t} for t in texts])
     assert [r["text"] for r in read_jsonl(path)] == texts
     assert [r["text"] for r in read_jsonl(path, journal=True)] == texts
+
+
+def test_an_output_lock_is_held_once_even_across_its_removal(tmp_path):
+    """Two runs never hold one output's lock: a second is refused by name; a waiter that locked the file the
+    holder removed on release sees it is no longer the file at the path and takes the new one."""
+    import fcntl
+    import os
+
+    from llama_sae.errors import UserError
+    from llama_sae.fileio import OutputLock, lock_output
+
+    first = lock_output(tmp_path / "out", "the store out")
+    assert (tmp_path / ".out.lock").exists() and not (tmp_path / "out").exists()  # beside, not inside
+    with pytest.raises(UserError, match=r"another run is using the store out \(it holds .*\.out\.lock\)"):
+        lock_output(tmp_path / "out", "the store out")
+    stale = open(tmp_path / ".out.lock", "a+")  # a waiter opened the file before the holder released it
+    first.release()
+    assert not (tmp_path / ".out.lock").exists()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ... and locks the removed file
+    with OutputLock(tmp_path / ".out.lock", "the store out") as again:  # a new run gets the one at the path
+        assert again.held and os.fstat(stale.fileno()).st_nlink == 0
+    stale.close()
+
+
+def test_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys):
+    import errno
+    import os
+
+    import llama_sae.cli as cli
+
+    for code, message in ((errno.ENOSPC, "error: the disk is full writing /data/out/shard.safetensors: free some "
+                                         "space and run the same command again"),
+                          (errno.EROFS, "error: the file system is read-only writing /data/out/shard.safetensors: "
+                                        "choose an output on a writable disk")):
+        def full(code=code, **kw):
+            raise OSError(code, os.strerror(code), "/data/out/shard.safetensors")
+
+        monkeypatch.setattr(cli, "app", full)
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        err = " ".join(capsys.readouterr().err.split())
+        assert e.value.code == 2 and err.startswith(message) and "please report" not in err

@@ -361,6 +361,17 @@ def test_a_run_with_no_answer_is_set_aside_when_the_model_changes(feats, server)
                 threshold=100.0, say=lambda s: None)
 
 
+def test_progress_counts_what_earlier_runs_answered_in_later_chunks(feats):
+    """The bar ends at its total when chunks after the estimate hold answers of an earlier run."""
+    f = feats
+    live = f.live_latents()
+    explain(f, make_backend("offline", f), latents=live[2:4] + live[6:], chunk=2, say=lambda s: None)
+    seen = []
+    explain(f, make_backend("offline", f), latents=live, chunk=2, say=lambda s: None,
+            progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(live), len(live)) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
 def test_chat_concurrent_each_request_once(feats, server):
     f = feats
     b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=4)

@@ -113,7 +113,7 @@ def test_dashboard_pages_from_the_cli(tmp_path):
                                           multiple_of=32)), tmp_path / "other", tokenizer_dir=tinyworld.model_path())
     bad = CliRunner().invoke(app, ["dashboard", "--out", str(tmp_path / "d2"), "--model", str(other), "--sae",
                                    str(tinyworld.sae_path()), "--features", str(tinyworld.features_path())])
-    assert "layer 5 is out of range, this model has layers 0..1: the SAE belongs to another model" in \
+    assert "layer 5 is out of range, this model has layers 0..1: a wrong layer, or the SAE of another model" in \
         str(bad.exception) and not (tmp_path / "d2").exists()  # (it crashed in the decoder's logit table)
     again = CliRunner().invoke(app, ["dashboard", "--out", str(out), "--latents", "10-11"])  # fewer latents
     assert again.exit_code == 0 and sorted(p.name for p in (out / "latents").iterdir()) == ["10.html", "11.html"]

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from llama_sae import __version__
 from llama_sae.errors import UserError, check_device, short_hash
-from llama_sae.fileio import atomic_write, atomic_write_json, sweep_temp_files
+from llama_sae.fileio import atomic_write, atomic_write_json, lock_output, sweep_temp_files
 from llama_sae.store import (
     FORMAT,
     GPU_WRITER_THREADS,
@@ -155,9 +155,9 @@ def parse_count(text: str | int) -> int:
     scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(s[-1:].lower(), 1)
     try:
         n = int(float(s[:-1]) * scale) if scale > 1 else int(s)
-    except ValueError:
+    except (ValueError, OverflowError):  # (infk)
         n = 0
-    if n <= 0:
+    if not 0 < n < 2**63:
         raise UserError(f"bad token count {text!r}: use a positive number such as 2000000, 500k or 700M")
     return n
 
@@ -604,7 +604,10 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
     tokenizer = load_tokenizer(cfg.model)
     corpus = Corpus(cfg.corpus, split_sentences=cfg.split_sentences)
     dist = _Dist(cfg.device)
+    lock = None
     try:
+        if dist.rank == 0:  # two captures into one store would list every shard twice (and verify it)
+            lock = lock_output(cfg.out, f"the store {cfg.out}")
         settings = _settings(cfg, hooks, args.dim, model_fingerprint(cfg.model), corpus, tokenizer, dist.world)
         manifest = _open_store(cfg, settings, corpus, tokenizer, dist)
         if manifest["status"] == "complete" and not cfg.repair:
@@ -619,6 +622,8 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
             return _repair(capturer, Path(cfg.out), t0, console)
         return _run(capturer, dist, t0, console)
     finally:
+        if lock is not None:
+            lock.release()
         dist.close()
 
 

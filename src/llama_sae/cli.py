@@ -716,6 +716,23 @@ def _peer_gone(e: BaseException) -> bool:
     return "gloo" in text and ("Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
+def _disk_trouble(e: BaseException) -> str | None:
+    """One line for a full or read-only file system (ENOSPC, EDQUOT, EROFS, or safetensors' and torch's wrapping
+    of them), or None for anything else."""
+    import errno
+
+    where = getattr(e, "filename", None)
+    at = f" writing {where}" if where else ""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+        return (f"the disk is full{at}: free some space and run the same command again (written files are "
+                "complete or absent; a resumable run continues from its last checkpoint)")
+    if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
+        return f"the file system is read-only{at}: choose an output on a writable disk"
+    return None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -758,6 +775,10 @@ def main() -> None:
     except Exception as e:  # an input no check foresaw, or a bug: one line, the traceback on request
         if os.environ.get("LLAMA_SAE_TRACEBACK"):
             raise
+        disk = _disk_trouble(e)
+        if disk:  # the machine's, not an input's: say what to do
+            err_console.print(f"error: {disk}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
         rank = os.environ.get("RANK", "0")
         if os.environ.get("WORLD_SIZE", "1") != "1" and _peer_gone(e):  # rank 0 too: any rank can fail first
             err_console.print(f"error: rank {rank} stopped: another rank of this torchrun run stopped first (its "

@@ -174,17 +174,21 @@ def _answers_bar(task: str, enabled: bool):
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn(f"[bold]{task}[/bold] answers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
-                  disable=not enabled) as bar:
-        tasks = []
+    bar = Progress(TextColumn(f"[bold]{task}[/bold] answers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True, disable=not enabled)
+    tasks = []
 
-        def update(done: int, total: int) -> None:
-            if not tasks:
-                tasks.append(bar.add_task(task, total=total))
-            bar.update(tasks[0], completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not tasks:  # started at the first answer, after the cost question (a live display would erase it)
+            bar.start()
+            tasks.append(bar.add_task(task, total=total))
+        bar.update(tasks[0], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def explain(

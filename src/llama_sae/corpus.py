@@ -327,42 +327,56 @@ def _txt_records(files: list[Path]) -> Iterator[Record]:
 def _jsonl_records(files: list[Path], field: str) -> Iterator[Record]:
     seen = False  # a record has had the field: later ones without it are skipped, as a null text is
     for path in files:
-        if len(files) > 1 and path.name.lower().endswith(".json") and _json_document(path):
-            continue  # a folder's metadata file (dataset_info.json, pretty-printed): not lines of records
-        for lineno, line in enumerate(_lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove the line") from e
+        doc = _json_document(path) if path.name.lower().endswith(".json") else None
+        if isinstance(doc, dict) and len(files) > 1:
+            continue  # a folder's metadata file (dataset_info.json, pretty-printed): not records
+        if doc is not None and not isinstance(doc, list):
+            raise UserError(f"{path} is one JSON {type(doc).__name__}, not JSON Lines: write one object per line, "
+                            "or a JSON array of objects")
+        rows = enumerate(doc, 1) if doc is not None else ((n, line) for n, line in enumerate(_lines(path), 1))
+        for lineno, line in rows:
+            where = f"{path}:{lineno}" if doc is None else f"{path} item {lineno}"
+            if doc is None:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where} is not valid JSON ({e.msg}): fix or remove the line") from e
+            else:
+                obj = line
             if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno} is not a JSON object: write one object per line")
+                raise UserError(f"{where} is not a JSON object: write one object per line")
             if field not in obj:
                 if seen:
                     continue
                 have = ", ".join(map(str, obj)) or "none"
-                raise UserError(f"{path}:{lineno} has no field {field!r} (fields: {have}): name one as "
-                                "jsonl:PATH:FIELD")
+                raise UserError(f"{where} has no field {field!r} (fields: {have}): name one as jsonl:PATH:FIELD")
             seen = True
-            yield from _text_value(obj[field], f"{path}:{lineno} field {field!r}")
+            yield from _text_value(obj[field], f"{where} field {field!r}")
 
 
-def _json_document(path: Path) -> bool:
-    """Whether a .json file is one JSON document over several lines (not JSON Lines): its first line alone does
-    not parse, the whole file does."""
-    with open(path, "rb") as f:
+JSON_DOCUMENT_BYTES = 256 << 20  # a .json file up to this size may be one document (an array of records)
+
+
+def _json_document(path: Path) -> Any:
+    """The parsed content of a .json file that is one JSON document over several lines (an array of records, or a
+    pretty-printed object), or None when it is JSON Lines (its first line parses alone), too big to be read
+    whole, or not JSON at all (then read as lines, which names the bad line)."""
+    with _open_text(path) as f:
         first = f.readline()
     try:
         json.loads(first)
-        return False
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    except json.JSONDecodeError:
         pass
+    if path.stat().st_size > JSON_DOCUMENT_BYTES:
+        return None
     try:
-        json.loads(path.read_bytes())
-        return True
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        with _open_text(path) as f:
+            return json.loads(f.read())
+    except json.JSONDecodeError:
+        return None
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON can spell a lone surrogate ("\ud800"), which no encoder takes

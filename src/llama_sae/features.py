@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from llama_sae.errors import UserError, check_output_dir
-from llama_sae.fileio import atomic_write, atomic_write_json, read_jsonl, sweep_temp_files
+from llama_sae.fileio import atomic_write, atomic_write_json, lock_output, read_jsonl, sweep_temp_files
 
 META_FILE = "features.json"
 TENSORS_FILE = "features.safetensors"
@@ -299,7 +299,7 @@ def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
         return True
     if overwrite:
         return False
-    diff = sorted(k for k in settings if old.get(k) != settings[k])
+    diff = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))  # (a flag dropped, too)
     raise UserError(f"{out} already holds a features artifact built with other settings ({', '.join(diff)}): "
                     "choose another --out, or pass --overwrite to rebuild it")
 
@@ -355,51 +355,52 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         check_output_dir(out, "a features artifact", ours={TENSORS_FILE})
     settings = _settings(sae, corpus_source, sentences, top_n, reservoir, pool, n_quantiles, max_tokens, seed,
                          split_sentences, model_dtype, dedupe)
-    sweep_temp_files(out)
-    if _check_out(out, settings, overwrite):
-        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # a kill between the last write and this removal
+    with lock_output(out, f"the features artifact {out}"):  # two builds: one deletes the other's partial state
+        sweep_temp_files(out)
+        if _check_out(out, settings, overwrite):
+            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # a kill between the last write and this removal
+            return out
+        if (out / META_FILE).exists():  # --overwrite: the old build's explanations and scores are set aside, not shown
+            old_build = json.loads((out / META_FILE).read_text()).get("build_id") or "old"
+            for name in (EXPLANATIONS_FILE, SCORES_FILE):
+                if (out / name).exists():
+                    os.replace(out / name, out / f"{Path(name).stem}.{old_build}.jsonl")
+        partial = out / PARTIAL_DIR
+        marker = partial / "settings.json"
+        if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
+            shutil.rmtree(partial)  # an interrupted build with other settings (or SAE): its state and codes are void
+        partial.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            atomic_write_json(marker, settings)
+        state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
+        if (partial / STATE_FILE).exists():
+            state.load_(partial)
+        cache = CodeCache(partial, cache_bytes)
+        done = int(state.t["counts"][0])
+        stream = islice(enumerate(s.text for s in corpus), done, sentences)
+        last_saved = done
+        for ids, texts, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
+            codes = _encode_batch(model, sae, tokens, mask)
+            state.update(*codes, first=ids[0], seed=seed)
+            cache.put(ids, codes[0], codes[1], mask.sum(1) - 1)
+            state.hash_texts_(texts)
+            done = ids[-1] + 1
+            if done - last_saved >= checkpoint_every:
+                state.save(partial, settings)
+                last_saved = done
+            if progress is not None:
+                progress(done, sentences)
+        if int(state.t["counts"][0]) == 0:
+            raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
+        state.save(partial, settings)
+        tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size, cache)
+        meta.update(sae_path=sae_path, text_sha256=state.text_sha256)
+        build_id = secrets.token_hex(8)
+        meta["build_id"] = build_id
+        atomic_write(out / TENSORS_FILE, safetensors_bytes(tensors, metadata={"build_id": build_id}))
+        atomic_write_json(out / META_FILE, meta)
+        shutil.rmtree(partial, ignore_errors=True)
         return out
-    if (out / META_FILE).exists():  # --overwrite: the old build's explanations and scores are set aside, not shown
-        old_build = json.loads((out / META_FILE).read_text()).get("build_id") or "old"
-        for name in (EXPLANATIONS_FILE, SCORES_FILE):
-            if (out / name).exists():
-                os.replace(out / name, out / f"{Path(name).stem}.{old_build}.jsonl")
-    partial = out / PARTIAL_DIR
-    marker = partial / "settings.json"
-    if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
-        shutil.rmtree(partial)  # an interrupted build with other settings (or SAE): its state and codes are void
-    partial.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        atomic_write_json(marker, settings)
-    state = _State(sae.cfg.d_sae, top_n, reservoir, pool)
-    if (partial / STATE_FILE).exists():
-        state.load_(partial)
-    cache = CodeCache(partial, cache_bytes)
-    done = int(state.t["counts"][0])
-    stream = islice(enumerate(s.text for s in corpus), done, sentences)
-    last_saved = done
-    for ids, texts, tokens, mask in _batches(tokenizer, stream, batch_size, max_tokens):
-        codes = _encode_batch(model, sae, tokens, mask)
-        state.update(*codes, first=ids[0], seed=seed)
-        cache.put(ids, codes[0], codes[1], mask.sum(1) - 1)
-        state.hash_texts_(texts)
-        done = ids[-1] + 1
-        if done - last_saved >= checkpoint_every:
-            state.save(partial, settings)
-            last_saved = done
-        if progress is not None:
-            progress(done, sentences)
-    if int(state.t["counts"][0]) == 0:
-        raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
-    state.save(partial, settings)
-    tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size, cache)
-    meta.update(sae_path=sae_path, text_sha256=state.text_sha256)
-    build_id = secrets.token_hex(8)
-    meta["build_id"] = build_id
-    atomic_write(out / TENSORS_FILE, safetensors_bytes(tensors, metadata={"build_id": build_id}))
-    atomic_write_json(out / META_FILE, meta)
-    shutil.rmtree(partial, ignore_errors=True)
-    return out
 
 
 def _examples_table(state: _State, n_quantiles: int) -> dict[str, Tensor]:

@@ -172,3 +172,58 @@ def cut_torn_tail(path: str | os.PathLike) -> None:
         f.flush()
         os.fsync(f.fileno())
 
+
+
+class OutputLock:
+    """An exclusive lock on ``path`` (a ``.lock`` file), held until :meth:`release` or the process ends (kill -9
+    included: the kernel drops it), so that two runs never write one output at once.
+
+    ``OutputLock(path, what)`` raises UserError naming ``what`` when another process holds it. The lock file is
+    removed on release while still held; a waiter that locked the removed file sees it is no longer the one at
+    ``path`` and tries again, so two holders can never both believe they have it.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        import fcntl
+
+        self.path = Path(path)
+        while True:
+            f = open(self.path, "a+")  # noqa: SIM115 (kept open: the lock lasts until release)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise UserError(f"another run is using {what} (it holds {self.path}): wait for it to end, or stop "
+                                "it; a run killed with kill -9 releases the lock") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:  # released (and removed) between our open and our lock
+                same = False
+            if same:
+                self._file = f
+                return
+            f.close()
+
+    @property
+    def held(self) -> bool:
+        return not self._file.closed
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it), then release the lock."""
+        if not self._file.closed:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_output(out: str | os.PathLike, what: str) -> OutputLock:
+    """Lock the output directory ``out`` for this run (:class:`OutputLock` on ``.NAME.lock`` beside it: inside, it
+    would make a new output look non-empty). UserError naming ``what`` when another run writes it."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return OutputLock(out.parent / f".{out.name}.lock", what)

@@ -176,8 +176,8 @@ def check_fits(model: Transformer, sae: SAE) -> str:
     try:
         parse_hook_name(hook, model.args.n_layers)
     except UserError as e:  # a layer this model lacks: most often the SAE of another model
-        raise UserError(f"{e}: the SAE belongs to another model{named}" if "out of range" in str(e) else str(e)) \
-            from None
+        raise UserError(f"{e}: a wrong layer, or the SAE of another model{named}" if "out of range" in str(e)
+                        else str(e)) from None
     sae.check_float32()
     if sae.cfg.d_in != model.args.dim:
         raise UserError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook} of this model is "

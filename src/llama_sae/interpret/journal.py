@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_sae.errors import UserError
-from llama_sae.fileio import append_jsonl, cut_torn_tail, read_jsonl
+from llama_sae.fileio import OutputLock, append_jsonl, cut_torn_tail, read_jsonl
 
 OK = "succeeded"
 FAILED = ("errored", "canceled", "expired", "malformed", "missing")
@@ -107,15 +107,7 @@ class Journal:
     def _hold(self, lock_path: Path) -> None:
         """Hold an exclusive lock on ``lock_path`` until :meth:`close` (or the process ends): two runs on one
         journal would both send every request (and create duplicate batches)."""
-        import fcntl
-
-        self._lock_file = open(lock_path, "a+")  # noqa: SIM115 (kept open: the lock lasts until close)
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise UserError(f"another run is using {self.path} (it holds {lock_path.name}): wait for it to end, "
-                            "or stop it; a run killed with kill -9 releases the lock") from None
+        self._lock = OutputLock(lock_path, str(self.path))
 
     def __enter__(self) -> Journal:
         return self
@@ -126,9 +118,7 @@ class Journal:
     def close(self) -> None:
         """Release the lock and remove its file (the state stays readable; appending after this is the caller's
         mistake)."""
-        if not self._lock_file.closed:
-            Path(self._lock_file.name).unlink(missing_ok=True)  # while still held: no one else is using it
-            self._lock_file.close()  # closing the file releases its flock
+        self._lock.release()
 
     def append(self, *records: dict) -> None:
         """Write records (one line each), flush and fsync, then fold them into the state."""

@@ -137,11 +137,14 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
             "their prompts are not built again")
     to_build = [i for i in range(len(chunks)) if i not in answered]
     units_after = {i: sum(chunks[j].units for j in to_build[n + 1:]) for n, i in enumerate(to_build)}
-    wanted, seen, built, estimated = [], set(), [], False
+    wanted, seen, built, estimated, follow = [], set(), [], False, None
     before = {"requests": reused, "answered": reused, "failed": 0, "in_batch": 0}  # chunks before the estimate
     for i, (chunk, key) in enumerate(zip(chunks, keys)):
         if i in answered:
-            wanted += [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
+            earlier = [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
+            wanted += earlier
+            if follow is not None:  # answered by an earlier run: done, for the bar
+                follow.skip(len(earlier))
             continue
         requests = [r for r in chunk.build() if r.custom_id not in seen and not seen.add(r.custom_id)]  # asked once
         ids = [r.custom_id for r in requests]
@@ -152,6 +155,8 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
             r.custom_id in busy or r.custom_id not in st.results
             or retry_failed and st.results[r.custom_id]["status"] in FAILED)]
         new = [r for r in todo if r.custom_id not in busy]
+        if follow is not None:  # a chunk after the estimate: its requests with a final result are done already
+            follow.skip(len(requests) - len(todo))
         if not estimated:
             sending = {r.custom_id for r in todo}
             failed = sum(1 for c in ids if c not in sending and st.results.get(c, {}).get("status") in FAILED)
@@ -162,9 +167,9 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
                 rest = units_after[i] / max(chunk.units, 1)
                 _check_cost(task, backend, requests, new, rest, before, confirm, threshold, say)
                 estimated = True
-                if progress is not None and new:
-                    _follow(journal, progress, before["answered"] + before["failed"],
-                            before["requests"] + round(len(requests) * rest))
+                if progress is not None and (new or before["in_batch"]):  # (a batch run resumed to collect, too)
+                    follow = _Follow(journal, progress, before["answered"] + before["failed"],
+                                     before["requests"] + round(len(requests) * rest))
         journal.append(*[{"kind": "request", "custom_id": r.custom_id, "prompt_hash": r.prompt.hash(),
                           "latent": r.latent, "task": r.task, **r.meta} for r in new if r.custom_id not in st.requests])
         if todo and backend.batch_api:
@@ -179,18 +184,28 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
     return wanted
 
 
-def _follow(journal: Journal, progress: Callable[[int, int], None], done_before: int, total: int) -> None:
-    """Report progress as results come in: (requests with a result, ``total``), counting each request once."""
-    answered: set[str] = set()
+class _Follow:
+    """Reports a run's progress as results come in: (requests with a result, ``total``), each request counted once,
+    plus the requests found done already (:meth:`skip`)."""
 
-    def listen(records) -> None:
-        new = {r["custom_id"] for r in records if r.get("kind") == "result"} - answered
+    def __init__(self, journal: Journal, progress: Callable[[int, int], None], done_before: int, total: int):
+        self.progress, self.done, self.total, self.answered = progress, done_before, total, set()
+        journal.listener = self.listen
+        progress(done_before, total)
+
+    def listen(self, records) -> None:
+        new = {r["custom_id"] for r in records if r.get("kind") == "result"} - self.answered
         if new:
-            answered.update(new)
-            progress(min(done_before + len(answered), total), total)
+            self.answered.update(new)
+            self.report()
 
-    journal.listener = listen
-    progress(done_before, total)
+    def skip(self, n: int) -> None:
+        if n:
+            self.done += n
+            self.report()
+
+    def report(self) -> None:
+        self.progress(min(self.done + len(self.answered), self.total), self.total)
 
 
 def _record_finished(journal: Journal, built: list[tuple[str, list[str]]]) -> None:

@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llama_sae.errors import UserError, check_device, first_line, short_hash
-from llama_sae.fileio import atomic_write, atomic_writer, sweep_temp_files
+from llama_sae.fileio import atomic_write, atomic_writer, lock_output, sweep_temp_files
 from llama_sae.sae import formats
 from llama_sae.sae.model import SAE, SAEConfig, TrainOutput, normalize
 
@@ -758,38 +758,43 @@ def train_sae(source: Any, cfg: TrainConfig, out: str | os.PathLike, *, progress
     runs = make_runs(cfg, source.d, source_metadata(source, cfg.hook), world.device)
     total = total_steps(source, cfg)
     identity = source_identity(source, cfg.hook)
-    created = not out.exists()
-    step, extra = prepare_out(out, runs, cfg, source.d, world, identity)
-    extra.setdefault("source", identity)
-    if step and world.rank == 0 and progress:
-        print(f"resumed from {out / CHECKPOINT}: step {step:,} of {total:,}", flush=True)
-    if world.rank != 0 and hasattr(source, "verify_reads"):
-        source.verify_reads = False  # every rank reads every shard: rank 0 checks their sha256 for all of them
-    log = None
-    try:  # set-up: a bad first shard, eval model or eval corpus leaves no new, empty --out behind
-        batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
-                                     start_batch=step, dtype=torch.float32))
-        if step == 0:
-            first = next(batches)
-            init_runs_(runs, first.to(world.device), cfg)
-            batches = _chain(first, batches)
-        log = MetricsLog(out, step, cfg, extra.get("wandb_id")) if world.rank == 0 else None
-        if log is not None and log.wandb is not None:
-            extra["wandb_id"] = log.wandb.id
-        evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
-    except BaseException:
-        if log is not None:
-            log.close()
-        if created and world.rank == 0:
-            _remove_new_out(out)
-        raise
+    lock = lock_output(out, f"the training run {out}") if world.rank == 0 else None  # two runs: one SAE lost
     try:
-        return _train_loop(runs, batches, cfg, world, step, total, out, log, extra, evaluator, progress, identity,
-                           source.d)
-    except BaseException:
-        if created and world.rank == 0 and not (out / CHECKPOINT).exists():
-            _remove_new_out(out)  # (a log with records stays: a run that diverged at once is read from it)
-        raise
+        created = not out.exists()
+        step, extra = prepare_out(out, runs, cfg, source.d, world, identity)
+        extra.setdefault("source", identity)
+        if step and world.rank == 0 and progress:
+            print(f"resumed from {out / CHECKPOINT}: step {step:,} of {total:,}", flush=True)
+        if world.rank != 0 and hasattr(source, "verify_reads"):
+            source.verify_reads = False  # every rank reads every shard: rank 0 checks their sha256 for all of them
+        log = None
+        try:  # set-up: a bad first shard, eval model or eval corpus leaves no new, empty --out behind
+            batches = iter(source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, split=cfg.split, hook=cfg.hook,
+                                         start_batch=step, dtype=torch.float32))
+            if step == 0:
+                first = next(batches)
+                init_runs_(runs, first.to(world.device), cfg)
+                batches = _chain(first, batches)
+            log = MetricsLog(out, step, cfg, extra.get("wandb_id")) if world.rank == 0 else None
+            if log is not None and log.wandb is not None:
+                extra["wandb_id"] = log.wandb.id
+            evaluator = training_eval(cfg, out, step, runs) if world.rank == 0 else None
+        except BaseException:
+            if log is not None:
+                log.close()
+            if created and world.rank == 0:
+                _remove_new_out(out)
+            raise
+        try:
+            return _train_loop(runs, batches, cfg, world, step, total, out, log, extra, evaluator, progress, identity,
+                               source.d)
+        except BaseException:
+            if created and world.rank == 0 and not (out / CHECKPOINT).exists():
+                _remove_new_out(out)  # (a log with records stays: a run that diverged at once is read from it)
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train_loop(runs, batches, cfg: TrainConfig, world, step: int, total: int, out: Path, log, extra: dict,

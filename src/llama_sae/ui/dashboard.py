@@ -20,7 +20,7 @@ from urllib.parse import quote
 import torch
 from torch import Tensor
 
-from llama_sae.fileio import atomic_write, sweep_temp_files
+from llama_sae.fileio import atomic_write, lock_output, sweep_temp_files
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
@@ -211,23 +211,24 @@ def write_dashboard(out: Path, features, sae, model, tokenizer, *, latents: list
     features.check_sae(sae)
     check_fits(model, sae)  # its decoder goes through this model's unembedding: another model's is refused
     out = Path(out)
-    (out / "latents").mkdir(parents=True, exist_ok=True)
-    for directory in (out, out / "latents"):  # temp files of a killed run's writes
-        sweep_temp_files(directory)
-    latents = features.live_latents() if latents is None else latents
-    logits, near = decoder_tables(model, tokenizer, sae, latents)
-    has_page = set(latents)
-    shown = sorted(has_page)
-    for i in latents:
-        atomic_write(out / "latents" / f"{i}.html",
-                     latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown, has_page,
-                                 sae.cfg.hook_name, ui_command))
-    meta = features.meta
-    title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
-    atomic_write(out / "index.html", index_page(features, latents, title))
-    for page in (out / "latents").glob("*.html"):  # pages of an earlier run's other latents
-        if not page.stem.isdecimal() or int(page.stem) not in has_page:
-            page.unlink()
-    atomic_write(out / "dashboard.json", json.dumps({"latents": latents, "features": str(features.path),
-                                                     "ui_url": ui_url}) + "\n")
-    return out / "index.html"
+    with lock_output(out, f"the dashboard {out}"):  # two runs: one deletes the other's pages
+        (out / "latents").mkdir(parents=True, exist_ok=True)
+        for directory in (out, out / "latents"):  # temp files of a killed run's writes
+            sweep_temp_files(directory)
+        latents = features.live_latents() if latents is None else latents
+        logits, near = decoder_tables(model, tokenizer, sae, latents)
+        has_page = set(latents)
+        shown = sorted(has_page)
+        for i in latents:
+            atomic_write(out / "latents" / f"{i}.html",
+                         latent_page(i, features, tokenizer, logits, near, ui_url, n_examples, shown, has_page,
+                                     sae.cfg.hook_name, ui_command))
+        meta = features.meta
+        title = f"SAE features: {meta.get('hook_name', sae.cfg.hook_name)}, {sae.cfg.d_sae:,} latents, k = {sae.cfg.k}"
+        atomic_write(out / "index.html", index_page(features, latents, title))
+        for page in (out / "latents").glob("*.html"):  # pages of an earlier run's other latents
+            if not page.stem.isdecimal() or int(page.stem) not in has_page:
+                page.unlink()
+        atomic_write(out / "dashboard.json", json.dumps({"latents": latents, "features": str(features.path),
+                                                         "ui_url": ui_url}) + "\n")
+        return out / "index.html"
