@@ -224,6 +224,6 @@ class OutputLock:
 def lock_output(out: str | os.PathLike, what: str) -> OutputLock:
     """Lock the output directory ``out`` for this run (:class:`OutputLock` on ``.NAME.lock`` beside it: inside, it
     would make a new output look non-empty). UserError naming ``what`` when another run writes it."""
-    out = Path(out).absolute()
+    out = Path(out).expanduser().resolve()  # ("runs/..", "~/x", a symlink: the directory it names)
     out.parent.mkdir(parents=True, exist_ok=True)
     return OutputLock(out.parent / f".{out.name}.lock", what)
