@@ -209,3 +209,10 @@ def test_settings_outside_what_the_model_or_a_link_can_take(tmp_path):
     assert "--ui-url 'javascript:alert(1)' is not an http(s) address" in _error(
         ["dashboard", "--out", str(tmp_path / "dash"), "--latents", "3", "--ui-url", "javascript:alert(1)"])
     assert not (tmp_path / "dash").exists()
+
+
+def test_evaluate_checks_where_its_histogram_goes_before_the_work(tmp_path):
+    (tmp_path / "r_frequency.png").mkdir()  # the PNG written beside the report: checked first, named as itself
+    assert "r_frequency.png is a directory: pass a file path" in _error(
+        ["evaluate", "--sae", str(tinyworld.sae_path()), "--corpus", "tinyworld:3", "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()

@@ -154,6 +154,10 @@ def test_spliced_model_wrapper_behaves_like_the_model(model):
     with pytest.raises(TypeError, match="the latent edit returned NoneType: it must return the latents"):
         with spliced(model, saes[0], edit=lambda h: [h.mul_(2)] and None):
             model(tokens)
+    for wrong in (lambda h: h.transpose(0, 1), lambda h: h.flatten(0, 1), lambda h: h[..., :-1]):  # a transposed
+        with pytest.raises(ValueError, match="the latent edit returned shape .* for latents of shape"):  # [T, B,
+            with spliced(model, saes[0], edit=wrong):  # n] landed on the wrong tokens without a word
+                model(tokens)
     assert torch.equal(model(tokens), clean)  # and the model is left unspliced after the error
 
 

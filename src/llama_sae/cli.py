@@ -614,6 +614,7 @@ def evaluate(
                                                     "CPUs and GPUs; may swap near-tied latents at the k-th place")
                             ] = False,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = None,
     split_sentences: SplitOpt = None,
 ) -> None:
     """Evaluate an SAE: FVU, L0, dead / dense latents; with --corpus, also CE loss recovered and KL in the model.
@@ -638,6 +639,7 @@ def evaluate(
 
     if out is not None:
         check_output_file(out)
+        check_output_file(out.with_name(f"{out.stem}_frequency.png"))  # written beside it, after the work
     from llama_sae.sae.formats import find
 
     check_device(device)  # before any file is read, as load does
@@ -663,7 +665,7 @@ def evaluate(
     if corpus is not None:
         from llama_sae.corpus import iter_sentences
 
-        llama, tok = _load(model, None, device)
+        llama, tok = _load(model, dtype, device)
         texts = [s.text for s in islice(iter_sentences(corpus, split_sentences=split_sentences), n_texts)]
         batches = list(token_batches(tok, texts))
         mean = None
@@ -677,6 +679,7 @@ def evaluate(
         report.update(model_metrics(llama, net, batches, compute_dtype=torch.bfloat16 if bf16_encoder else None,
                                     mean=mean))
         report["encoder_dtype"] = "bfloat16" if bf16_encoder else str(net.W_enc.dtype).removeprefix("torch.")
+        report["model_dtype"] = str(llama.dtype).removeprefix("torch.")
     table = Table("metric", "value", title=f"evaluation of {sae}")
     for key, value in summary_rows(report):
         table.add_row(key, value)

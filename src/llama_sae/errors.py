@@ -48,7 +48,8 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirect
 
 def path_error_message(e: OSError) -> str:
     """One line for an OSError about a path (the CLI's safety net for paths no check caught earlier)."""
-    name = e.filename if e.filename is not None else "a path"
+    name = e.filename2 if getattr(e, "filename2", None) is not None else e.filename  # a rename: its destination
+    name = name if name is not None else "a path"
     if isinstance(e, IsADirectoryError):
         return f"{name} is a directory: pass a file path there"
     if isinstance(e, NotADirectoryError):

@@ -79,10 +79,14 @@ def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: P
                                             compute_dtype=compute_dtype)
         dense[biased[:, 0]] = 0
         dense[biased, b_idx] = b_vals
-    latents = dense if edit is None else edit(dense.view(*shape[:-1], n))
+    given = dense.view(*shape[:-1], n)
+    latents = dense if edit is None else edit(given)
     if not isinstance(latents, Tensor):
         raise TypeError(f"the latent edit returned {type(latents).__name__}: it must return the latents "
                         "(edit(h) -> h, even when it changes h in place)")
+    if latents.shape != given.shape:  # (a transposed [T, B, n] would land on the wrong tokens)
+        raise ValueError(f"the latent edit returned shape {tuple(latents.shape)} for latents of shape "
+                         f"{tuple(given.shape)}: return them in the shape they came in")
     latents = latents.reshape(-1, n)
     if not (latents.data_ptr() == dense.data_ptr() and latents.shape == dense.shape
             and latents.stride() == dense.stride() and latents.dtype == dense.dtype):
