@@ -378,7 +378,8 @@ class _Dist:
 
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
         out = torch.zeros(self.world, dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(out, torch.tensor([n], dtype=torch.int64, device=dev))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
+        gather(out, torch.tensor([n], dtype=torch.int64, device=dev))
         return out.tolist()
 
     def barrier(self) -> None:
