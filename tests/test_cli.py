@@ -139,6 +139,8 @@ def test_pipeline_capture_store_train_evaluate(tmp_path):
     assert "ok:" in runner.invoke(app, ["store", "verify", str(store)]).output
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["fvu"] < 1 and report["l0"] <= 8 and report["ce_zero_ablated"] > report["ce_clean"]
+    assert report["inputs"] == {"sae": str(sae), "k": 8, "hook": report["inputs"]["hook"], "store": str(store),
+                                "corpus": "tinyworld:20:heldout", "model": str(tinyworld.model_path()), "texts": 20}
     assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()
     final = json.loads(next(sae.rglob("evaluation.json")).read_text())  # spliced into the store's model
     assert final["ce_zero_ablated"] > final["ce_spliced"] > final["ce_clean"] > 0

@@ -647,7 +647,9 @@ def evaluate(
     net = load(found.path, device=device, k=k, hook_name=hook)
     if store is None and corpus is None:
         raise UserError("nothing to evaluate on: pass --store STORE_DIR and/or --corpus SOURCE")
-    report: dict = {}
+    report: dict = {"inputs": {"sae": str(sae), "k": net.cfg.k, "hook": net.cfg.hook_name,  # what was evaluated
+                               "store": None if store is None else str(store), "corpus": corpus,
+                               "model": None if corpus is None else _model_path(model)}}
     if store is not None:
         from llama_sae.store import ActivationStore
 
@@ -667,6 +669,7 @@ def evaluate(
 
         llama, tok = _load(model, dtype, device)
         texts = [s.text for s in islice(iter_sentences(corpus, split_sentences=split_sentences), n_texts)]
+        report["inputs"]["texts"] = len(texts)
         batches = list(token_batches(tok, texts))
         mean = None
         if store is None:  # the activation metrics on the same texts, whose mean is also the mean ablation's
