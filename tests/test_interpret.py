@@ -324,6 +324,19 @@ def test_a_refused_key_stops_the_run_and_bad_retry_after_values_are_ignored(feat
     assert text.count("not sent: HTTP 401") == 5
 
 
+def test_a_reply_cut_at_the_token_limit_says_so(feats, server):
+    f = feats
+    cut = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": '{"explanation": "words about'},
+        "finish_reason": "length"}]}
+    server.state.chat_script = [(200, json.dumps(cut), {})]
+    b = make_backend("chat", f, model="m", base_url=server.url + "/v1", concurrency=1)
+    out = explain(f, b, latents=f.live_latents()[:2], threshold=100.0, say=lambda s: None)
+    assert out["outcomes"] == {"malformed": 1, "succeeded": 1}
+    assert "cut at its 300-token limit before its JSON answer ended (explain --max-tokens raises it" in \
+        out["first_error"]
+
+
 def test_ctrl_c_drops_the_requests_not_started(feats, server):
     """KeyboardInterrupt in a concurrent chat run: the queued requests are cancelled, not sent on the way out
     (every one of them used to be sent before the run exited)."""

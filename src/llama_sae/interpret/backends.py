@@ -320,6 +320,11 @@ class ChatBackend(SyncBackend):
             raise MalformedReply(f"the server's reply is not a chat completion: {str(resp)[:200]!r}") from e
         if not isinstance(text, str):
             raise MalformedReply(f"the server's reply has no message text: {str(resp)[:200]!r}")
+        if getattr(resp.choices[0], "finish_reason", None) == "length" and not text.rstrip().rstrip("`").endswith("}"):
+            raise MalformedReply(f"the reply was cut at its {request.max_tokens}-token limit before its JSON answer "
+                                 "ended" + (" (explain --max-tokens raises it; then run with --retry-failed)"
+                                            if request.task == "explain" else " (a reasoning model may spend it "
+                                                                              "thinking: use another model)"))
         return text
 
 
