@@ -481,7 +481,7 @@ def test_missing_field_or_column_names_the_ones_that_exist(tmp_path):
     arrays = tmp_path / "arrays"  # pretty-printed JSON arrays of records are records too
     arrays.mkdir()
     (arrays / "a.json").write_text(json.dumps([{"text": "Three."}, {"text": "Four."}], indent=2))
-    (arrays / "b.json").write_text(json.dumps([{"text": "Five."}], indent=2))
+    (arrays / "b.json").write_text(json.dumps([{"text": "Five."}]))  # json.dump's default: one line
     assert [s.text for s in Corpus(f"jsonl:{arrays}", split_sentences=False)] == ["Three.", "Four.", "Five."]
     one_line_error(f"jsonl:{folder / 'dataset_info.json'}", "is one JSON dict, not JSON Lines: write one object")
     write_parquet(tmp_path / "a.parquet", {"body": ["x"], "n": [1]})

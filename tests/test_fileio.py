@@ -87,6 +87,12 @@ def test_an_output_lock_is_held_once_even_across_its_removal(tmp_path):
     with OutputLock(tmp_path / ".out.lock", "the store out") as again:  # a new run gets the one at the path
         assert again.held and os.fstat(stale.fileno()).st_nlink == 0
     stale.close()
+    # a run killed with kill -9 leaves its lock file, unlocked: an output holding it is still "empty" for a rerun
+    from llama_sae.errors import check_output_dir
+
+    (tmp_path / "dash").mkdir()
+    (tmp_path / "dash" / ".features.lock").write_text("")
+    check_output_dir(tmp_path / "dash", "a dashboard")
 
 
 def test_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys):

@@ -366,10 +366,10 @@ def _json_document(path: Path) -> Any:
     with _open_text(path) as f:
         first = f.readline()
     try:
-        json.loads(first)
-        return None
+        if not isinstance(json.loads(first), list):
+            return None  # a JSON Lines record
     except json.JSONDecodeError:
-        pass
+        pass  # (a one-line array, json.dump's default, is a document too)
     if path.stat().st_size > JSON_DOCUMENT_BYTES:
         return None
     try:

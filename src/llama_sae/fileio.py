@@ -21,9 +21,13 @@ from llama_sae.errors import UserError
 TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # what atomic_writer names its temp files: .NAME.tmpPID
 
 
+LOCK_NAME = re.compile(r"^\..+\.lock$")  # what lock_output names its lock files: .NAME.lock
+
+
 def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is a temp file of :func:`atomic_writer` (left behind only by a kill mid-write)."""
-    return bool(TEMP_NAME.match(name))
+    """Whether ``name`` is a temp file of :func:`atomic_writer` (left behind only by a kill mid-write), or the lock
+    file of an output inside this directory (:func:`lock_output`; a killed run leaves it, unlocked)."""
+    return bool(TEMP_NAME.match(name) or LOCK_NAME.match(name))
 
 
 def sweep_temp_files(directory: str | os.PathLike, recursive: bool = False) -> int:

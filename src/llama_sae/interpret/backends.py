@@ -185,8 +185,8 @@ class SyncBackend(Backend):
             journal.record_result(request.custom_id, status, error=redact(error, self.secrets))
 
         for attempt in range(self.max_attempts):
-            if self.halted:  # a wrong URL or key: the first requests said so, the rest are not tried
-                return failed("errored", f"not sent: {self.halted}")
+            if self.halted and attempt == 0:  # a wrong URL or key: the first requests said so, the rest are not
+                return failed("errored", f"not sent: {self.halted}")  # tried (one in flight ends its attempts)
             self.limiter.wait()
             self.attempts += 1
             try:
@@ -320,7 +320,7 @@ class ChatBackend(SyncBackend):
             raise MalformedReply(f"the server's reply is not a chat completion: {str(resp)[:200]!r}") from e
         if not isinstance(text, str):
             raise MalformedReply(f"the server's reply has no message text: {str(resp)[:200]!r}")
-        if getattr(resp.choices[0], "finish_reason", None) == "length" and not text.rstrip().rstrip("`").endswith("}"):
+        if getattr(resp.choices[0], "finish_reason", None) == "length" and "}" not in text:  # no JSON object ended
             raise MalformedReply(f"the reply was cut at its {request.max_tokens}-token limit before its JSON answer "
                                  "ended" + (" (explain --max-tokens raises it; then run with --retry-failed)"
                                             if request.task == "explain" else " (a reasoning model may spend it "

@@ -141,11 +141,8 @@ def _run(journal: Journal, backend: Backend, chunks: Sequence[Chunk], keys: list
     before = {"requests": reused, "answered": reused, "failed": 0, "in_batch": 0}  # chunks before the estimate
     for i, (chunk, key) in enumerate(zip(chunks, keys)):
         if i in answered:
-            earlier = [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
-            wanted += earlier
-            if follow is not None:  # answered by an earlier run: done, for the bar
-                follow.skip(len(earlier))
-            continue
+            wanted += [c for c in st.chunks[key] if c not in seen and not seen.add(c)]
+            continue  # (answered by an earlier run: counted among the bar's done from its start)
         requests = [r for r in chunk.build() if r.custom_id not in seen and not seen.add(r.custom_id)]  # asked once
         ids = [r.custom_id for r in requests]
         wanted += ids
