@@ -817,6 +817,21 @@ def test_outputs_are_written_while_the_journal_is_still_locked(feats, monkeypatc
     assert not list(f.path.glob("*.lock"))
 
 
+def test_a_score_of_an_explanation_replaced_since_is_not_shown(feats):
+    """scores.jsonl names the explanation it scored: a latent explained again shows no score until scored again."""
+    f = feats
+    explain(f, make_backend("offline", f), say=lambda s: None)
+    score(f, make_backend("offline", f), n=5, say=lambda s: None)
+    scored = [l for l, e in f.explanations().items() if e.detection is not None]
+    rows = [json.loads(line) for line in (f.path / "explanations.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["latent"] == scored[0]:
+            row["explanation"] = "a different explanation"
+    (f.path / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f.reload_explanations()
+    assert f.explanation(scored[0]).detection is None and f.explanation(scored[1]).detection is not None
+
+
 def test_score_estimate_counts_only_the_requests_scorable_latents_make(feats):
     """Latents without held-out activating or non-activating sentences ask nothing: the printed request count (from
     the first chunk, doubled for the control) is the number sent, not two per latent and method."""

@@ -743,13 +743,16 @@ class Features:
             for row in self.rows(SCORES_FILE):
                 if row.get("control"):
                     continue
-                scores.setdefault(row["latent"], {})[row.get("method", "detection")] = row.get("balanced_accuracy")
+                scores.setdefault(row["latent"], {})[row.get("method", "detection")] = (
+                    row.get("balanced_accuracy"), row.get("explanation"))
             self._explanations = {}
             for row in self.rows(EXPLANATIONS_FILE):
                 if row.get("explanation") is None:
                     continue
                 latent = row["latent"]
-                s = scores.get(latent, {})
+                # a score of another explanation (explained again since it was scored) is no score of this one
+                s = {method: ba for method, (ba, scored) in scores.get(latent, {}).items()
+                     if scored is None or scored == row["explanation"]}
                 self._explanations[latent] = Explanation(row["explanation"], row.get("certainty"), s.get("detection"),
                                                          s.get("fuzzing"), row.get("backend"))
         return self._explanations

@@ -155,7 +155,7 @@ def score(f: Features, backend: Backend, *, n: int = 10, sample: str = "top", co
             rows.append({"latent": req["latent"], "method": req["task"], "control": req["control"],
                          "balanced_accuracy": ba, "ci_low": lo, "ci_high": hi, "n_pos": sum(labels),
                          "n_neg": len(labels) - sum(labels), "explanation_of": req["source"],
-                         "backend": backend.name})
+                         "explanation": explanations.get(req["source"]), "backend": backend.name})
         atomic_write(f.path / SCORES_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     f.reload_explanations()
     scored = {row["latent"] for row in rows if not row["control"]}
