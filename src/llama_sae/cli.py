@@ -731,10 +731,10 @@ def _disk_trouble(e: BaseException) -> str | None:
     at = f" writing {where}" if where else ""
     code = getattr(e, "errno", None)
     text = str(e)
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "(os error 28)" in text:
         return (f"the disk is full{at}: free some space and run the same command again (written files are "
                 "complete or absent; a resumable run continues from its last checkpoint)")
-    if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
+    if code == errno.EROFS or "Read-only file system" in text or "(os error 30)" in text:
         return f"the file system is read-only{at}: choose an output on a writable disk"
     return None
 

@@ -85,7 +85,8 @@ class Journal:
         self.state = JournalState()
         self.lock = threading.Lock()
         self.listener: Callable[[Sequence[dict]], None] | None = None  # called with each append's records (locked)
-        self._hold(self.path.with_name(self.path.name + ".lock"))
+        # two runs on one journal would both send every request (and create duplicate batches): held until close
+        self._lock = OutputLock(self.path.with_name(self.path.name + ".lock"), str(self.path))
         self.set_aside: Path | None = None  # where an old journal went (fresh, or another run's that can go)
         self.set_aside_why = ""
         try:
@@ -103,11 +104,6 @@ class Journal:
         except BaseException:
             self.close()  # e.g. another run's journal: no lock file is left behind
             raise
-
-    def _hold(self, lock_path: Path) -> None:
-        """Hold an exclusive lock on ``lock_path`` until :meth:`close` (or the process ends): two runs on one
-        journal would both send every request (and create duplicate batches)."""
-        self._lock = OutputLock(lock_path, str(self.path))
 
     def __enter__(self) -> Journal:
         return self

@@ -27,6 +27,7 @@ class HubRef(NamedTuple):
     revision: str | None
 
 
+SAE_MARKERS = ("cfg.json", "sae.safetensors", "sae_weights.safetensors")  # a folder holding one of these is an SAE
 REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # the hub's rule for an org or repo name
 # what pull writes, and what a pull --overwrite removes when the new SAE has none of it (else read as the new one's)
 SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "sparsity.safetensors", "README.md",
@@ -121,12 +122,19 @@ def _top_level_files(hub, ref: HubRef) -> list[str] | None:
         return None
     names = [s.rfilename for s in hub.HfApi().model_info(ref.repo_id, revision=ref.revision).siblings or []]
     top = [n for n in names if "/" not in n]
-    if not any(n in ("cfg.json", "sae.safetensors", "sae_weights.safetensors") for n in top):
-        at = f"@{ref.revision}" if ref.revision else ""
-        inner = sorted({n.rsplit("/", 1)[0] for n in names if n.endswith("/cfg.json")})  # nested folders too
-        hint = f": its SAEs are in {', '.join(inner)}; pull hf://{ref.repo_id}/{inner[0]}{at}" if inner else ""
-        raise UserError(f"hf://{ref.repo_id}{at} holds no SAE (no cfg.json){hint}")
+    if not any(n in SAE_MARKERS for n in top):
+        raise _no_sae(ref, names)
     return top + ["features/*"]  # the SAE's bundled features artifact, if it has one
+
+
+def _no_sae(ref: HubRef, names: list[str]) -> UserError:
+    """The error for a place in a repo with no SAE, naming the folders below it that hold one (``names``: file
+    paths relative to that place)."""
+    at = f"@{ref.revision}" if ref.revision else ""
+    place = f"hf://{ref.repo_id}" + (f"/{ref.subdir}" if ref.subdir else "")
+    inner = sorted({n.rsplit("/", 1)[0] for n in names if n.endswith("/cfg.json")})  # nested folders too
+    hint = f": its SAEs are in {', '.join(inner)}; pull {place}/{inner[0]}{at}" if inner else ""
+    return UserError(f"{place}{at} holds no SAE (no cfg.json){hint}")
 
 
 def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -135,10 +143,8 @@ def pull(uri: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     out = Path(out)
     check_output_dir(out, f"the SAE from {uri}", overwrite=overwrite)
     src = download(uri)
-    if not any((src / name).is_file() for name in ("cfg.json", "sae.safetensors", "sae_weights.safetensors")):
-        inner = sorted(p.parent.name for p in src.glob("*/cfg.json"))
-        hint = f": its SAEs are in {', '.join(inner)}; pull {uri.split('@')[0].rstrip('/')}/{inner[0]}" if inner else ""
-        raise UserError(f"{uri} holds no SAE (no cfg.json){hint}")
+    if not any((src / name).is_file() for name in SAE_MARKERS):  # (offline: the cache's copy was not listed first)
+        raise _no_sae(parse_uri(uri), [p.relative_to(src).as_posix() for p in src.rglob("cfg.json")])
     # this SAE's files and its features/ (the cache folder may also hold other folders' SAEs of the same repo)
     files = sorted(p for p in [*src.iterdir(), *(src / "features").rglob("*")] if p.is_file())
     out.mkdir(parents=True, exist_ok=True)
