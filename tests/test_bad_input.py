@@ -216,3 +216,38 @@ def test_evaluate_checks_where_its_histogram_goes_before_the_work(tmp_path):
     assert "r_frequency.png is a directory: pass a file path" in _error(
         ["evaluate", "--sae", str(tinyworld.sae_path()), "--corpus", "tinyworld:3", "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_steers_too_strong_for_float32_or_the_models_dtype(tmp_path):
+    rec = ["--record", str(tmp_path / "r.json")]
+    assert "x the latent's unit 7.59864 is beyond float32's range" in _error(
+        ["generate", "-n", "4", "--steer", "969:clamp:1e38", *rec, "The"])  # used to overflow in a fill
+    msg = _error(["generate", "-n", "4", "--dtype", "float16", "--steer", "969:add:9000", "--temperature", "1",
+                  "--seed", "1", *rec, "The"])  # used to crash in torch.multinomial, or print NaN's argmax
+    assert "next-token scores are not finite (NaN or infinity) at new token 1" in msg and "float16" in msg
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("steer", [[], ["--steer", "969:add:2"]])
+def test_a_prompt_past_the_context_is_refused_before_it_is_echoed(tmp_path, steer):
+    long = " ".join(["the farmer"] * 1100)  # 2,202 tokens
+    result = runner.invoke(app, ["generate", "-n", "5", *steer, "--record", str(tmp_path / "r.json"), long])
+    assert isinstance(result.exception, UserError) and "exceeds the model's context of 2048" in str(result.exception)
+    assert "the farmer the farmer" not in result.output  # streaming used to print the whole prompt first
+
+
+def test_repair_refuses_to_cut_a_shard_to_fit_an_edited_manifest(tmp_path):
+    store = tmp_path / "store"
+    args = ["capture", "--corpus", "tinyworld:60", "--hook", "resid_post.5", "--tokens", "600", "--out", str(store),
+            "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+
+    def fewer(m):  # a shard's rows and the total edited alike: the shard's checksum still matches
+        m["shards"][0]["rows"] -= 100
+        m["rows"] -= 100
+    _edit_json(store / "manifest.json", fewer)
+    shard = store / json.loads((store / "manifest.json").read_text())["shards"][0]["name"]
+    before = shard.read_bytes()
+    msg = _error([*args, "--repair"])  # used to "repair" the shard by cutting 100 real rows
+    assert "where the manifest says" in msg and "manifest.json was edited or damaged" in msg
+    assert "not an edited manifest" in msg and shard.read_bytes() == before

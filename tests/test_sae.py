@@ -94,6 +94,44 @@ def test_bf16_encoder_selects_nearly_the_same_latents():
     torch.testing.assert_close(fast.top_acts, pre.gather(1, fast.top_indices).relu(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n, k", [(512, 16), (1000, 7), (96, 5)])  # blocks of 8, of 4, none (n too narrow)
+def test_bf16_encoder_on_a_cpu_selects_the_exact_top_k(n, k, monkeypatch):
+    """The bf16 GEMM only proposes candidates; their exact values decide, so near-ties at the k-th place
+    go the float64 reference's way (a top k of the bf16 values themselves swaps latents in many rows)."""
+    from llama_sae.sae import model
+
+    sae, _ = make_sae(d=64, n=n, k=k, dtype=torch.float32)
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(n)) * 3
+    xc = normalize(x, "layer_norm")[0] - sae.b_dec
+    vals, idx = sae.select(xc, torch.bfloat16)
+    ref = xc.double() @ sae.W_enc.double().T + sae.b_enc.double()  # [N, n] float64 reference
+    top = ref.topk(k + 1, dim=1).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-5 * top[:, k - 1].abs()  # not tied within float32 rounding
+    want = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ref.topk(k, dim=1).indices, True)
+    got = torch.zeros_like(want).scatter_(1, idx, True)
+    assert (got == want).all(1)[clear].all()
+    torch.testing.assert_close(vals.double(), ref.gather(1, idx).relu(), rtol=1e-5, atol=1e-5)
+    W16 = sae.encoder_matrix(torch.bfloat16)  # what a top k of the bf16 values would have kept
+    pre16 = torch.cat([xc, torch.ones(len(xc), 1)], 1).bfloat16() @ W16.T
+    old = torch.zeros_like(want).scatter_(1, pre16.float().topk(k, dim=1).indices, True)
+    assert (old != want).any(1).float().mean() > 0.01  # 2-14% of rows here
+    monkeypatch.setattr(model, "CANDIDATE_BLOCK", 7 * n)  # row blocks of 7 tokens select the same
+    vals_b, idx_b = sae.select(xc, torch.bfloat16)
+    assert torch.equal(idx_b, idx) and torch.equal(vals_b, vals)
+
+
+def test_bf16_selection_of_rows_with_nan_or_inf_falls_back_to_the_bf16_top_k():
+    sae, x = make_sae(d=64, n=512, k=16, dtype=torch.float32)
+    xc = normalize(x, "layer_norm")[0] - sae.b_dec
+    xc[3], xc[7, 5] = float("nan"), float("inf")
+    vals, idx = sae.select(xc, torch.bfloat16)
+    assert vals.shape == idx.shape == (40, 16) and vals[3].isnan().all()
+    fine = torch.ones(40, dtype=torch.bool)
+    fine[[3, 7]] = False
+    exact_vals, exact_idx = sae.select(xc)
+    assert (idx[fine].sort(1).values == exact_idx[fine].sort(1).values).float().mean() > 0.9
+
+
 def test_bf16_encoder_selects_aux_k_exactly_over_a_small_dead_set():
     sae, x = make_sae(d=64, n=512, k=16, dtype=torch.float32)
     x_norm = normalize(x, "layer_norm")[0]

@@ -11,7 +11,7 @@ from conftest import VOCAB
 from llama_sae.errors import UserError
 from llama_sae.llama import load_model
 from llama_sae.llama.generate import generate_tokens
-from llama_sae.sae.model import SAE, SAEConfig
+from llama_sae.sae.model import SAE, SAEConfig, normalize
 from llama_sae.splice import SplicedModel, spliced
 
 
@@ -228,6 +228,33 @@ def test_rows_run_the_sae_on_the_chosen_tokens_only(model, norm):
     with spliced(model, sae, error_term=False, edit=boost):
         want = model(tokens)
     assert torch.equal(SplicedModel(model, sae, error_term=False, edit=boost, rows=lambda x: mask)(tokens), want)
+
+
+@pytest.mark.parametrize("error_term", [True, False])
+def test_pre_bias_without_an_edit_on_batched_input(model, error_term):
+    """A bias alone (no edit) on [B, T, d] input: a zero bias changes nothing, and a large one on a latent
+    makes it fire where a dense float64 re-encode says it does."""
+    hook = "resid_post.1"
+    sae, tokens = _sae(model, hook), _tokens()
+    x = model.capture(tokens, [hook])[hook]
+    zero, big = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+    big[3] = 50.0
+    every = lambda b: (lambda h: (b, torch.ones(h.shape[:-1], dtype=torch.bool)))  # noqa: E731
+    with spliced(model, sae, error_term=error_term):
+        want = model.capture(tokens, [hook])[hook]
+    with spliced(model, sae, error_term=error_term, pre_bias=every(zero)):
+        assert torch.equal(model.capture(tokens, [hook])[hook], want)
+    with spliced(model, sae, error_term=error_term, pre_bias=every(big)):
+        got = model.capture(tokens, [hook])[hook]
+    x_norm, mu, std = normalize(x.flatten(0, 1).double(), "layer_norm")
+    pre = (x_norm - sae.b_dec.double()) @ sae.W_enc.double().T + sae.b_enc.double() + big.double()
+    top = pre.topk(sae.cfg.k, dim=1)
+    recon = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu()) @ sae.W_dec.double() + sae.b_dec
+    recon = recon * std + mu  # the reconstruction of the biased latents
+    if error_term:  # plus the error of the unbiased input
+        recon = recon + x.flatten(0, 1).double() - sae(x).flatten(0, 1).double()
+    assert (top.indices == 3).any(1).all()
+    torch.testing.assert_close(got.flatten(0, 1).double(), recon, atol=1e-4, rtol=1e-4)
 
 
 def test_rows_with_no_token_run_no_sae(model, monkeypatch):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from llama_sae.steer import parse_steer
-from llama_sae.tinyworld.steering import goal_margin, meets_goals, pick_steer
+from llama_sae.tinyworld.steering import choose_run, goal_margin, meets_goals, pick_steer
 
 
 def test_goal_margin_is_positive_exactly_when_all_goals_are_met():
@@ -19,6 +19,17 @@ def test_goal_margin_is_positive_exactly_when_all_goals_are_met():
     tight = {"on_topic": 1.0, "off_target": 0.09, "ppl_ratio": 1.0}
     roomy = {"on_topic": 0.9, "off_target": 0.0, "ppl_ratio": 1.2}
     assert goal_margin(tight) == pytest.approx(0.1) and goal_margin(roomy) == pytest.approx(0.5)
+
+
+def test_the_weakest_steer_that_meets_every_goal_is_chosen_over_the_roomiest():
+    def run(strength, on, off, ppl):
+        return {"strength": strength, "on_topic": on, "off_target": off, "ppl_ratio": ppl}
+
+    weak, roomy, weak_tight = run(3, 1.0, 0.01, 1.32), run(8, 1.0, 0.02, 1.29), run(3, 0.9, 0.05, 1.45)
+    assert goal_margin(roomy) > goal_margin(weak) > goal_margin(weak_tight) > 0
+    assert choose_run([roomy, weak_tight, weak]) is weak  # weakest first, then the margin between equals
+    missed = [run(3, 0.5, 0.4, 1.1), run(8, 0.95, 0.05, 1.6)]  # none meets every goal: the most room
+    assert choose_run(missed + [run(5, 0.85, 0.2, 1.4)]) is missed[1]
 
 
 def test_pick_steer_screens_then_sweeps_the_finalists(one_thread):
@@ -47,7 +58,8 @@ def test_pick_steer_screens_then_sweeps_the_finalists(one_thread):
     sweep = [r for r in runs if r["stage"] == "sweep"]
     assert sorted(r["latent"] for r in sweep) == sorted(r["latent"] for r in finalists)  # one more strength each
     assert all(r["strength"] == 4.0 for r in sweep)
-    assert best == max(runs, key=goal_margin)
+    finalist_runs = [r for r in runs if r["latent"] in {f["latent"] for f in finalists}]
+    assert best == choose_run(finalist_runs)
     steer = parse_steer(best["spec"])
     assert steer.positions == "last" and steer.kind == "add" and steer.latent == best["latent"]
     assert len({r["ppl_ratio"] for r in runs}) > 1 and all(torch.isfinite(torch.tensor(r["ppl_ratio"])) for r in runs)

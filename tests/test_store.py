@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -263,11 +264,61 @@ def test_a_manifest_that_disagrees_with_its_shards_is_named_where_they_are_read(
     if field == "d":
         manifest["d"] *= 2
     else:
+        manifest["rows"] += 9 * manifest["shards"][0]["rows"]  # the total edited to match: only the read can tell
         manifest["shards"][0]["rows"] *= 10
     (path / "manifest.json").write_text(json.dumps(manifest))
     store = ActivationStore(path)
     with pytest.raises(UserError, match=rf"shard {store.shards[0]['name']} .* where the manifest says .*store verify"):
         store.read(0)
+
+
+def _edited(path: Path, change) -> Path:
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["shards"].append(dict(m["shards"][0])), "shards is"),  # listed twice: trained on twice
+    (lambda m: m["shards"][0].pop("sha256"), "shards is"),
+    (lambda m: m["shards"][0].pop("val_rows"), "shards is"),
+    (lambda m: m.update(rows=99999), "rows is '99999' but its shards hold"),
+    (lambda m: m.update(val_rows=m["val_rows"] + 1), "val_rows is .* but its shards hold"),
+])
+def test_manifest_fields_that_contradict_each_other_are_refused_on_open(tmp_path, change, message):
+    path = _edited(make_store(tmp_path / "acts"), change)
+    with pytest.raises(UserError, match=message):
+        ActivationStore(path)
+
+
+def test_edited_split_dtype_or_hook_is_caught_by_reads_and_by_verify(tmp_path):
+    """Each edit leaves the checksums right: reads refuse the shard, and verify says the manifest was edited
+    (a val_rows edit used to yield unfilled buffer rows, all zeros, as training data)."""
+    base = make_store(tmp_path / "acts")
+
+    def copy(name, change):
+        return _edited(Path(shutil.copytree(base, tmp_path / name)), change)
+
+    def more_val(m):
+        m["shards"][0]["val_rows"] += 5
+        m["val_rows"] += 5
+
+    split = ActivationStore(copy("split", more_val))
+    with pytest.raises(UserError, match="rows of the train split where the manifest says"):
+        next(iter(split.loader(8, split="train")))
+    dtype = ActivationStore(copy("dtype", lambda m: m.update(dtype="float16")))
+    with pytest.raises(UserError, match="holds torch.float32 activations where the manifest says torch.float16"):
+        dtype.read(0)
+    hook = ActivationStore(copy("hook", lambda m: m.update(hooks=["resid_post.3"])))
+    with pytest.raises(UserError, match="holds no tensor acts.resid_post.3 where the manifest says"):
+        hook.read(0, "resid_post.3")
+    for name, message in [("split", "validation rows where the manifest says"), ("dtype", "is F32 where the "
+                          "manifest says float16"), ("hook", "tensor acts.resid_post.3 is missing where")]:
+        report = verify_store(tmp_path / name)
+        assert not report.ok and report.mismatched == report.bad and len(report.bad) >= 1
+        assert message in report.problems[0] and "manifest.json was edited or damaged" in report.problems[0]
+    assert verify_store(base).ok
 
 
 def test_a_hook_the_store_lacks_is_told_apart_from_a_name_no_model_has(store):

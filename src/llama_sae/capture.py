@@ -721,6 +721,9 @@ def _summary(out: Path, manifest: dict[str, Any], t0: float, this_run: int, *, r
 def _repair(cap: _Capturer, out: Path, t0: float, console) -> CaptureSummary:
     """Recompute the shards of a finished store that fail verification, then re-merge its statistics."""
     report = verify_store(out)
+    if report.mismatched:  # recomputing would cut or pad the data to fit the edited manifest
+        raise UserError(f"{report.problems[report.bad.index(report.mismatched[0])]} (--repair recomputes damaged "
+                        "shards, not an edited manifest)")
     manifest = cap.manifest
     entries = {e["name"]: e for e in manifest["shards"]}
     repaired = []

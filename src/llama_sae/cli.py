@@ -26,7 +26,7 @@ from llama_sae.errors import (
     first_line,
     path_error_message,
 )
-from llama_sae.terminal import printable
+from llama_sae.terminal import print_stream, printable
 
 
 def _plain_help_types() -> None:
@@ -267,10 +267,7 @@ def generate(
         return cli_steer.steered_generate(console, err_console, net, tok, _model_path(model), prompts, setup,
                                           show_features=show_features, top=top, record=record, stream=stream, **kw)
     if stream and len(prompts) == 1:
-        console.print(printable(prompts[0]), end="", style="bold", markup=False, highlight=False)
-        for chunk in run_generate(net, tok, prompts, stream=True, **kw):
-            console.print(printable(chunk.text), end="", markup=False, highlight=False)
-        console.print()
+        print_stream(console, prompts[0], run_generate(net, tok, prompts, stream=True, **kw))
         return
     for p, c in zip(prompts, run_generate(net, tok, prompts, **kw)):
         console.print(printable(p), end="", style="bold", markup=False, highlight=False)
@@ -611,7 +608,8 @@ def evaluate(
                                                       "has none: pass --k 64, its setting)")] = None,
     hook: Annotated[str | None, typer.Option(help="hook point, where the SAE file lacks it")] = None,
     bf16_encoder: Annotated[bool, typer.Option(help="spliced CE/KL with the encoder GEMM in bf16: faster on AMX "
-                                                    "CPUs and GPUs; may swap near-tied latents at the k-th place")
+                                                    "CPUs and GPUs; on a GPU it may swap near-tied latents at the "
+                                                    "k-th place")
                             ] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,

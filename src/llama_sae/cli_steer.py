@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llama_sae.errors import UserError
-from llama_sae.terminal import literal, printable
+from llama_sae.terminal import literal, print_stream, printable
 
 
 @dataclass
@@ -166,13 +166,8 @@ def steered_generate(console: Console, err_console: Console, model, tokenizer, m
     from llama_sae import steer
 
     if stream and len(prompts) == 1 and not show_features:
-        console.print(printable(prompts[0]), end="", style="bold", markup=False, highlight=False)
-        text = ""
-        for chunk in steer.generate(model, tokenizer, prompts, setup.steering, stream=True, **kw):
-            text += chunk.text
-            console.print(printable(chunk.text), end="", markup=False, highlight=False)
-        console.print()
-        outputs = [text]
+        outputs = [print_stream(console, prompts[0],
+                                steer.generate(model, tokenizer, prompts, setup.steering, stream=True, **kw))]
     else:
         outs = steer.generate(model, tokenizer, prompts, setup.steering, **kw)
         outputs = [o.text for o in outs]

@@ -80,7 +80,7 @@ def reconstruct(sae: SAE, x: Tensor, edit: LatentEdit | None = None, pre_bias: P
         dense[biased[:, 0]] = 0
         dense[biased, b_idx] = b_vals
     given = dense.view(*shape[:-1], n)
-    latents = dense if edit is None else edit(given)
+    latents = given if edit is None else edit(given)
     if not isinstance(latents, Tensor):
         raise TypeError(f"the latent edit returned {type(latents).__name__}: it must return the latents "
                         "(edit(h) -> h, even when it changes h in place)")
@@ -236,7 +236,7 @@ def spliced(model: Transformer, sae_or_saes: SAE | Sequence[SAE], *, error_term:
             runs no SAE. The chosen tokens match the splice over all tokens up to float rounding (the
             encoder GEMM over fewer rows). Ignored without the error term: every token is reconstructed.
         compute_dtype: the encoder GEMM's dtype (default the SAE's, exact); ``torch.bfloat16`` is several
-            times faster on AMX CPUs and GPUs, and may swap near-tied latents at the k-th place
+            times faster on AMX CPUs and GPUs; on a GPU it may swap near-tied latents at the k-th place
             (:meth:`SAE.select`).
     """
     fns = splice_fns(model, sae_or_saes, error_term=error_term, edit=edit, pre_bias=pre_bias, rows=rows,

@@ -212,9 +212,9 @@ class Steering:
             raise UserError(f"steer {s.spec!r}: latent {s.latent} is out of range, the SAE at {s.hook} has "
                             f"latents 0..{d_sae - 1}")
         unit = float(self.units[s.hook][s.latent])
-        if not math.isfinite(s.strength * unit):
-            raise UserError(f"steer {s.spec!r}: strength {s.strength:g} x the latent's unit {unit:g} is not a finite "
-                            "number: use a strength within a few units")
+        if not abs(s.strength * unit) <= torch.finfo(torch.float32).max:  # the latents are float32
+            raise UserError(f"steer {s.spec!r}: strength {s.strength:g} x the latent's unit {unit:g} is beyond "
+                            "float32's range: use a strength within a few units")
         if abs(s.strength) > ABSURD_STRENGTH:
             self.warnings.append(f"steer {s.spec!r}: strength {s.strength:g} is more than {ABSURD_STRENGTH:g}x the "
                                  "latent's typical max activation; expect degenerate text (running anyway)")

@@ -80,6 +80,7 @@ PROGRESS_DIR = "progress"
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SAFETENSORS_NP = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
                    "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # a store dtype's name in a header
 _ROW_META_BYTES = 8 + 4 + 4  # sentence_id int64, position int32, token_id int32
 _HASH_CHUNK = 8 << 20
 _FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -318,7 +319,8 @@ MANIFEST_CHECKS: dict[str, Callable[[Any], bool]] = {  # what capture writes the
     "capture": lambda v: isinstance(v, dict) and _count(v.get("tokens")),
     "shards": lambda v: isinstance(v, list) and all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and _count(e.get("rows")) and _count(e.get("bytes"))
-        for e in v),
+        and isinstance(e.get("sha256"), str) and _count(e.get("val_rows")) and e["val_rows"] <= e["rows"]
+        for e in v) and len({e["name"] for e in v}) == len(v),
 }
 
 
@@ -330,6 +332,12 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         if not ok(manifest.get(key)):
             raise UserError(f"{path}: {key} is {str(manifest.get(key))[:60]!r}, not what llama-sae capture writes: "
                             "the store is damaged; capture it again (or restore manifest.json from a copy)")
+    if manifest.get("status") == "complete":
+        for key in ("rows", "val_rows"):  # the totals of the shards'
+            total = sum(e[key] for e in manifest["shards"])
+            if manifest.get(key) != total:
+                raise UserError(f"{path}: {key} is {str(manifest.get(key))[:30]!r} but its shards hold {total:,}: "
+                                "the store is damaged; restore manifest.json from a copy, or capture it again")
 
 
 def progress_path(directory: str | os.PathLike, rank: int) -> Path:
@@ -819,9 +827,18 @@ class ActivationStore:
             self.verify_shards([index])
         entry = self.shards[index]
         names = [f"acts.{self.hook(hook)}", "sentence_id", "position", "token_id"]
-        t = _read_tensors(self.path / entry["name"], names)
+        try:
+            t = _read_tensors(self.path / entry["name"], names)
+        except KeyError as e:
+            raise UserError(f"shard {entry['name']} of the store {self.path} holds no tensor {e.args[0]} where the "
+                            f"manifest says it does: the manifest or the shard is damaged (`llama-sae store verify "
+                            f"{self.path}` lists every problem)") from None
         t["acts"] = t.pop(names[0])
         rows = entry["rows"]
+        if t["acts"].dtype != self.dtype:
+            raise UserError(f"shard {entry['name']} of the store {self.path} holds {t['acts'].dtype} activations where "
+                            f"the manifest says {self.dtype}: the manifest or the shard is damaged (`llama-sae store "
+                            f"verify {self.path}` lists every problem)")
         if tuple(t["acts"].shape) != (rows, self.d) or any(t[k].shape != (rows,) for k in names[1:]):
             raise UserError(f"shard {entry['name']} of the store {self.path} holds {list(t['acts'].shape)} activations "
                             f"where the manifest says [{rows}, {self.d}]: the manifest or the shard is damaged "
@@ -974,6 +991,11 @@ class StoreLoader:
                 keep = is_val(t["sentence_id"].numpy(), self.store.val_percent)
                 keep = keep if self.split == "val" else ~keep
                 acts = acts[torch.from_numpy(np.flatnonzero(keep))]
+            if acts.shape[0] != self.counts[s]:
+                name = self.store.shards[s]["name"]
+                raise UserError(f"shard {name} of the store {self.store.path} holds {acts.shape[0]:,} rows of the "
+                                f"{self.split} split where the manifest says {self.counts[s]:,}: the manifest is "
+                                f"damaged (`llama-sae store verify {self.store.path}` lists every problem)")
             out.index_copy_(0, dest[off:off + acts.shape[0]], acts)
             off += acts.shape[0]
         return out
@@ -992,6 +1014,7 @@ class VerifyReport:
     bytes: int = 0
     bad: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # of ``bad``: checksum right, the manifest disagrees
     leftovers: list[str] = field(default_factory=list)
 
     @property
@@ -1042,6 +1065,8 @@ def verify_store(path: str | os.PathLike, *, on_shard: Callable[[int, int], None
                 problem = f"{name}: checksum mismatch (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…); {fix}"
             else:
                 problem = _layout_problem(file, entry, manifest)
+                if problem:
+                    report.mismatched.append(name)
         report.shards += 1
         report.bytes += entry["bytes"]
         if problem:
@@ -1057,9 +1082,11 @@ def verify_store(path: str | os.PathLike, *, on_shard: Callable[[int, int], None
 
 
 def _layout_problem(file: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> str | None:
-    """A shard whose checksum matches but whose tensors disagree with the manifest (a foreign file)."""
+    """A shard whose checksum matches but whose tensors disagree with the manifest: the manifest was edited (the
+    file is what capture wrote, so --repair must not cut it to fit)."""
+    fix = "manifest.json was edited or damaged: restore it from a copy, or capture the store again into a new --out"
     try:
-        _, header = _read_header(file)
+        start, header = _read_header(file)
     except (ValueError, json.JSONDecodeError):
         return f"{entry['name']}: not a safetensors file"
     rows, d = entry["rows"], manifest["d"]
@@ -1067,7 +1094,14 @@ def _layout_problem(file: Path, entry: dict[str, Any], manifest: dict[str, Any])
                                                                                             "token_id")}
     for key, shape in expect.items():
         if key not in header or header[key]["shape"] != shape:
-            return f"{entry['name']}: tensor {key} is missing or not of shape {shape}: the file is not this store's"
+            found = "missing" if key not in header else f"of shape {header[key]['shape']}"
+            return f"{entry['name']}: tensor {key} is {found} where the manifest says {shape}; {fix}"
+        if key.startswith("acts.") and header[key]["dtype"] != _SAFETENSORS_DTYPE[manifest["dtype"]]:
+            return (f"{entry['name']}: tensor {key} is {header[key]['dtype']} where the manifest says "
+                    f"{manifest['dtype']}; {fix}")
+    val = int(is_val(_mmap(file, start, header["sentence_id"]).numpy(), manifest["split"]["val_percent"]).sum())
+    if val != entry["val_rows"]:
+        return f"{entry['name']}: {val:,} validation rows where the manifest says {entry['val_rows']:,}; {fix}"
     return None
 
 

@@ -25,3 +25,21 @@ def literal(text: str, style: str = "") -> Text:
     """A rich Text of untrusted ``text``: shown as written (markup and emoji codes not interpreted, control
     characters visible, see :func:`printable`)."""
     return Text(printable(text), style=style)
+
+
+def print_stream(console, prompt: str, chunks) -> str:
+    """Print ``prompt`` (bold), then each chunk's text as it comes, then a newline; returns the text generated.
+
+    The prompt waits for the first chunk, so an error before it (a prompt past the model's context) is not
+    preceded by the whole prompt."""
+    text, started = "", False
+    for chunk in chunks:
+        if not started:
+            console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
+            started = True
+        text += chunk.text
+        console.print(printable(chunk.text), end="", markup=False, highlight=False)
+    if not started:
+        console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
+    console.print()
+    return text

@@ -145,6 +145,10 @@ def generate_tokens(
     seq = batch.tokens
     logits = prefill(model, batch, cache) if use_cache else _forward_all(model, batch, seq)
     for step in range(max_new_tokens):
+        if not torch.isfinite(logits[running]).all():
+            raise UserError(f"the model's next-token scores are not finite (NaN or infinity) at new token {step + 1}: "
+                            f"a steer too strong for the model's {str(model.dtype).removeprefix('torch.')} (lower "
+                            "its strength), or a damaged checkpoint")
         token = sample(logits, temperature, top_p, generator)
         token = torch.where(running, token, torch.full_like(token, pad_id))
         yield token, running.clone()

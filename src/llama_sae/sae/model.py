@@ -28,6 +28,11 @@ AUG_ALIGN = 8  # on a GPU the augmented GEMM's K (d + 1) is padded with zeros to
 # length is not a multiple of 8 (16 bytes) miss the tensor-core kernels (K = 3,073 ran 6x slower on an H200). On a
 # CPU K stays d + 1 (padding gains nothing measured there, and would change float32 training's rounding).
 AUX_DENSE_RATIO = 16  # aux-k runs dense over the dead latents when n_dead <= this x k_aux (>= 1/16 selected)
+CANDIDATE_MARGIN = 2.0 ** -5  # low-precision selection on a CPU keeps every latent whose pre-activation lies within
+# this fraction of a lower bound on the k-th largest, and ranks them by their exact values. bf16's output rounding
+# alone moves a value by up to 2^-9 of itself; with this margin no row of 40,000 demo tokens missed an exact top-k
+# latent (with none, 2.3% of rows did).
+CANDIDATE_BLOCK = 1 << 22  # pre-activations per row block of that selection (16 MiB of float32)
 
 
 class SAEConfig(BaseModel):
@@ -116,7 +121,7 @@ def select_topk(pre: torch.Tensor, k: int, group: int | None = None) -> tuple[to
     """
     M, n = pre.shape
     if group is None:  # 16 where it fits (fastest at 8,192 latents); narrower SAEs still prune with 8 or 4
-        group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
+        group = _group(n, k) or 16
     if M * n <= SMALL_SELECT:  # a few tokens (generation steps): one topk call, no per-call overheads
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         return vals.relu_(), idx
@@ -166,6 +171,58 @@ def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
     out[ok] = (np.flatnonzero(mask[ok]) % w).reshape(-1, k)
     out[~ok] = np.argpartition(a[~ok], w - k, axis=-1)[:, w - k:]
     return out
+
+
+def _group(n: int, k: int) -> int | None:
+    """The block size of :func:`select_topk`'s strided blocks for rows of n latents (None: too narrow to prune)."""
+    group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
+    return None if n % group or 4 * k * group > n else group
+
+
+@torch.no_grad()
+def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch.Tensor,
+                       b_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ReLU(TopK) of the exact pre-activations xc · W_encᵀ + b_enc, given pre [M, n], the same computed in a lower
+    precision (CPU only): (values [M, k] in W_enc's dtype, indices [M, k]), or None for rows it cannot rank
+    (NaN or infinite pre-activations; the caller falls back to :func:`select_topk`).
+
+    The low-precision values only choose candidates. τ, the k-th largest of the strided blocks' maxima (see
+    :func:`select_topk`), is at most the k-th largest pre-activation; every latent within CANDIDATE_MARGIN·|τ|
+    of it or above is a candidate (k to ~1.2k per row). Only the candidates' exact values are computed (a
+    sampled GEMM over their CSR pattern, ~1.2·M·k·d multiply-adds), and the top k of those are kept. Unlike a
+    top k of the low-precision values followed by exact values, a near-tie at the k-th place is decided by the
+    exact values.
+    """
+    M, n = pre.shape
+    if M == 0:
+        return None
+    p = pre.detach().float()  # numpy has no bfloat16; float32 holds its values exactly
+    group = _group(n, k)
+    blocks = p if group is None else p.view(M, group, n // group).amax(1)  # [M, m]
+    blocks = blocks.numpy()
+    m = blocks.shape[1]
+    tau = np.partition(blocks, m - k, axis=1)[:, m - k]  # [M]
+    if not np.isfinite(tau).all() or np.isnan(blocks).any():
+        return None
+    tau -= CANDIDATE_MARGIN * np.abs(tau)
+    flat = np.flatnonzero(p.numpy() >= tau[:, None])  # row · n + col, by row
+    rows = flat // n
+    cols = flat - rows * n
+    counts = np.bincount(rows, minlength=M)  # >= k each: the k largest block maxima are at least tau
+    crow = np.zeros(M + 1, dtype=np.int64)
+    np.cumsum(counts, out=crow[1:])
+    cols_t = torch.from_numpy(cols)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(torch.from_numpy(crow), cols_t, b_enc[cols_t], size=(M, n),
+                                          check_invariants=False)
+        exact = torch.sparse.sampled_addmm(pattern, xc.to(W_enc.dtype), W_enc.t()).values()  # [nnz]
+    width = int(counts.max())
+    padded = np.full(M * width, -np.inf, dtype=np.float32)  # each row's candidates, then -inf
+    padded[rows * width + (np.arange(len(flat)) - crow[rows])] = exact.float().numpy()
+    pos = crow[:-1, None] + top_k_positions(padded.reshape(M, width), k)  # [M, k] into the candidates
+    pos_t = torch.from_numpy(pos)
+    return exact[pos_t].relu_(), cols_t[pos_t]
 
 
 def scratch_buffer(scratch: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -218,13 +275,19 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     # cheaper than gathering its columns and recomputing the chosen ones row by row.
     W_dead = W_enc[dead] if k_aux and compute_dtype != W_enc.dtype and dead.numel() <= AUX_DENSE_RATIO * k_aux \
         else None  # [n_dead, d]
-    rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
+    # On a CPU, low precision picks candidates and their exact values rank them (topk_by_candidates, in blocks
+    # of at most CANDIDATE_BLOCK pre-activations: it makes float32 copies); elsewhere it picks the top k, whose
+    # values are recomputed below.
+    by_candidates = compute_dtype != W_enc.dtype and device.type == "cpu"
+    rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size()), CANDIDATE_BLOCK // n if by_candidates else N))
     buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
-    parts = []
+    parts, exact = [], []
     for s in range(0, N, rows):
         out = buf[:min(rows, N - s)]
         pre = torch.addmm(b_enc, xc[s:s + rows], W.t(), out=out) if direct else torch.mm(xq[s:s + rows], W.t(), out=out)
-        vals, idx = select_topk(pre, k)
+        ranked = topk_by_candidates(pre, k, xc[s:s + rows], W_enc, b_enc) if by_candidates else None
+        vals, idx = ranked if ranked is not None else select_topk(pre, k)
+        exact.append(ranked is not None or compute_dtype == W_enc.dtype)
         if not k_aux:
             aux_vals, aux_idx = vals[:, :0], idx[:, :0]
         elif W_dead is not None:
@@ -236,10 +299,10 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
         empty = torch.empty(0, k, dtype=W_enc.dtype, device=device)
         return empty, empty.long(), empty[:, :k_aux], empty[:, :k_aux].long()
     vals, idx, aux_vals, aux_idx = parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)]
-    if compute_dtype != W_enc.dtype:  # low precision chose the latents; their values are recomputed exactly
+    if not all(exact):  # low precision chose these latents; their values are recomputed exactly
         vals = exact_acts(xc, W_enc, b_enc, idx)
-        if W_dead is None:
-            aux_vals = exact_acts(xc, W_enc, b_enc, aux_idx)
+    if compute_dtype != W_enc.dtype and W_dead is None:
+        aux_vals = exact_acts(xc, W_enc, b_enc, aux_idx)
     return vals, idx, aux_vals, aux_idx
 
 
@@ -509,10 +572,12 @@ class SAE(nn.Module):
         """TopK of the pre-activations of xc [N, d_in] (normalized input minus b_dec): (values [N, k] in
         W_enc's dtype, indices [N, k]).
 
-        ``compute_dtype`` bfloat16 runs the encoder GEMM in bf16 (AMX, tensor cores) and recomputes the chosen
-        latents' values in float32: 2.5-3x faster where the GEMM dominates (the seed's shape on an AMX CPU), but
-        where the k-th and (k+1)-th pre-activations lie within bf16 rounding of each other (about 1 token in 10
-        for the demo SAE) it may keep the other one.
+        ``compute_dtype`` bfloat16 runs the encoder GEMM in bf16 (AMX, tensor cores) and computes the values in
+        float32: 2.5-3x faster where the GEMM dominates (the seed's shape on an AMX CPU). On a CPU the bf16 values
+        only propose candidates and their float32 values choose the top k (:func:`topk_by_candidates`: the
+        float32 selection in every token measured). On a GPU the bf16 top k is kept: where the k-th and
+        (k+1)-th pre-activations lie within bf16 rounding of each other (about 1 token in 10 for the demo SAE)
+        it may keep the other one.
         """
         self.check_float32()
         low = compute_dtype not in (None, self.W_enc.dtype)  # float32 reads W_enc itself: nothing to cache

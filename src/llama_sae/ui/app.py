@@ -193,11 +193,15 @@ def build_app(session: Session):
 
     from llama_sae.steer import record
 
+    def refusal(message: str) -> Exception:
+        """A message for the user's mistake: shown in the page, with no traceback in the server's log."""
+        return gr.Error(message, print_exception=False)
+
     def steering_or_error(extra, slots):
         try:
             steering = session.steering(all_specs(extra, list(slots)))
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
         for line in steering.warnings if steering else []:
             gr.Warning(line)
         return steering
@@ -207,11 +211,11 @@ def build_app(session: Session):
             sampling = {"max_new_tokens": int(max_new), "temperature": float(temperature), "top_p": float(top_p),
                         "seed": None if seed in (None, "") else int(seed)}
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error("max new tokens, temperature, top-p and seed must be numbers") from None
+            raise refusal("max new tokens, temperature, top-p and seed must be numbers") from None
         if sampling["seed"] is not None and not 0 <= sampling["seed"] < 2**63:
-            raise gr.Error(f"seed {sampling['seed']} is out of range: use 0 to 2^63 - 1")
+            raise refusal(f"seed {sampling['seed']} is out of range: use 0 to 2^63 - 1")
         if not 0 <= sampling["temperature"] <= 100 or not 0 < sampling["top_p"] <= 1:
-            raise gr.Error("temperature must be in 0..100 (0 = greedy) and top-p in (0, 1]")
+            raise refusal("temperature must be in 0..100 (0 = greedy) and top-p in (0, 1]")
         return sampling
 
     def stream(prompt, steering, chat, sampling):
@@ -219,12 +223,12 @@ def build_app(session: Session):
         try:
             yield from session.stream(prompt, steering, chat=chat, sampling=sampling)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
 
     def chat_fn(message, steered, plain, compare, extra, max_new, temperature, top_p, seed, *slots):
         message = (message or "").strip()
         if not message:
-            raise gr.Error("type a message first")
+            raise refusal("type a message first")
         steering = steering_or_error(extra, slots)
         sampling = sampling_of(max_new, temperature, top_p, seed)
         history = [{"role": m["role"], "content": _text(m["content"])} for m in steered] + [
@@ -266,7 +270,7 @@ def build_app(session: Session):
 
     def complete_fn(prompt, compare, extra, max_new, temperature, top_p, seed, *slots):
         if not (prompt or "").strip():
-            raise gr.Error("type a prompt first")
+            raise refusal("type a prompt first")
         steering = steering_or_error(extra, slots)
         sampling = sampling_of(max_new, temperature, top_p, seed)
         item = ("", [], [])
@@ -297,7 +301,7 @@ def build_app(session: Session):
         try:
             return session.search(query or "")
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
 
     def on_load(request: gr.Request):
         spec = (request.query_params or {}).get("steer") if request else None
