@@ -251,3 +251,17 @@ def test_repair_refuses_to_cut_a_shard_to_fit_an_edited_manifest(tmp_path):
     msg = _error([*args, "--repair"])  # used to "repair" the shard by cutting 100 real rows
     assert "where the manifest says" in msg and "manifest.json was edited or damaged" in msg
     assert "not an edited manifest" in msg and shard.read_bytes() == before
+
+
+def test_the_estimate_note_comes_only_once_the_steers_pass(tmp_path):
+    from llama_sae.sae.model import SAE, SAEConfig
+
+    other = tmp_path / "other"  # an SAE at another hook, with no features artifact: its units are estimated
+    SAE(SAEConfig(d_in=256, d_sae=64, k=4, hook_name="resid_post.2")).save(other)
+    two = ["--sae", str(tinyworld.sae_path()), "--sae", str(other), "--record", str(tmp_path / "r.json")]
+    result = runner.invoke(app, ["generate", "-n", "2", *two, "--steer", "969:add:4", "The"])
+    assert isinstance(result.exception, UserError) and "does not say which SAE" in str(result.exception)
+    assert "estimating" not in result.output  # the note used to come before the error
+    result = runner.invoke(app, ["generate", "-n", "2", *two, "--steer", "resid_post.2@3:add:4", "The"])
+    assert result.exit_code == 0 and "no features artifact for resid_post.2: estimating" in " ".join(
+        result.output.split())

@@ -113,3 +113,23 @@ def test_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys):
             cli.main()
         err = " ".join(capsys.readouterr().err.split())
         assert e.value.code == 2 and err.startswith(message) and "please report" not in err
+
+
+def test_torch_saves_wrapping_of_a_full_disk_is_one_line_too(monkeypatch, capsys):
+    """torch.save on a full disk raises "unexpected pos", with the OSError as its context only."""
+    import errno
+    import os
+
+    import llama_sae.cli as cli
+
+    def full(**kw):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8448 vs 8400") from None
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2 and err.startswith("error: the disk is full: free some space") and "report" not in err

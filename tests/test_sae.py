@@ -115,7 +115,7 @@ def test_bf16_encoder_on_a_cpu_selects_the_exact_top_k(n, k, monkeypatch):
     pre16 = torch.cat([xc, torch.ones(len(xc), 1)], 1).bfloat16() @ W16.T
     old = torch.zeros_like(want).scatter_(1, pre16.float().topk(k, dim=1).indices, True)
     assert (old != want).any(1).float().mean() > 0.01  # 2-14% of rows here
-    monkeypatch.setattr(model, "CANDIDATE_BLOCK", 7 * n)  # row blocks of 7 tokens select the same
+    monkeypatch.setattr(model, "CANDIDATE_BLOCK", 7 * n)  # chunks of 16 tokens select the same
     vals_b, idx_b = sae.select(xc, torch.bfloat16)
     assert torch.equal(idx_b, idx) and torch.equal(vals_b, vals)
 

@@ -156,6 +156,44 @@ def test_bad_config_values_are_one_line_errors():
         load_config(preset="nope")
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"betas": [float("nan"), 0.9]}, r"betas must be two numbers in \[0, 1\)"),
+    ({"betas": [1.5, -2]}, r"betas must be two numbers in \[0, 1\)"),
+    ({"eps": float("inf")}, "eps: Input should be a finite number"),
+    ({"aux_coeff": float("inf")}, "aux_coeff: Input should be a finite number"),
+    ({"batch_size": 1}, "batch_size: Input should be greater than or equal to 2"),
+    ({"k": [16, 16]}, r"k lists a value twice \(\[16, 16\]\): two SAEs would share one name"),
+])
+def test_optimizer_settings_and_sweeps_that_cannot_work_are_one_line(fields, message):
+    with pytest.raises(UserError, match=message):  # each used to end in "please report it", or ran on regardless
+        validated(fields)
+
+
+def test_an_sae_too_large_for_memory_is_one_line(tmp_path):
+    x, _ = dictionary_data(2048)
+    with pytest.raises(UserError, match=r"an SAE of 100,000,000,000 x 32 does not fit in the memory of cpu"):
+        train_sae(TensorSource(x), small_cfg(d_sae=10**11), tmp_path / "out", progress=False)
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_and_hand_edited_metrics_lines_are_skipped(tmp_path):
+    x, _ = dictionary_data(512 * 12)
+    out = tmp_path / "sae"
+    train_sae(TensorSource(x), small_cfg(), out, progress=False)
+    good = (out / "checkpoint.pt").read_bytes()
+    with open(out / "metrics.jsonl", "a") as f:  # hand edits: each used to stop the resume with a TypeError
+        f.write('[1]\n{"x": 1}\n{"step": "a"}\n')
+    train_sae(TensorSource(x), small_cfg(plots=True), out, progress=False)  # re-exports, plots included
+    assert all(isinstance(r["step"], int) for r in read_metrics(out / "metrics.jsonl"))
+    damaged = bytearray(good)
+    damaged[len(good) // 2:len(good) // 2 + 64] = bytes(64)  # same size: torch.load alone would read it
+    (out / "checkpoint.pt").write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=r"checkpoint .* is damaged \(its entry .* fails its CRC check\)"):
+        train_sae(TensorSource(x), small_cfg(), out, progress=False)
+    torch.save({"a": 1}, out / "checkpoint.pt")  # a valid torch file, not ours
+    with pytest.raises(UserError, match="is not a llama-sae training checkpoint: train into a new --out"):
+        train_sae(TensorSource(x), small_cfg(), out, progress=False)
+
+
 def test_k_at_least_latents_is_refused_before_anything_is_written(tmp_path):
     x, _ = dictionary_data(2048)
     with pytest.raises(UserError, match="k=64 must be smaller than d_sae=64"):

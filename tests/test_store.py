@@ -326,6 +326,8 @@ def test_a_hook_the_store_lacks_is_told_apart_from_a_name_no_model_has(store):
         store.hook("resid_post.4")
     with pytest.raises(UserError, match="unknown hook point .foo.3.: use KIND.LAYER .*holds resid_post.0"):
         store.hook("foo.3")
+    with pytest.raises(UserError, match="hook 'resid_post.00': write the layer as a plain number, resid_post.0"):
+        store.hook("resid_post.00")  # used to say "capture resid_post.00", which capture refuses
 
 
 def test_loader_refuses_a_split_smaller_than_a_batch(store):
@@ -424,3 +426,19 @@ def test_a_journal_line_without_its_newline_does_not_count_for_readers_either(tm
     assert [r["cursor"]["batch"] for r in read_jsonl(journal, journal=True)] == [0, 1]
     assert len(read_jsonl(journal)) == 3  # a whole-file JSON-lines file keeps a last line without newline
     assert [e["index"] for e in read_progress(path, 0)["shards"]] == [0, 1]
+
+
+def test_the_verify_command_says_a_capture_is_unfinished_and_what_to_do_with_leftovers(tmp_path):
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+
+    path = make_store(tmp_path / "acts")
+    (path / "rank00-000099.safetensors").write_bytes(b"stray")  # a finished store's capture sweeps nothing
+    result = CliRunner().invoke(app, ["store", "verify", str(path)])
+    assert result.exit_code == 0 and "rank00-000099.safetensors is not part of the store" in result.output
+    assert "delete it" in result.output and "unfinished" not in result.output
+    _edited(path, lambda m: m.update(status="capturing"))
+    said = " ".join(CliRunner().invoke(app, ["store", "verify", str(path)]).output.split())
+    assert "the capture is unfinished: run the same capture command again" in said
+    assert "the next capture run removes it" in said

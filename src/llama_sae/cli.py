@@ -505,16 +505,20 @@ def store_verify(path: Annotated[Path, typer.Argument(metavar="STORE", help="sto
 
     from llama_sae.store import read_manifest, verify_store
 
-    read_manifest(path)  # not a store: one line, before the progress bar starts (it would leave a blank line)
+    manifest = read_manifest(path)  # not a store: one line before the progress bar (which would leave a blank line)
+    finished = manifest["status"] == "complete"
     with Progress(TextColumn("verify"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console,
                   transient=True) as bar:
         task = bar.add_task("verify", total=None)
         report = verify_store(path, on_shard=lambda n, total: bar.update(task, advance=n, total=total))
-    for name in report.leftovers:
-        err_console.print(f"note: {name} is not part of the store (left by a crash); the next capture run removes it",
+    for name in report.leftovers:  # a finished store's capture returns before any sweep
+        fate = "delete it" if finished else "the next capture run removes it"
+        err_console.print(f"note: {name} is not part of the store (left by a crash); {fate}",
                           style="yellow", markup=False, highlight=False)
     if report.ok:
-        console.print(f"ok: {report.shards} shards, {report.bytes:,} bytes match their checksums")
+        console.print(f"ok: {report.shards} shards, {report.bytes:,} bytes match their checksums"
+                      + ("" if finished else "; the capture is unfinished: run the same capture command again to "
+                         "complete it"))
         return
     for problem in report.problems:
         err_console.print(f"bad: {problem}", style="red", markup=False, highlight=False)
@@ -722,9 +726,11 @@ def _peer_gone(e: BaseException) -> bool:
 
 def _disk_trouble(e: BaseException) -> str | None:
     """One line for a full or read-only file system (ENOSPC, EDQUOT, EROFS, or safetensors' and torch's wrapping
-    of them), or None for anything else."""
+    of them, found also as the context of torch.save's "unexpected pos" error), or None for anything else."""
     import errno
 
+    if isinstance(e.__context__, OSError) and e.__context__.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return _disk_trouble(e.__context__)
     where = getattr(e, "filename", None)
     at = f" writing {where}" if where else ""
     code = getattr(e, "errno", None)

@@ -64,13 +64,12 @@ def setup(model, tokenizer, sae_paths: list[Path] | None, specs: list[str], feat
         err_console.print(f"note: {line}", style="yellow", markup=False, highlight=False)
     steering = None
     if steers:
-        missing = [h for h in saes if h not in features]
-        if missing:
+        def note(missing: list[str]) -> None:
             err_console.print(f"note: no features artifact for {', '.join(missing)}: estimating each latent's "
                               f"typical max activation over {ESTIMATE_SENTENCES:,} tinyworld sentences (pass "
                               "--features DIR for one built on your corpus)",
                               style="yellow", markup=False, highlight=False)
-        steering = build_steering(model, tokenizer, saes, steers, sources=sources, features=features)
+        steering = build_steering(model, tokenizer, saes, steers, sources=sources, features=features, on_estimate=note)
         for line in steering.warnings:
             err_console.print(f"warning: {line}", style="yellow", markup=False, highlight=False)
         table = Table("steer", "unit (typical max)", "value", title="steering")

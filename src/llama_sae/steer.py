@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -530,13 +530,19 @@ def match_features(paths: Sequence[str | Path], saes: dict[str, object],
 
 def build_steering(model, tokenizer, saes: dict[str, object], steers: Sequence[Steer], *,
                    sources: dict[str, dict] | None = None, features: dict[str, object] | None = None,
-                   estimate_sentences: int = ESTIMATE_SENTENCES) -> Steering:
+                   estimate_sentences: int = ESTIMATE_SENTENCES,
+                   on_estimate: Callable[[list[str]], None] | None = None) -> Steering:
     """A :class:`Steering` whose units come from each SAE's features artifact, or a quick estimate.
-    ``features`` None: the artifact in each SAE's directory, where there is one (:func:`match_features`)."""
+    ``features`` None: the artifact in each SAE's directory, where there is one (:func:`match_features`).
+    ``on_estimate``: called with the hooks to estimate, once the steers have passed their checks (a note that
+    the estimate takes a while should not come before an error about a steer)."""
     if features is None:
         features = match_features([], saes, sources)
     sources = {h: dict((sources or {}).get(h, {})) for h in saes}
     Steering(saes, list(steers), {h: torch.ones(sae.cfg.d_sae) for h, sae in saes.items()})  # bad specs fail first
+    missing = [h for h in saes if (features or {}).get(h) is None]
+    if missing and on_estimate is not None:
+        on_estimate(missing)
     units = {}
     for hook, sae in saes.items():
         f = (features or {}).get(hook)

@@ -762,9 +762,12 @@ class ActivationStore:
             from llama_sae.llama.model import HOOK_KINDS
 
             kind, _, layer = hook.partition(".")
-            if kind not in HOOK_KINDS or not layer.isdecimal():  # a name no model has: not sent to capture
+            if kind not in HOOK_KINDS or not layer.isdecimal() or not layer.isascii():  # no model has it
                 raise UserError(f"unknown hook point {hook!r}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)} "
                                 f"(store {self.path} holds {', '.join(self.hooks)})")
+            if layer != str(int(layer)):  # resid_post.03: capture takes resid_post.3 only
+                raise UserError(f"hook {hook!r}: write the layer as a plain number, {kind}.{int(layer)} (store "
+                                f"{self.path} holds {', '.join(self.hooks)})")
             raise UserError(f"store {self.path} holds {', '.join(self.hooks)}, not {hook}: capture {hook} with "
                             f"llama-sae capture --hook {hook}")
         return hook

@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -62,18 +63,19 @@ class TrainConfig(BaseModel):
     k: int | list[int] = Field(32, description="active latents per token; a list trains one SAE per value")
     normalize_activations: Literal["layer_norm", "none"] = Field(
         "layer_norm", description="per-token input normalization (SAELens layer_norm: mean 0, std 1, eps 1e-5)")
-    batch_size: int = Field(4096, gt=0, description="tokens per optimizer step, summed over ranks")
+    batch_size: int = Field(4096, ge=2, description="tokens per optimizer step, summed over ranks (2 or more: the "
+                                                    "loss is normalized by the batch's variance)")
     tokens: int | None = Field(None, gt=0, description="training tokens; default epochs x the split's tokens")
     epochs: int = Field(1, gt=0, description="passes over the split when tokens is not set")
     lr: float | None = Field(None, gt=0, description="peak learning rate; default 2e-4 / sqrt(d_sae / 16384)")
     lr_min: float | None = Field(None, ge=0, description="learning rate at the end of the cosine; default lr / 10")
     warmup_frac: float = Field(0.02, ge=0, lt=1, description="fraction of the steps with linear LR warm-up")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    eps: float = Field(1e-8, gt=0, description="AdamW eps")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on W_enc only (never biases; W_dec is "
-                                                       "renormalized every step)")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="AdamW eps")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                description="AdamW decay on W_enc only (never biases; W_dec is renormalized each step)")
     k_aux: int | None = Field(None, gt=0, description="dead latents per token in the aux-k loss; default d_in / 2")
-    aux_coeff: float = Field(1 / 32, ge=0, description="weight of the aux-k loss")
+    aux_coeff: float = Field(1 / 32, ge=0, allow_inf_nan=False, description="weight of the aux-k loss")
     dead_tokens_threshold: int = Field(1_000_000, gt=0, description="a latent that has not fired for this many "
                                                                     "tokens is dead (OpenAI used 10M)")
     bf16: bool = Field(False, description="encoder GEMM in bfloat16 (float32 master weights, gradients and "
@@ -98,10 +100,14 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.lr is not None and self.lr_min is not None and self.lr_min > self.lr:
             raise ValueError(f"lr_min={self.lr_min} is above lr={self.lr}: lower lr_min")
+        if not all(0 <= b < 1 for b in self.betas):  # NaN fails too
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         for name in ("d_sae", "k"):
             values = getattr(self, name)
             if isinstance(values, list) and (not values or min(values) <= 0):
                 raise ValueError(f"{name} must be positive integers, got {values}")
+            if isinstance(values, list) and len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice ({values}): two SAEs would share one name and folder")
         if isinstance(self.d_sae, int) and self.d_sae <= 0 or isinstance(self.k, int) and self.k <= 0:
             raise ValueError(f"d_sae and k must be positive, got d_sae={self.d_sae}, k={self.k}")
         if (self.eval_every is not None) != (self.eval_model is not None) or \
@@ -326,8 +332,15 @@ def make_runs(cfg: TrainConfig, d_in: int, meta: dict[str, Any], device: torch.d
     """Fresh SAEs (zero weights until :func:`init_runs_`), one per (d_sae, k) of the config."""
     runs = []
     for name, n, k in run_specs(cfg, d_in):
-        sae = SAE(SAEConfig(d_in=d_in, d_sae=n, k=k, normalize_activations=cfg.normalize_activations, **meta),
-                  device=device)
+        try:
+            sae = SAE(SAEConfig(d_in=d_in, d_sae=n, k=k, normalize_activations=cfg.normalize_activations, **meta),
+                      device=device)
+        except (RuntimeError, MemoryError) as e:  # the CPU allocator's RuntimeError, torch.OutOfMemoryError
+            if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            gib = 2 * n * d_in * 4 * 4 / 2**30  # W_enc and W_dec, float32, with gradients and two Adam moments
+            raise UserError(f"an SAE of {n:,} x {d_in:,} does not fit in the memory of {device} (about {gib:,.1f} "
+                            "GiB with its optimizer): choose a smaller --d-sae") from None
         lr = cfg.lr or 2e-4 / math.sqrt(n / 2**14)
         lr_min = lr / 10 if cfg.lr_min is None else min(cfg.lr_min, lr)
         runs.append(Run(name, sae, make_optimizer(sae, cfg, lr), lr, lr_min, cfg.k_aux or max(1, d_in // 2),
@@ -498,11 +511,21 @@ def config_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
 
 def load_checkpoint(path: Path, runs: list[Run], cfg: TrainConfig, d_in: int) -> tuple[int, dict]:
     """Restore ``runs`` from ``path``; returns (completed steps, extra). Refuses another config or width."""
+    fix = f"train into a new --out, or empty {path.parent} to start over there"
+    try:  # torch.load does not check the archive's CRCs: a damaged byte would be trained on
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        damaged = None  # not a zip archive: torch.load says what it is
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is damaged (its entry {damaged} fails its CRC check): {fix}")
     try:
         state = torch.load(path, map_location=runs[0].sae.W_enc.device, weights_only=True)
     except Exception as e:  # a truncated file cannot come from atomic writes, but say what to do anyway
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): train into a new --out, or empty "
-                        f"{path.parent} to start over there") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): {fix}") from None
+    shape = {"config": dict, "d_in": int, "step": int, "runs": dict, "extra": dict, "rng": torch.Tensor}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in shape.items()):
+        raise UserError(f"{path} is not a llama-sae training checkpoint: {fix}")
     if state["d_in"] != d_in:
         raise UserError(f"the store has width d={d_in} but checkpoint {path} was trained on d={state['d_in']}: "
                         "use the store it was trained on, or a new --out")
@@ -510,6 +533,8 @@ def load_checkpoint(path: Path, runs: list[Run], cfg: TrainConfig, d_in: int) ->
     if diff is not None:
         raise UserError(f"checkpoint {path} was written with another config ({diff}): use the same options, "
                         "or a new --out")
+    if any(run.name not in state["runs"] for run in runs):
+        raise UserError(f"checkpoint {path} holds SAEs {', '.join(state['runs'])}, not these: {fix}")
     for run in runs:
         saved = state["runs"][run.name]
         run.sae.load_state_dict(saved["sae"])
@@ -559,15 +584,18 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a torn last line from a killed run is skipped)."""
+    """The records of a metrics.jsonl or eval.jsonl (a torn last line from a killed run is skipped, and so is a
+    line that is no record of a step: a hand edit)."""
     if not path.exists():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            records.append(record)
     return records
 
 
@@ -610,18 +638,19 @@ def plot_metrics(out: Path, file: str = METRICS,
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
-    records = read_metrics(out / file)
+    records = [r for r in read_metrics(out / file) if isinstance(r.get("sae"), str) and "tokens" in r]
     (out / "plots").mkdir(exist_ok=True)
     written = []
     for key in keys:
+        records_of_key = [r for r in records if isinstance(r.get(key), int | float)]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name in dict.fromkeys(r["sae"] for r in records):
-            rs = [r for r in records if r["sae"] == name]
+        for name in dict.fromkeys(r["sae"] for r in records_of_key):
+            rs = [r for r in records_of_key if r["sae"] == name]
             marker = "o" if len(rs) < 20 else None  # a short run has too few points for a line
             ax.plot([r["tokens"] for r in rs], [r[key] for r in rs], label=name or None, marker=marker)
         ax.set_xlabel("training tokens")
         ax.set_ylabel(key)
-        if key in ("loss", "fvu", "aux_loss") and all(r[key] > 0 for r in records):
+        if key in ("loss", "fvu", "aux_loss") and all(r[key] > 0 for r in records_of_key):
             ax.set_yscale("log")
         if any(r["sae"] for r in records):
             ax.legend(fontsize=7)
