@@ -401,6 +401,16 @@ def test_finished_store_rerun_is_a_no_op(tiny, reference):
     assert (reference / "manifest.json").read_bytes() == before
 
 
+def test_finished_store_rerun_removes_journals_a_kill_left_after_the_manifest(tiny, reference, tmp_path):
+    out = tmp_path / "acts"
+    shutil.copytree(reference, out)
+    (out / "progress").mkdir()  # killed between the final manifest's write and the journals' removal
+    (out / "progress" / "rank00.jsonl").write_text('{"finished": true, "cursor": null}\n')
+    before = (out / "manifest.json").read_bytes()
+    assert capture(_cfg(tiny, out)).tokens_this_run == 0
+    assert not (out / "progress").exists() and (out / "manifest.json").read_bytes() == before
+
+
 def test_finished_store_rerun_notices_a_missing_shard_and_a_torn_first_write_starts_over(tiny, reference, tmp_path):
     out = tmp_path / "acts"
     shutil.copytree(reference, out)

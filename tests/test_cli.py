@@ -281,7 +281,10 @@ def test_train_takes_token_counts_with_suffixes(tmp_path, monkeypatch):
     assert isinstance(result.exception, UserError) and "tokens" not in str(result.exception)
     result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                                  "--tokens", "lots"])
-    assert isinstance(result.exception, UserError) and "bad token count 'lots'" in str(result.exception)
+    assert isinstance(result.exception, UserError) and "--tokens: bad token count 'lots'" in str(result.exception)
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                 "--dead-tokens", "0"])
+    assert isinstance(result.exception, UserError) and "--dead-tokens: bad token count '0'" in str(result.exception)
     import llama_sae.sae.train as train_mod
 
     seen = {}

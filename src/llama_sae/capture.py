@@ -67,6 +67,7 @@ from llama_sae.store import (
     new_shard,
     read_manifest,
     read_progress,
+    remove_progress,
     serialize_shard,
     verify_store,
 )
@@ -147,8 +148,9 @@ def capture_config(**options: Any) -> CaptureConfig:
         raise UserError(f"{name}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def parse_count(text: str | int) -> int:
-    """``"700M"`` -> 700,000,000; also k, G and plain integers (``"2_000_000"``)."""
+def parse_count(text: str | int, option: str = "") -> int:
+    """``"700M"`` -> 700,000,000; also k, G and plain integers (``"2_000_000"``). ``option`` names the CLI option
+    in the error."""
     if isinstance(text, int):
         return text
     s = text.strip().replace("_", "").replace(",", "")
@@ -158,7 +160,8 @@ def parse_count(text: str | int) -> int:
     except (ValueError, OverflowError):  # (infk)
         n = 0
     if not 0 < n < 2**63:
-        raise UserError(f"bad token count {text!r}: use a positive number such as 2000000, 500k or 700M")
+        raise UserError(f"{option + ': ' if option else ''}bad token count {text!r}: use a positive number such as "
+                        "2000000, 500k or 700M")
     return n
 
 
@@ -613,6 +616,8 @@ def capture(cfg: CaptureConfig, *, console=None) -> CaptureSummary:
         manifest = _open_store(cfg, settings, corpus, tokenizer, dist)
         if manifest["status"] == "complete" and not cfg.repair:
             ActivationStore(cfg.out)  # every listed shard there at its size, else one line naming --repair
+            if dist.rank == 0:  # journals a kill left between the manifest's write and their removal
+                remove_progress(cfg.out, manifest["capture"]["world_size"])
             return _summary(Path(cfg.out), manifest, t0, 0, resumed=True)
         model = load_model(cfg.model, dtype=cfg.dtype, device=dist.device)
         _warm_up(dist.device)  # before the planner and writer threads start

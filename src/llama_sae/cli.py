@@ -472,7 +472,7 @@ def capture(
     from llama_sae.capture import capture as run_capture
     from llama_sae.capture import capture_config, parse_count
 
-    cfg = capture_config(model=_model_path(model), corpus=corpus, hooks=hook, tokens=parse_count(tokens),
+    cfg = capture_config(model=_model_path(model), corpus=corpus, hooks=hook, tokens=parse_count(tokens, "--tokens"),
                          out=str(out), context=context, batch_tokens=batch_tokens, dtype=dtype,
                          store_dtype=store_dtype, shard_rows=shard_rows, outlier_factor=outlier_factor,
                          val_percent=val_percent, device=device, progress=progress, repair=repair,
@@ -579,10 +579,10 @@ def train(
 
         defaults["eval_model"] = ActivationStore(store).manifest["model"]["path"]  # where the activations came from
     cfg = load_config(preset, config, defaults=defaults, d_sae=parse_int_list(d_sae), k=parse_int_list(k),
-                      batch_size=batch_size, tokens=None if tokens is None else parse_count(tokens), epochs=epochs,
-                      lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb, seed=seed, eval_every=eval_every,
-                      eval_model=eval_model, eval_corpus=eval_corpus,
-                      dead_tokens_threshold=None if dead_tokens is None else parse_count(dead_tokens))
+                      batch_size=batch_size, tokens=None if tokens is None else parse_count(tokens, "--tokens"),
+                      epochs=epochs, lr=lr, bf16=bf16, hook=hook, device=device, wandb=wandb, seed=seed,
+                      eval_every=eval_every, eval_model=eval_model, eval_corpus=eval_corpus,
+                      dead_tokens_threshold=None if dead_tokens is None else parse_count(dead_tokens, "--dead-tokens"))
     from_store = cfg.eval_model is not None and cfg.eval_model == defaults.get("eval_model")
     if from_store and not Path(cfg.eval_model).exists():
         raise UserError(f"the spliced evaluation uses the store's model, {cfg.eval_model} (from its manifest), "

@@ -687,12 +687,18 @@ def finalize_store(directory: str | os.PathLike, **fields: Any) -> dict[str, Any
     if "tokens" in manifest:
         manifest["outliers_dropped"] = manifest["tokens"] - rows
     atomic_write_json(directory / MANIFEST, manifest)
+    remove_progress(directory, world)
+    return manifest
+
+
+def remove_progress(directory: str | os.PathLike, world: int) -> None:
+    """Delete a finished store's progress journals (folded into its manifest) and their folder."""
+    directory = Path(directory)
     for rank in range(world):
         progress_path(directory, rank).unlink(missing_ok=True)
         progress_path(directory, rank).with_suffix(".json").unlink(missing_ok=True)
     if (directory / PROGRESS_DIR).exists() and not any((directory / PROGRESS_DIR).iterdir()):
         (directory / PROGRESS_DIR).rmdir()
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------
