@@ -13,13 +13,15 @@ labeller (``tinyworld.label_text``: the topic vocabulary, every surface form):
 The **steering** latent and its strength (units of the latent's typical max activation) are chosen per topic on
 sampling seed 0 and every reported figure is from seed 1, so the choice does not inflate the result: each of the
 topic's ``--candidates`` best readers (AUROC) is run as an ``add`` steer at ``--screen-strength``, the 3 best are
-run over ``--strengths``, and the run with the most room on its tightest goal wins
-(``tinyworld.steering.goal_margin``). Steers act on ``--positions`` (default ``last``: the last prompt token,
-whose output predicts the first generated word). Compared on the same latent, each with its strength chosen the
-same way: the other two kinds (``clamp`` after TopK, ``bias`` before TopK, the seed's), the prompt's tokens
-instead of the last one, and the generated tokens (at the chosen strength); the **recovery** latent
-(``concept_recovery``'s best reader); prompting (tinyworld's topic prompts, "The chef", ..., unsteered); the
-unsteered base rate.
+run over ``--strengths``, and the weakest of their runs that meets every goal wins, else the one with the most
+room on its tightest goal (``tinyworld.steering.choose_run``; before session 13 the roomiest run won, which is how
+BENCHMARKS.md's session-4 tables were chosen). The kinds compared below are each chosen so, and the best kind by
+its room on the selection seed (strengths of different kinds are not comparable). Steers act on ``--positions``
+(default ``last``: the last prompt token, whose output predicts the first generated word). Compared on the same
+latent, each with its strength chosen the same way: the other two kinds (``clamp`` after TopK, ``bias`` before
+TopK, the seed's), the prompt's tokens instead of the last one, and the generated tokens (at the chosen strength);
+the **recovery** latent (``concept_recovery``'s best reader); prompting (tinyworld's topic prompts, "The chef", ...,
+unsteered); the unsteered base rate.
 
     python benchmarks/bench_steer.py                  # the shipped SAE (resid_post.5) and its features artifact
     python benchmarks/bench_steer.py --sae runs/demo/sae_resid_post.5                     # units: a quick estimate

@@ -268,3 +268,30 @@ def test_the_estimate_note_comes_only_once_the_steers_pass(tmp_path):
     result = runner.invoke(app, ["generate", "-n", "2", *two, "--steer", "resid_post.2@3:add:4", "The"])
     assert result.exit_code == 0 and "no features artifact for resid_post.2: estimating" in " ".join(
         result.output.split())
+
+
+def test_a_stream_cut_by_an_error_ends_its_line():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from llama_sae.terminal import print_stream
+
+    def chunks():
+        yield SimpleNamespace(text=" cat sat")
+        raise UserError("boom")
+
+    out = io.StringIO()
+    with pytest.raises(UserError, match="boom"):
+        print_stream(Console(file=out, width=80), "The", chunks())
+    assert out.getvalue() == "The cat sat\n"  # the CLI's error line then starts a line of its own
+
+    def refused():
+        raise UserError("early")
+        yield
+
+    out = io.StringIO()
+    with pytest.raises(UserError, match="early"):
+        print_stream(Console(file=out, width=80), "The", refused())
+    assert out.getvalue() == ""  # refused before the first chunk: the prompt is not echoed

@@ -131,6 +131,28 @@ def test_seed_checkpoint_reads_with_its_math(tmp_path):
     torch.testing.assert_close(sae(x).double(), recon_seed, rtol=1e-4, atol=1e-3)
 
 
+def test_a_convert_killed_mid_write_leaves_nothing_that_blocks_or_stays(tmp_path):
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmpB9vsEF").write_bytes(b"half of safetensors' own temp file")  # what a kill -9 left
+    (out / ".sae_weights.safetensors.tmp4242").write_bytes(b"")
+    result = runner.invoke(app, ["sae", "convert", str(tmp_path / "src"), "--to", "saelens", "--out", str(out)])
+    assert result.exit_code == 0, result.output  # used to be "not empty: it holds .tmpB9vsEF"
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_a_seed_checkpoint_whose_shapes_disagree_is_named_by_info(tmp_path):
+    state = seed_state()
+    state["decoder.weight"] = state["decoder.weight"][:, :50]  # 50 latents' decoder for a 96-latent encoder
+    torch.save(state, tmp_path / "seed.pth")
+    rows = dict(describe(tmp_path / "seed.pth"))  # used to say "loads with --k K ..."
+    assert rows["verdict"].startswith("does not load: weights: W_dec should be [96, 24] by the checkpoint's encoder")
+    with pytest.raises(UserError, match="the weights and its shapes do not belong together"):  # not "cfg.json"
+        load(tmp_path / "seed.pth", k=5, hook_name="attn_in.1")
+
+
 def test_seed_checkpoint_with_ddp_prefix_and_convert(tmp_path):
     state = seed_state(seed=3)
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "seed.pth")
@@ -551,6 +573,12 @@ def test_an_sae_on_a_hook_with_no_equivalent_and_a_damaged_fold(tmp_path):
     (ln / "sae_weights.safetensors").write_bytes(weights)
     assert dict(describe(ln))["verdict"].startswith("does not run here: hook point 'blocks.1.ln1.hook_normalized'")
     assert runner.invoke(app, ["sae", "info", str(ln)]).exit_code == 1
+    for hook in (None, "attn_in.1"):  # convert, evaluate and the splice refuse it too, --hook or not
+        with pytest.raises(UserError, match="no equivalent hook point .*: it cannot run here"):
+            load(ln, hook_name=hook)  # convert used to write it with hook_name null, which then "loads"
+        with pytest.raises(UserError, match="it cannot run here"):
+            convert(ln, "saelens", tmp_path / f"conv{hook}", hook_name=hook)
+        assert not (tmp_path / f"conv{hook}").exists()
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "ours" / "sae_weights.safetensors")

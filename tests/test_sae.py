@@ -94,7 +94,7 @@ def test_bf16_encoder_selects_nearly_the_same_latents():
     torch.testing.assert_close(fast.top_acts, pre.gather(1, fast.top_indices).relu(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, k", [(512, 16), (1000, 7), (96, 5)])  # blocks of 8, of 4, none (n too narrow)
+@pytest.mark.parametrize("n, k", [(512, 16), (1000, 7), (96, 5), (64, 5)])  # blocks of 8, 8, 4; none (too narrow)
 def test_bf16_encoder_on_a_cpu_selects_the_exact_top_k(n, k, monkeypatch):
     """The bf16 GEMM only proposes candidates; their exact values decide, so near-ties at the k-th place
     go the float64 reference's way (a top k of the bf16 values themselves swaps latents in many rows)."""
@@ -118,6 +118,23 @@ def test_bf16_encoder_on_a_cpu_selects_the_exact_top_k(n, k, monkeypatch):
     monkeypatch.setattr(model, "CANDIDATE_BLOCK", 7 * n)  # chunks of 16 tokens select the same
     vals_b, idx_b = sae.select(xc, torch.bfloat16)
     assert torch.equal(idx_b, idx) and torch.equal(vals_b, vals)
+
+
+def test_bf16_selection_when_the_kth_pre_activation_is_near_zero():
+    """bf16's error is absolute (~2^-9 of |x|·|w| summed over d): a margin relative to the k-th value alone left
+    no room where that value is near 0 (12 of 4,000 rows here kept a latent 1e-3 below the one they missed)."""
+    g = torch.Generator().manual_seed(0)
+    d, n, k = 2048, 100, 10  # no strided blocks: the margin is the only slack
+    sae = SAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize_activations="none"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(n, d, generator=g) / d**0.5)
+        sae.b_enc.fill_(-1.0)  # most pre-activations negative: the k-th lies near 0
+    xc = torch.randn(4000, d, generator=g)
+    _, idx = sae.select(xc, torch.bfloat16)
+    ref = xc.double() @ sae.W_enc.double().T + sae.b_enc.double()
+    want = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ref.topk(k, dim=1).indices, True)
+    got = torch.zeros_like(want).scatter_(1, idx, True)
+    assert (got == want).all()
 
 
 def test_bf16_selection_of_rows_with_nan_or_inf_falls_back_to_the_bf16_top_k():

@@ -3,6 +3,7 @@ process), exact resume after kill -9, the output directory, bad input, and a rea
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -192,6 +193,14 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_and_hand_edited_metrics_line
     torch.save({"a": 1}, out / "checkpoint.pt")  # a valid torch file, not ours
     with pytest.raises(UserError, match="is not a llama-sae training checkpoint: train into a new --out"):
         train_sae(TensorSource(x), small_cfg(), out, progress=False)
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False  # CRCs of 0: nothing to check, not damage
+    try:
+        torch.save(torch.load(io.BytesIO(good), weights_only=True), out / "checkpoint.pt")
+    finally:
+        config.save.compute_crc32 = True
+    train_sae(TensorSource(x), small_cfg(), out, progress=False)  # resumes (and re-exports)
 
 
 def test_k_at_least_latents_is_refused_before_anything_is_written(tmp_path):

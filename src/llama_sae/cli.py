@@ -511,7 +511,7 @@ def store_verify(path: Annotated[Path, typer.Argument(metavar="STORE", help="sto
                   transient=True) as bar:
         task = bar.add_task("verify", total=None)
         report = verify_store(path, on_shard=lambda n, total: bar.update(task, advance=n, total=total))
-    for name in report.leftovers:  # a finished store's capture returns before any sweep
+    for name in report.leftovers:  # a finished store's capture sweeps temp files only, not unlisted shards
         fate = "delete it" if finished else "the next capture run removes it"
         err_console.print(f"note: {name} is not part of the store (left by a crash); {fate}",
                           style="yellow", markup=False, highlight=False)

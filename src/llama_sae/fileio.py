@@ -18,7 +18,9 @@ from typing import IO, Any
 
 from llama_sae.errors import UserError
 
-TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # what atomic_writer names its temp files: .NAME.tmpPID
+# What atomic_writer names its temp files (.NAME.tmpPID), and what safetensors (0.7+) names its own beside them
+# (.tmpXXXXXX, tempfile's): a kill mid-write leaves either.
+TEMP_NAME = re.compile(r"^\..+\.tmp\d*$|^\.tmp[A-Za-z0-9_]{6}$")
 
 
 LOCK_NAME = re.compile(r"^\..+\.lock$")  # what lock_output names its lock files: .NAME.lock
@@ -36,7 +38,7 @@ def sweep_temp_files(directory: str | os.PathLike, recursive: bool = False) -> i
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    found = [p for p in (directory.rglob(".*.tmp*") if recursive else directory.glob(".*.tmp*"))
+    found = [p for p in (directory.rglob(".*tmp*") if recursive else directory.glob(".*tmp*"))
              if p.is_file() and is_temp_name(p.name)]
     for p in found:
         p.unlink(missing_ok=True)

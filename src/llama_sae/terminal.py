@@ -33,13 +33,17 @@ def print_stream(console, prompt: str, chunks) -> str:
     The prompt waits for the first chunk, so an error before it (a prompt past the model's context) is not
     preceded by the whole prompt."""
     text, started = "", False
-    for chunk in chunks:
+    try:
+        for chunk in chunks:
+            if not started:
+                console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
+                started = True
+            text += chunk.text
+            console.print(printable(chunk.text), end="", markup=False, highlight=False)
         if not started:
             console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
             started = True
-        text += chunk.text
-        console.print(printable(chunk.text), end="", markup=False, highlight=False)
-    if not started:
-        console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
-    console.print()
+    finally:
+        if started:  # an error after the first chunk starts on a line of its own
+            console.print()
     return text

@@ -145,7 +145,7 @@ def generate_tokens(
     seq = batch.tokens
     logits = prefill(model, batch, cache) if use_cache else _forward_all(model, batch, seq)
     for step in range(max_new_tokens):
-        if not torch.isfinite(logits[running]).all():
+        if (running & ~torch.isfinite(logits).all(-1)).any():  # one sync, as running.any() below
             raise UserError(f"the model's next-token scores are not finite (NaN or infinity) at new token {step + 1}: "
                             f"a steer too strong for the model's {str(model.dtype).removeprefix('torch.')} (lower "
                             "its strength), or a damaged checkpoint")

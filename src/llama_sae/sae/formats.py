@@ -48,7 +48,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from llama_sae.errors import UserError, check_device, first_line
-from llama_sae.fileio import atomic_write_file, atomic_write_json
+from llama_sae.fileio import atomic_write_file, atomic_write_json, sweep_temp_files
 from llama_sae.llama.model import HOOK_KINDS
 from llama_sae.sae.model import SAE, SAEConfig
 
@@ -430,6 +430,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int 
     """
     check_device(str(device))
     found = find(path)
+    unfit = next((note for note in found.notes if NO_HOOK_HERE in note), None)
+    if unfit is not None:  # no --hook makes it right: its inputs would be scaled wrongly at any hook point here
+        raise UserError(f"{found.path}: {unfit.replace(f'{NO_HOOK_HERE}: ', '')}: it cannot run here")
     cfg = _config(found, k=k, hook_name=hook_name)
     weights = found.weights()
     shapes = {"W_enc": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
@@ -439,8 +442,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int 
             got = tuple(weights[name].shape) if name in weights else "missing"
             if found.format == "saelens" and name == "W_enc":  # name the shapes as the file stores them
                 shape, got = shape[::-1], got[::-1] if isinstance(got, tuple) else got
+            config = "its shapes" if found.format == "seed" else "cfg.json"
             raise UserError(f"{found.path}: {name} should be {shape} by its config, found {got}: "
-                            "the weights and cfg.json do not belong together")
+                            f"the weights and {config} do not belong together")
     sae = SAE(cfg, device=device)
     with torch.no_grad():
         for name in shapes:
@@ -508,9 +512,14 @@ def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
 
 def _weights_rows(found: Found) -> list[tuple[str, str]]:
     """The ``weights`` row of :func:`describe` (tensors and shapes from the file's header) and a note for each
-    tensor its config does not account for; nothing for the seed's .pth (read whole by :func:`find`)."""
+    tensor its config does not account for; for the seed's .pth (read whole by :func:`find`), a note for each
+    tensor whose shape disagrees with its encoder's."""
     if found.format == "seed":
-        return []
+        d, n, weights = found.values.get("d_in"), found.values.get("d_sae"), found.weights()
+        want = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        return [("note", f"weights: {name} should be {list(shape)} by the checkpoint's encoder, found "
+                         f"{list(weights[name].shape) if name in weights else 'missing'}: the checkpoint is damaged")
+                for name, shape in want.items() if name not in weights or tuple(weights[name].shape) != shape]
     file = found.path / (WEIGHTS_FILE if found.format == "saelens" else SPARSIFY_WEIGHTS)
     try:
         shapes = _header_shapes(file)
@@ -619,6 +628,7 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, k: int |
 
     extra = {key: value for key, value in found.metadata.items() if key not in ("sae", "path", "sparsity")}
     in_place = Path(out).resolve() == found.path.resolve()
+    sweep_temp_files(out)  # what a convert killed mid-write left (safetensors' own temp file can be GBs)
     results = () if in_place else (EVAL_REPORT, "frequency.png")  # another SAE's evaluation, left in --out
     if to == "sparsify":
         written = save_sparsify(sae, out, **extra)

@@ -182,36 +182,37 @@ def _group(n: int, k: int) -> int | None:
 
 @torch.no_grad()
 def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch.Tensor,
-                       b_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       b_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU(TopK) of the exact pre-activations xc · W_encᵀ + b_enc, given pre [M, n], the same computed in a lower
-    precision (CPU only): (values [M, k] in W_enc's dtype, indices [M, k]), or None for rows it cannot rank
-    (NaN or infinite pre-activations; the caller falls back to :func:`select_topk`).
+    precision (CPU only): (values [M, k] in W_enc's dtype, indices [M, k]).
 
     The low-precision values only choose candidates. τ, the k-th largest of the strided blocks' maxima (see
-    :func:`select_topk`), is at most the k-th largest pre-activation; every latent within CANDIDATE_MARGIN·|τ|
-    of it or above is a candidate (k to ~1.2k per row). Only the candidates' exact values are computed (a
-    sampled GEMM over their CSR pattern, ~1.2·M·k·d multiply-adds), and the top k of those are kept. Unlike a
-    top k of the low-precision values followed by exact values, a near-tie at the k-th place is decided by the
-    exact values.
+    :func:`select_topk`), is at most the k-th largest pre-activation; every latent within CANDIDATE_MARGIN of it
+    or above is a candidate (k to ~1.2k per row), the margin relative to |τ| or to the row's RMS if larger (the
+    low precision's error is absolute: a k-th value near 0 still needs room). Only the candidates' exact values
+    are computed (a sampled GEMM over their CSR pattern, ~1.2·M·k·d multiply-adds), and the top k of those are
+    kept. Unlike a top k of the low-precision values followed by exact values, a near-tie at the k-th place is
+    decided by the exact values. A row chunk holding NaN or infinite pre-activations takes that other way.
     """
     M, n = pre.shape
     chunk = max(16, CANDIDATE_BLOCK // n)  # rows whose float32 temporaries stay in cache
     if M > chunk:
         parts = [topk_by_candidates(pre[s:s + chunk], k, xc[s:s + chunk], W_enc, b_enc) for s in range(0, M, chunk)]
-        return None if any(p is None for p in parts) else (torch.cat([p[0] for p in parts]),
-                                                           torch.cat([p[1] for p in parts]))
-    if M == 0:
-        return None
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     p = pre.detach().float()  # numpy has no bfloat16; float32 holds its values exactly
     group = _group(n, k)
     blocks = p if group is None else p.view(M, group, n // group).amax(1)  # [M, m]
     blocks = blocks.numpy()
     m = blocks.shape[1]
-    tau = np.partition(blocks, m - k, axis=1)[:, m - k]  # [M]
-    if not np.isfinite(tau).all() or np.isnan(blocks).any():
-        return None
-    tau -= CANDIDATE_MARGIN * np.abs(tau)
-    flat = np.flatnonzero(p.numpy() >= tau[:, None])  # row · n + col, by row
+    tau = np.partition(blocks, m - k, axis=1)[:, m - k] if M else np.zeros(0, np.float32)  # [M]
+    pn = p.numpy()
+    with np.errstate(over="ignore"):
+        scale = np.maximum(np.abs(tau), np.sqrt(np.einsum("ij,ij->i", pn, pn) / n))  # |τ|, or the row's RMS
+    if M == 0 or not np.isfinite(scale).all() or np.isnan(blocks).any():
+        _, idx = select_topk(pre, k)
+        return exact_acts(xc, W_enc, b_enc, idx), idx
+    tau -= CANDIDATE_MARGIN * scale
+    flat = np.flatnonzero(pn >= tau[:, None])  # row · n + col, by row
     rows = flat // n
     cols = flat - rows * n
     counts = np.bincount(rows, minlength=M)  # >= k each: the k largest block maxima are at least tau
@@ -286,13 +287,11 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     by_candidates = compute_dtype != W_enc.dtype and device.type == "cpu"
     rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
     buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
-    parts, exact = [], []
+    parts = []
     for s in range(0, N, rows):
         out = buf[:min(rows, N - s)]
         pre = torch.addmm(b_enc, xc[s:s + rows], W.t(), out=out) if direct else torch.mm(xq[s:s + rows], W.t(), out=out)
-        ranked = topk_by_candidates(pre, k, xc[s:s + rows], W_enc, b_enc) if by_candidates else None
-        vals, idx = ranked if ranked is not None else select_topk(pre, k)
-        exact.append(ranked is not None or compute_dtype == W_enc.dtype)
+        vals, idx = topk_by_candidates(pre, k, xc[s:s + rows], W_enc, b_enc) if by_candidates else select_topk(pre, k)
         if not k_aux:
             aux_vals, aux_idx = vals[:, :0], idx[:, :0]
         elif W_dead is not None:
@@ -304,7 +303,7 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
         empty = torch.empty(0, k, dtype=W_enc.dtype, device=device)
         return empty, empty.long(), empty[:, :k_aux], empty[:, :k_aux].long()
     vals, idx, aux_vals, aux_idx = parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)]
-    if not all(exact):  # low precision chose these latents; their values are recomputed exactly
+    if compute_dtype != W_enc.dtype and not by_candidates:  # low precision chose these latents: exact values
         vals = exact_acts(xc, W_enc, b_enc, idx)
     if compute_dtype != W_enc.dtype and W_dead is None:
         aux_vals = exact_acts(xc, W_enc, b_enc, aux_idx)

@@ -509,14 +509,29 @@ def config_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
     return None
 
 
+def _crc_failure(path: Path) -> str | None:
+    """The first entry of the zip archive torch.save wrote whose data fails its CRC-32, or None (also for a file
+    that is no zip archive: torch.load says what it is). An entry with CRC 0 is skipped: torch writes that when
+    told not to compute CRCs (torch.utils.serialization.config.save.compute_crc32 = False)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC:
+                    try:
+                        with archive.open(info) as f:  # zipfile checks the CRC as the entry is read to its end
+                            while f.read(1 << 24):
+                                pass
+                    except zipfile.BadZipFile:
+                        return info.filename
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return None
+
+
 def load_checkpoint(path: Path, runs: list[Run], cfg: TrainConfig, d_in: int) -> tuple[int, dict]:
     """Restore ``runs`` from ``path``; returns (completed steps, extra). Refuses another config or width."""
     fix = f"train into a new --out, or empty {path.parent} to start over there"
-    try:  # torch.load does not check the archive's CRCs: a damaged byte would be trained on
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError):
-        damaged = None  # not a zip archive: torch.load says what it is
+    damaged = _crc_failure(path)  # torch.load does not check the archive's CRCs: a damaged byte would be trained on
     if damaged is not None:
         raise UserError(f"checkpoint {path} is damaged (its entry {damaged} fails its CRC check): {fix}")
     try:

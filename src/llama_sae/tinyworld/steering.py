@@ -126,10 +126,10 @@ def pick_steer(model, tokenizer, saes: dict, units: dict, topic: str, candidates
 
 
 def choose_run(runs: list[dict], key=goal_margin) -> dict:
-    """The weakest run (by ``strength``) that meets every goal, the larger ``key`` between equals; else the run
+    """The weakest run (by ``abs(strength)``) that meets every goal, the larger ``key`` between equals; else the run
     with the largest ``key``. In expectation perplexity and off-target grow with the strength while on-topic
     saturates, so among runs that all meet the goals the largest margin is mostly its seed's luck: on the demo's
     law latent (12 prompts x 8 samples) margins of 0.33-0.42 at 3-8 units read perplexity x1.30-1.57 on the next
     seed, the highest at 8 units, the one the largest margin chose."""
     met = [r for r in runs if meets_goals(r)]
-    return min(met, key=lambda r: (r["strength"], -key(r))) if met else max(runs, key=key)
+    return min(met, key=lambda r: (abs(r["strength"]), -key(r))) if met else max(runs, key=key)

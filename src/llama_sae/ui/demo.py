@@ -16,7 +16,8 @@ def stage(console, model, tokenizer, sae, sae_dir: Path, features_path: Path, ou
           topics: tuple[str, ...] = DEMO_TOPICS, strengths: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0),
           steer_sae=None, samples: int = STEER_SAMPLES) -> dict:
     """Steer ``topics`` (each through the steer on the last prompt token, among its 3 best readers screened at 5
-    units and the best one's ``strengths``, with the most room on the three goals; ``samples`` continuations of
+    units and the best one's ``strengths``: the weakest that meets the three goals, see
+    :func:`llama_sae.tinyworld.steering.choose_run`; ``samples`` continuations of
     each neutral prompt per setting), show unsteered vs steered text and the on-topic rates,
     write the dashboard of ``sae`` under out/dashboard. ``steer_sae`` (default ``sae``) is the SAE steered; its
     units come from ``sae``'s features artifact when it is ``sae``, else from a quick estimate. Returns the
