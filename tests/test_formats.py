@@ -143,6 +143,14 @@ def test_a_convert_killed_mid_write_leaves_nothing_that_blocks_or_stays(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
 
+def test_info_shows_trained_tokens_and_a_bad_k_override_names_the_option(tmp_path):
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "s", trained_tokens=3_416_064)
+    assert dict(describe(tmp_path / "s"))["trained tokens"] == "3,416,064"
+    with pytest.raises(UserError, match="k=500 must be smaller than d_sae=96.*: pass a smaller --k$"):
+        load(tmp_path / "s", k=500)  # used to say "fix it in cfg.json", which holds a fine k
+
+
 def test_a_seed_checkpoint_whose_shapes_disagree_is_named_by_info(tmp_path):
     state = seed_state()
     state["decoder.weight"] = state["decoder.weight"][:, :50]  # 50 latents' decoder for a 96-latent encoder

@@ -410,6 +410,8 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
         err = e.errors()[0]
         field_name = ".".join(str(part) for part in err["loc"])
         fix = f"fix {field_name or 'it'} in {CFG_FILE}" + (" or pass --k N" if field_name == "k" else "")
+        if overrides.get("k") is not None and "k=" in err["msg"]:  # k came from --k, not from the file
+            fix = "pass a smaller --k"
         raise UserError(f"{found.path}: {field_name + ': ' if field_name else ''}"
                         f"{err['msg'].removeprefix('Value error, ')}: {fix}") from e
 
@@ -477,6 +479,9 @@ def describe(path: str | os.PathLike) -> list[tuple[str, str]]:
             ("hook point", v.get("hook_name") or "missing"),
             ("HF module", hf_module_name(v.get("hook_name")) or "-")]
     rows += [(key, str(v[key])) for key in ("model_name", "context_size", "prepend_bos") if key in v]
+    trained = found.metadata.get("trained_tokens")
+    if isinstance(trained, int) and not isinstance(trained, bool):
+        rows.append(("trained tokens", f"{trained:,}"))
     if found.format == "saelens" and (found.path / SPARSITY_FILE).exists():
         try:
             # log10 firing rates; the trainer writes log10(0 + 1e-10) = -10
