@@ -144,3 +144,14 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 def print_json(result: dict) -> None:
     """The machine-readable result: one JSON line, last on stdout."""
     print(json.dumps(result, sort_keys=False))
+
+
+def usable_device(device: str) -> str:
+    """``device`` if this torch can run on it, else exit with llama-sae's one-line reason (no traceback)."""
+    from llama_sae.errors import UserError, check_device
+
+    try:
+        check_device(str(device))
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    return device

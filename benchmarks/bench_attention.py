@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table, sync
+from _common import interleaved, machine_info, print_json, print_machine, print_table, sync, usable_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     from llama_sae.capture import block_causal_mask
 
     a = parse_args(argv)
+    usable_device(a.device)
     if a.shape == "seed":
         args = llama.ModelArgs(dim=3072, n_layers=a.layers or 28, n_heads=24, n_kv_heads=8, vocab_size=128256,
                                ffn_dim_multiplier=1.0, multiple_of=256, tie_embeddings=True)

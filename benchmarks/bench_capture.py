@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DTYPES, machine_info, print_json, print_machine, print_table, sync
+from _common import DTYPES, machine_info, print_json, print_machine, print_table, sync, usable_device
 
 from llama_sae.capture import CaptureConfig, capture, forward_packed, pack, plan_batches, truncate
 from llama_sae.corpus import Corpus
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-only", action="store_true",
                    help="only capture against the bare forward (skip full/padded passes and components)")
     args = p.parse_args(argv)
+    usable_device(args.device)
 
     torch.set_num_threads(args.threads)
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":

@@ -36,7 +36,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table, sync
+from _common import interleaved, machine_info, print_json, print_machine, print_table, sync, usable_device
 
 from llama_sae import tinyworld
 from llama_sae.corpus import Corpus
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    usable_device(args.device)
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads, "model bf16 (shipped), SAE fp32")
     print_machine(info)

@@ -101,11 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=16, help="decode prompt length")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--capture-layer", type=int, default=1)
+    p.add_argument("--capture-layer", type=int, default=None,
+                   help="block whose output the capture check compares (default 1, or 0 with --layers 2)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler op table for each timed path")
     args = p.parse_args(argv)
+    if args.layers < 2:  # the last block's output is compared with nothing transformers returns (final norm)
+        raise SystemExit("error: --layers 1: the capture check needs a block before the last one; use --layers 2 "
+                         "or more")
+    if args.capture_layer is None:
+        args.capture_layer = min(1, args.layers - 2)
+    if not 0 <= args.capture_layer < args.layers - 1:  # before any timing
+        raise SystemExit(f"error: --capture-layer {args.capture_layer}: pick a block before the last one "
+                         f"(0..{args.layers - 2}); the last block's output is compared with nothing transformers "
+                         "returns before its final norm")
 
     torch.set_num_threads(args.threads)
     quiet_transformers()
@@ -201,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["path", "ours tok/s", "transformers tok/s", "ours/tf (median)", "ours/tf (min)", "check"], rows)
 
     # ---------------------------------------------------------------- capture
-    L, last_layer = args.capture_layer, cfg.n_layers - 1
-    if not 0 <= L < last_layer:  # transformers' last hidden state has the final norm applied: not comparable
-        raise SystemExit(f"--capture-layer {L}: pick a block before the last one (0..{last_layer - 1}); the last "
-                         "block's output is compared with nothing transformers returns before its final norm")
+    L, last_layer = args.capture_layer, cfg.n_layers - 1  # (checked against --layers above)
     early, late = f"resid_post.{L}", f"resid_post.{last_layer}"
     with torch.inference_mode():
         med, cap_times, last = interleaved({"full": lambda: ours(tokens),

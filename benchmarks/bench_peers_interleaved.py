@@ -13,6 +13,7 @@ Peak memory is not measured here (one process); take it from the harness.
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
@@ -26,10 +27,22 @@ PLUGIN = f"llama_sae={HERE / 'peer_plugin.py'}:make_impl"
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not (PEERBENCH / "bench_peers.py").exists():
+        raise SystemExit(f"error: the peer harness is not at {PEERBENCH}: this script runs from a checkout beside "
+                         "shared/peerbench")
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nIt takes the harness's options (all of them are passed to "
+              "bench_peers.parse_args; --repeats, --out-md and --malloc are not used here):\n")
     sys.path.insert(0, str(PEERBENCH))
     import bench_peers as bp  # the harness: its argument parser, data and implementation factories
 
-    a = bp.parse_args(["--extra", PLUGIN] + list(sys.argv[1:] if argv is None else argv))
+    a = bp.parse_args(["--extra", PLUGIN] + argv)
+    missing = [name for name, module in (("sparsify", "sparsify"), ("saelens", "sae_lens"))
+               if name in a.impls.split(",") and importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"error: --impls {','.join(missing)}: not installed here (pip install eai-sparsify / "
+                         "sae-lens), or leave them out of --impls")
     torch.set_num_threads(a.threads)
     data = torch.load(bp.ensure_data(a), mmap=True, weights_only=True)
     if a.dtype != "float32":

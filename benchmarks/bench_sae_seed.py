@@ -29,6 +29,7 @@ decoder normalization and gradient projection, as ../shared/peerbench does; bf16
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -37,7 +38,7 @@ import sys
 import time
 
 import torch
-from _common import machine_info, print_json, print_machine, print_table, sync
+from _common import machine_info, print_json, print_machine, print_table, sync, usable_device
 
 MARK = "@@RESULT@@"
 
@@ -216,9 +217,17 @@ def child(a: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    usable_device(a.device)
     if a.child:
         print(MARK + json.dumps(child(a)), flush=True)
         return
+    peers = list(filter(None, a.peers.split(",")))
+    unknown = [p for p in peers if p != "sparsify"]
+    if unknown:
+        raise SystemExit(f"error: --peers {','.join(unknown)}: the peer this script times is sparsify")
+    if peers and importlib.util.find_spec("sparsify") is None:  # before any timing: a failed child ends the run
+        raise SystemExit("error: --peers sparsify, but sparsify is not installed: pip install eai-sparsify, or drop "
+                         "--peers")
     torch.set_num_threads(a.threads)
     gpu = a.device.startswith("cuda")
     info = machine_info(a.threads)
@@ -229,7 +238,7 @@ def main(argv=None) -> None:
     if gpu:
         ceilings.update(tf32=gemm_gflops(a, tf32=True), bf16=gemm_gflops(a, torch.bfloat16))
         torch.cuda.empty_cache()  # the children are measured with the parent's GPU memory given back
-    children = a.dtypes.split(",") + [f"{p}-{d}" for p in filter(None, a.peers.split(",")) for d in a.dtypes.split(",")]
+    children = a.dtypes.split(",") + [f"{p}-{d}" for p in peers for d in a.dtypes.split(",")]
     rows = []
     for name in children:
         cmd = [sys.executable, __file__, "--child", name] + [str(v) for kv in (

@@ -36,7 +36,7 @@ import contextlib
 import time
 
 import torch
-from _common import interleaved, machine_info, print_json, print_machine, print_table, synchronized
+from _common import interleaved, machine_info, print_json, print_machine, print_table, synchronized, usable_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,6 +138,7 @@ def generation_costs(model, prompt: list[int], sae, edit, latent: int, new_token
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    usable_device(a.device)
     torch.set_num_threads(a.threads)
     from llama_sae import tinyworld
     from llama_sae.demo import DEMO_HOOK

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu-stats", action="store_true", help="the writer computes the statistics (a CPU capture)")
     a = p.parse_args(argv)
+    if any(int(w) < 1 for w in a.workers.split(",")) or a.shard_rows < 1 or a.shards < 1:
+        raise SystemExit("error: --workers, --shard-rows and --shards must be 1 or more")
     g = torch.Generator().manual_seed(0)
     n = a.shard_rows * a.shards
     acts = (torch.randn(n, a.d, generator=g) * 2).bfloat16()

@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _common import print_table, sync
+from _common import print_table, sync, usable_device
 
 
 def timer(device: str, repeats: int):
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--d-sae", type=int, default=65536)
     p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args(argv)
+    usable_device(a.device)
     from llama_sae.sae import SAE, SAEConfig
     from llama_sae.sae.model import exact_acts, normalize, select_topk
     from llama_sae.splice import reconstruct

@@ -453,6 +453,8 @@ class StoreWriter:
     def __init__(self, directory: str | os.PathLike, hooks: list[str], d: int, *, rank: int = 0,
                  shard_rows: int, dtype: torch.dtype = torch.bfloat16, val_percent: int = 5,
                  queue_shards: int = 2, workers: int = 1):
+        if workers < 1 or shard_rows < 1:  # no thread would ever write: every add would wait forever
+            raise ValueError(f"StoreWriter needs workers >= 1 and shard_rows >= 1, got {workers} and {shard_rows}")
         self.directory, self.hooks, self.d, self.rank = Path(directory), list(hooks), d, rank
         self.shard_rows, self.dtype, self.val_percent = shard_rows, dtype, val_percent
         self._journal = progress_path(directory, rank)
