@@ -9,10 +9,10 @@ load from other processes hits them alike):
 * loader: ``ActivationStore.loader(batch, seed=...)`` (memory maps, shuffle buffers of whole shards, the
   next buffer read in a background thread, float32 batches) -> rows/s over whole epochs, buffer builds
   included; warm (page cache) and cold (the shards' pages dropped with posix_fadvise first).
-* SAE step: the trainer of the next issue does not exist yet, so its benchmark config is stood in for by
-  one dense fp32 TopK SAE training step at d_in=512, n_latents=8192, k=32, batch 4096, in plain torch:
-  encoder matmul + bias, topk, ReLU, an embedding_bag decoder (only the k chosen latents), MSE, backward,
-  Adam -> rows/s. The goal is loader rows/s >= 5x this.
+* SAE step: written before the trainer (``llama_sae.sae.train.train_step``) existed, and kept as it was so
+  that its figures stay comparable: one dense fp32 TopK SAE training step at d_in=512, n_latents=8192, k=32,
+  batch 4096, in plain torch: encoder matmul + bias, topk, ReLU, an embedding_bag decoder (only the k chosen
+  latents), MSE, backward, Adam -> rows/s. The goal is loader rows/s >= 5x this.
 * fed by the loader: the same SAE steps with their batches drawn from the loader vs. a fixed batch: what
   the loader's background thread costs a training loop that shares the CPU with it.
 * seek: time from ``loader(start_batch=N)`` to its first batch (one buffer build, no replay).

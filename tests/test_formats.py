@@ -151,6 +151,24 @@ def test_info_shows_trained_tokens_and_a_bad_k_override_names_the_option(tmp_pat
         load(tmp_path / "s", k=500)  # used to say "fix it in cfg.json", which holds a fine k
 
 
+def test_a_save_killed_before_its_config_leaves_no_old_config_beside_new_weights(tmp_path, monkeypatch):
+    from llama_sae.sae import formats
+
+    old, _ = make_sae(dtype=torch.float32)  # layer_norm
+    new, _ = make_sae(norm="none", dtype=torch.float32, seed=1)  # the same shape, another normalization
+    save(old, tmp_path / "s")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for a kill after the weights, before cfg.json
+
+    monkeypatch.setattr(formats, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(new, tmp_path / "s")
+    monkeypatch.undo()
+    with pytest.raises(UserError):  # used to load the new weights with the old cfg.json's layer_norm
+        load(tmp_path / "s")
+
+
 def test_a_seed_checkpoint_whose_shapes_disagree_is_named_by_info(tmp_path):
     state = seed_state()
     state["decoder.weight"] = state["decoder.weight"][:, :50]  # 50 latents' decoder for a 96-latent encoder

@@ -584,6 +584,7 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / CFG_FILE).unlink(missing_ok=True)  # written last: a kill in between leaves no old config beside new weights
     _write_tensors(path / WEIGHTS_FILE, {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
                                          "b_dec": sae.b_dec})
     if sparsity is not None:
@@ -604,6 +605,7 @@ def save_sparsify(sae: SAE, path: str | os.PathLike, **metadata: Any) -> Path:
                         "export it with --to saelens (or train with normalize_activations none)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / CFG_FILE).unlink(missing_ok=True)  # as in save: no old config beside new weights after a kill
     _write_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
                                              "b_dec": sae.b_dec})  # W_enc keeps our layout: sparsify's too
     ours = {**metadata, **{key: getattr(cfg, key) for key in METADATA_KEYS},

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llama_sae.errors import UserError, check_device, first_line, short_hash
 from llama_sae.fileio import atomic_write, atomic_writer, lock_output, sweep_temp_files
@@ -95,6 +95,13 @@ class TrainConfig(BaseModel):
     eval_model: str | None = Field(None, description="checkpoint the SAEs are spliced into for evaluation")
     eval_corpus: str | None = Field(None, description="corpus SOURCE of the held-out evaluation texts")
     eval_texts: int = Field(64, gt=0, description="texts of eval_corpus per evaluation")
+
+    @field_validator("d_sae", "k", "batch_size", "tokens", "epochs", "k_aux", "seed", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:  # YAML's true / yes would read as 1
+        if isinstance(value, bool) or isinstance(value, list) and any(isinstance(v, bool) for v in value):
+            raise ValueError(f"{value!r} is not a whole number")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
