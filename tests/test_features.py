@@ -109,11 +109,14 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
     shard = sorted((tmp_path / ".features-partial").glob("codes-*.safetensors"))[2]
     shard.write_bytes(shard.read_bytes()[:100])  # a damaged cache shard: its sentences are recomputed
     seen = []  # resumed without a code cache: pass 2 reads the killed run's kept batches, runs the model for the rest
+    second = []  # pass 2 reports too (it used to show nothing while it ran the model again)
     build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32,
                    n_quantiles=4, batch_size=8, checkpoint_every=40, cache_bytes=0,
-                   progress=lambda d, n: seen.append(d))
+                   progress=lambda d, n: seen.append(d), pass2_progress=lambda d, n: second.append((d, n)))
     assert seen[0] > 80  # resumed from the checkpoint, not from zero
     a, b = load_features(out), load_features(tmp_path)
+    assert len(second) > 2 and second[-1] == (b.meta["stored_sentences"],) * 2
+    assert all(x[0] <= y[0] for x, y in zip(second, second[1:]))
     assert a.meta["text_sha256"] == b.meta["text_sha256"] and len(a.meta["text_sha256"]) == 64
     for name, t in a._t.items():  # a different batch size and a kill change nothing
         torch.testing.assert_close(torch.tensor(b._t[name]), torch.tensor(t), msg=name, atol=1e-5, rtol=1e-5)

@@ -71,11 +71,20 @@ def features(
     t0 = time.perf_counter()
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("features", total=sentences)
+        second: list = []  # pass 2's task, added when it starts
+
+        def pass2(done: int, total: int) -> None:
+            if not second:
+                bar.update(task, completed=sentences)
+                second.append(bar.add_task("examples (pass 2)", total=total))
+            bar.update(second[0], completed=done)
+
         build_features(llama, tok, net, corpus, out, sentences=sentences, top_n=top_n, reservoir=reservoir,
                        n_quantiles=n_quantiles, pool=pool, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
                        overwrite=overwrite, sae_path=str(sae), cache_bytes=int(cache_gb * 2**30),
                        progress=lambda d, n: bar.update(task, completed=d), split_sentences=split_sentences,
-                       model_dtype=None if dtype is None else str(llama.dtype).removeprefix("torch."), dedupe=dedupe)
+                       model_dtype=None if dtype is None else str(llama.dtype).removeprefix("torch."), dedupe=dedupe,
+                       pass2_progress=pass2)
     f = load_features(out)
     m = f.meta
     console.print(f"{out}: {m['sentences']:,} sentences, {m['tokens']:,} tokens; {m['live_latents']:,} of "

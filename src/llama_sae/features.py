@@ -309,7 +309,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
                    max_tokens: int = 128, seed: int = 0, checkpoint_every: int | None = None, overwrite: bool = False,
                    cache_bytes: int = 2 << 30, progress: Callable[[int, int], None] | None = None,
                    sae_path: str | None = None, split_sentences: bool | None = None,
-                   model_dtype: str | None = None, dedupe: bool = False) -> Path:
+                   model_dtype: str | None = None, dedupe: bool = False,
+                   pass2_progress: Callable[[int, int], None] | None = None) -> Path:
     """Find top sentences and statistics for every latent of ``sae`` over a corpus (see the module docstring).
 
     Args:
@@ -327,6 +328,8 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
             pass 2 reads them instead of running the model again (0 = always re-run).
         overwrite: rebuild when ``out`` holds an artifact made with other settings.
         progress: called with (sentences done, sentences) after each batch.
+        pass2_progress: the same for pass 2 (example sentences done, example sentences), from the code cache
+            or the model.
         split_sentences: split the corpus's records into sentences (True), keep them whole (False), or decide
             from its first records (None; see :mod:`llama_sae.corpus`).
         model_dtype: the dtype ``model`` was loaded in when it is not the checkpoint's own (recorded, so a build
@@ -393,7 +396,7 @@ def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sent
         if int(state.t["counts"][0]) == 0:
             raise UserError(f"the corpus {corpus_source} gave no sentences: check the SOURCE")
         state.save(partial, settings)
-        tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size, cache)
+        tensors, meta = _finish(model, tokenizer, sae, corpus, state, settings, batch_size, cache, pass2_progress)
         meta.update(sae_path=sae_path, text_sha256=state.text_sha256)
         build_id = secrets.token_hex(8)
         meta["build_id"] = build_id
@@ -496,10 +499,11 @@ class _Pass2:
             self.pool_fire.append(torch.stack([fired, torch.full_like(fired, i)]))
 
 
-def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_size: int, cache: CodeCache
-            ) -> tuple[dict[str, Tensor], dict]:
+def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_size: int, cache: CodeCache,
+            progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Tensor], dict]:
     """Pass 2: per-token activations of the chosen examples and the pool's firing sets (from the code
-    cache where it holds the sentence, else from the model); the tensors to write."""
+    cache where it holds the sentence, else from the model); the tensors to write. ``progress``: called with
+    (sentences done, sentences) after each batch the model runs, and at the end."""
     t, d_sae = state.t, sae.cfg.d_sae
     ex = _examples_table(state, settings["n_quantiles"])
     pool_ids = t["pool_id"][0][t["pool_id"][0] >= 0].sort().values
@@ -508,7 +512,15 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
     by_sentence = torch.argsort(ex["sentence"], stable=True)
     ex = {k: v[by_sentence] for k, v in ex.items()}
     out = _Pass2(tokenizer, ex, slot, set(pool_ids.tolist()), len(slot))
-    stream = ((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in slot)
+    done = 0
+
+    def counted(items):
+        nonlocal done
+        for item in items:
+            done += 1
+            yield item
+
+    stream = counted((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in slot)
     uncached = ((i, text) for i, text in stream if not _from_cache(out, cache, i, text, settings["max_tokens"]))
     for ids, texts, tokens, mask in _batches(tokenizer, uncached, batch_size, settings["max_tokens"]):
         vals, idx, _, _, _ = _encode_batch(model, sae, tokens, mask)
@@ -517,6 +529,10 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
             n = row_start[b + 1] - row_start[b]
             rows = slice(row_start[b], row_start[b + 1])
             out.record(sid, texts[b], tokens[b, 1:n + 1].numpy(), vals[rows], idx[rows])
+        if progress is not None:
+            progress(done, len(slot))
+    if progress is not None:
+        progress(len(slot), len(slot))
     piece_blob, piece_off = piece_blob_of(tokenizer, np.concatenate(out.token_ids),
                                           lengths=[len(t) for t in out.token_ids])
     n_pieces = torch.tensor([len(t) for t in out.token_ids], dtype=torch.int64)
