@@ -151,6 +151,19 @@ def test_info_shows_trained_tokens_and_a_bad_k_override_names_the_option(tmp_pat
         load(tmp_path / "s", k=500)  # used to say "fix it in cfg.json", which holds a fine k
 
 
+def test_two_converts_into_one_directory_are_refused(tmp_path):
+    from llama_sae.fileio import lock_output
+
+    sae, _ = make_sae(dtype=torch.float32)
+    save(sae, tmp_path / "src")
+    with lock_output(tmp_path / "out", "the converted SAE"):  # another convert holds it
+        result = runner.invoke(app, ["sae", "convert", str(tmp_path / "src"), "--to", "saelens", "--out",
+                                     str(tmp_path / "out")])
+    assert isinstance(result.exception, UserError) and "another run is using the converted SAE" in str(
+        result.exception)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_save_killed_before_its_config_leaves_no_old_config_beside_new_weights(tmp_path, monkeypatch):
     from llama_sae.sae import formats
 

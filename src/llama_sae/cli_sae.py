@@ -46,10 +46,12 @@ def convert(
 ) -> None:
     """Rewrite an SAE in another format (reads SAELens, sparsify, the seed's .pth; writes SAELens or sparsify)."""
     from llama_sae.errors import check_output_dir
+    from llama_sae.fileio import lock_output
     from llama_sae.sae.formats import convert as run_convert
 
     check_output_dir(out, f"a {to} SAE", overwrite=overwrite)
-    done = run_convert(path, to, out, k=k, hook_name=hook)
+    with lock_output(out, f"the converted SAE {out}"):  # two converts into one --out: one SAE's files over the other's
+        done = run_convert(path, to, out, k=k, hook_name=hook)
     console.print(f"wrote {to} SAE to {done}")
     if to == "sparsify":
         from llama_sae.sae.formats import find, hf_module_name
