@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print a torch.profiler op table for each timed path")
     args = p.parse_args(argv)
     if args.layers < 2:  # the last block's output is compared with nothing transformers returns (final norm)
-        raise SystemExit("error: --layers 1: the capture check needs a block before the last one; use --layers 2 "
-                         "or more")
+        raise SystemExit(f"error: --layers {args.layers}: the capture check needs a block before the last one; use "
+                         "--layers 2 or more")
     if args.capture_layer is None:
         args.capture_layer = min(1, args.layers - 2)
     if not 0 <= args.capture_layer < args.layers - 1:  # before any timing

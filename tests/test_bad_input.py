@@ -142,7 +142,8 @@ def test_records_and_prompt_files(tmp_path):
                              ).exit_code == 0
     _edit_json(rec, lambda r: r["sampling"].update(max_new_tokens="x"))
     assert "the record's 'sampling' is not what llama-sae writes there" in _error(["generate", "--replay", str(rec)])
-    for bad in ({"max_new_tokens": 2, "temperature": -5}, {"temperature": 1.0, "top_p": float("nan")}):
+    for bad in ({"max_new_tokens": 2, "temperature": -5}, {"temperature": 1.0, "top_p": float("nan")},
+                {"top_p": 0.9, "seed": 2**64}):
         _edit_json(rec, lambda r, bad=bad: r["sampling"].update(bad))  # values the CLI refuses: replayed before
         assert "the record's 'sampling' is not what llama-sae writes" in _error(["generate", "--replay", str(rec)])
     _edit_json(rec, lambda r: r["sampling"].update(max_new_tokens=2) or r.update(prompts=[]))

@@ -133,3 +133,14 @@ def test_torch_saves_wrapping_of_a_full_disk_is_one_line_too(monkeypatch, capsys
         cli.main()
     err = " ".join(capsys.readouterr().err.split())
     assert e.value.code == 2 and err.startswith("error: the disk is full: free some space") and "report" not in err
+
+
+def test_a_sweep_removes_temp_files_never_a_lock(tmp_path):
+    from llama_sae.fileio import lock_output, sweep_temp_files
+
+    with lock_output(tmp_path / "tmp", "the output tmp"):  # a lock whose name holds "tmp"
+        (tmp_path / ".tmpB9vsEF").write_bytes(b"safetensors' own temp file")
+        (tmp_path / ".cfg.json.tmp4242").write_text("{")
+        (tmp_path / ".tmpnotes.txt").write_text("a user's file")
+        assert sweep_temp_files(tmp_path) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp.lock", ".tmpnotes.txt"]

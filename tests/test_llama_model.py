@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,6 +321,54 @@ def test_missing_meta_shards_and_a_bad_rope_factor_are_named(tmp_path):
     with pytest.raises(UserError, match="3 shards do not divide n_heads x head_dim 256, n_kv_heads x head_dim 128"):
         save_meta(model, tmp_path / "three", shards=3)  # refused before writing what it could not read back
     assert not (tmp_path / "three").exists()
+
+
+def test_damaged_checkpoints_and_wrong_convert_sources_are_one_line(tmp_path):
+    """Each used to end in "please report it", load silently, or leave a convert half-written."""
+    from llama_sae import tinyworld
+    from llama_sae.llama.checkpoint import convert_meta_to_hf, save_meta
+
+    model = load_model(tinyworld.model_path(), dtype="float32")
+    hf = tmp_path / "hf"
+    shutil.copytree(tinyworld.model_path(), hf)
+    (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(UserError, match="has no weight_map of tensor names to shard files"):
+        load_model(hf)
+    (hf / "model.safetensors.index.json").unlink()
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "rope_scaling": {
+        "rope_type": "llama3", "factor": 0.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}))
+    with pytest.raises(UserError, match="factor"):  # loaded before, with NaN frequencies
+        load_model(hf)
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="it is a Hugging Face checkpoint already"):
+        convert_meta_to_hf(hf, tmp_path / "conv_hf")
+    meta = save_meta(model, tmp_path / "meta", shards=2)
+    plain = Path(shutil.copytree(meta, tmp_path / "plain_rope"))
+    params = json.loads((plain / "params.json").read_text())
+    (plain / "params.json").write_text(json.dumps({**params, "use_scaled_rope": False}))
+    with pytest.raises(UserError, match="does not use scaled RoPE"):  # the factor used to be dropped silently
+        convert_meta_to_hf(plain, tmp_path / "conv_rope", rope_factor=32.0)
+    good = torch.load(meta / "consolidated.01.pth", weights_only=True)
+    for name, shard, message in [
+        ("tensor", torch.ones(3), "holds a Tensor"),
+        ("float", {**good, "norm.weight": 1.0}, "its 'norm.weight' is a float"),
+        ("other_dim", {**good, "layers.0.feed_forward.w1.weight": torch.zeros(
+            good["layers.0.feed_forward.w1.weight"].shape[0], model.args.dim + 1)}, "do not make the shape"),
+    ]:
+        bad = Path(shutil.copytree(meta, tmp_path / name))
+        torch.save(shard, bad / "consolidated.01.pth")
+        with pytest.raises(UserError, match=message):
+            load_model(bad)
+    bad_tok = Path(shutil.copytree(meta, tmp_path / "bad_tok"))
+    (bad_tok / "tokenizer.model").write_bytes(b"\x0a\x05not a tiktoken file")
+    for stale in bad_tok.glob("tokenizer.json"):
+        stale.unlink()
+    with pytest.raises(UserError):
+        convert_meta_to_hf(bad_tok, tmp_path / "conv_tok")
+    assert not (tmp_path / "conv_tok" / "config.json").exists()  # nothing that loads, half-written
+    assert not (tmp_path / "conv_tok" / "model.safetensors").exists()
 
 
 def test_what_meta_params_cannot_state_is_refused_not_lost(tmp_path):

@@ -137,6 +137,36 @@ def test_bf16_selection_when_the_kth_pre_activation_is_near_zero():
     assert (got == want).all()
 
 
+@pytest.mark.parametrize("case", ["cancelling", "offset"])
+def test_bf16_selection_where_bf16_cannot_rank(case, monkeypatch):
+    """Inputs with a large common part against zero-sum encoder rows (the sum cancels: bf16's absolute error
+    dwarfs the pre-activations), and a large common b_enc (every pre-activation ~50, bf16's spacing 0.25): the
+    margin widens, and past 4k candidates per row the chunk takes a float32 GEMM."""
+    g = torch.Generator().manual_seed(1)
+    d, n, k = 256, 1024, 16
+    W = torch.randn(n, d, generator=g) / d**0.5
+    sae = SAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize_activations="none"))
+    with torch.no_grad():
+        if case == "cancelling":
+            sae.W_enc.copy_(W - W.mean(1, keepdim=True))
+            xc = 3.0 + 0.05 * torch.randn(600, d, generator=g)
+        else:
+            sae.W_enc.copy_(W)
+            sae.b_enc.fill_(50.0)
+            xc = torch.randn(600, d, generator=g)
+    dense = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: dense.append(1) or addmm(*a, **kw))
+    _, idx = sae.select(xc, torch.bfloat16)
+    ref = xc.double() @ sae.W_enc.double().T + sae.b_enc.double()
+    top = ref.topk(k + 1, dim=1).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-5 * top[:, k - 1].abs()
+    want = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ref.topk(k, dim=1).indices, True)
+    got = torch.zeros_like(want).scatter_(1, idx, True)
+    assert (got == want).all(1)[clear].all() and clear.float().mean() > 0.9
+    assert dense  # the float32 GEMM ranked them
+
+
 def test_bf16_selection_of_rows_with_nan_or_inf_falls_back_to_the_bf16_top_k():
     sae, x = make_sae(d=64, n=512, k=16, dtype=torch.float32)
     xc = normalize(x, "layer_norm")[0] - sae.b_dec

@@ -39,7 +39,7 @@ def sweep_temp_files(directory: str | os.PathLike, recursive: bool = False) -> i
     if not directory.is_dir():
         return 0
     found = [p for p in (directory.rglob(".*tmp*") if recursive else directory.glob(".*tmp*"))
-             if p.is_file() and is_temp_name(p.name)]
+             if p.is_file() and TEMP_NAME.match(p.name)]  # never a lock file: its run may still hold it
     for p in found:
         p.unlink(missing_ok=True)
     return len(found)

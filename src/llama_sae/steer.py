@@ -579,7 +579,8 @@ def _check_record(rec: dict) -> None:
               ("sampling", isinstance(sampling, dict) and set(sampling) <= set(SAMPLING_TYPES) and all(
                   isinstance(v, SAMPLING_TYPES[k]) and not isinstance(v, bool) for k, v in sampling.items())
                and math.isfinite(sampling.get("temperature", 0)) and sampling.get("temperature", 0) >= 0
-               and 0 <= sampling.get("top_p", 1) <= 1 and sampling.get("max_new_tokens", 0) >= 0)]  # what the CLI takes
+               and 0 <= sampling.get("top_p", 1) <= 1 and sampling.get("max_new_tokens", 0) >= 0  # what the CLI takes
+               and -(2**63) <= (sampling.get("seed") or 0) < 2**63)]
     bad = next((name for name, ok in checks if not ok), None)
     if bad is not None:
         raise UserError(f"the record's {bad!r} is not what llama-sae writes there (edited or damaged): make a new "

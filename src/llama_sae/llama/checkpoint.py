@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from llama_sae.errors import UserError, check_device, first_line
-from llama_sae.fileio import atomic_write, atomic_write_file, atomic_write_json, atomic_writer
+from llama_sae.fileio import atomic_write, atomic_write_file, atomic_write_json, atomic_writer, sweep_temp_files
 from llama_sae.llama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,7 +209,11 @@ def hf_to_meta_qk(w: Tensor, n_heads: int) -> Tensor:
 def _hf_shard_files(path: Path) -> list[Path]:
     index = path / HF_INDEX
     if index.exists():
-        names = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} has no weight_map of tensor names to shard files: it is damaged; download "
+                            "it again (or delete it if the directory holds a single model.safetensors)")
+        names = sorted(set(weight_map.values()))
         files = [path / n for n in names]
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -291,9 +295,14 @@ def meta_state_dict(path: Path, args: ModelArgs) -> dict[str, Tensor]:
 
 def _load_meta_shard(f: Path) -> dict[str, Tensor]:
     try:
-        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise UserError(f"{f} could not be read as a PyTorch checkpoint ({type(e).__name__}): re-download it") from None
+    bad = next((k for k, v in shard.items() if not isinstance(v, Tensor)), None) if isinstance(shard, dict) else ""
+    if bad is not None:
+        what = f"its {bad!r} is a {type(shard[bad]).__name__}" if bad else f"it holds a {type(shard).__name__}"
+        raise UserError(f"{f} is not a state dict of tensors ({what}): it is not a Meta Llama checkpoint shard")
+    return shard
 
 
 def _place_slice(state: dict[str, Tensor], key: str, piece: Tensor, i: int, n: int, shape: torch.Size) -> None:
@@ -310,7 +319,8 @@ def _place_slice(state: dict[str, Tensor], key: str, piece: Tensor, i: int, n: i
         raise UserError(f"tensor {key!r}: shard {i} of {n} holds the whole {tuple(shape)} matrix that params.json "
                         "implies, where each shard should hold a slice: params.json does not describe these shards "
                         "(a head_dim other than dim / n_heads cannot be written in it)")
-    dims = [d for d in range(len(shape)) if piece.shape[d] * n == shape[d]]
+    dims = [d for d in range(len(shape)) if piece.dim() == len(shape) and piece.shape[d] * n == shape[d]
+            and all(piece.shape[e] == shape[e] for e in range(len(shape)) if e != d)]
     if not dims:
         raise UserError(f"tensor {key!r}: {n} shards of shape {tuple(piece.shape)} do not make the shape "
                         f"{tuple(shape)} that params.json implies: the shards belong to another model")
@@ -536,11 +546,17 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
 def convert_meta_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, rope_factor: float | None = None
                        ) -> Path:
     """Convert a Meta checkpoint directory to a Hugging Face one that transformers loads."""
+    if detect_format(Path(src)) != "meta":
+        raise UserError(f"{src} holds config.json: it is a Hugging Face checkpoint already (convert reads Meta's "
+                        "params.json + consolidated.*.pth); load it as it is")
+    if rope_factor is not None and not _read_json(Path(src) / "params.json").get("use_scaled_rope"):
+        raise UserError(f"--rope-factor {rope_factor:g}: {src}/params.json does not use scaled RoPE "
+                        "(use_scaled_rope), so there is no factor to set; leave --rope-factor out")
     model = load_model(src, rope_factor=rope_factor)
-    out = save_hf(model, out, tokenizer_dir=src)
-    src = Path(src)
-    if (src / "tokenizer.model").exists() and not (out / "tokenizer.json").exists():
+    src, out = Path(src), Path(out)
+    sweep_temp_files(out)  # what a convert killed mid-write left (a safetensors temp file is the model's size)
+    if (src / "tokenizer.model").exists() and not (src / "tokenizer.json").exists():
         from llama_sae.llama.tokenizer import write_hf_tokenizer_json
 
-        write_hf_tokenizer_json(src / "tokenizer.model", out)
-    return out
+        write_hf_tokenizer_json(src / "tokenizer.model", out)  # first: a tokenizer it cannot read stops it here
+    return save_hf(model, out, tokenizer_dir=src)  # config.json last: a killed convert leaves no loadable output

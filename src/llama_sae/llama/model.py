@@ -33,10 +33,11 @@ class RopeScaling(BaseModel):
     """Llama 3 ("llama3") RoPE frequency scaling parameters."""
 
     model_config = ConfigDict(extra="forbid")
-    factor: float = Field(8.0, description="divide low frequencies by this (8 for 3.1/3.3, 32 for 3.2)")
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = Field(8192, description="context length before scaling")
+    factor: float = Field(8.0, gt=0, allow_inf_nan=False,
+                          description="divide low frequencies by this (8 for 3.1/3.3, 32 for 3.2)")
+    low_freq_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+    high_freq_factor: float = Field(4.0, gt=0, allow_inf_nan=False)
+    original_max_position_embeddings: int = Field(8192, gt=0, description="context length before scaling")
 
 
 class ModelArgs(BaseModel):

@@ -32,6 +32,8 @@ CANDIDATE_MARGIN = 2.0 ** -5  # low-precision selection on a CPU keeps every lat
 # this fraction of a lower bound on the k-th largest, and ranks them by their exact values. bf16's output rounding
 # alone moves a value by up to 2^-9 of itself; with this margin no row of 40,000 demo tokens missed an exact top-k
 # latent (with none, 2.3% of rows did).
+CANDIDATE_DENSE = 32  # more candidates than 4k and 1/this of the latents: the chunk takes a float32 GEMM (a
+# sampled GEMM runs ~20x slower per multiply-add than a dense one)
 CANDIDATE_BLOCK = 1 << 18  # that selection works on row chunks of about this many pre-activations (1 MiB of
 # float32 temporaries, which stay in cache: 1.1-2x faster than 16 MiB chunks at the demo's shapes)
 
@@ -174,6 +176,21 @@ def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+_ROW_NORMS: dict[tuple, float] = {}  # (W_enc, b_enc) storage and version -> RMS of the rows of [W_enc | b_enc]
+
+
+def _row_norm_rms(W_enc: torch.Tensor, b_enc: torch.Tensor) -> float:
+    """The RMS of the row norms of [W_enc | b_enc], kept for the next call with the same weights (the margin of
+    :func:`topk_by_candidates` scales with it; a change written through ``.data`` only leaves it stale)."""
+    key = (W_enc.data_ptr(), W_enc._version, b_enc.data_ptr(), b_enc._version, tuple(W_enc.shape))
+    if key not in _ROW_NORMS:
+        if len(_ROW_NORMS) >= 8:
+            _ROW_NORMS.pop(next(iter(_ROW_NORMS)))
+        w = W_enc.detach()
+        _ROW_NORMS[key] = float((w.pow(2).sum() + b_enc.detach().pow(2).sum()) / w.shape[0]) ** 0.5
+    return _ROW_NORMS[key]
+
+
 def _group(n: int, k: int) -> int | None:
     """The block size of :func:`select_topk`'s strided blocks for rows of n latents (None: too narrow to prune)."""
     group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
@@ -188,11 +205,13 @@ def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch
 
     The low-precision values only choose candidates. τ, the k-th largest of the strided blocks' maxima (see
     :func:`select_topk`), is at most the k-th largest pre-activation; every latent within CANDIDATE_MARGIN of it
-    or above is a candidate (k to ~1.2k per row), the margin relative to |τ| or to the row's RMS if larger (the
-    low precision's error is absolute: a k-th value near 0 still needs room). Only the candidates' exact values
-    are computed (a sampled GEMM over their CSR pattern, ~1.2·M·k·d multiply-adds), and the top k of those are
-    kept. Unlike a top k of the low-precision values followed by exact values, a near-tie at the k-th place is
-    decided by the exact values. A row chunk holding NaN or infinite pre-activations takes that other way.
+    or above is a candidate (k to ~1.2k per row), the margin relative to |τ| or to the scale of the input
+    rounding's error if larger (absolute: a k-th value near 0, or a sum that cancels, still needs room). Only the
+    candidates' exact values are computed (a sampled GEMM over their CSR pattern, ~1.2·M·k·d multiply-adds), and
+    the top k of those are kept. Unlike a top k of the low-precision values followed by exact values, a near-tie
+    at the k-th place is decided by the exact values. A row chunk holding NaN or infinite pre-activations takes
+    that other way; one with more than 4k and 1/CANDIDATE_DENSE of the latents as candidates per row (a large
+    common offset, which bf16 cannot rank) takes the float32 GEMM.
     """
     M, n = pre.shape
     chunk = max(16, CANDIDATE_BLOCK // n)  # rows whose float32 temporaries stay in cache
@@ -206,13 +225,19 @@ def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch
     m = blocks.shape[1]
     tau = np.partition(blocks, m - k, axis=1)[:, m - k] if M else np.zeros(0, np.float32)  # [M]
     pn = p.numpy()
-    with np.errstate(over="ignore"):
-        scale = np.maximum(np.abs(tau), np.sqrt(np.einsum("ij,ij->i", pn, pn) / n))  # |τ|, or the row's RMS
+    x = xc.detach().to(W_enc.dtype)
+    # The low precision's error: its output rounding is relative (|τ|), its input rounding absolute, about
+    # 2^-9·sqrt(Σ_i (x_i w_i)²) ~ 2^-9·|[x, 1]|·|[w, b]|/sqrt(d + 1) (with cancellation, even where τ is near 0).
+    spread = (x.pow(2).sum(1) + 1).sqrt().numpy() * (_row_norm_rms(W_enc, b_enc) / (W_enc.shape[1] + 1) ** 0.5)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.maximum(np.abs(tau), spread)
     if M == 0 or not np.isfinite(scale).all() or np.isnan(blocks).any():
         _, idx = select_topk(pre, k)
         return exact_acts(xc, W_enc, b_enc, idx), idx
     tau -= CANDIDATE_MARGIN * scale
     flat = np.flatnonzero(pn >= tau[:, None])  # row · n + col, by row
+    if len(flat) > M * max(4 * k, n // CANDIDATE_DENSE):  # bf16 ranks these rows too coarsely: float32 GEMM
+        return select_topk(torch.addmm(b_enc, x, W_enc.t()), k)
     rows = flat // n
     cols = flat - rows * n
     counts = np.bincount(rows, minlength=M)  # >= k each: the k largest block maxima are at least tau

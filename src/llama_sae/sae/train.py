@@ -528,8 +528,8 @@ def _crc_failure(path: Path) -> str | None:
                         with archive.open(info) as f:  # zipfile checks the CRC as the entry is read to its end
                             while f.read(1 << 24):
                                 pass
-                    except zipfile.BadZipFile:
-                        return info.filename
+                    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, ValueError):
+                        return info.filename  # (short data, an unsupported compression or encryption: damage too)
     except (zipfile.BadZipFile, OSError):
         return None
     return None
