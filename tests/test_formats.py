@@ -174,6 +174,18 @@ def test_a_save_killed_before_its_config_leaves_no_old_config_beside_new_weights
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill after the weights, before cfg.json
 
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # a failed write: the old SAE stays whole
+    with pytest.raises(OSError):
+        save(new, tmp_path / "s")
+    monkeypatch.undo()
+    assert load(tmp_path / "s").cfg.normalize_activations == "layer_norm"
     monkeypatch.setattr(formats, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         save(new, tmp_path / "s")

@@ -369,6 +369,18 @@ def test_damaged_checkpoints_and_wrong_convert_sources_are_one_line(tmp_path):
         convert_meta_to_hf(bad_tok, tmp_path / "conv_tok")
     assert not (tmp_path / "conv_tok" / "config.json").exists()  # nothing that loads, half-written
     assert not (tmp_path / "conv_tok" / "model.safetensors").exists()
+    convert_meta_to_hf(meta, tmp_path / "conv")  # a good output, then another convert over it stops midway:
+    with pytest.raises(UserError):
+        convert_meta_to_hf(bad_tok, tmp_path / "conv")
+    assert not (tmp_path / "conv" / "config.json").exists()  # the old config would have loaded the new weights
+    from typer.testing import CliRunner
+
+    from llama_sae.cli import app
+    from llama_sae.fileio import lock_output
+
+    with lock_output(tmp_path / "conv2", "the converted checkpoint"):  # two converts into one directory
+        result = CliRunner().invoke(app, ["convert", str(meta), str(tmp_path / "conv2")])
+    assert isinstance(result.exception, UserError) and "another run is using" in str(result.exception)
 
 
 def test_what_meta_params_cannot_state_is_refused_not_lost(tmp_path):

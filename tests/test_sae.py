@@ -165,6 +165,15 @@ def test_bf16_selection_where_bf16_cannot_rank(case, monkeypatch):
     got = torch.zeros_like(want).scatter_(1, idx, True)
     assert (got == want).all(1)[clear].all() and clear.float().mean() > 0.9
     assert dense  # the float32 GEMM ranked them
+    if case == "cancelling":  # weights changed in place with no version bump (fused AdamW): nothing stale is used
+        sae.W_enc.data.mul_(0.5)
+        sae.select(xc, torch.bfloat16)
+        sae.W_enc.data.mul_(4.0)
+        _, idx = sae.select(xc, torch.bfloat16)
+        ref = xc.double() @ sae.W_enc.double().T + sae.b_enc.double()
+        want = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ref.topk(k, dim=1).indices, True)
+        got = torch.zeros_like(want).scatter_(1, idx, True)
+        assert (got == want).all(1)[clear].all()
 
 
 def test_bf16_selection_of_rows_with_nan_or_inf_falls_back_to_the_bf16_top_k():

@@ -165,6 +165,7 @@ def test_bad_config_values_are_one_line_errors():
     ({"batch_size": 1}, "batch_size: Input should be greater than or equal to 2"),
     ({"k": [16, 16]}, r"k lists a value twice \(\[16, 16\]\): two SAEs would share one name"),
     ({"k": True}, "k: True is not a whole number"),  # YAML's `k: yes` used to train at k=1
+    ({"expansion_factor": True}, "expansion_factor: True is not a whole number"),  # d_sae = d_in, quietly
 ])
 def test_optimizer_settings_and_sweeps_that_cannot_work_are_one_line(fields, message):
     with pytest.raises(UserError, match=message):  # each used to end in "please report it", or ran on regardless

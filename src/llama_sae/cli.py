@@ -352,10 +352,12 @@ def convert(
     = False,
 ) -> None:
     """Convert a Meta checkpoint to Hugging Face format (config.json, model.safetensors, tokenizer.json)."""
+    from llama_sae.fileio import lock_output
     from llama_sae.llama.checkpoint import convert_meta_to_hf
 
     check_output_dir(out, "a Hugging Face checkpoint", overwrite=overwrite)
-    convert_meta_to_hf(src, out, rope_factor=rope_factor)
+    with lock_output(out, f"the converted checkpoint {out}"):  # two converts: one sweeps the other's temp files
+        convert_meta_to_hf(src, out, rope_factor=rope_factor)
     console.print(f"wrote Hugging Face checkpoint to {out}")
     if not (out / "tokenizer.json").exists() and not (out / "tokenizer.model").exists():
         err_console.print(f"note: {src} has no tokenizer.model, so {out} has no tokenizer: copy tokenizer.model "

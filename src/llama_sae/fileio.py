@@ -80,14 +80,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object],
+                      before_replace: Callable[[], object] | None = None) -> None:
     """Write ``path`` atomically with a writer that takes a file name (safetensors' ``save_file``, which streams
     the tensors instead of building the file's bytes in memory): ``write(tmp)`` fills a temp file beside ``path``,
     which is then fsynced and renamed over it.
 
     The writer may put a new file at ``tmp`` instead of writing into it (safetensors 0.7+ writes its own temp
     file, mode 0600, and renames it): the fsync opens ``tmp`` again, and the file gets the mode every other
-    file of ours gets (0666 less the umask)."""
+    file of ours gets (0666 less the umask). ``before_replace`` runs once the new file is complete, just before
+    it replaces ``path`` (a failed write leaves everything as it was)."""
     path = Path(path)
     tmp = _temp_path(path)
     try:
@@ -100,6 +102,8 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) 
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

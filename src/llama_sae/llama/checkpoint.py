@@ -555,6 +555,8 @@ def convert_meta_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, rope_f
     model = load_model(src, rope_factor=rope_factor)
     src, out = Path(src), Path(out)
     sweep_temp_files(out)  # what a convert killed mid-write left (a safetensors temp file is the model's size)
+    for stale in (out / "config.json", out / HF_INDEX):  # an earlier output's (--overwrite): config.json comes last
+        stale.unlink(missing_ok=True)
     if (src / "tokenizer.model").exists() and not (src / "tokenizer.json").exists():
         from llama_sae.llama.tokenizer import write_hf_tokenizer_json
 

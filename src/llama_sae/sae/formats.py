@@ -560,13 +560,20 @@ def sae_lens_cfg(cfg: SAEConfig, **metadata: Any) -> dict:
             "reshape_activations": "none", "rescale_acts_by_decoder_norm": False, "metadata": meta}
 
 
-def _write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _drop(file: Path) -> None:
+    """Remove ``file`` (the config, just before new weights replace the old: cfg.json is written after them, so a
+    kill in between leaves no old config beside new weights, and a failed write leaves the old SAE whole)."""
+    file.unlink(missing_ok=True)
+
+
+def _write_tensors(file: Path, tensors: dict[str, torch.Tensor], before_replace=None) -> None:
     """Write ``tensors`` as float32 safetensors to ``file`` atomically, straight from their memory (safetensors'
-    save_file: no second copy of a 65,536-latent SAE's 1.6 GB of weights as bytes)."""
+    save_file: no second copy of a 65,536-latent SAE's 1.6 GB of weights as bytes); ``before_replace``: see
+    :func:`atomic_write_file`."""
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
-    atomic_write_file(file, lambda tmp: save_file(tensors, tmp))
+    atomic_write_file(file, lambda tmp: save_file(tensors, tmp), before_replace)
 
 
 def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = None, **metadata: Any) -> Path:
@@ -584,9 +591,8 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CFG_FILE).unlink(missing_ok=True)  # written last: a kill in between leaves no old config beside new weights
     _write_tensors(path / WEIGHTS_FILE, {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
-                                         "b_dec": sae.b_dec})
+                                         "b_dec": sae.b_dec}, before_replace=lambda: _drop(path / CFG_FILE))
     if sparsity is not None:
         _write_tensors(path / SPARSITY_FILE, {"sparsity": sparsity})
     atomic_write_json(path / CFG_FILE, sae_lens_cfg(sae.cfg, **metadata))
@@ -605,9 +611,9 @@ def save_sparsify(sae: SAE, path: str | os.PathLike, **metadata: Any) -> Path:
                         "export it with --to saelens (or train with normalize_activations none)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CFG_FILE).unlink(missing_ok=True)  # as in save: no old config beside new weights after a kill
     _write_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
-                                             "b_dec": sae.b_dec})  # W_enc keeps our layout: sparsify's too
+                                             "b_dec": sae.b_dec},  # W_enc keeps our layout: sparsify's too
+                   before_replace=lambda: _drop(path / CFG_FILE))
     ours = {**metadata, **{key: getattr(cfg, key) for key in METADATA_KEYS},
             "hf_hook_name": hf_module_name(cfg.hook_name)}
     atomic_write_json(path / CFG_FILE, {

@@ -176,19 +176,12 @@ def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-_ROW_NORMS: dict[tuple, float] = {}  # (W_enc, b_enc) storage and version -> RMS of the rows of [W_enc | b_enc]
-
-
-def _row_norm_rms(W_enc: torch.Tensor, b_enc: torch.Tensor) -> float:
-    """The RMS of the row norms of [W_enc | b_enc], kept for the next call with the same weights (the margin of
-    :func:`topk_by_candidates` scales with it; a change written through ``.data`` only leaves it stale)."""
-    key = (W_enc.data_ptr(), W_enc._version, b_enc.data_ptr(), b_enc._version, tuple(W_enc.shape))
-    if key not in _ROW_NORMS:
-        if len(_ROW_NORMS) >= 8:
-            _ROW_NORMS.pop(next(iter(_ROW_NORMS)))
-        w = W_enc.detach()
-        _ROW_NORMS[key] = float((w.pow(2).sum() + b_enc.detach().pow(2).sum()) / w.shape[0]) ** 0.5
-    return _ROW_NORMS[key]
+def row_norm_rms(W_enc: torch.Tensor, b_enc: torch.Tensor) -> float:
+    """The RMS of the row norms of [W_enc | b_enc] (one pass over the weights: :func:`encode_select` takes it once
+    per call, as the weights may have changed since, in place, by an optimizer step that bumps no version)."""
+    w = W_enc.detach()
+    return float((w.pow(2).sum(dtype=torch.float64) + b_enc.detach().pow(2).sum(dtype=torch.float64))
+                 / w.shape[0]) ** 0.5
 
 
 def _group(n: int, k: int) -> int | None:
@@ -198,10 +191,11 @@ def _group(n: int, k: int) -> int | None:
 
 
 @torch.no_grad()
-def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch.Tensor,
-                       b_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                       w_rms: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU(TopK) of the exact pre-activations xc · W_encᵀ + b_enc, given pre [M, n], the same computed in a lower
-    precision (CPU only): (values [M, k] in W_enc's dtype, indices [M, k]).
+    precision (CPU only): (values [M, k] in W_enc's dtype, indices [M, k]). ``w_rms``: :func:`row_norm_rms` of
+    these weights (computed here when not given).
 
     The low-precision values only choose candidates. τ, the k-th largest of the strided blocks' maxima (see
     :func:`select_topk`), is at most the k-th largest pre-activation; every latent within CANDIDATE_MARGIN of it
@@ -214,9 +208,11 @@ def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch
     common offset, which bf16 cannot rank) takes the float32 GEMM.
     """
     M, n = pre.shape
+    w_rms = row_norm_rms(W_enc, b_enc) if w_rms is None else w_rms
     chunk = max(16, CANDIDATE_BLOCK // n)  # rows whose float32 temporaries stay in cache
     if M > chunk:
-        parts = [topk_by_candidates(pre[s:s + chunk], k, xc[s:s + chunk], W_enc, b_enc) for s in range(0, M, chunk)]
+        parts = [topk_by_candidates(pre[s:s + chunk], k, xc[s:s + chunk], W_enc, b_enc, w_rms)
+                 for s in range(0, M, chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     p = pre.detach().float()  # numpy has no bfloat16; float32 holds its values exactly
     group = _group(n, k)
@@ -228,7 +224,7 @@ def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch
     x = xc.detach().to(W_enc.dtype)
     # The low precision's error: its output rounding is relative (|τ|), its input rounding absolute, about
     # 2^-9·sqrt(Σ_i (x_i w_i)²) ~ 2^-9·|[x, 1]|·|[w, b]|/sqrt(d + 1) (with cancellation, even where τ is near 0).
-    spread = (x.pow(2).sum(1) + 1).sqrt().numpy() * (_row_norm_rms(W_enc, b_enc) / (W_enc.shape[1] + 1) ** 0.5)
+    spread = (x.pow(2).sum(1) + 1).sqrt().numpy() * (w_rms / (W_enc.shape[1] + 1) ** 0.5)
     with np.errstate(over="ignore", invalid="ignore"):
         scale = np.maximum(np.abs(tau), spread)
     if M == 0 or not np.isfinite(scale).all() or np.isnan(blocks).any():
@@ -310,13 +306,15 @@ def encode_select(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k:
     # On a CPU, low precision picks candidates and their exact values rank them (topk_by_candidates); elsewhere it
     # picks the top k, whose values are recomputed below.
     by_candidates = compute_dtype != W_enc.dtype and device.type == "cpu"
+    w_rms = row_norm_rms(W_enc, b_enc) if by_candidates else None
     rows = max(1, min(N, PRE_BUFFER_BYTES // (n * W.element_size())))
     buf = scratch_buffer(scratch, "pre", (rows, n), compute_dtype, device)  # [rows, n], reused by each block
     parts = []
     for s in range(0, N, rows):
         out = buf[:min(rows, N - s)]
         pre = torch.addmm(b_enc, xc[s:s + rows], W.t(), out=out) if direct else torch.mm(xq[s:s + rows], W.t(), out=out)
-        vals, idx = topk_by_candidates(pre, k, xc[s:s + rows], W_enc, b_enc) if by_candidates else select_topk(pre, k)
+        vals, idx = (topk_by_candidates(pre, k, xc[s:s + rows], W_enc, b_enc, w_rms) if by_candidates
+                     else select_topk(pre, k))
         if not k_aux:
             aux_vals, aux_idx = vals[:, :0], idx[:, :0]
         elif W_dead is not None:

@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -96,7 +97,9 @@ class TrainConfig(BaseModel):
     eval_corpus: str | None = Field(None, description="corpus SOURCE of the held-out evaluation texts")
     eval_texts: int = Field(64, gt=0, description="texts of eval_corpus per evaluation")
 
-    @field_validator("d_sae", "k", "batch_size", "tokens", "epochs", "k_aux", "seed", mode="before")
+    @field_validator("d_sae", "expansion_factor", "k", "batch_size", "tokens", "epochs", "k_aux",
+                     "dead_tokens_threshold", "seed", "log_every", "checkpoint_every", "eval_every", "eval_texts",
+                     mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:  # YAML's true / yes would read as 1
         if isinstance(value, bool) or isinstance(value, list) and any(isinstance(v, bool) for v in value):
@@ -528,7 +531,7 @@ def _crc_failure(path: Path) -> str | None:
                         with archive.open(info) as f:  # zipfile checks the CRC as the entry is read to its end
                             while f.read(1 << 24):
                                 pass
-                    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, ValueError):
+                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError):
                         return info.filename  # (short data, an unsupported compression or encryption: damage too)
     except (zipfile.BadZipFile, OSError):
         return None
