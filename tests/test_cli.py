@@ -373,6 +373,9 @@ def test_latent_and_search_in_the_terminal(tmp_path):
     assert closer.exit_code == 0 and "latent(s) matching 'closer [/]'" in " ".join(closer.output.split())
     bad = runner.invoke(app, ["latent", str(feats), "5000"])
     assert isinstance(bad.exception, UserError) and "out of range" in str(bad.exception)
+    for blank in ("", "   "):  # used to list the first 20 latents as "matching ''"
+        empty = runner.invoke(app, ["search", str(feats), blank])
+        assert isinstance(empty.exception, UserError) and "search for a word" in str(empty.exception)
     bare = tmp_path / "bare"
     shutil.copytree(feats, bare, ignore=shutil.ignore_patterns("explanations.jsonl"))
     bad = runner.invoke(app, ["search", str(bare), "court"])

@@ -129,6 +129,17 @@ def test_resume_after_kill_gives_identical_artifact(setup, tmp_path):
     assert not (tmp_path / ".features-partial").exists() and not list(tmp_path.glob(".*.tmp*"))
 
 
+def test_pass_2_reports_sentences_read_from_the_code_cache(setup, tmp_path, monkeypatch):
+    from llama_sae import features
+
+    model, tok, sae, _ = setup
+    monkeypatch.setattr(features, "PASS2_REPORT_EVERY", 8)
+    second = []  # every sentence comes from the code cache: no model batch runs in pass 2
+    build_features(model, tok, sae, SOURCE, tmp_path, sentences=200, top_n=5, reservoir=8, pool=32, n_quantiles=4,
+                   batch_size=16, pass2_progress=lambda d, n: second.append(d))
+    assert len(second) > 3 and second == sorted(second)  # it used to report only at the end
+
+
 def test_interrupted_build_of_another_sae_is_discarded(setup, tmp_path):
     model, tok, sae, _ = setup
     other = small_sae(model, seed=2)

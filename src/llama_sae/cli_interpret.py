@@ -353,6 +353,8 @@ def search(
 
     from llama_sae.features import load_features
 
+    if not query.strip():
+        raise UserError("search for a word or phrase of the explanations, e.g. llama-sae search FEATURES 'law'")
     f = load_features(features_dir)
     if not f.explanations():
         raise UserError(f"{features_dir} has no explanations to search: run `llama-sae explain {features_dir}` first")

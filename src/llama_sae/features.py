@@ -304,6 +304,8 @@ def _check_out(out: Path, settings: dict, overwrite: bool) -> bool:
                     "choose another --out, or pass --overwrite to rebuild it")
 
 
+PASS2_REPORT_EVERY = 256  # pass 2 reports its progress every this many sentences (from the code cache too)
+
 def build_features(model, tokenizer, sae, corpus_source: str, out: Path, *, sentences: int, top_n: int = 20,
                    reservoir: int = 40, pool: int = 512, n_quantiles: int = 10, batch_size: int = 64,
                    max_tokens: int = 128, seed: int = 0, checkpoint_every: int | None = None, overwrite: bool = False,
@@ -514,10 +516,12 @@ def _finish(model, tokenizer, sae, corpus, state: _State, settings: dict, batch_
     out = _Pass2(tokenizer, ex, slot, set(pool_ids.tolist()), len(slot))
     done = 0
 
-    def counted(items):
+    def counted(items):  # (the sentences the code cache holds never reach a model batch: report them here too)
         nonlocal done
         for item in items:
             done += 1
+            if progress is not None and done % PASS2_REPORT_EVERY == 0:
+                progress(done, len(slot))
             yield item
 
     stream = counted((i, s.text) for i, s in enumerate(islice(corpus, int(needed[-1]) + 1)) if i in slot)

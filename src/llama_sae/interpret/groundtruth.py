@@ -71,7 +71,8 @@ def ground_truth_table(features, recovery: dict) -> dict:
 
     Returns {"rows": [{concept, kind, latent, auroc, explanation, names, detection, fuzzing}],
     "matched": concepts recovered, "named": fraction of them whose explanation names the concept,
-    "detection": mean detection balanced accuracy over them}.
+    "detection": mean detection balanced accuracy over them, "scored": how many of them have a detection score
+    (a latent that fires somewhere in every pool sentence has no non-activating example to score against)}.
     """
     rows = []
     for r in recovery["rows"]:
@@ -84,7 +85,7 @@ def ground_truth_table(features, recovery: dict) -> dict:
     det = [r["detection"] for r in matched if r["detection"] is not None]
     return {"rows": rows, "matched": len(matched), "threshold": recovery["threshold"],
             "named": sum(r["names"] for r in matched) / max(len(matched), 1),
-            "detection": sum(det) / len(det) if det else None}
+            "detection": sum(det) / len(det) if det else None, "scored": len(det)}
 
 
 def stage(console, model, tokenizer, sae, recovery: dict, out, *, sae_path: str | None = None,
@@ -125,10 +126,12 @@ def stage(console, model, tokenizer, sae, recovery: dict, out, *, sae_path: str 
                   f"explained and scored in {t2 - t1:.0f} s (offline)")
     console.print(f"concepts recovered (AUROC ≥ {gt['threshold']}): {gt['matched']}; their explanation names the "
                   f"concept: [bold]{gt['named']:.0%}[/bold] (goal ≥ 80%); detection on them: "
-                  f"[bold]{gt['detection'] or 0:.3f}[/bold] (goal ≥ 0.90)")
+                  f"[bold]{gt['detection'] or 0:.3f}[/bold] (goal ≥ 0.90"
+                  + ("" if gt["scored"] == gt["matched"] else f"; {gt['scored']} of them scorable") + ")")
     console.print(f"all live latents: detection {scores['detection']:.3f}, fuzzing {scores['fuzzing']:.3f}; shuffled "
                   f"control: detection {scores['control_detection']:.3f}, fuzzing {scores['control_fuzzing']:.3f} "
                   "(should be 0.5 ± 0.05)")
-    return {"features": str(path), "explained": explained["explained"], **{k: gt[k] for k in (
-        "named", "matched", "detection", "rows")}, "all_detection": scores["detection"], "fuzzing": scores["fuzzing"],
+    return {"features": str(path), "explained": explained["explained"],
+            **{k: gt[k] for k in ("named", "matched", "detection", "scored", "rows")},
+            "all_detection": scores["detection"], "fuzzing": scores["fuzzing"],
             "control_detection": scores["control_detection"], "control_fuzzing": scores["control_fuzzing"]}
