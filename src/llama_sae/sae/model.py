@@ -244,7 +244,7 @@ def topk_by_candidates(pre: torch.Tensor, k: int, xc: torch.Tensor, W_enc: torch
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(torch.from_numpy(crow), cols_t, b_enc[cols_t], size=(M, n),
                                           check_invariants=False)
-        exact = torch.sparse.sampled_addmm(pattern, xc.to(W_enc.dtype), W_enc.t()).values()  # [nnz]
+        exact = torch.sparse.sampled_addmm(pattern, x, W_enc.t()).values()  # [nnz]
     width = int(counts.max())
     padded = np.full(M * width, -np.inf, dtype=np.float32)  # each row's candidates, then -inf
     padded[rows * width + (np.arange(len(flat)) - crow[rows])] = exact.float().numpy()
