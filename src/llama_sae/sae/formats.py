@@ -560,12 +560,6 @@ def sae_lens_cfg(cfg: SAEConfig, **metadata: Any) -> dict:
             "reshape_activations": "none", "rescale_acts_by_decoder_norm": False, "metadata": meta}
 
 
-def _drop(file: Path) -> None:
-    """Remove ``file`` (the config, just before new weights replace the old: cfg.json is written after them, so a
-    kill in between leaves no old config beside new weights, and a failed write leaves the old SAE whole)."""
-    file.unlink(missing_ok=True)
-
-
 def _write_tensors(file: Path, tensors: dict[str, torch.Tensor], before_replace=None) -> None:
     """Write ``tensors`` as float32 safetensors to ``file`` atomically, straight from their memory (safetensors'
     save_file: no second copy of a 65,536-latent SAE's 1.6 GB of weights as bytes); ``before_replace``: see
@@ -591,8 +585,11 @@ def save(sae: SAE, path: str | os.PathLike, *, sparsity: torch.Tensor | None = N
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # cfg.json goes just before the new weights replace the old and is written after them: a kill in between leaves
+    # no old config beside new weights, and a failed write leaves the old SAE whole
     _write_tensors(path / WEIGHTS_FILE, {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec,
-                                         "b_dec": sae.b_dec}, before_replace=lambda: _drop(path / CFG_FILE))
+                                         "b_dec": sae.b_dec},
+                   before_replace=lambda: (path / CFG_FILE).unlink(missing_ok=True))
     if sparsity is not None:
         _write_tensors(path / SPARSITY_FILE, {"sparsity": sparsity})
     atomic_write_json(path / CFG_FILE, sae_lens_cfg(sae.cfg, **metadata))
@@ -613,7 +610,7 @@ def save_sparsify(sae: SAE, path: str | os.PathLike, **metadata: Any) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     _write_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec,
                                              "b_dec": sae.b_dec},  # W_enc keeps our layout: sparsify's too
-                   before_replace=lambda: _drop(path / CFG_FILE))
+                   before_replace=lambda: (path / CFG_FILE).unlink(missing_ok=True))
     ours = {**metadata, **{key: getattr(cfg, key) for key in METADATA_KEYS},
             "hf_hook_name": hf_module_name(cfg.hook_name)}
     atomic_write_json(path / CFG_FILE, {

@@ -179,15 +179,13 @@ def top_k_positions(a: np.ndarray, k: int) -> np.ndarray:
 def row_norm_rms(W_enc: torch.Tensor, b_enc: torch.Tensor) -> float:
     """The RMS of the row norms of [W_enc | b_enc] (one pass over the weights: :func:`encode_select` takes it once
     per call, as the weights may have changed since, in place, by an optimizer step that bumps no version)."""
-    w = W_enc.detach()
-    return float((w.pow(2).sum(dtype=torch.float64) + b_enc.detach().pow(2).sum(dtype=torch.float64))
-                 / w.shape[0]) ** 0.5
+    w, b = W_enc.detach(), b_enc.detach()  # (vector_norm reads them once; pow().sum() copied W_enc: 40x slower)
+    return float((torch.linalg.vector_norm(w) ** 2 + torch.linalg.vector_norm(b) ** 2) / w.shape[0]) ** 0.5
 
 
 def _group(n: int, k: int) -> int | None:
     """The block size of :func:`select_topk`'s strided blocks for rows of n latents (None: too narrow to prune)."""
-    group = next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), 16)
-    return None if n % group or 4 * k * group > n else group
+    return next((g for g in (16, 8, 4) if n % g == 0 and 4 * k * g <= n), None)
 
 
 @torch.no_grad()
