@@ -326,7 +326,7 @@ def test_a_hook_the_store_lacks_is_told_apart_from_a_name_no_model_has(store):
         store.hook("resid_post.4")
     with pytest.raises(UserError, match="unknown hook point .foo.3.: use KIND.LAYER .*holds resid_post.0"):
         store.hook("foo.3")
-    with pytest.raises(UserError, match="hook 'resid_post.00': write the layer as a plain number, resid_post.0"):
+    with pytest.raises(UserError, match="hook point 'resid_post.00': write the layer as a plain number, resid_post.0"):
         store.hook("resid_post.00")  # used to say "capture resid_post.00", which capture refuses
 
 

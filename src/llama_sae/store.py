@@ -767,17 +767,14 @@ class ActivationStore:
                                 "name one with --hook (in Python: hook=... or store.stats(hook))")
             return self.hooks[0]
         if hook not in self.hooks:
-            from llama_sae.llama.model import HOOK_KINDS
+            from llama_sae.llama.model import parse_hook_name
 
-            kind, _, layer = hook.partition(".")
-            if kind not in HOOK_KINDS or not layer.isdecimal() or not layer.isascii():  # no model has it
-                raise UserError(f"unknown hook point {hook!r}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)} "
-                                f"(store {self.path} holds {', '.join(self.hooks)})")
-            if layer != str(int(layer)):  # resid_post.03: capture takes resid_post.3 only
-                raise UserError(f"hook {hook!r}: write the layer as a plain number, {kind}.{int(layer)} (store "
-                                f"{self.path} holds {', '.join(self.hooks)})")
-            raise UserError(f"store {self.path} holds {', '.join(self.hooks)}, not {hook}: capture {hook} with "
-                            f"llama-sae capture --hook {hook}")
+            held = f"store {self.path} holds {', '.join(self.hooks)}"
+            try:  # a name no model has is not sent to capture
+                parse_hook_name(hook)
+            except UserError as e:
+                raise UserError(f"{e} ({held})") from None
+            raise UserError(f"{held}, not {hook}: capture {hook} with llama-sae capture --hook {hook}")
         return hook
 
     def stats(self, hook: str | None = None) -> HookStats:

@@ -227,15 +227,16 @@ class _HookRun:
         return x
 
 
-def parse_hook_name(name: str, n_layers: int) -> tuple[str, int]:
-    """Split ``"resid_post.12"`` into ("resid_post", 12), with a one-line error for bad names."""
+def parse_hook_name(name: str, n_layers: int | None = None) -> tuple[str, int]:
+    """Split ``"resid_post.12"`` into ("resid_post", 12), with a one-line error for bad names (and, given
+    ``n_layers``, for a layer the model lacks)."""
     kind, _, layer = name.partition(".")
-    if kind not in HOOK_KINDS or not layer.isdecimal():
+    if kind not in HOOK_KINDS or not layer.isdecimal() or not layer.isascii():
         raise UserError(f"unknown hook point {name!r}: use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)}"
-                        f" (e.g. resid_post.{n_layers // 2})")
+                        + ("" if n_layers is None else f" (e.g. resid_post.{n_layers // 2})"))
     if layer != str(int(layer)):  # "resid_post.03" would name a hook point no layer runs
         raise UserError(f"hook point {name!r}: write the layer as a plain number, {kind}.{int(layer)}")
-    if int(layer) >= n_layers:
+    if n_layers is not None and int(layer) >= n_layers:
         raise UserError(f"hook point {name!r}: layer {layer} is out of range, this model has layers "
                         f"0..{n_layers - 1}")
     return kind, int(layer)
