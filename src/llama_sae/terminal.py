@@ -8,6 +8,7 @@ such text through :func:`literal` (a rich ``Text``: no markup, no emoji codes) o
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from rich.text import Text
@@ -32,18 +33,14 @@ def print_stream(console, prompt: str, chunks) -> str:
 
     The prompt waits for the first chunk, so an error before it (a prompt past the model's context) is not
     preceded by the whole prompt."""
-    text, started = "", False
+    chunks = iter(chunks)
+    first = next(chunks, None)  # starts the generation: an error in it comes before anything is printed
+    console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
+    text = ""
     try:
-        for chunk in chunks:
-            if not started:
-                console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
-                started = True
+        for chunk in itertools.chain([] if first is None else [first], chunks):
             text += chunk.text
             console.print(printable(chunk.text), end="", markup=False, highlight=False)
-        if not started:
-            console.print(printable(prompt), end="", style="bold", markup=False, highlight=False)
-            started = True
-    finally:
-        if started:  # an error after the first chunk starts on a line of its own
-            console.print()
+    finally:  # an error midway leaves the line ended, for the error line after it
+        console.print()
     return text

@@ -416,6 +416,16 @@ def _config(found: Found, **overrides: Any) -> SAEConfig:
                         f"{err['msg'].removeprefix('Value error, ')}: {fix}") from e
 
 
+def weight_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each of an SAE's weights, as :class:`SAE` holds them."""
+    return {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+
+def _unfit_note(found: Found) -> str | None:
+    """The note of an SAE no hook point here can run (see :func:`our_hook_name`), or None."""
+    return next((note for note in found.notes if NO_HOOK_HERE in note), None)
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int | None = None,
          hook_name: str | None = None) -> SAE:
     """Load an SAE: SAELens (TopK) or sparsify directory, seed .pth, or ``hf://org/repo[/subdir]``.
@@ -432,13 +442,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, k: int 
     """
     check_device(str(device))
     found = find(path)
-    unfit = next((note for note in found.notes if NO_HOOK_HERE in note), None)
+    unfit = _unfit_note(found)
     if unfit is not None:  # no --hook makes it right: its inputs would be scaled wrongly at any hook point here
         raise UserError(f"{found.path}: {unfit.replace(f'{NO_HOOK_HERE}: ', '')}: it cannot run here")
     cfg = _config(found, k=k, hook_name=hook_name)
     weights = found.weights()
-    shapes = {"W_enc": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-              "b_dec": (cfg.d_in,)}
+    shapes = weight_shapes(cfg.d_in, cfg.d_sae)
     for name, shape in shapes.items():
         if name not in weights or tuple(weights[name].shape) != shape:
             got = tuple(weights[name].shape) if name in weights else "missing"
@@ -506,7 +515,7 @@ def _verdict(found: Found, weights: list[tuple[str, str]]) -> str:
     bad = [value for key, value in weights if key == "note" or value.startswith("unreadable")]
     if bad:
         return f"does not load: {bad[0]}"
-    unfit = next((note for note in found.notes if NO_HOOK_HERE in note), None)
+    unfit = _unfit_note(found)
     if unfit is not None:
         return f"does not run here: {unfit}"
     needs = [what for what, missing in (("--k K (the file has no k)", missing_k),
@@ -521,7 +530,7 @@ def _weights_rows(found: Found) -> list[tuple[str, str]]:
     tensor whose shape disagrees with its encoder's."""
     if found.format == "seed":
         d, n, weights = found.values.get("d_in"), found.values.get("d_sae"), found.weights()
-        want = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        want = weight_shapes(d, n)
         return [("note", f"weights: {name} should be {list(shape)} by the checkpoint's encoder, found "
                          f"{list(weights[name].shape) if name in weights else 'missing'}: the checkpoint is damaged")
                 for name, shape in want.items() if name not in weights or tuple(weights[name].shape) != shape]
